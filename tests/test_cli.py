@@ -1,0 +1,39 @@
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from xraygan.cli import app
+
+runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_prepare_demo_json(tmp_path):
+    r = runner.invoke(app, ["prepare", "--demo", "--demo-count", "30", "--out", str(tmp_path / "d"),
+                            "--size", "16", "--json", "--keep", "pneumonia=10"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["counts"]["train"]["pneumonia"] == 10 and rec["synthetic_demo"]
+
+
+def test_input_error_is_one_line_exit_2(tmp_path):
+    r = runner.invoke(app, ["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "missing: folder not found" in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_bad_keep_value_is_usage_error(tmp_path):
+    r = runner.invoke(app, ["prepare", "--demo", "--out", str(tmp_path / "o"), "--keep", "pneumonia"])
+    assert r.exit_code == 2 and "CLASS=COUNT" in r.output
+
+
+def test_every_command_documented_in_readme():
+    text = README.read_text()
+    for cmd in app.registered_commands:
+        name = cmd.name or cmd.callback.__name__.replace("_", "-")
+        assert re.search(rf"xraygan {name}\b", text), f"README does not show `xraygan {name}`"
+        assert cmd.callback.__doc__ and "xraygan " in cmd.callback.__doc__, f"{name}: no example"

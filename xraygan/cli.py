@@ -1,0 +1,155 @@
+"""The `xraygan` command line: each command turns options into a config, calls one library
+function and prints what it returns. Library errors become one line on stderr (exit 2 for bad
+input, 1 for failures)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+
+from xraygan.errors import InputError, XrayganError
+
+app = typer.Typer(name="xraygan", no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  add_completion=False,
+                  help="Rebalance imbalanced chest X-ray datasets with GAN images, and measure "
+                       "whether it helps.")
+T = TypeVar("T")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.",
+                                          is_eager=True)] = False,
+) -> None:
+    """Rebalance imbalanced chest X-ray datasets with GAN images, and measure whether it helps."""
+    if version:
+        from xraygan import __version__
+
+        print(f"xraygan {__version__}")
+        raise typer.Exit()
+
+
+def _run(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call library code; turn its errors into one clear line and an exit code."""
+    from xraygan.console import err
+
+    try:
+        return fn(*args, **kwargs)
+    except XrayganError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: nothing half-written was left in place")
+        raise typer.Exit(130) from None
+
+
+def _emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _parse_keep(values: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for v in values:
+        cls, sep, n = v.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise typer.BadParameter(f"'{v}': expected CLASS=COUNT, e.g. pneumonia=1460")
+        out.append((cls.strip().lower(), int(n)))
+    return tuple(out)
+
+
+def _parse_fractions(v: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in v.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"'{v}': expected three fractions, e.g. 0.8,0.1,0.1") from None
+    if len(parts) != 3:
+        raise typer.BadParameter(f"'{v}': expected three fractions, e.g. 0.8,0.1,0.1")
+    return parts  # type: ignore[return-value]
+
+
+@app.command()
+def prepare(
+    src: Annotated[Optional[Path], typer.Argument(
+        help="Raw data: the Kermany chest_xray/ folder (train/test/<CLASS>/), any SRC/<class>/ "
+             "folder, or a MedMNIST .npz.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder.")] = ...,
+    medmnist: Annotated[Optional[Path], typer.Option(help="A MedMNIST .npz file as the source.")] = None,
+    demo: Annotated[bool, typer.Option(help="Use procedural phantom X-rays (synthetic demo data, "
+                                             "not for medical conclusions).")] = False,
+    demo_count: Annotated[int, typer.Option(help="Demo images per class.")] = 300,
+    size: Annotated[int, typer.Option(help="Output image size in pixels (square).")] = 64,
+    square: Annotated[str, typer.Option(help="How to make images square: crop (center) or pad.")] = "crop",
+    keep: Annotated[list[str], typer.Option(
+        help="Keep only COUNT images of CLASS in the training split, chosen at random with the "
+             "seed, e.g. --keep pneumonia=1460. Repeatable.")] = [],  # noqa: B006
+    imbalance: Annotated[Optional[float], typer.Option(
+        help="Cut the --minority class in the training split to (largest other class)/R; "
+             "--imbalance 3 gives the study's 3:1 normal:pneumonia.")] = None,
+    minority: Annotated[str, typer.Option(help="The class --imbalance cuts.")] = "pneumonia",
+    extra_normal: Annotated[Optional[Path], typer.Option(
+        help="Folder of extra healthy images (e.g. NIH ChestX-ray8; with Data_Entry_2017.csv only "
+             "'No Finding' rows are used), added to the normal class in train/val.")] = None,
+    extra_normal_count: Annotated[Optional[int], typer.Option(
+        help="At most this many extra-normal images (chosen at random with the seed).")] = None,
+    split: Annotated[str, typer.Option(
+        help="train,val,test fractions for sources that have no splits.")] = "0.8,0.1,0.1",
+    val_fraction: Annotated[float, typer.Option(
+        help="Share of train carved out (by patient) as val when the source has no val split.")] = 0.1,
+    classes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated class names for MedMNIST labels 0,1,... "
+             "(default normal,pneumonia for two labels).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for splits, imbalance and demo data.")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per CPU core).")] = 0,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of "
+                                              "skipping it.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print dataset.json on stdout.")] = False,
+) -> None:
+    """Turn raw chest X-rays into OUT/{train,val,test}/{normal,pneumonia}/*.png + dataset.json.
+
+    Example: xraygan prepare chest_xray/ --out data --size 64 --imbalance 3
+    """
+    from xraygan.console import counts_table, err, progress_bar
+    from xraygan.prepare import PrepareConfig
+    from xraygan.prepare import prepare as run_prepare
+
+    cfg = PrepareConfig(out=out, src=src, medmnist=medmnist, demo=demo, demo_count=demo_count,
+                        size=size, square=square, keep=_parse_keep(keep), imbalance=imbalance,
+                        minority=minority.lower(), extra_normal=extra_normal,
+                        extra_normal_count=extra_normal_count, split=_parse_fractions(split),
+                        val_fraction=val_fraction, seed=seed, workers=workers, strict=strict,
+                        force=force,
+                        class_names=tuple(c.strip() for c in classes.split(",")) if classes else None)
+    with progress_bar() as cb:
+        rec = _run(run_prepare, cfg, cb)
+    for s in rec["skipped"][:20]:
+        err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
+    if rec["skipped_count"] > 20:
+        err.print(f"[yellow]... and {rec['skipped_count'] - 20} more skipped (see dataset.json)")
+    for w in rec["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    d = rec["duplicates"]
+    err.print(f"duplicates: {d['images']} images in {d['groups']} groups of identical pixels "
+              f"(kept together in one split; {d['dropped_across_splits']} dropped across splits)")
+    removed = rec["imbalance"]["removed_counts"]
+    if removed:
+        err.print("imbalance: removed " + ", ".join(f"{n} {c}" for c, n in removed.items())
+                  + " training images")
+    err.print(counts_table(f"{out} ({rec['image_size']} px, {rec['seconds']} s)", rec["counts"]))
+    if rec["synthetic_demo"]:
+        err.print(f"[bold yellow]note:[/] {rec['note']}")
+    if as_json:
+        _emit_json(rec)
+
+
+def main() -> None:
+    try:
+        app()
+    except InputError as e:  # raised outside a command (should not happen, but never a traceback)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
