@@ -1,0 +1,105 @@
+"""Checkpoints: `.safetensors` files that describe themselves (no pickle anywhere).
+
+Metadata (all strings, as safetensors requires): `format` = "xraygan", `format_version`,
+`kind` (generator, discriminator, classifier, gan-state, ...), `config` (JSON that rebuilds
+the network), and whatever else the writer adds (classes, image size, step, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from xraygan.errors import InputError
+from xraygan.fsutil import atomic_write_bytes
+
+FORMAT = "xraygan"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], kind: str,
+                    config: dict, **meta: Any) -> None:
+    """Write tensors + self-describing metadata atomically."""
+    md = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind,
+          "config": json.dumps(config, sort_keys=True)}
+    for k, v in meta.items():
+        md[k] = v if isinstance(v, str) else json.dumps(v)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(Path(path), st_save(flat, metadata=md))
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata with JSON values decoded; a clear error for anything not ours."""
+    return load_checkpoint(path, None, tensors=False)[1]
+
+
+def load_checkpoint(path: Path, kind: str | tuple[str, ...] | None,
+                    tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load an xraygan checkpoint, checking it is one and of the expected kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise InputError(f"{path}: not a safetensors file (only {len(data)} bytes)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len <= 0 or header_len > len(data) - 8:
+        raise InputError(f"{path}: not a safetensors file, or truncated")
+    try:
+        header = json.loads(data[8: 8 + header_len])
+        raw_md = header.get("__metadata__") or {}
+        loaded = st_load(data) if tensors else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, ValueError,
+            AttributeError) as e:
+        raise InputError(f"{path}: not a valid safetensors file, or truncated ({e})") from None
+    if raw_md.get("format") != FORMAT:
+        raise InputError(f"{path}: a safetensors file, but not an xraygan checkpoint "
+                         "(no xraygan metadata)")
+    if int(raw_md.get("format_version", 0)) > FORMAT_VERSION:
+        raise InputError(f"{path}: written by a newer xraygan (format version "
+                         f"{raw_md['format_version']}); upgrade xraygan")
+    md: dict[str, Any] = {}
+    for k, v in raw_md.items():
+        try:
+            md[k] = json.loads(v) if k not in ("format", "kind") else v
+        except json.JSONDecodeError:
+            md[k] = v
+    want = (kind,) if isinstance(kind, str) else kind
+    if want is not None and md.get("kind") not in want:
+        raise InputError(f"{path}: is a {md.get('kind')} checkpoint, expected a "
+                         f"{' or '.join(want)}")
+    return loaded, md
+
+
+def state_dict_to_tensors(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in sd.items()}
+
+
+def tensors_to_state_dict(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_to_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    """Flatten an optimizer's state into named tensors + JSON param groups (no pickle)."""
+    sd = opt.state_dict()
+    out = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            out[f"{prefix}{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out, sd["param_groups"]
+
+
+def optimizer_from_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dict,
+                           param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            idx, name = k[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
