@@ -1,0 +1,224 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xraygan.checkpoint import load_checkpoint, save_checkpoint
+from xraygan.errors import InputError, TrainingError
+from xraygan.gan import GanTrainer, TrainGanConfig, fake_label_probs, train_gan
+from xraygan.gan_models import Discriminator, GanNetConfig, Generator, diff_augment
+from xraygan.generate import GenerateConfig, generate
+from xraygan.images import save_png
+
+
+def tiny(data, out, **kw):
+    kw = {"epochs": 1, "batch_size": 8, "nz": 8, "ngf": 4, "ndf": 4, "device": "cpu", **kw}
+    return TrainGanConfig(data=data, out=out, **kw)
+
+
+@pytest.fixture
+def folder16(tmp_path, rng):
+    """A 16-px training folder: 24 normal, 12 pneumonia."""
+    root = tmp_path / "train"
+    for cls, n in (("normal", 24), ("pneumonia", 12)):
+        for i in range(n):
+            save_png(root / cls / f"{i:03d}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+@pytest.mark.parametrize("classes", [0, 2])
+def test_architectures_every_size(size, classes):
+    cfg = GanNetConfig(image_size=size, nz=8, ngf=4, ndf=4, num_classes=classes)
+    G, D = Generator(cfg), Discriminator(cfg)
+    labels = torch.tensor([0, 1, 1]) if classes else None
+    x = G(torch.randn(3, 8), labels)
+    assert x.shape == (3, 1, size, size) and x.abs().max() <= 1
+    assert D(x, labels).shape == (3,)
+    convs = [m for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(convs) == int(np.log2(size)) - 1  # depth follows the size
+    w = convs[0].weight
+    assert abs(w.std().item() - 0.02) < 0.005  # DCGAN init N(0, 0.02)
+
+
+def test_unsupported_size_is_rejected():
+    with pytest.raises(ValueError, match="not supported"):
+        GanNetConfig(image_size=28)
+
+
+def test_conditional_generator_uses_label():
+    torch.manual_seed(0)
+    G = Generator(GanNetConfig(image_size=16, nz=8, ngf=4, num_classes=2)).eval()
+    z = torch.randn(2, 8)
+    a = G(z, torch.tensor([0, 0]))
+    b = G(z, torch.tensor([1, 1]))
+    assert not torch.allclose(a, b)
+
+
+def test_alpha_sets_fake_label_mix():
+    p = fake_label_probs(("normal", "pneumonia"), "normal", 0.25)
+    assert p.tolist() == [0.25, 0.75]
+    draws = torch.multinomial(p, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((draws == 0).float().mean().item() - 0.25) < 0.02
+    with pytest.raises(InputError, match="--alpha 1.5"):
+        fake_label_probs(("normal", "pneumonia"), "normal", 1.5)
+    with pytest.raises(InputError, match="--healthy healthy"):
+        fake_label_probs(("normal", "pneumonia"), "healthy", 0.5)
+
+
+def test_diffaugment_is_differentiable_and_seeded():
+    x = torch.randn(4, 1, 16, 16, requires_grad=True)
+    a = diff_augment(x, torch.Generator().manual_seed(1))
+    b = diff_augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    a.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_train_outputs_and_minority_default(folder16, tmp_path):
+    res = train_gan(tiny(folder16, tmp_path / "run", epochs=2, diffaugment="color,translation,cutout"))
+    run = tmp_path / "run"
+    assert res["label"] == "pneumonia" and res["steps"] == 2 * (12 // 8)
+    for f in ("generator.safetensors", "discriminator.safetensors", "state.safetensors",
+              "config.json", "log.csv", "samples/epoch_0001.png", "samples/epoch_0002.png"):
+        assert (run / f).is_file(), f
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert {"loss_d", "loss_g", "d_x", "d_g_z"} <= set(rows[0])
+    _, meta = load_checkpoint(run / "generator.safetensors", "generator")
+    assert meta["classes"] == ["pneumonia"] and meta["image_size"] == 16
+    assert meta["config"]["nz"] == 8 and not meta["conditional"]
+    assert json.loads((run / "config.json").read_text())["counts"] == {"pneumonia": 12}
+
+
+def test_resume_matches_uninterrupted_run(folder16, tmp_path):
+    kw = {"conditional": True, "alpha": 0.25, "diffaugment": "color,translation,cutout"}
+    train_gan(tiny(folder16, tmp_path / "a", epochs=3, **kw))
+    train_gan(tiny(folder16, tmp_path / "b", epochs=1, **kw))
+    train_gan(tiny(folder16, tmp_path / "b", epochs=3, resume=True, **kw))
+    for f in ("generator.safetensors", "discriminator.safetensors"):
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{f}:{k} differs after resume"
+    la = (tmp_path / "a" / "log.csv").read_text().splitlines()
+    lb = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[:6] for r in la] == [r.split(",")[:6] for r in lb]
+
+
+def test_resume_mid_epoch_after_interrupt(folder16, tmp_path, monkeypatch):
+    """Ctrl-C between steps saves the exact position; resuming matches a straight run."""
+    train_gan(tiny(folder16, tmp_path / "a", epochs=2, batch_size=4))
+    calls = {"n": 0}
+    real_step = GanTrainer.step
+
+    def interrupting(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside the second epoch (3 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(self, *a)
+
+    monkeypatch.setattr(GanTrainer, "step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train_gan(tiny(folder16, tmp_path / "b", epochs=2, batch_size=4))
+    monkeypatch.setattr(GanTrainer, "step", real_step)
+    train_gan(tiny(folder16, tmp_path / "b", epochs=2, batch_size=4, resume=True))
+    a = load_file(tmp_path / "a" / "generator.safetensors")
+    b = load_file(tmp_path / "b" / "generator.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_guard_keeps_last_good_checkpoint(folder16, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train_gan(tiny(folder16, run, epochs=1))
+    before = (run / "generator.safetensors").read_bytes()
+    real_step = GanTrainer.step
+
+    def nan_step(self, *a):
+        out = real_step(self, *a)
+        return {**out, "loss_d": float("nan")}
+
+    monkeypatch.setattr(GanTrainer, "step", nan_step)
+    with pytest.raises(TrainingError, match=r"loss is not finite.*last good checkpoint"):
+        train_gan(tiny(folder16, run, epochs=3, resume=True))
+    assert (run / "generator.safetensors").read_bytes() == before
+
+
+def test_input_errors_before_training(folder16, tmp_path, rng):
+    with pytest.raises(InputError, match="fewer than one batch of 64"):
+        train_gan(tiny(folder16, tmp_path / "r", batch_size=64))
+    with pytest.raises(InputError, match=r"train/covid: class folder missing"):
+        train_gan(tiny(folder16, tmp_path / "r", cls="covid"))
+    odd = tmp_path / "odd"
+    for c in ("normal", "pneumonia"):
+        for i in range(10):
+            save_png(odd / c / f"{i}.png", rng.integers(0, 255, (28, 28), dtype=np.uint8))
+    with pytest.raises(InputError, match="images are 28 px"):
+        train_gan(tiny(odd, tmp_path / "r"))
+    train_gan(tiny(folder16, tmp_path / "r"))
+    with pytest.raises(InputError, match="already exists"):
+        train_gan(tiny(folder16, tmp_path / "r"))
+    with pytest.raises(InputError, match="--resume with different alpha"):
+        train_gan(tiny(folder16, tmp_path / "r", alpha=0.3, resume=True))
+    assert not (tmp_path / "r" / "samples" / "epoch_0002.png").exists()
+
+
+@pytest.fixture
+def cgan_run(folder16, tmp_path):
+    train_gan(tiny(folder16, tmp_path / "cg", conditional=True))
+    return tmp_path / "cg" / "generator.safetensors"
+
+
+def test_generate_deterministic_streaming_and_labels(cgan_run, tmp_path):
+    a = generate(GenerateConfig(cgan_run, tmp_path / "a", n=10, batch_size=3, device="cpu"))
+    b = generate(GenerateConfig(cgan_run, tmp_path / "b", n=10, batch_size=7, device="cpu"))
+    assert a["label"] == "pneumonia"  # the minority, recorded at training
+    fa = sorted((tmp_path / "a" / "pneumonia").iterdir())
+    fb = sorted((tmp_path / "b" / "pneumonia").iterdir())
+    assert [f.name for f in fa][0] == "synthetic-cg-000001.png" and len(fa) == 10
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb))  # batching-independent
+    rec = json.loads((tmp_path / "a" / "generation.json").read_text())
+    assert rec["runs"][0]["count"] == 10 and len(rec["runs"][0]["checkpoint_sha256"]) == 64
+    generate(GenerateConfig(cgan_run, tmp_path / "n", n=3, label="normal", device="cpu"))
+    assert len(list((tmp_path / "n" / "normal").iterdir())) == 3
+    with pytest.raises(InputError, match="--label covid: the generator knows only"):
+        generate(GenerateConfig(cgan_run, tmp_path / "c", n=3, label="covid", device="cpu"))
+
+
+def test_generate_no_clobber_append_force(cgan_run, tmp_path):
+    out = tmp_path / "s"
+    generate(GenerateConfig(cgan_run, out, n=4, device="cpu"))
+    first = (out / "pneumonia" / "synthetic-cg-000001.png").read_bytes()
+    with pytest.raises(InputError, match="already holds 4 synthetic images"):
+        generate(GenerateConfig(cgan_run, out, n=4, device="cpu"))
+    generate(GenerateConfig(cgan_run, out, n=3, append=True, device="cpu"))
+    names = sorted(p.name for p in (out / "pneumonia").iterdir())
+    assert names[-1] == "synthetic-cg-000007.png" and len(names) == 7
+    assert (out / "pneumonia" / "synthetic-cg-000001.png").read_bytes() == first
+    assert json.loads((out / "generation.json").read_text())["total"] == 7
+    generate(GenerateConfig(cgan_run, out, n=2, force=True, device="cpu", preview=True))
+    assert len(list((out / "pneumonia").iterdir())) == 2 and (out / "preview.png").is_file()
+
+
+def test_generate_rejects_wrong_files(cgan_run, tmp_path):
+    run = cgan_run.parent
+    with pytest.raises(InputError, match="is a discriminator checkpoint, expected a generator"):
+        generate(GenerateConfig(run / "discriminator.safetensors", tmp_path / "o", n=1))
+    save_checkpoint(tmp_path / "clf.safetensors", {"w": torch.zeros(2)}, "classifier", {})
+    with pytest.raises(InputError, match="is a classifier checkpoint"):
+        generate(GenerateConfig(tmp_path / "clf.safetensors", tmp_path / "o", n=1))
+    data = cgan_run.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="trunc.safetensors: not a .*safetensors file"):
+        generate(GenerateConfig(tmp_path / "trunc.safetensors", tmp_path / "o", n=1))
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(InputError, match=r"x\.png: not a .*safetensors file"):
+        generate(GenerateConfig(tmp_path / "x.png", tmp_path / "o", n=1))
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(InputError, match="not an xraygan checkpoint"):
+        generate(GenerateConfig(tmp_path / "foreign.safetensors", tmp_path / "o", n=1))
+    assert not (tmp_path / "o").exists()
