@@ -37,3 +37,20 @@ def test_every_command_documented_in_readme():
         name = cmd.name or cmd.callback.__name__.replace("_", "-")
         assert re.search(rf"xraygan {name}\b", text), f"README does not show `xraygan {name}`"
         assert cmd.callback.__doc__ and "xraygan " in cmd.callback.__doc__, f"{name}: no example"
+
+
+def test_gan_commands_compose(demo_data, tmp_path):
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train-gan", str(demo_data / "train"), "--out", str(run), "--epochs", "1",
+                            "--batch-size", "8", "--nz", "8", "--width", "4", "--device", "cpu",
+                            "--conditional", "--alpha", "0.25", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["conditional"] is True
+    r = runner.invoke(app, ["generate", str(run / "generator.safetensors"), "-n", "5",
+                            "--out", str(tmp_path / "synth")])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "synth" / "pneumonia").glob("synthetic-run-*.png"))) == 5
+    r = runner.invoke(app, ["generate", str(run / "discriminator.safetensors"), "-n", "5",
+                            "--out", str(tmp_path / "s2")])
+    assert r.exit_code == 2 and "is a discriminator checkpoint" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1

@@ -33,3 +33,22 @@ def test_kermany_224_release(shared_data, tmp_path):
     assert rec["val_carved_from_train"]
     assert rec["duplicates"]["groups"] == 30  # as the data's README says, at 32 px
     assert c["train"]["pneumonia"] == round(c["train"]["normal"] / 3)
+
+
+def test_gan_on_pneumoniamnist_32px(shared_data, tmp_path):
+    from PIL import Image
+
+    from xraygan.gan import TrainGanConfig, train_gan
+    from xraygan.generate import GenerateConfig, generate
+
+    prepare(PrepareConfig(out=tmp_path / "pm", medmnist=shared_data / "pneumoniamnist.npz",
+                          size=32, imbalance=3.0))
+    res = train_gan(TrainGanConfig(data=tmp_path / "pm" / "train", out=tmp_path / "gan",
+                                   epochs=1, batch_size=64, ngf=8, ndf=8, device="cpu"))
+    assert res["label"] == "pneumonia" and res["steps"] == 405 // 64
+    generate(GenerateConfig(tmp_path / "gan" / "generator.safetensors", tmp_path / "synth", n=20,
+                            device="cpu"))
+    files = sorted((tmp_path / "synth" / "pneumonia").glob("synthetic-gan-*.png"))
+    assert len(files) == 20
+    img = Image.open(files[0])
+    assert img.mode == "L" and img.size == (32, 32)
