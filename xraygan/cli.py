@@ -241,6 +241,40 @@ def generate(
         _emit_json(res)
 
 
+@app.command()
+def rebalance(
+    data: Annotated[Path, typer.Argument(help="Training image folder, e.g. DATA/train.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output image folder.")] = ...,
+    method: Annotated[str, typer.Option(
+        help="none, oversample, undersample, gan, smote or augment.")] = ...,
+    synthetic: Annotated[list[Path], typer.Option(
+        help="--method gan: folder(s) from xraygan generate; several are mixed evenly. "
+             "Repeatable.")] = [],  # noqa: B006
+    ratio: Annotated[float, typer.Option(help="Target minority:majority ratio.")] = 1.0,
+    smote_space: Annotated[str, typer.Option(help="SMOTE in 'pixel' space or in a 'pca' space.")] = "pixel",
+    smote_k: Annotated[int, typer.Option(help="SMOTE neighbours.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print rebalance.json on stdout.")] = False,
+) -> None:
+    """Write a rebalanced copy of a training folder (files hard-linked where possible).
+
+    Example: xraygan rebalance data/train --method gan --synthetic synth --out balanced
+    """
+    from xraygan.console import counts_table, err, progress_bar
+    from xraygan.rebalance import RebalanceConfig
+    from xraygan.rebalance import rebalance as run_rebalance
+
+    cfg = RebalanceConfig(data=data, out=out, method=method, synthetic=tuple(synthetic),
+                          ratio=ratio, seed=seed, smote_space=smote_space, smote_k=smote_k,
+                          force=force)
+    with progress_bar() as cb:
+        rec = _run(run_rebalance, cfg, cb)
+    err.print(counts_table(f"{out} ({method})", rec["origins"]))
+    if as_json:
+        _emit_json(rec)
+
+
 def main() -> None:
     try:
         app()
