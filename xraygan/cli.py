@@ -275,6 +275,56 @@ def rebalance(
         _emit_json(rec)
 
 
+@app.command("train-classifier")
+def train_classifier(
+    data: Annotated[Path, typer.Argument(help="Training image folder, e.g. BALANCED/.")],
+    val: Annotated[Path, typer.Option(help="Validation image folder, e.g. DATA/val.")] = ...,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = ...,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
+    class_weights: Annotated[str, typer.Option(
+        help="'balanced' weighs the loss by n/(classes*count), the study's class-weights row; "
+             "or 'none'.")] = "none",
+    augment: Annotated[bool, typer.Option(help="Small random rotations and shifts (no flips).")] = True,
+    select: Annotated[str, typer.Option(help="Keep the epoch with the best validation f1 or auc.")] = "f1",
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without improvement "
+                                               "(0 = never).")] = 5,
+    positive: Annotated[str, typer.Option(help="The positive class for metrics.")] = "pneumonia",
+    small_stem: Annotated[str, typer.Option(
+        help="3x3 stride-1 first conv without max-pool: auto (for images of 64 px or less), "
+             "yes or no.")] = "auto",
+    weights: Annotated[Optional[Path], typer.Option(
+        help="Local pretrained ResNet-18 weights (.safetensors or torchvision .pth); the RGB "
+             "first layer is summed to one channel. Nothing is downloaded.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (as for train-gan).")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")] = False,
+) -> None:
+    """Train a one-channel ResNet-18 and keep the best epoch on the validation split.
+
+    Example: xraygan train-classifier balanced --val data/val --out runs/clf --class-weights balanced
+    """
+    from xraygan.classifier import TrainClassifierConfig
+    from xraygan.classifier import train_classifier as run_train
+    from xraygan.console import err, progress_bar
+
+    cfg = TrainClassifierConfig(data=data, val=val, out=out, epochs=epochs, batch_size=batch_size,
+                                lr=lr, class_weights=class_weights, augment=augment, select=select,
+                                patience=patience, positive=positive.lower(), small_stem=small_stem,
+                                weights=weights, seed=seed, device=device, precision=precision,
+                                force=force)
+    with progress_bar() as cb:
+        res = _run(run_train, cfg, cb)
+    err.print(f"best epoch {res['best_epoch']} of {res['epochs_run']} (validation "
+              f"{select} {res[f'best_val_{select}']:.3f}); {res['images_per_s']:.0f} img/s; "
+              f"checkpoint: {res['checkpoint']}", highlight=False)
+    if as_json:
+        _emit_json(res)
+
+
 def main() -> None:
     try:
         app()

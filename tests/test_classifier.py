@@ -1,0 +1,113 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from xraygan.checkpoint import load_checkpoint
+from xraygan.classifier import (ClassifierNetConfig, TrainClassifierConfig, augment_batch,
+                                build_resnet18, class_weight_tensor, load_classifier,
+                                load_pretrained, train_classifier)
+from xraygan.errors import InputError
+from xraygan.images import save_png
+from xraygan.metrics import binary_metrics
+
+
+def test_metrics_against_hand_computed_confusion():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    s = np.array([.9, .8, .7, .2, .6, .1, .1, .3, .2, .4])
+    m = binary_metrics(y, s, 0.5)
+    assert m["confusion"] == {"tp": 3, "fp": 1, "fn": 1, "tn": 5}
+    assert m["precision"] == pytest.approx(3 / 4) and m["recall"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(5 / 6) and m["f1"] == pytest.approx(0.75)
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["balanced_accuracy"] == pytest.approx((0.75 + 5 / 6) / 2)
+    # of 24 positive-negative pairs, the positive 0.2 loses to 0.6, 0.3 and 0.4 and ties 0.2
+    assert m["roc_auc"] == pytest.approx(20.5 / 24)
+
+
+def test_metrics_degenerate_cases():
+    m = binary_metrics(np.array([1, 0, 1]), np.array([.1, .2, .3]), 0.5)  # no positive predictions
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
+    assert m["specificity"] == 1.0
+    one = binary_metrics(np.array([0, 0, 0]), np.array([.1, .9, .3]), 0.5)  # one class only
+    assert one["roc_auc"] is None and one["pr_auc"] is None and one["recall"] == 0.0
+    assert one["specificity"] == pytest.approx(2 / 3)
+
+
+def test_balanced_class_weights_match_sklearn():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.array([0] * 30 + [1] * 10)
+    w = class_weight_tensor(y, 2, "balanced")
+    assert np.allclose(w.numpy(), compute_class_weight("balanced", classes=np.array([0, 1]), y=y))
+    assert class_weight_tensor(y, 2, "none") is None
+    with pytest.raises(InputError, match="--class-weights heavy"):
+        class_weight_tensor(y, 2, "heavy")
+
+
+def test_small_stem_keeps_resolution_and_pretrained_conversion(tmp_path):
+    small = build_resnet18(ClassifierNetConfig(image_size=32, small_stem=True))
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, torch.nn.Identity)
+    assert small(torch.randn(2, 1, 32, 32)).shape == (2, 2)
+    from torchvision.models import resnet18
+    rgb = resnet18(weights=None).state_dict()  # stands in for local ImageNet weights
+    save_file({k: v.contiguous() for k, v in rgb.items()}, tmp_path / "r18.safetensors")
+    big = build_resnet18(ClassifierNetConfig(image_size=128, small_stem=False))
+    skipped = load_pretrained(big, tmp_path / "r18.safetensors")
+    assert torch.allclose(big.conv1.weight, rgb["conv1.weight"].sum(1, keepdim=True))
+    assert "fc.weight" in skipped and "conv1.weight" not in skipped  # 1000-class head not used
+    with pytest.raises(InputError, match="not look like ResNet-18"):
+        save_file({"x": torch.zeros(1)}, tmp_path / "junk.safetensors")
+        load_pretrained(big, tmp_path / "junk.safetensors")
+
+
+def test_augment_is_small_and_seeded():
+    x = torch.randn(4, 1, 16, 16)
+    a = augment_batch(x, torch.Generator().manual_seed(0))
+    b = augment_batch(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+
+
+@pytest.fixture
+def split(tmp_path, rng):
+    """Separable 16-px data: pneumonia images are brighter."""
+    for part, n in (("train", 24), ("val", 8)):
+        for cls, base in (("normal", 60), ("pneumonia", 180)):
+            for i in range(n):
+                a = np.clip(rng.normal(base, 20, (16, 16)), 0, 255).astype(np.uint8)
+                save_png(tmp_path / part / cls / f"{i}.png", a)
+    return tmp_path
+
+
+def test_train_classifier_outputs_and_selection(split, tmp_path):
+    res = train_classifier(TrainClassifierConfig(
+        data=split / "train", val=split / "val", out=tmp_path / "clf", epochs=3, batch_size=16,
+        class_weights="balanced", device="cpu", patience=0))
+    rows = list(csv.DictReader(open(tmp_path / "clf" / "log.csv")))
+    assert len(rows) == 3 and {"train_loss", "val_f1", "val_auc"} <= set(rows[0])
+    best = max(range(3), key=lambda i: float(rows[i]["val_f1"]))
+    assert res["best_epoch"] == best + 1
+    _, meta = load_checkpoint(tmp_path / "clf" / "classifier.safetensors", "classifier")
+    assert meta["classes"] == ["normal", "pneumonia"] and meta["config"]["small_stem"]
+    model, _ = load_classifier(tmp_path / "clf" / "classifier.safetensors", torch.device("cpu"))
+    assert model(torch.randn(1, 1, 16, 16)).shape == (1, 2)
+
+
+def test_train_classifier_errors(split, tmp_path, rng):
+    base = dict(data=split / "train", val=split / "val", device="cpu", epochs=1)
+    with pytest.raises(InputError, match="--positive covid"):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "a", positive="covid", **base))
+    for i in range(3):
+        save_png(tmp_path / "v32" / "normal" / f"{i}.png", np.zeros((32, 32), np.uint8))
+        save_png(tmp_path / "v32" / "pneumonia" / f"{i}.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(InputError, match="validation images are 32 px, the training images are 16 px"):
+        train_classifier(TrainClassifierConfig(**{**base, "val": tmp_path / "v32"}, out=tmp_path / "b"))
+    save_png(tmp_path / "v3" / "covid" / "0.png", np.zeros((16, 16), np.uint8))
+    save_png(tmp_path / "v3" / "normal" / "0.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(InputError, match=r"v3/pneumonia: class folder missing"):
+        train_classifier(TrainClassifierConfig(**{**base, "val": tmp_path / "v3"}, out=tmp_path / "c"))
+    save_png(tmp_path / "v3" / "pneumonia" / "0.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(InputError, match=r"v3: unknown class folder\(s\) covid"):
+        train_classifier(TrainClassifierConfig(**{**base, "val": tmp_path / "v3"}, out=tmp_path / "c"))

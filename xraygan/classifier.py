@@ -1,0 +1,281 @@
+"""`xraygan train-classifier`: a one-channel ResNet-18 trained on an image folder.
+
+The training set is decoded once into memory as uint8 and augmented on the fly as tensors (one
+batched affine warp per step: small rotations and shifts, never vertical flips). The model
+with the best validation F1 (or ROC-AUC) is kept; training stops early when it stops improving.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xraygan import __version__
+from xraygan.checkpoint import load_checkpoint, save_checkpoint
+from xraygan.errors import InputError, TrainingError
+from xraygan.fsutil import atomic_write_json, check_output_free
+from xraygan.images import ImageFolder, read_image_folder
+from xraygan.metrics import binary_metrics
+from xraygan.runtime import autocast, autocast_dtype, make_generator, resolve_device
+
+MEAN, STD = 0.5, 0.25  # fixed intensity normalisation of 8-bit X-rays to about zero mean
+
+
+@dataclass(frozen=True)
+class ClassifierNetConfig:
+    num_classes: int = 2
+    image_size: int = 64
+    small_stem: bool = True  # 3×3 stride-1 first conv, no max-pool: keeps small images' detail
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_resnet18(cfg: ClassifierNetConfig) -> nn.Module:
+    from torchvision.models import resnet18
+
+    m = resnet18(weights=None, num_classes=cfg.num_classes)
+    if cfg.small_stem:
+        m.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        m.maxpool = nn.Identity()
+    else:
+        m.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return m
+
+
+def load_pretrained(model: nn.Module, path: Path) -> list[str]:
+    """Load local ImageNet-style ResNet-18 weights (.safetensors, or a torchvision .pth read
+    with weights_only). The RGB first layer is summed to one channel; layers whose shape does
+    not fit (the classifier head, a small stem) are left as initialised and returned."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
+        raise InputError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    if "conv1.weight" in sd and sd["conv1.weight"].shape[1] == 3:
+        sd["conv1.weight"] = sd["conv1.weight"].sum(dim=1, keepdim=True)
+    own = model.state_dict()
+    skipped = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd]
+    if len(missing) > len(own) // 2:
+        raise InputError(f"{path}: does not look like ResNet-18 weights ({len(missing)} of "
+                         f"{len(own)} tensors missing)")
+    model.load_state_dict({k: v for k, v in sd.items() if k not in skipped}, strict=False)
+    return sorted(set(skipped) | set(missing))
+
+
+@dataclass(frozen=True)
+class TrainClassifierConfig:
+    data: Path
+    val: Path
+    out: Path
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    class_weights: str = "none"  # none | balanced
+    augment: bool = True
+    select: str = "f1"  # f1 | auc
+    patience: int = 5  # epochs without improvement before stopping; 0 = never stop early
+    positive: str = "pneumonia"
+    small_stem: str = "auto"  # auto (≤ 64 px) | yes | no
+    weights: Path | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    force: bool = False
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) → normalised float (N, 1, H, W)."""
+    return (images.unsqueeze(1).float() / 255.0 - MEAN) / STD
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, max_deg: float = 10.0,
+                  max_shift: float = 0.08) -> torch.Tensor:
+    """One batched affine warp: rotation ±max_deg, shift ±max_shift of the size, per image."""
+    n = x.shape[0]
+    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(max_deg)
+    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * max_shift)  # grid units are [-1, 1]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.device, x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    bg = -MEAN / STD  # black outside the image, in normalised units
+    return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + bg
+
+
+def class_weight_tensor(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """`balanced`: n_samples / (n_classes * count), as scikit-learn computes it."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise InputError(f"--class-weights {mode}: must be none or balanced")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device,
+                  batch_size: int = 256, channels_last: bool = False) -> np.ndarray:
+    """Softmax probabilities for uint8 images (N, H, W), batched."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_input(torch.from_numpy(images[i:i + batch_size]).to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(torch.softmax(model(x).float(), 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def load_classifier(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    tensors, meta = load_checkpoint(path, "classifier")
+    try:
+        model = build_resnet18(ClassifierNetConfig(**meta["config"]))
+        model.load_state_dict(tensors)
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise InputError(f"{path}: classifier checkpoint does not match its config ({e})") from None
+    return model.to(device).eval(), meta
+
+
+def _check_folder(folder: ImageFolder, classes: tuple[str, ...], size: int, what: str) -> None:
+    if folder.size != size:
+        raise InputError(f"{folder.root}: {what} images are {folder.size} px, the training "
+                         f"images are {size} px")
+
+
+def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] | None = None) -> dict:
+    if cfg.select not in ("f1", "auc"):
+        raise InputError(f"--select {cfg.select}: must be f1 or auc")
+    if cfg.epochs < 1:
+        raise InputError("--epochs must be at least 1")
+    check_output_free(Path(cfg.out), cfg.force)
+    device = resolve_device(cfg.device)
+    train = read_image_folder(cfg.data)
+    if len(train.classes) < 2:
+        raise InputError(f"{cfg.data}: need at least two classes")
+    if cfg.positive not in train.classes:
+        raise InputError(f"--positive {cfg.positive}: no such class in {cfg.data} "
+                         f"(found: {', '.join(train.classes)})")
+    val = read_image_folder(cfg.val, classes=train.classes)
+    _check_folder(val, train.classes, train.size, "validation")
+    small = {"auto": train.size <= 64, "yes": True, "no": False}.get(cfg.small_stem)
+    if small is None:
+        raise InputError(f"--small-stem {cfg.small_stem}: must be auto, yes or no")
+    net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
+    torch.manual_seed(cfg.seed)
+    model = build_resnet18(net)
+    not_loaded = load_pretrained(model, cfg.weights) if cfg.weights else []
+    model.to(device)
+    cl = cfg.channels_last and device.type != "mps"
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    amp = autocast_dtype(device, cfg.precision)
+    pos = train.classes.index(cfg.positive)
+    weights = class_weight_tensor(train.labels, len(train.classes), cfg.class_weights)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    x_all = torch.from_numpy(train.images).to(device)
+    y_all = torch.from_numpy(train.labels).to(device)
+    g = make_generator(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {
+        "train": cfg.to_json(), "net": net.to_dict(), "classes": list(train.classes),
+        "counts": train.counts(), "val_counts": val.counts(), "device": str(device),
+        "precision": str(amp) if amp else "fp32", "class_weights": weights.tolist() if weights is not None else None,
+        "pretrained_layers_not_loaded": not_loaded, "xraygan_version": __version__,
+        "torch_version": torch.__version__})
+    fields = ["epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
+              "val_specificity", "lr", "images_per_s", "seconds"]
+    log_rows: list[dict] = []
+    best, best_epoch, best_state, stale = -1.0, 0, None, 0
+    steps = math.ceil(len(x_all) / cfg.batch_size)
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x_all), generator=g).to(device)
+        total, seen, te = 0.0, 0, time.perf_counter()
+        for s in range(steps):
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if len(idx) < 2:  # batch norm cannot train on one image
+                continue
+            x = to_input(x_all[idx])
+            if cfg.augment:
+                x = augment_batch(x, g)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                loss = loss_fn(model(x).float(), y_all[idx])
+            if not torch.isfinite(loss):
+                raise TrainingError(f"epoch {epoch}: training loss is not finite; stopped "
+                                    f"(best model so far in {out / 'classifier.safetensors'})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            if progress:
+                progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
+                         epoch=f"{epoch}/{cfg.epochs}", loss=total / seen, images=seen)
+        sched.step()
+        ips = seen / (time.perf_counter() - te)
+        probs = predict_proba(model, val.images, device, channels_last=cl)
+        vloss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                           torch.from_numpy(val.labels)).item()
+        m = binary_metrics(val.labels == pos, probs[:, pos], 0.5)
+        score = m["f1"] if cfg.select == "f1" else (m["roc_auc"] if m["roc_auc"] is not None else 0.0)
+        log_rows.append({"epoch": epoch, "train_loss": f"{total / max(seen, 1):.5f}",
+                         "val_loss": f"{vloss:.5f}", "val_f1": f"{m['f1']:.4f}",
+                         "val_auc": "" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
+                         "val_precision": f"{m['precision']:.4f}", "val_recall": f"{m['recall']:.4f}",
+                         "val_specificity": f"{m['specificity']:.4f}",
+                         "lr": f"{opt.param_groups[0]['lr']:.3g}", "images_per_s": f"{ips:.1f}",
+                         "seconds": f"{time.perf_counter() - t0:.1f}"})
+        with open(out / "log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(log_rows)
+        if score > best:
+            best, best_epoch, stale = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_checkpoint(out / "classifier.safetensors", best_state, "classifier", net.to_dict(),
+                            classes=list(train.classes), image_size=train.size,
+                            positive=cfg.positive, epoch=epoch, seed=cfg.seed,
+                            normalization={"mean": MEAN, "std": STD},
+                            val_metrics={k: m[k] for k in ("f1", "roc_auc", "precision", "recall",
+                                                           "specificity")},
+                            selected_by=cfg.select, train_source=str(cfg.data),
+                            xraygan_version=__version__)
+        else:
+            stale += 1
+            if cfg.patience and stale >= cfg.patience:
+                break
+    return {"out": str(out), "best_epoch": best_epoch, f"best_val_{cfg.select}": best,
+            "epochs_run": len(log_rows), "seconds": round(time.perf_counter() - t0, 1),
+            "images_per_s": float(log_rows[-1]["images_per_s"]), "device": str(device),
+            "precision": str(amp) if amp else "fp32",
+            "checkpoint": str(out / "classifier.safetensors")}
