@@ -30,6 +30,17 @@ def write_img(path: Path, a: np.ndarray, fmt: str | None = None) -> Path:
     return path
 
 
+def make_folder(root: Path, counts: dict[str, int], size: int, rng: np.random.Generator) -> Path:
+    """An image folder root/<class>/NNN.png of random pixels, `counts` images per class."""
+    from xraygan.images import save_png
+
+    for cls, n in counts.items():
+        for i in range(n):
+            save_png(root / cls / f"{cls}-{i:03d}.png",
+                     rng.integers(0, 255, (size, size), dtype=np.uint8))
+    return root
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

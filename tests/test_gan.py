@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_folder
 from safetensors.torch import load_file
 
 from xraygan.checkpoint import load_checkpoint, save_checkpoint
@@ -22,11 +23,7 @@ def tiny(data, out, **kw):
 @pytest.fixture
 def folder16(tmp_path, rng):
     """A 16-px training folder: 24 normal, 12 pneumonia."""
-    root = tmp_path / "train"
-    for cls, n in (("normal", 24), ("pneumonia", 12)):
-        for i in range(n):
-            save_png(root / cls / f"{i:03d}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
-    return root
+    return make_folder(tmp_path / "train", {"normal": 24, "pneumonia": 12}, 16, rng)
 
 
 @pytest.mark.parametrize("size", [16, 32, 64, 128])

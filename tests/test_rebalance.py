@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_folder
+
 from xraygan.errors import InputError
 from xraygan.images import read_image_folder, save_png
 from xraygan.rebalance import RebalanceConfig, rebalance
@@ -12,11 +14,7 @@ from xraygan.rebalance import RebalanceConfig, rebalance
 
 @pytest.fixture
 def train(tmp_path, rng):
-    root = tmp_path / "train"
-    for cls, n in (("normal", 30), ("pneumonia", 10)):
-        for i in range(n):
-            save_png(root / cls / f"{cls}-{i:03d}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
-    return root
+    return make_folder(tmp_path / "train", {"normal": 30, "pneumonia": 10}, 16, rng)
 
 
 def run(train, out, method, **kw):

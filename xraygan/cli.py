@@ -20,6 +20,10 @@ app = typer.Typer(name="xraygan", no_args_is_help=True, pretty_exceptions_show_l
                        "whether it helps.")
 T = TypeVar("T")
 
+# Options shared by several commands: one definition, the same help everywhere.
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")]
+
 
 @app.callback(invoke_without_command=True)
 def _root(
@@ -46,6 +50,14 @@ def _run(fn: Callable[..., T], *args, **kwargs) -> T:
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing half-written was left in place")
         raise typer.Exit(130) from None
+
+
+def _run_with_progress(fn: Callable[..., T], cfg) -> T:
+    """Run one library step under a rich progress bar (on stderr)."""
+    from xraygan.console import progress_bar
+
+    with progress_bar() as cb:
+        return _run(fn, cfg, cb)
 
 
 def _emit_json(obj: dict) -> None:
@@ -114,7 +126,7 @@ def prepare(
 
     Example: xraygan prepare chest_xray/ --out data --size 64 --imbalance 3
     """
-    from xraygan.console import counts_table, err, progress_bar
+    from xraygan.console import counts_table, err
     from xraygan.prepare import PrepareConfig
     from xraygan.prepare import prepare as run_prepare
 
@@ -125,8 +137,7 @@ def prepare(
                         val_fraction=val_fraction, seed=seed, workers=workers, strict=strict,
                         force=force,
                         class_names=tuple(c.strip() for c in classes.split(",")) if classes else None)
-    with progress_bar() as cb:
-        rec = _run(run_prepare, cfg, cb)
+    rec = _run_with_progress(run_prepare, cfg)
     for s in rec["skipped"][:20]:
         err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
     if rec["skipped_count"] > 20:
@@ -173,21 +184,21 @@ def train_gan(
     ema: Annotated[float, typer.Option(
         help="Decay of the moving average of G's weights used for sampling; 0 = off.")] = 0.999,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(
         help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory layout.")] = True,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last "
                                               "checkpoint (same options; --epochs may grow).")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train a DCGAN on the minority class, or a conditional DCGAN (--conditional) on all.
 
     Example: xraygan train-gan data/train --out runs/dcgan --epochs 25
              xraygan train-gan data/train --conditional --alpha 0.25 --out runs/cdcgan
     """
-    from xraygan.console import err, progress_bar
+    from xraygan.console import err
     from xraygan.gan import TrainGanConfig
     from xraygan.gan import train_gan as run_train
 
@@ -197,8 +208,7 @@ def train_gan(
                          ndf=width, diffaugment="" if diffaugment == "none" else diffaugment,
                          ema=ema, seed=seed, device=device, precision=precision,
                          channels_last=channels_last, resume=resume, force=force)
-    with progress_bar() as cb:
-        res = _run(run_train, cfg, cb)
+    res = _run_with_progress(run_train, cfg)
     err.print(f"trained {res['steps']} steps in {res['seconds']} s "
               f"({res['images_per_s']:.0f} img/s, {res['device']}, {res['precision']}); "
               f"generator: {res['generator']}; sample grids: {res['samples']}", highlight=False)
@@ -216,25 +226,24 @@ def generate(
              "training, the minority class).")] = None,
     seed: Annotated[int, typer.Option(help="Same checkpoint + seed = same images.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch (memory use).")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     preview: Annotated[bool, typer.Option(help="Also write OUT/preview.png of the first 64.")] = False,
     append: Annotated[bool, typer.Option(help="Add to existing synthetic images, numbering on.")] = False,
     force: Annotated[bool, typer.Option(help="Replace existing synthetic images.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write N synthetic images from a generator checkpoint into OUT/<label>/.
 
     Example: xraygan generate runs/dcgan/generator.safetensors -n 2925 --out synth
     """
-    from xraygan.console import err, progress_bar
+    from xraygan.console import err
     from xraygan.generate import GenerateConfig
     from xraygan.generate import generate as run_generate
 
     cfg = GenerateConfig(checkpoint=checkpoint, out=out, n=n, label=label, seed=seed,
                          batch_size=batch_size, device=device, preview=preview, append=append,
                          force=force)
-    with progress_bar() as cb:
-        res = _run(run_generate, cfg, cb)
+    res = _run_with_progress(run_generate, cfg)
     err.print(f"wrote {res['count']} {res['label']} images to {res['folder']} "
               f"({res['first']} … {res['last']})", highlight=False)
     if as_json:
@@ -261,15 +270,14 @@ def rebalance(
 
     Example: xraygan rebalance data/train --method gan --synthetic synth --out balanced
     """
-    from xraygan.console import counts_table, err, progress_bar
+    from xraygan.console import counts_table, err
     from xraygan.rebalance import RebalanceConfig
     from xraygan.rebalance import rebalance as run_rebalance
 
     cfg = RebalanceConfig(data=data, out=out, method=method, synthetic=tuple(synthetic),
                           ratio=ratio, seed=seed, smote_space=smote_space, smote_k=smote_k,
                           force=force)
-    with progress_bar() as cb:
-        rec = _run(run_rebalance, cfg, cb)
+    rec = _run_with_progress(run_rebalance, cfg)
     err.print(counts_table(f"{out} ({method})", rec["origins"]))
     if as_json:
         _emit_json(rec)
@@ -298,10 +306,10 @@ def train_classifier(
         help="Local pretrained ResNet-18 weights (.safetensors or torchvision .pth); the RGB "
              "first layer is summed to one channel. Nothing is downloaded.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and augmentation.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (as for train-gan).")] = "auto",
     force: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train a one-channel ResNet-18 and keep the best epoch on the validation split.
 
@@ -309,15 +317,14 @@ def train_classifier(
     """
     from xraygan.classifier import TrainClassifierConfig
     from xraygan.classifier import train_classifier as run_train
-    from xraygan.console import err, progress_bar
+    from xraygan.console import err
 
     cfg = TrainClassifierConfig(data=data, val=val, out=out, epochs=epochs, batch_size=batch_size,
                                 lr=lr, class_weights=class_weights, augment=augment, select=select,
                                 patience=patience, positive=positive.lower(), small_stem=small_stem,
                                 weights=weights, seed=seed, device=device, precision=precision,
                                 force=force)
-    with progress_bar() as cb:
-        res = _run(run_train, cfg, cb)
+    res = _run_with_progress(run_train, cfg)
     err.print(f"best epoch {res['best_epoch']} of {res['epochs_run']} (validation "
               f"{select} {res[f'best_val_{select}']:.3f}); {res['images_per_s']:.0f} img/s; "
               f"checkpoint: {res['checkpoint']}", highlight=False)
