@@ -52,10 +52,12 @@ def textbook_step_fn(size: int, batch: int):
     return step
 
 
-def xraygan_step_fn(size: int, batch: int):
+def xraygan_step_fn(size: int, batch: int, compiled: bool = False):
     cfg = TrainGanConfig(data=Path("."), out=Path("."), device="cpu", batch_size=batch)
     net = GanNetConfig(image_size=size)
     tr = GanTrainer(cfg, net, torch.device("cpu"), None)
+    if compiled:  # the lever that was tried and not kept: it did not pay on 2 CPU cores
+        tr.G, tr.D = torch.compile(tr.G), torch.compile(tr.D)
     data = (torch.rand(batch * 4, 1, size, size) * 2 - 1).contiguous(
         memory_format=torch.channels_last)
 
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="alternate the two loops; best of N")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the xraygan step with torch.compile (slow to compile)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"native CPU bf16: {cpu_has_fast_bf16()}, batch {args.batch}")
@@ -92,6 +96,14 @@ def main() -> None:
         r_tb, r_xg = max(tbs), max(xgs)
         print(f"{size:4d} px  textbook {r_tb:7.1f} img/s   xraygan {r_xg:7.1f} img/s   "
               f"ratio {r_xg / r_tb:.2f}x")
+        if args.compile:
+            t = time.perf_counter()
+            comp = xraygan_step_fn(size, args.batch, compiled=True)
+            comp(0)
+            warm = time.perf_counter() - t
+            r_c = rate(comp, args.batch, args.steps)
+            print(f"{size:4d} px  xraygan + torch.compile {r_c:7.1f} img/s   "
+                  f"{r_c / r_xg:.2f}x of xraygan, after {warm:.0f} s compiling")
 
 
 if __name__ == "__main__":
