@@ -160,7 +160,7 @@ def load_classifier(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
-def _check_folder(folder: ImageFolder, classes: tuple[str, ...], size: int, what: str) -> None:
+def _check_folder(folder: ImageFolder, size: int, what: str) -> None:
     if folder.size != size:
         raise InputError(f"{folder.root}: {what} images are {folder.size} px, the training "
                          f"images are {size} px")
@@ -180,7 +180,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
         raise InputError(f"--positive {cfg.positive}: no such class in {cfg.data} "
                          f"(found: {', '.join(train.classes)})")
     val = read_image_folder(cfg.val, classes=train.classes)
-    _check_folder(val, train.classes, train.size, "validation")
+    _check_folder(val, train.size, "validation")
     small = {"auto": train.size <= 64, "yes": True, "no": False}.get(cfg.small_stem)
     if small is None:
         raise InputError(f"--small-stem {cfg.small_stem}: must be auto, yes or no")

@@ -137,7 +137,12 @@ class _UnionFind:
 _SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
 
 
-def find_duplicates(items: list[Item], arrays: list[np.ndarray]) -> tuple[list[int], dict]:
+def pixel_hashes(arrays: list[np.ndarray]) -> list[bytes]:
+    """One digest per image: equal digests mean identical pixels after resizing."""
+    return [hashlib.blake2b(a.tobytes(), digest_size=16).digest() for a in arrays]
+
+
+def find_duplicates(items: list[Item], hashes: list[bytes]) -> tuple[list[int], dict]:
     """Exact duplicates (same pixels after resizing).
 
     A duplicate that the source put in two different splits would leak between them: only the
@@ -145,8 +150,8 @@ def find_duplicates(items: list[Item], arrays: list[np.ndarray]) -> tuple[list[i
     indices to drop and a report.
     """
     by_hash: dict[bytes, list[int]] = defaultdict(list)
-    for i, a in enumerate(arrays):
-        by_hash[hashlib.blake2b(a.tobytes(), digest_size=16).digest()].append(i)
+    for i, h in enumerate(hashes):
+        by_hash[h].append(i)
     groups = [g for g in by_hash.values() if len(g) > 1]
     drop: list[int] = []
     conflicts = 0
@@ -163,12 +168,12 @@ def find_duplicates(items: list[Item], arrays: list[np.ndarray]) -> tuple[list[i
     return sorted(drop), report
 
 
-def group_items(items: list[Item], arrays: list[np.ndarray]) -> list[int]:
+def group_items(items: list[Item], hashes: list[bytes]) -> list[int]:
     """A group id per item: same patient (within a source and source split) or same pixels."""
     uf = _UnionFind(len(items))
     first: dict[object, int] = {}
-    for i, (it, a) in enumerate(zip(items, arrays)):
-        keys = [hashlib.blake2b(a.tobytes(), digest_size=16).digest()]
+    for i, (it, h) in enumerate(zip(items, hashes)):
+        keys: list[object] = [h]
         if it.patient is not None:
             keys.append((it.source, it.split, it.patient))
         for k in keys:
@@ -242,28 +247,29 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
     for c in sorted({it.cls for s in scans for it in s.items} - set(classes)):
         raise InputError(f"{cfg.src or cfg.medmnist}: class '{c}' has no readable images")
 
-    drop, dup_report = find_duplicates(items, arrays)
+    hashes = pixel_hashes(arrays)
+    drop, dup_report = find_duplicates(items, hashes)
     dropped = set(drop)
-    items = [it for i, it in enumerate(items) if i not in dropped]
-    arrays = [a for i, a in enumerate(arrays) if i not in dropped]
-    groups = group_items(items, arrays)
+    kept = [i for i in range(len(items)) if i not in dropped]
+    items, arrays, hashes = ([xs[i] for i in kept] for xs in (items, arrays, hashes))
+    groups = group_items(items, hashes)
 
     # --- splits ---
     notes: list[str] = []
     split_of: list[str | None] = [it.split for it in items]
     main_given = {it.split for it in items if it.source != "extra-normal"} - {None}
-    if main_given:
-        val_count = sum(1 for s in split_of if s == "val")
-        if val_count < cfg.min_val:
-            if val_count:
-                notes.append(f"the source's val split has only {val_count} images (< {cfg.min_val}):"
-                             " folded into train, and val carved from train by patient")
-            split_of = ["train" if s == "val" else s for s in split_of]
-            train_idx = [i for i, s in enumerate(split_of) if s == "train"]
-            carved = split_groups(train_idx, items, groups,
-                                  {"train": 1 - cfg.val_fraction, "val": cfg.val_fraction}, rng)
-            for i in carved["val"]:
-                split_of[i] = "val"
+    val_count = sum(1 for s in split_of if s == "val")
+    val_carved = bool(main_given) and val_count < cfg.min_val
+    if val_carved:
+        if val_count:
+            notes.append(f"the source's val split has only {val_count} images (< {cfg.min_val}):"
+                         " folded into train, and val carved from train by patient")
+        split_of = ["train" if s == "val" else s for s in split_of]
+        train_idx = [i for i, s in enumerate(split_of) if s == "train"]
+        carved = split_groups(train_idx, items, groups,
+                              {"train": 1 - cfg.val_fraction, "val": cfg.val_fraction}, rng)
+        for i in carved["val"]:
+            split_of[i] = "val"
     unsplit = [i for i, s in enumerate(split_of) if s is None]
     if unsplit:
         if "test" in main_given:  # keep the source's test split as it is (comparable numbers)
@@ -349,7 +355,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
             "counts": counts,
             "imbalance": {"keep": keep, "removed_counts": {c: len(v) for c, v in removed.items()},
                           "removed_files": removed},
-            "val_carved_from_train": bool(main_given) and sum(1 for it in items if it.split == "val") < cfg.min_val,
+            "val_carved_from_train": val_carved,
             "duplicates": dup_report,
             "skipped": skipped, "skipped_count": len(skipped), "ignored_count": ignored,
             "source_composition": {c: dict(v) for c, v in composition.items()},
