@@ -54,3 +54,35 @@ def test_gan_commands_compose(demo_data, tmp_path):
                             "--out", str(tmp_path / "s2")])
     assert r.exit_code == 2 and "is a discriminator checkpoint" in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_classifier_commands_compose_end_to_end(demo_data, tmp_path):
+    """rebalance → train-classifier → evaluate --report → gradcam → evaluate --compare, as a
+    shell script would run them."""
+    def ok(*args):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r
+
+    runs = tmp_path / "runs"
+    for method in ("none", "oversample"):
+        ok("rebalance", demo_data / "train", "--method", method, "--out", tmp_path / f"bal-{method}")
+        for seed in (0, 1):
+            run = runs / f"{method}-seed{seed}"
+            ok("train-classifier", tmp_path / f"bal-{method}", "--val", demo_data / "val", "--out", run,
+               "--epochs", "1", "--batch-size", "32", "--small-stem", "no", "--seed", seed,
+               "--device", "cpu")
+            r = ok("evaluate", run / "classifier.safetensors", demo_data / "test", "--report",
+                   run / "report", "--bootstrap", "50", "--json")
+            rec = json.loads(r.stdout)
+            assert rec["label"] == method and (run / "report" / "report.md").is_file()
+    r = ok("gradcam", runs / "none-seed0" / "classifier.safetensors", demo_data / "test",
+           "--out", runs / "none-seed0" / "cams", "-n", "2", "--json")
+    assert json.loads(r.stdout)["images"] == rec["metrics"]["n"]
+    r = ok("evaluate", "--compare", runs, "--out", tmp_path / "table")
+    assert "| none | 2 |" in r.stdout and "| oversample | 2 |" in r.stdout
+    assert "CAM in lungs" in r.stdout  # the gradcam summary joins its method's row
+    # a file that is not a checkpoint: one line, exit 2
+    r = runner.invoke(app, ["evaluate", str(runs / "none-seed0" / "report" / "metrics.json"),
+                            str(demo_data / "test")])
+    assert r.exit_code == 2 and len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1

@@ -332,6 +332,122 @@ def train_classifier(
         _emit_json(res)
 
 
+@app.command()
+def evaluate(
+    inputs: Annotated[list[Path], typer.Argument(
+        help="CLF/classifier.safetensors DATA/test; with --compare: metrics.json files or "
+             "folders holding them (searched recursively).", show_default=False)] = [],  # noqa: B006
+    report: Annotated[Optional[Path], typer.Option(
+        help="Write metrics.json, report.md, predictions.csv and ROC/PR/confusion/score "
+             "plots here.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Decision threshold on P(positive) (default 0.5).")] = None,
+    tune_on: Annotated[Optional[Path], typer.Option(
+        "--tune-on", help="Tune the threshold on this validation folder instead (see --tune-for).")] = None,
+    tune_for: Annotated[str, typer.Option(help="Tuning criterion: f1 or youden (J = sens + spec - 1).")] = "f1",
+    positive: Annotated[Optional[str], typer.Option(
+        help="Positive class (default: the one recorded in the checkpoint).")] = None,
+    label: Annotated[Optional[str], typer.Option(
+        help="Method label for --compare (default: the run folder name without -seedN).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0 = none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Tabulate runs instead: one row per method label, mean ± std over its "
+                          "runs (seeds).")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="--compare: write table.md, table.csv and table.json here.")] = None,
+    device: DeviceOpt = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing report or table folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure a classifier on a test folder, or compare runs (--compare) in the study's table.
+
+    Example: xraygan evaluate runs/clf/classifier.safetensors data/test --report runs/clf/report
+             xraygan evaluate --compare runs/ --out results/
+    """
+    from xraygan.console import err
+    from xraygan.evaluate import CI_KEYS, EvaluateConfig
+    from xraygan.evaluate import compare as run_compare
+    from xraygan.evaluate import evaluate as run_evaluate
+
+    if compare:
+        if not inputs:
+            raise typer.BadParameter("--compare needs metrics.json files or folders")
+        res = _run(run_compare, inputs, out, force)
+        sys.stderr.write(res["markdown"])
+        for w in res["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        if out:
+            err.print(f"wrote {out}/table.md, table.csv, table.json ({res['runs']} runs)", highlight=False)
+        if as_json:
+            _emit_json({k: res[k] for k in ("rows", "columns", "warnings", "runs")})
+        else:
+            sys.stdout.write(res["markdown"])
+        return
+    if len(inputs) != 2:
+        raise typer.BadParameter("expected CHECKPOINT TEST_FOLDER (or --compare PATHS...)")
+    if out is not None:
+        raise typer.BadParameter("--out is for --compare; a single evaluation writes to --report")
+    cfg = EvaluateConfig(checkpoint=inputs[0], data=inputs[1], report=report, threshold=threshold,
+                         tune_on=tune_on, tune_for=tune_for, positive=positive, label=label,
+                         bootstrap=bootstrap, seed=seed, device=device, force=force)
+    rec = _run_with_progress(run_evaluate, cfg)
+    from rich.table import Table
+
+    t = Table(title=f"{rec['label']}: {rec['test']} {rec['test_counts']}, positive "
+                    f"{rec['positive']}, threshold {rec['threshold']:.3f}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("95% CI", justify="right")
+    for k in CI_KEYS:
+        v, ci = rec["metrics"][k], rec["ci95"].get(k)
+        t.add_row(k, "n/a" if v is None else f"{v:.3f}", f"{ci[0]:.3f} - {ci[1]:.3f}" if ci else "")
+    err.print(t)
+    c = rec["metrics"]["confusion"]
+    err.print(f"confusion: TP {c['tp']}  FN {c['fn']}  FP {c['fp']}  TN {c['tn']}"
+              + (f"; report: {rec['report']}/report.md" if report else ""), highlight=False)
+    if as_json:
+        _emit_json(rec)
+
+
+@app.command()
+def gradcam(
+    checkpoint: Annotated[Path, typer.Argument(help="CLF/classifier.safetensors")],
+    data: Annotated[Path, typer.Argument(help="Image folder, e.g. DATA/test.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = ...,
+    n: Annotated[int, typer.Option("-n", help="Overlays per class (up to half misclassified).")] = 8,
+    layer: Annotated[str, typer.Option(
+        help="Layer to explain: auto (layer4, the last residual block, unless its map is under "
+             "4x4), or a module name such as layer3 or layer4.1.conv2.")] = "auto",
+    target: Annotated[str, typer.Option(help="Class to explain: predicted, true or positive.")] = "predicted",
+    masks: Annotated[Optional[Path], typer.Option(
+        help="Lung masks (MASKS/<class>/<name>.png or MASKS/<name>.png, lungs white) for the "
+             "CAM-energy-in-lungs figure; default: a central chest ellipse.")] = None,
+    label: Annotated[Optional[str], typer.Option(help="Model label in the summary (default: run folder name).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for picking the images shown.")] = 0,
+    device: DeviceOpt = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Grad-CAM overlays per class, and the share of CAM energy inside the lung fields.
+
+    Example: xraygan gradcam runs/clf/classifier.safetensors data/test --out runs/clf/cams -n 8
+    """
+    from xraygan.console import err
+    from xraygan.gradcam import GradcamConfig
+    from xraygan.gradcam import gradcam as run_gradcam
+
+    cfg = GradcamConfig(checkpoint=checkpoint, data=data, out=out, n=n, layer=layer, target=target,
+                        masks=masks, label=label, seed=seed, device=device, force=force)
+    rec = _run_with_progress(run_gradcam, cfg)
+    per = ", ".join(f"{c} {v['lung_energy_mean']}" for c, v in rec["per_class"].items())
+    err.print(f"{rec['label']}: layer {rec['layer']} ({rec['layer_map_size']}x{rec['layer_map_size']}); "
+              f"CAM energy inside the lung region {rec['lung_energy_mean']} (uniform map: "
+              f"{rec['region_area_fraction']}; per class: {per}); grid: {out}/grid.png", highlight=False)
+    if as_json:
+        _emit_json(rec)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,189 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xraygan.checkpoint import save_checkpoint
+from xraygan.classifier import TrainClassifierConfig, build_resnet18, ClassifierNetConfig, train_classifier
+from xraygan.errors import InputError
+from xraygan.evaluate import (EvaluateConfig, bootstrap_ci, compare, evaluate, run_label,
+                              tune_threshold)
+from xraygan.gradcam import GradCam, GradcamConfig, chest_region, energy_share, gradcam, pick
+from xraygan.images import save_png
+from xraygan.metrics import binary_metrics
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny classifier on separable 16-px data (pneumonia brighter), and its test folder."""
+    root = tmp_path_factory.mktemp("clf")
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 24), ("val", 8), ("test", 10)):
+        for cls, base in (("normal", 70), ("pneumonia", 170)):
+            for i in range(n):
+                save_png(root / part / cls / f"{cls}{i}.png",
+                         np.clip(rng.normal(base, 25, (16, 16)), 0, 255).astype(np.uint8))
+    train_classifier(TrainClassifierConfig(data=root / "train", val=root / "val",
+                                           out=root / "run-seed3", epochs=2, batch_size=16,
+                                           device="cpu", patience=0))
+    return root
+
+
+def test_tune_threshold_maximises_the_criterion():
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    s = np.array([.1, .2, .3, .35, .4, .6, .7, .9])
+    t = tune_threshold(y, s, "f1")
+    best = max(binary_metrics(y, s, v)["f1"] for v in s)
+    assert binary_metrics(y, s, t)["f1"] == pytest.approx(best)
+    j = tune_threshold(y, s, "youden")
+    assert j == pytest.approx(0.6)  # sens 0.75, spec 1.0: J 0.75 beats t=0.35 (1.0 + 0.75 - 1)
+    with pytest.raises(InputError, match="both classes"):
+        tune_threshold(np.ones(3), np.array([.1, .2, .3]), "f1")
+
+
+def test_bootstrap_interval_contains_estimate_and_is_seeded():
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.4
+    s = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    m = binary_metrics(y, s, 0.5)
+    a, b = bootstrap_ci(y, s, 0.5, 300, seed=1), bootstrap_ci(y, s, 0.5, 300, seed=1)
+    assert a == b
+    for k in ("precision", "recall", "specificity", "f1", "roc_auc"):
+        lo, hi = a[k]
+        assert lo <= m[k] <= hi and hi - lo < 0.25
+    one = bootstrap_ci(np.zeros(20, bool), np.linspace(0, 1, 20), 0.5, 50, 0)
+    assert one["roc_auc"] is None and one["specificity"] is not None
+
+
+def test_run_label_strips_seed():
+    assert run_label("runs/oversample-seed2/classifier.safetensors") == "oversample"
+    assert run_label("runs/gan_a0.25_seed0/classifier.safetensors") == "gan_a0.25"
+    assert run_label("runs/smote/seed1/classifier.safetensors") == "smote"
+
+
+def test_evaluate_report_and_files(trained, tmp_path):
+    ckpt = trained / "run-seed3" / "classifier.safetensors"
+    rec = evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", report=tmp_path / "rep",
+                                  bootstrap=100, device="cpu"))
+    assert rec["label"] == "run" and rec["positive"] == "pneumonia" and rec["threshold"] == 0.5
+    assert rec["metrics"]["n"] == 20 and rec["test_counts"] == {"normal": 10, "pneumonia": 10}
+    for f in ("metrics.json", "report.md", "predictions.csv", "roc.png", "pr.png", "confusion.png",
+              "scores.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 0, f
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "predictions.csv")))
+    tp = sum(r["class"] == "pneumonia" and r["predicted_positive"] == "1" for r in rows)
+    assert saved["metrics"]["confusion"]["tp"] == tp and len(rows) == 20
+    with pytest.raises(InputError, match="already exists"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", report=tmp_path / "rep"))
+    tuned = evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val",
+                                    bootstrap=0, device="cpu"))
+    assert tuned["threshold_tuning"]["on"] == str(trained / "val") and tuned["ci95"] == {}
+
+
+def test_evaluate_errors(trained, tmp_path):
+    ckpt = trained / "run-seed3" / "classifier.safetensors"
+    save_checkpoint(tmp_path / "g.safetensors", {"w": torch.zeros(1)}, "generator", {})
+    with pytest.raises(InputError, match="generator"):
+        evaluate(EvaluateConfig(checkpoint=tmp_path / "g.safetensors", data=trained / "test"))
+    for cls in ("normal", "pneumonia", "covid"):
+        save_png(tmp_path / "t3" / cls / "0.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(InputError, match="covid.*the model knows only normal, pneumonia"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=tmp_path / "t3"))
+    for cls in ("normal", "pneumonia"):
+        save_png(tmp_path / "t32" / cls / "0.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(InputError, match="test images are 32 px, the model was trained on 16 px"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=tmp_path / "t32"))
+    with pytest.raises(InputError, match="--positive covid"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", positive="covid"))
+
+
+def _metrics_file(path, label, f1, recall, fp="abc"):
+    m = {"precision": 0.8, "recall": recall, "specificity": 0.7, "f1": f1, "roc_auc": None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "xraygan-metrics", "label": label, "metrics": m,
+                                "test_fingerprint": fp, "threshold": 0.5}))
+    return path
+
+
+def test_compare_groups_by_label_mean_and_std(tmp_path):
+    _metrics_file(tmp_path / "r" / "a-seed0" / "metrics.json", "a", 0.60, 0.9)
+    _metrics_file(tmp_path / "r" / "a-seed1" / "metrics.json", "a", 0.80, 0.7)
+    _metrics_file(tmp_path / "r" / "b-seed0" / "metrics.json", "b", 0.50, 0.5)
+    res = compare([tmp_path / "r"], out=tmp_path / "table")
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["a"]["runs"] == 2 and rows["a"]["f1"][0] == pytest.approx(0.70)
+    assert rows["a"]["f1"][1] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert rows["b"]["f1"] == (0.5, None) and rows["a"]["roc_auc"] is None
+    md = (tmp_path / "table" / "table.md").read_text()
+    assert "| a | 2 | 0.800 ± 0.000 | 0.800 ± 0.141 | 0.700 ± 0.000 | 0.700 ± 0.141 | n/a |" in md
+    lines = (tmp_path / "table" / "table.csv").read_text().splitlines()
+    assert lines[0].startswith("method,runs,precision_mean") and lines[2].startswith("b,1,")
+    assert res["warnings"] == []
+    _metrics_file(tmp_path / "other.json", "c", 0.5, 0.5, fp="zzz")
+    assert "different test sets" in compare([tmp_path / "r", tmp_path / "other.json"])["warnings"][0]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="bad.json: not a metrics.json"):
+        compare([tmp_path / "bad.json"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no metrics.json"):
+        compare([tmp_path / "empty"])
+
+
+def test_gradcam_shapes_and_hooks_removed():
+    model = build_resnet18(ClassifierNetConfig(image_size=32, small_stem=True)).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with GradCam(model, model.layer4) as gc:
+        cams, logits = gc(x)
+        assert len(model.layer4._forward_hooks) == 1
+    assert cams.shape == (3, 4, 4) and (cams >= 0).all() and logits.shape == (3, 2)
+    assert len(model.layer4._forward_hooks) == 0
+    with pytest.raises(ValueError), GradCam(model, model.layer4):
+        raise ValueError("boom")
+    assert len(model.layer4._forward_hooks) == 0
+    assert all(p.grad is None for p in model.parameters())  # explaining does not train
+
+
+def test_energy_share_and_picks():
+    cams = np.zeros((2, 4, 4), np.float32)
+    cams[0, :2] = 1.0  # top half
+    masks = np.zeros((2, 4, 4), bool)
+    masks[:, :, :2] = True  # left half
+    share = energy_share(cams, masks)
+    assert share[0] == pytest.approx(0.5) and np.isnan(share[1])
+    region = chest_region(64)
+    assert 0.3 < region.mean() < 0.6 and region[32, 32] and not region[0, 0]
+    labels = np.array([0] * 6 + [1] * 4)
+    correct = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 1], bool)
+    p = pick(correct, labels, 0, 4, np.random.default_rng(0))
+    assert len(p) == 4 and sum(not correct[i] for i in p) == 2 and all(labels[i] == 0 for i in p)
+    assert len(pick(correct, labels, 1, 8, np.random.default_rng(0))) == 4
+
+
+def test_gradcam_outputs_and_masks(trained, tmp_path):
+    ckpt = trained / "run-seed3" / "classifier.safetensors"
+    rec = gradcam(GradcamConfig(checkpoint=ckpt, data=trained / "test", out=tmp_path / "cams",
+                                n=3, device="cpu"))
+    assert rec["layer"] == "layer3" and rec["layer_map_size"] == 4  # 16 px: layer4 would be 2x2
+    assert (tmp_path / "cams" / "grid.png").stat().st_size > 0
+    assert len(list((tmp_path / "cams" / "normal").glob("*.png"))) == 3
+    rows = list(csv.DictReader(open(tmp_path / "cams" / "cams.csv")))
+    assert len(rows) == 20
+    assert json.loads((tmp_path / "cams" / "gradcam.json").read_text())["kind"] == "xraygan-gradcam"
+    # masks covering everything put all energy in the lungs
+    for cls in ("normal", "pneumonia"):
+        for f in (trained / "test" / cls).glob("*.png"):
+            save_png(tmp_path / "m" / cls / f.name, np.full((16, 16), 255, np.uint8))
+    full = gradcam(GradcamConfig(checkpoint=ckpt, data=trained / "test", out=tmp_path / "c2",
+                                 masks=tmp_path / "m", device="cpu"))
+    assert full["region_area_fraction"] == 1.0
+    assert full["lung_energy_mean"] is None or full["lung_energy_mean"] == pytest.approx(1.0)
+    (tmp_path / "m" / "normal" / "normal0.png").unlink()
+    with pytest.raises(InputError, match="no lung mask for normal/normal0.png"):
+        gradcam(GradcamConfig(checkpoint=ckpt, data=trained / "test", out=tmp_path / "c3",
+                              masks=tmp_path / "m", device="cpu"))
+    with pytest.raises(InputError, match="--layer layer9"):
+        gradcam(GradcamConfig(checkpoint=ckpt, data=trained / "test", out=tmp_path / "c4",
+                              layer="layer9", device="cpu"))

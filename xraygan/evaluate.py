@@ -1,0 +1,408 @@
+"""`xraygan evaluate`: honest test-set metrics for one classifier, and the study's comparison table.
+
+One run: precision, recall (sensitivity), specificity, F1 for the positive class, accuracy,
+balanced accuracy, ROC-AUC, PR-AUC and the confusion matrix, each with a percentile bootstrap
+95% confidence interval (test images resampled with replacement). `--report` adds plots, a
+Markdown report and per-image predictions.
+
+Compare: runs are grouped by their method label and summarised as mean ± standard deviation
+over the runs (seeds) of each method.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xraygan import __version__
+from xraygan.errors import InputError
+from xraygan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, staged_dir
+from xraygan.images import ImageFolder, read_image_folder
+from xraygan.metrics import binary_metrics
+
+CI_KEYS = ("precision", "recall", "specificity", "f1", "accuracy", "balanced_accuracy",
+           "roc_auc", "pr_auc")
+TABLE_KEYS = ("precision", "recall", "specificity", "f1", "roc_auc")
+TABLE_NAMES = {"precision": "Precision", "recall": "Recall", "specificity": "Specificity",
+               "f1": "F1", "roc_auc": "ROC-AUC", "lung_energy": "CAM in lungs"}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    checkpoint: Path
+    data: Path
+    report: Path | None = None
+    threshold: float | None = None  # None: 0.5, or tuned on `tune_on`
+    tune_on: Path | None = None  # a validation folder to tune the threshold on
+    tune_for: str = "f1"  # f1 | youden
+    positive: str | None = None  # default: the one recorded in the checkpoint
+    label: str | None = None  # method label for --compare; default from the run folder name
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 256
+    force: bool = False
+
+
+def run_label(checkpoint: Path) -> str:
+    """A method label from the run folder: `runs/oversample-seed1/classifier.safetensors` →
+    `oversample`; `runs/oversample/seed1/...` → `oversample`."""
+    parent = Path(checkpoint).absolute().parent
+    name = re.sub(r"[-_.]?seed[-_]?\d+$", "", parent.name)
+    return name or parent.parent.name
+
+
+def folder_fingerprint(folder: ImageFolder) -> str:
+    """Identifies a test set by its class/file names, so compare can tell runs on different sets."""
+    h = hashlib.sha256()
+    for f, y in zip(folder.files, folder.labels):
+        h.update(f"{folder.classes[y]}/{f.name}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def tune_threshold(y: np.ndarray, score: np.ndarray, rule: str) -> float:
+    """The threshold among the observed scores that maximises F1 or Youden's J on (y, score)."""
+    if rule not in ("f1", "youden"):
+        raise InputError(f"--tune-for {rule}: must be f1 or youden")
+    y = np.asarray(y, dtype=bool)
+    if y.all() or not y.any():
+        raise InputError("threshold tuning needs both classes in the validation folder")
+    order = np.argsort(-score, kind="stable")
+    s, t = score[order], y[order]
+    tp = np.cumsum(t)
+    fp = np.cumsum(~t)
+    last = np.r_[s[1:] != s[:-1], True]  # predict positive for every score >= s[i]
+    tp, fp, s = tp[last], fp[last], s[last]
+    P, N = t.sum(), (~t).sum()
+    if rule == "f1":
+        crit = 2 * tp / (tp + fp + P)
+    else:
+        crit = tp / P - fp / N
+    return float(s[int(np.argmax(crit))])
+
+
+def bootstrap_ci(y: np.ndarray, score: np.ndarray, threshold: float, n: int,
+                 seed: int) -> dict[str, list[float] | None]:
+    """Percentile 95% intervals over `n` resamples of the test images. AUCs skip resamples that
+    hold one class only."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if n <= 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, dtype=bool)
+    pred = np.asarray(score) >= threshold
+    idx = rng.integers(0, len(y), (n, len(y)))
+    yb, pb = y[idx], pred[idx]
+    tp = (yb & pb).sum(1).astype(float)
+    fp = (~yb & pb).sum(1).astype(float)
+    fn = (yb & ~pb).sum(1).astype(float)
+    tn = (~yb & ~pb).sum(1).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        rec = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        spec = np.where(tn + fp > 0, tn / (tn + fp), 0.0)
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+    samples = {"precision": prec, "recall": rec, "specificity": spec, "f1": f1,
+               "accuracy": (tp + tn) / len(y), "balanced_accuracy": (rec + spec) / 2}
+    both = [i for i in range(n) if 0 < yb[i].sum() < len(y)]
+    if both:
+        samples["roc_auc"] = np.array([roc_auc_score(yb[i], score[idx[i]]) for i in both])
+        samples["pr_auc"] = np.array([average_precision_score(yb[i], score[idx[i]]) for i in both])
+    out: dict[str, list[float] | None] = {k: None for k in CI_KEYS}
+    for k, v in samples.items():
+        lo, hi = np.percentile(v, [2.5, 97.5])
+        out[k] = [round(float(lo), 4), round(float(hi), 4)]
+    return out
+
+
+def _scores(model, folder: ImageFolder, pos: int, device, batch_size: int) -> np.ndarray:
+    from xraygan.classifier import predict_proba
+
+    return predict_proba(model, folder.images, device, batch_size=batch_size)[:, pos]
+
+
+def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
+    from xraygan.classifier import load_classifier
+    from xraygan.runtime import resolve_device
+
+    t0 = time.perf_counter()
+    if cfg.report is not None:  # refuse before any work, not after it
+        from xraygan.fsutil import check_output_free
+
+        check_output_free(Path(cfg.report), cfg.force)
+    if cfg.threshold is not None and not 0.0 <= cfg.threshold <= 1.0:
+        raise InputError(f"--threshold {cfg.threshold}: must be between 0 and 1")
+    if cfg.threshold is not None and cfg.tune_on is not None:
+        raise InputError("give either --threshold or --tune-on, not both")
+    device = resolve_device(cfg.device)
+    model, meta = load_classifier(cfg.checkpoint, device)
+    classes = tuple(meta["classes"])
+    positive = (cfg.positive or meta.get("positive") or classes[-1]).lower()
+    if positive not in classes:
+        raise InputError(f"--positive {positive}: the model's classes are {', '.join(classes)}")
+    pos = classes.index(positive)
+    test = _read_for_model(cfg.data, classes, int(meta["image_size"]), "test")
+    if progress:
+        progress("evaluate", 0, 3)
+    score = _scores(model, test, pos, device, cfg.batch_size)
+    y = test.labels == pos
+    threshold, tuned = 0.5 if cfg.threshold is None else cfg.threshold, None
+    if cfg.tune_on is not None:
+        val = _read_for_model(cfg.tune_on, classes, int(meta["image_size"]), "validation")
+        threshold = tune_threshold(val.labels == pos, _scores(model, val, pos, device, cfg.batch_size),
+                                   cfg.tune_for)
+        tuned = {"on": str(cfg.tune_on), "for": cfg.tune_for, "n": len(val.labels)}
+    if progress:
+        progress("evaluate", 1, 3)
+    m = binary_metrics(y, score, threshold)
+    ci = bootstrap_ci(y, score, threshold, cfg.bootstrap, cfg.seed)
+    if progress:
+        progress("evaluate", 2, 3)
+    rec = {
+        "kind": "xraygan-metrics", "format_version": 1,
+        "label": cfg.label or run_label(cfg.checkpoint),
+        "checkpoint": str(cfg.checkpoint), "test": str(cfg.data),
+        "test_fingerprint": folder_fingerprint(test), "test_counts": test.counts(),
+        "classes": list(classes), "positive": positive, "threshold": threshold,
+        "threshold_tuning": tuned, "metrics": m,
+        "ci95": ci, "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "method": "percentile"},
+        "train_source": meta.get("train_source"), "seed": meta.get("seed"),
+        "epoch": meta.get("epoch"), "xraygan_version": __version__,
+    }
+    if cfg.report is not None:
+        with staged_dir(Path(cfg.report), cfg.force) as tmp:
+            atomic_write_json(tmp / "metrics.json", rec)
+            _write_predictions(tmp / "predictions.csv", test, y, score, threshold)
+            plots = write_plots(tmp, y, score, threshold, m, positive, rec["label"])
+            atomic_write_text(tmp / "report.md", report_markdown(rec, plots))
+        rec["report"] = str(cfg.report)
+    if progress:
+        progress("evaluate", 3, 3)
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def _read_for_model(folder: Path, classes: tuple[str, ...], size: int, what: str) -> ImageFolder:
+    try:
+        data = read_image_folder(folder, classes=classes)
+    except InputError as e:
+        if "unknown class" in str(e):
+            raise InputError(f"{e}; the model knows only {', '.join(classes)}") from None
+        raise
+    if data.size != size:
+        raise InputError(f"{folder}: {what} images are {data.size} px, the model was trained on "
+                         f"{size} px images")
+    return data
+
+
+def _write_predictions(path: Path, test: ImageFolder, y: np.ndarray, score: np.ndarray,
+                       threshold: float) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "class", "score", "predicted_positive", "correct"])
+    for f, c, t, s in zip(test.files, test.labels, y, score):
+        pred = bool(s >= threshold)
+        w.writerow([f"{test.classes[c]}/{f.name}", test.classes[c], f"{s:.5f}", int(pred),
+                    int(pred == bool(t))])
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_plots(out: Path, y: np.ndarray, score: np.ndarray, threshold: float, m: dict,
+                positive: str, title: str) -> dict[str, str]:
+    """ROC, PR, confusion matrix and score histograms as PNGs; returns name → file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    files: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(out / name, buf.getvalue())
+        files[name.removesuffix(".png")] = name
+
+    both = 0 < y.sum() < len(y)
+    if both:
+        fpr, tpr, _ = roc_curve(y, score)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(fpr, tpr, lw=2, label=f"AUC {m['roc_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1)
+        ax.scatter([1 - m["specificity"]], [m["recall"]], c="red", zorder=3,
+                   label=f"threshold {threshold:.2f}")
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity (recall)", title=f"ROC: {title}")
+        ax.legend(loc="lower right")
+        save(fig, "roc.png")
+        p, r, _ = precision_recall_curve(y, score)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(r, p, lw=2, label=f"AP {m['pr_auc']:.3f}")
+        ax.axhline(y.mean(), ls="--", c="gray", lw=1, label=f"prevalence {y.mean():.2f}")
+        ax.scatter([m["recall"]], [m["precision"]], c="red", zorder=3)
+        ax.set(xlabel="recall", ylabel="precision", title=f"PR: {title}", ylim=(0, 1.02))
+        ax.legend(loc="lower left")
+        save(fig, "pr.png")
+    c = m["confusion"]
+    mat = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(mat, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(mat[i, j]), ha="center", va="center",
+                    color="white" if mat[i, j] > mat.max() / 2 else "black", fontsize=14)
+    ticks = [f"not {positive}", positive]
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=ticks, yticklabels=ticks,
+           xlabel="predicted", ylabel="true", title="confusion matrix")
+    save(fig, "confusion.png")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    bins = np.linspace(0, 1, 26)
+    ax.hist(score[~y], bins=bins, alpha=0.6, label=f"not {positive} (n={int((~y).sum())})")
+    ax.hist(score[y], bins=bins, alpha=0.6, label=f"{positive} (n={int(y.sum())})")
+    ax.axvline(threshold, c="red", ls="--", lw=1)
+    ax.set(xlabel=f"P({positive})", ylabel="images", title="score histograms")
+    ax.legend()
+    save(fig, "scores.png")
+    return files
+
+
+def _fmt_ci(v: float | None, ci: list[float] | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def report_markdown(rec: dict, plots: dict[str, str]) -> str:
+    m, ci, c = rec["metrics"], rec["ci95"], rec["metrics"]["confusion"]
+    thr = f"{rec['threshold']:.4f}"
+    if rec["threshold_tuning"]:
+        t = rec["threshold_tuning"]
+        thr += f" (tuned for {t['for']} on {t['on']}, {t['n']} images)"
+    lines = [f"# Evaluation: {rec['label']}", "",
+             f"- checkpoint: `{rec['checkpoint']}` (epoch {rec['epoch']}, seed {rec['seed']})",
+             f"- test set: `{rec['test']}` {rec['test_counts']} (fingerprint {rec['test_fingerprint']})",
+             f"- positive class: {rec['positive']}; threshold {thr}",
+             f"- 95% intervals: percentile bootstrap, {rec['bootstrap']['resamples']} resamples of the test images",
+             "", "| metric | value [95% CI] |", "|---|---|"]
+    for k in CI_KEYS:
+        lines.append(f"| {k.replace('_', ' ')} | {_fmt_ci(m[k], ci.get(k))} |")
+    lines += ["", f"Confusion matrix (rows true, columns predicted): TP {c['tp']}, FN {c['fn']}, "
+              f"FP {c['fp']}, TN {c['tn']}.", ""]
+    for name, f in plots.items():
+        lines.append(f"![{name}]({f})")
+    lines += ["", f"Written by xraygan {rec['xraygan_version']}: "
+              f"`xraygan evaluate {rec['checkpoint']} {rec['test']} --report DIR`", ""]
+    return "\n".join(lines)
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+
+def _collect(paths: list[Path]) -> tuple[list[tuple[Path, dict]], list[tuple[Path, dict]]]:
+    """metrics.json files (and gradcam.json summaries) from files or folders (searched recursively)."""
+    metrics, cams = [], []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(p.rglob("metrics.json")) + sorted(p.rglob("gradcam.json"))
+            if not found:
+                raise InputError(f"{p}: no metrics.json found in this folder")
+        elif p.is_file():
+            found = [p]
+        else:
+            raise InputError(f"{p}: no such file or folder")
+        for f in found:
+            d = read_json(f)
+            kind = d.get("kind") if isinstance(d, dict) else None
+            if kind == "xraygan-metrics":
+                metrics.append((f, d))
+            elif kind == "xraygan-gradcam":
+                cams.append((f, d))
+            else:
+                raise InputError(f"{f}: not a metrics.json written by xraygan evaluate")
+    if not metrics:
+        raise InputError("nothing to compare: no metrics.json among the inputs")
+    return metrics, cams
+
+
+def _mean_std(v: list[float]) -> tuple[float, float | None]:
+    a = np.asarray(v, dtype=float)
+    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
+
+
+def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> dict:
+    """The study's table: one row per method label, mean ± std over its runs."""
+    metrics, cams = _collect(paths)
+    groups: dict[str, list[dict]] = {}
+    for _, d in metrics:
+        groups.setdefault(d["label"], []).append(d)
+    cam_groups: dict[str, list[float]] = {}
+    for _, d in cams:
+        if d.get("lung_energy_mean") is not None:
+            cam_groups.setdefault(d["label"], []).append(d["lung_energy_mean"])
+    keys = list(TABLE_KEYS) + (["lung_energy"] if cam_groups else [])
+    rows = []
+    for label, runs in groups.items():
+        row: dict = {"method": label, "runs": len(runs)}
+        for k in TABLE_KEYS:
+            vals = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
+            row[k] = _mean_std(vals) if vals else None
+        if cam_groups:
+            row["lung_energy"] = _mean_std(cam_groups[label]) if label in cam_groups else None
+        rows.append(row)
+    warnings = []
+    fps = {d["test_fingerprint"] for _, d in metrics}
+    if len(fps) > 1:
+        warnings.append(f"the runs were evaluated on {len(fps)} different test sets; "
+                        "their rows are not comparable")
+    thr = {round(d["threshold"], 6) for _, d in metrics}
+    if len(thr) > 1:
+        warnings.append(f"the runs used {len(thr)} different thresholds")
+    res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics),
+           "markdown": table_markdown(rows, keys), "csv": table_csv(rows, keys)}
+    if out is not None:
+        with staged_dir(Path(out), force) as tmp:
+            atomic_write_text(tmp / "table.md", res["markdown"])
+            atomic_write_text(tmp / "table.csv", res["csv"])
+            atomic_write_json(tmp / "table.json", {k: res[k] for k in ("rows", "columns", "warnings",
+                                                                       "runs")})
+        res["out"] = str(out)
+    return res
+
+
+def _cell(v: tuple[float, float | None] | None) -> str:
+    if v is None:
+        return "n/a"
+    mean, std = v
+    return f"{mean:.3f} ± {std:.3f}" if std is not None and not math.isnan(std) else f"{mean:.3f}"
+
+
+def table_markdown(rows: list[dict], keys: list[str]) -> str:
+    head = ["Method", "Runs"] + [TABLE_NAMES[k] for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["method"], str(r["runs"])] + [_cell(r[k]) for k in keys]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[dict], keys: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "runs"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r[k]
+            cells += ["", ""] if v is None else [f"{v[0]:.4f}", "" if v[1] is None else f"{v[1]:.4f}"]
+        w.writerow([r["method"], r["runs"]] + cells)
+    return buf.getvalue()
