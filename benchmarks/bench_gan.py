@@ -53,7 +53,7 @@ def textbook_step_fn(size: int, batch: int):
 
 
 def xraygan_step_fn(size: int, batch: int, compiled: bool = False):
-    cfg = TrainGanConfig(data=Path("."), out=Path("."), device="cpu", batch_size=batch)
+    cfg = TrainGanConfig(data=Path("."), out=Path("."), device="cpu", batch_size=batch, diffaugment="")
     net = GanNetConfig(image_size=size)
     tr = GanTrainer(cfg, net, torch.device("cpu"), None)
     if compiled:  # the lever that was tried and not kept: it did not pay on 2 CPU cores

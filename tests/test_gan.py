@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from xraygan.checkpoint import load_checkpoint, save_checkpoint
 from xraygan.errors import InputError, TrainingError
-from xraygan.gan import GanTrainer, TrainGanConfig, fake_label_probs, train_gan
+from xraygan.gan import GanTrainer, TrainGanConfig, fake_label_probs, resolve_diffaugment, train_gan
 from xraygan.gan_models import Discriminator, GanNetConfig, Generator, diff_augment
 from xraygan.generate import GenerateConfig, generate
 from xraygan.images import save_png
@@ -73,6 +73,15 @@ def test_diffaugment_is_differentiable_and_seeded():
     assert torch.equal(a, b) and not torch.equal(a, x)
     a.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_diffaugment_auto_is_on_for_small_sets(folder16, tmp_path):
+    assert resolve_diffaugment("auto", 405) == "color,translation,cutout"
+    assert resolve_diffaugment("auto", 20000) == "" and resolve_diffaugment("color", 10) == "color"
+    train_gan(tiny(folder16, tmp_path / "r", epochs=1, diffaugment="auto"))
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["diffaugment"] == "color,translation,cutout" and cfg["train"]["diffaugment"] == "auto"
+    train_gan(tiny(folder16, tmp_path / "r", epochs=2, diffaugment="auto", resume=True))
 
 
 def test_train_outputs_and_minority_default(folder16, tmp_path):

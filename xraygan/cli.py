@@ -179,8 +179,9 @@ def train_gan(
     nz: Annotated[int, typer.Option(help="Noise dimensions.")] = 100,
     width: Annotated[int, typer.Option(help="Filters of the widest-resolution layer (ngf = ndf).")] = 64,
     diffaugment: Annotated[str, typer.Option(
-        help="Differentiable augmentation of what D sees, for small datasets: a comma list of "
-             "color, translation, cutout; 'none' to turn off.")] = "none",
+        help="Differentiable augmentation of what D sees: a comma list of color, translation, "
+             "cutout; 'none' to turn off; 'auto' turns all three on for fewer than 5,000 "
+             "training images, where D otherwise memorises the real set.")] = "auto",
     ema: Annotated[float, typer.Option(
         help="Decay of the moving average of G's weights used for sampling; 0 = off.")] = 0.999,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
