@@ -32,9 +32,9 @@ def progress_bar(disable: bool = False) -> Iterator:
             tasks[stage] = prog.add_task(stage, total=total, figures="")
             started[stage] = time.perf_counter()
         images = figures.pop("images", None)
-        if images is not None:
-            dt = time.perf_counter() - started[stage]
-            figures["img/s"] = images / dt if dt > 0 else 0.0
+        dt = time.perf_counter() - started[stage]
+        if images is not None and dt > 0.25:  # a rate over a few milliseconds is noise
+            figures["img/s"] = images / dt
         text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in figures.items())
         prog.update(tasks[stage], completed=done, total=total, figures=text)
