@@ -86,3 +86,19 @@ def test_classifier_commands_compose_end_to_end(demo_data, tmp_path):
     r = runner.invoke(app, ["evaluate", str(runs / "none-seed0" / "report" / "metrics.json"),
                             str(demo_data / "test")])
     assert r.exit_code == 2 and len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--out", str(out), "--count", "60", "--size", "16",
+                            "--gan-steps", "2", "--clf-epochs", "1", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["rows"] == ["baseline", "oversample", "dcgan"]
+    for row in res["rows"]:
+        assert Path(res["reports"][row]).is_file() and Path(res["gradcam_grids"][row]).is_file()
+    table = (out / "table" / "table.md").read_text()
+    assert all(f"| {row} | 1 |" in table for row in res["rows"]) and "CAM in lungs" in table
+    assert len(list((out / "synth" / "dcgan" / "pneumonia").glob("synthetic-*.png"))) == res["synthetic_images"]
+    r = runner.invoke(app, ["demo", "--out", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.stderr

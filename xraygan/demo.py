@@ -61,7 +61,7 @@ def demo(cfg: DemoConfig, progress=None) -> dict:
                                                   force=cfg.force), stage(""))
     counts = rec["counts"]["train"]
     need = counts["normal"] - counts["pneumonia"]
-    batch = 32
+    batch = min(32, counts["pneumonia"])
     epochs = max(1, -(-cfg.gan_steps * batch // counts["pneumonia"]))
     gan = timed("train-gan", train_gan, TrainGanConfig(
         data=data / "train", out=gan_run, cls="pneumonia", epochs=epochs, batch_size=batch,
