@@ -488,6 +488,77 @@ def demo(
         _emit_json({k: v for k, v in res.items() if k != "markdown"})
 
 
+@app.command()
+def audit(
+    real: Annotated[Optional[Path], typer.Option(help="Real training images, e.g. DATA/train.")] = None,
+    synthetic: Annotated[Optional[Path], typer.Option(help="Synthetic images, e.g. SYNTH/ from generate.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Audit folder.")] = None,
+    classifier: Annotated[str, typer.Option(
+        help="Feature space: a classifier.safetensors from train-classifier; 'auto' trains one for "
+             "3 epochs on --real (cached); 'none' uses only the PCA space.")] = "auto",
+    k: Annotated[int, typer.Option(help="Neighbours for precision/recall/density/coverage.")] = 5,
+    pca_components: Annotated[int, typer.Option(help="Dimensions of the pixel-PCA space.")] = 64,
+    copy_quantile: Annotated[float, typer.Option(
+        help="Flag a synthetic image as a near-copy when its correlation with the nearest training "
+             "image exceeds this quantile of real images' correlation with their nearest other "
+             "real image.")] = 0.99,
+    copy_threshold: Annotated[Optional[float], typer.Option(
+        help="Flag at this absolute pixel correlation instead.")] = None,
+    review: Annotated[int, typer.Option(help="Images in the blinded review sheet (0 = none).")] = 40,
+    score_review: Annotated[Optional[Path], typer.Option(
+        "--score-review", help="Score a filled AUDIT/review/review.csv instead of auditing.")] = None,
+    key: Annotated[Optional[Path], typer.Option(
+        help="--score-review: the answer key (default AUDIT/review_key.json).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(
+        help="Feature cache folder (default $XRAYGAN_CACHE or ~/.cache/xraygan).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for KID subsets and the review sample.")] = 0,
+    device: DeviceOpt = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing audit folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audit synthetic images: realism and diversity (FD, KID, precision/recall), near-copies of
+    training images, and a blinded review sheet for a radiologist.
+
+    Example: xraygan audit --real data/train --synthetic synth --out audit
+             xraygan audit --score-review audit/review/review.csv
+    """
+    from xraygan.audit import AuditConfig, score_review as run_score
+    from xraygan.audit import audit as run_audit
+    from xraygan.console import err
+
+    if score_review is not None:
+        res = _run(run_score, score_review, key)
+        err.print(f"{res['answered']} answered ({res['blank']} blank): accuracy {res['accuracy']:.2f}, "
+                  f"synthetic spotted {res['synthetic_spotted']}, real recognised {res['real_recognised']}, "
+                  f"p = {res['p_value']:.3g}: {res['verdict']}; mean quality {res['mean_quality']}",
+                  highlight=False)
+        if as_json:
+            _emit_json(res)
+        return
+    if real is None or synthetic is None or out is None:
+        raise typer.BadParameter("needs --real DIR --synthetic DIR --out AUDIT (or --score-review CSV)")
+    cfg = AuditConfig(real=real, synthetic=synthetic, out=out, classifier=classifier,
+                      pca_components=pca_components, k=k, copy_quantile=copy_quantile,
+                      copy_threshold=copy_threshold, review=review, cache=cache, seed=seed,
+                      device=device, force=force)
+    rec = _run_with_progress(run_audit, cfg)
+    from rich.table import Table
+
+    t = Table(title=f"audit of {synthetic} against {real} ({rec['seconds']} s)")
+    for col in ("class", "space", "FD", "KID", "precision", "recall", "density", "coverage", "near-copies"):
+        t.add_column(col, justify="right" if col not in ("class", "space") else "left")
+    for c, d in rec["classes"].items():
+        for s, v in d["spaces"].items():
+            t.add_row(c, s, *(("n/a" if v[m] is None else f"{v[m]:.4g}")
+                              for m in ("fd", "kid", "precision", "recall", "density", "coverage")),
+                      str(d["memorisation"]["flagged"]))
+    err.print(t)
+    err.print(f"report: {out}/report.md; flagged near-copies: {out}/flagged/; review sheet: "
+              f"{out}/review/sheet.html", highlight=False)
+    if as_json:
+        _emit_json(rec)
+
+
 def main() -> None:
     try:
         app()

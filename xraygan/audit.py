@@ -1,0 +1,602 @@
+"""`xraygan audit`: are synthetic images realistic, diverse, and not copies of training patients?
+
+All offline; nothing is downloaded. Per class, in two feature spaces:
+
+- `classifier`: the 512-d penultimate layer (global average pool) of a ResNet-18 from
+  `train-classifier`: the user's own (`--classifier`), or one trained here for a few epochs on
+  the real folder and cached.
+- `pca`: a model-free space: the real images' first principal components of pixels (up to 64),
+  whitened by the real set's spread, so that no single network decides the verdict.
+
+Figures: Fréchet distance (FD, Gaussian fit) and kernel inception-style distance (KID: unbiased
+MMD² with the cubic polynomial kernel, over subsets), precision/recall (Kynkäänniemi et al. 2019)
+and density/coverage (Naeem et al. 2020) by k-nearest neighbours: realism and diversity.
+
+Memorisation: every synthetic image's nearest real training image by Pearson correlation of
+pixels; the distribution of those similarities against each real image's nearest *other* real
+image (exact duplicates excluded); synthetic images closer to a training image than
+`copy_quantile` of real images are to their nearest neighbour are flagged as near-copies.
+
+A blinded review sheet (shuffled real and synthetic images with ids, a contact sheet, an HTML
+page and a CSV to fill in) and `score_review` turn a radiologist's guesses into a visual Turing
+test.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xraygan import __version__
+from xraygan.errors import InputError
+from xraygan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, staged_dir
+from xraygan.images import ImageFolder, read_image_folder
+
+SPACES = ("classifier", "pca")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    real: Path
+    synthetic: Path
+    out: Path
+    classifier: str = "auto"  # a checkpoint path, "auto" (train one on --real) or "none"
+    pca_components: int = 64
+    k: int = 5  # neighbours for precision/recall/density/coverage
+    kid_subsets: int = 10
+    kid_subset_size: int = 1000
+    copy_quantile: float = 0.99
+    copy_threshold: float | None = None  # an absolute correlation instead of the quantile rule
+    review: int = 40  # images in the blinded review sheet (half real, half synthetic); 0 = none
+    cache: Path | None = None  # default: $XRAYGAN_CACHE or ~/.cache/xraygan
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 256
+    force: bool = False
+
+
+# --- distances between sets --------------------------------------------------------------------
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||μa − μb||² + Tr(Σa + Σb − 2 (Σa Σb)^½), with the trace of the root from the eigenvalues
+    of Σa^½ Σb Σa^½ (symmetric, so no complex square roots)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    mu = a.mean(0) - b.mean(0)
+    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(sa)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root @ sb @ root
+    tr = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * tr)
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, rng: np.random.Generator
+        ) -> tuple[float, float]:
+    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³, mean and std over random subsets."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    m = min(size, len(a), len(b))
+    if m < 2:
+        return float("nan"), float("nan")
+    d = a.shape[1]
+    vals = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+                    + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def _cdist(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+    return torch.cdist(torch.from_numpy(np.ascontiguousarray(a, np.float32)),
+                       torch.from_numpy(np.ascontiguousarray(b, np.float32)))
+
+
+def knn_radius(x: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Distance from each point to its k-th nearest other point."""
+    k = min(k, len(x) - 1)
+    out = np.empty(len(x), np.float32)
+    for s in range(0, len(x), chunk):
+        d = _cdist(x[s:s + chunk], x)
+        out[s:s + chunk] = d.topk(k + 1, dim=1, largest=False).values[:, k].numpy()  # [0] is self
+    return out
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
+    """Precision, recall, density, coverage with k-NN balls."""
+    if len(real) <= k or len(fake) <= k:
+        return {m: float("nan") for m in ("precision", "recall", "density", "coverage")}
+    rr, fr = knn_radius(real, k), knn_radius(fake, k)
+    d = _cdist(fake, real).numpy()  # (n_fake, n_real)
+    inside = d <= rr[None, :]
+    return {"precision": float(inside.any(1).mean()),
+            "recall": float((d <= fr[:, None]).any(0).mean()),
+            "density": float(inside.sum(1).mean() / k),
+            "coverage": float((d.min(0) <= rr).mean())}
+
+
+# --- memorisation ------------------------------------------------------------------------------
+
+
+def _unit_rows(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32))
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def nearest_correlation(query: np.ndarray, ref: np.ndarray, exclude_self: bool = False,
+                        chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """For each query image, the Pearson correlation of pixels with its nearest reference image
+    and that image's index. With `exclude_self` (query is ref), the image itself and its exact
+    duplicates (correlation 1) are skipped."""
+    q, r = _unit_rows(query), _unit_rows(ref)
+    sims, idx = np.empty(len(q), np.float32), np.empty(len(q), np.int64)
+    for s in range(0, len(q), chunk):
+        c = q[s:s + chunk] @ r.T
+        if exclude_self:
+            c[c >= 1 - 1e-6] = -2.0
+            c[torch.arange(len(c)), torch.arange(s, s + len(c))] = -2.0
+        v, i = c.max(1)
+        sims[s:s + chunk], idx[s:s + chunk] = v.numpy(), i.numpy()
+    return sims, idx
+
+
+# --- feature spaces ----------------------------------------------------------------------------
+
+
+def pca_space(real: np.ndarray, fake: np.ndarray, n_components: int, seed: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.decomposition import PCA
+
+    xr = real.reshape(len(real), -1).astype(np.float32) / 255.0
+    xf = fake.reshape(len(fake), -1).astype(np.float32) / 255.0
+    n = max(1, min(n_components, len(xr) - 1, xr.shape[1]))
+    pca = PCA(n_components=n, whiten=True, random_state=seed).fit(xr)
+    return pca.transform(xr), pca.transform(xf)
+
+
+@torch.no_grad()
+def classifier_features(model: torch.nn.Module, images: np.ndarray, device: torch.device,
+                        batch_size: int) -> np.ndarray:
+    """The ResNet's global-average-pooled features (the input to its last layer)."""
+    from xraygan.classifier import to_input
+
+    fc, model.fc = model.fc, torch.nn.Identity()
+    try:
+        out = [model(to_input(torch.from_numpy(images[s:s + batch_size]).to(device))).float().cpu()
+               for s in range(0, len(images), batch_size)]
+    finally:
+        model.fc = fc
+    return torch.cat(out).numpy()
+
+
+def cache_dir(cfg: AuditConfig) -> Path:
+    if cfg.cache is not None:
+        return Path(cfg.cache)
+    env = os.environ.get("XRAYGAN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "xraygan"
+
+
+def folder_key(folder: ImageFolder) -> str:
+    """Changes when any file of the folder is added, removed, renamed or rewritten."""
+    h = hashlib.sha256()
+    for f in folder.files:
+        st = f.stat()
+        h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Classifier features per (folder contents, checkpoint), as .npy files in the cache folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.hits, self.misses = Path(root), 0, 0
+
+    def get(self, key: str, compute) -> np.ndarray:
+        path = self.root / f"features-{key}.npy"
+        if path.is_file():
+            try:
+                self.hits += 1
+                return np.load(path)
+            except (OSError, ValueError):
+                self.hits -= 1  # a damaged cache file is recomputed
+        self.misses += 1
+        arr = compute()
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError:
+            pass  # an unwritable cache only costs time
+        return arr
+
+
+def feature_classifier(cfg: AuditConfig, real: ImageFolder, device: torch.device, progress
+                       ) -> tuple[Path | None, str]:
+    """The checkpoint whose features are used, and a note on where it came from."""
+    if cfg.classifier == "none":
+        return None, "classifier space skipped (--classifier none)"
+    if cfg.classifier != "auto":
+        return Path(cfg.classifier), f"user's classifier {cfg.classifier}"
+    if len(real.classes) < 2:
+        return None, "classifier space skipped: --real has one class, nothing to train a classifier on"
+    from xraygan.classifier import TrainClassifierConfig, train_classifier
+
+    path = cache_dir(cfg) / f"audit-classifier-{folder_key(real)}-s{cfg.seed}" / "classifier.safetensors"
+    if not path.is_file():
+        train_classifier(TrainClassifierConfig(
+            data=cfg.real, val=cfg.real, out=path.parent, epochs=3, patience=0, small_stem="no",
+            seed=cfg.seed, device=cfg.device, force=True), progress)
+    return path, (f"a ResNet-18 trained here for 3 epochs on {cfg.real} (standard stem; cached "
+                  f"in {path.parent})")
+
+
+# --- the audit ---------------------------------------------------------------------------------
+
+
+def audit(cfg: AuditConfig, progress=None) -> dict:
+    from xraygan.classifier import load_classifier
+    from xraygan.fsutil import check_output_free
+    from xraygan.runtime import resolve_device
+
+    t0 = time.perf_counter()
+    check_output_free(Path(cfg.out), cfg.force)
+    if not 0.5 <= cfg.copy_quantile < 1.0:
+        raise InputError(f"--copy-quantile {cfg.copy_quantile}: must be in [0.5, 1)")
+    if cfg.k < 1:
+        raise InputError("--k must be at least 1")
+    real = read_image_folder(cfg.real)
+    synth = read_image_folder(cfg.synthetic)
+    missing = [c for c in synth.classes if c not in real.classes]
+    if missing:
+        raise InputError(f"{cfg.synthetic}: class folder(s) {', '.join(missing)} have no match in "
+                         f"{cfg.real} (real classes: {', '.join(real.classes)})")
+    if synth.size != real.size:
+        raise InputError(f"{cfg.synthetic}: images are {synth.size} px, the real images in "
+                         f"{cfg.real} are {real.size} px")
+    device = resolve_device(cfg.device)
+    ckpt, clf_note = feature_classifier(cfg, real, device, progress)
+    feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    cache = FeatureCache(cache_dir(cfg))
+    if ckpt is not None:
+        model, meta = load_classifier(ckpt, device)
+        if int(meta["image_size"]) != real.size:
+            raise InputError(f"{ckpt}: classifier was trained on {meta['image_size']} px images, "
+                             f"the audited images are {real.size} px")
+        sha = file_sha(ckpt)[:16]
+        feats["classifier"] = tuple(
+            cache.get(f"{folder_key(f)}-{sha}", lambda f=f: classifier_features(model, f.images, device, cfg.batch_size))
+            for f in (real, synth))
+    rng = np.random.default_rng(cfg.seed)
+    classes: dict[str, dict] = {}
+    flagged: dict[str, list[str]] = {}
+    pairs: dict[str, list[tuple[int, int, float]]] = {}
+    hists: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    for ci, c in enumerate(synth.classes):
+        if progress:
+            progress("audit", ci, len(synth.classes))
+        rmask = real.labels == real.classes.index(c)
+        smask = synth.labels == ci
+        r_img, s_img = real.images[rmask], synth.images[smask]
+        r_files = [f for f, m in zip(real.files, rmask) if m]
+        s_files = [f for f, m in zip(synth.files, smask) if m]
+        spaces: dict[str, dict] = {}
+        space_feats = {"pca": pca_space(r_img, s_img, cfg.pca_components, cfg.seed)}
+        if "classifier" in feats:
+            space_feats = {"classifier": (feats["classifier"][0][rmask], feats["classifier"][1][smask]),
+                           **space_feats}
+        for name, (fr, fs) in space_feats.items():
+            k_mean, k_std = kid(fr, fs, cfg.kid_subsets, cfg.kid_subset_size, rng)
+            spaces[name] = {"dims": int(fr.shape[1]), "fd": _r(frechet_distance(fr, fs)),
+                            "kid": _r(k_mean), "kid_std": _r(k_std),
+                            **{k: _r(v) for k, v in prdc(fr, fs, cfg.k).items()}}
+        s_sim, s_idx = nearest_correlation(s_img, r_img)
+        r_sim, _ = nearest_correlation(r_img, r_img, exclude_self=True)
+        r_sim = r_sim[r_sim > -2]  # a real image with no other non-duplicate has no baseline
+        if cfg.copy_threshold is not None:
+            thr = float(cfg.copy_threshold)
+        elif len(r_sim):
+            thr = float(np.quantile(r_sim, cfg.copy_quantile))
+        else:
+            raise InputError(f"{Path(cfg.real) / c}: needs at least two distinct real images for "
+                             "the memorisation baseline (or give --copy-threshold)")
+        flag = np.flatnonzero(s_sim >= thr)
+        flagged[c] = [s_files[i].name for i in flag[np.argsort(-s_sim[flag])]]
+        order = np.argsort(-s_sim)
+        pairs[c] = [(int(i), int(s_idx[i]), float(s_sim[i])) for i in order]
+        hists[c] = (s_sim, r_sim, thr)
+        classes[c] = {
+            "real": int(rmask.sum()), "synthetic": int(smask.sum()), "spaces": spaces,
+            "memorisation": {
+                "nearest_real_correlation": _quantiles(s_sim),
+                "real_to_real_correlation": _quantiles(r_sim),
+                "threshold": _r(thr),
+                "threshold_rule": (f"--copy-threshold {cfg.copy_threshold}" if cfg.copy_threshold is not None
+                                   else f"{cfg.copy_quantile:g} quantile of real-to-real nearest-neighbour correlation"),
+                "flagged": len(flag),
+                "flagged_share": _r(len(flag) / max(1, len(s_sim))),
+            },
+        }
+    rec = {
+        "kind": "xraygan-audit", "format_version": 1, "real": str(cfg.real),
+        "synthetic": str(cfg.synthetic), "image_size": real.size,
+        "feature_classifier": str(ckpt) if ckpt else None, "feature_classifier_note": clf_note,
+        "k": cfg.k, "classes": classes, "flagged": flagged,
+        "cache": {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
+        "xraygan_version": __version__,
+    }
+    with staged_dir(Path(cfg.out), cfg.force) as tmp:
+        plots = {}
+        for c in synth.classes:
+            s_files = [f for f, y in zip(synth.files, synth.labels) if synth.classes[y] == c]
+            r_files = [f for f, y in zip(real.files, real.labels) if real.classes[y] == c]
+            s_img = synth.images[synth.labels == synth.classes.index(c)]
+            r_img = real.images[real.labels == real.classes.index(c)]
+            for i, j, s in pairs[c][:len(flagged[c])]:
+                atomic_write_bytes(tmp / "flagged" / c / f"{s_files[i].stem}__{r_files[j].stem}.png",
+                                   _side_by_side(s_img[i], r_img[j]))
+            plots[c] = {"similarity": f"similarity_{c}.png", "nearest": f"nearest_{c}.png"}
+            atomic_write_bytes(tmp / plots[c]["similarity"], _hist_png(*hists[c], c))
+            atomic_write_bytes(tmp / plots[c]["nearest"], _pairs_png(s_img, r_img, pairs[c][:8], c))
+        if cfg.review > 0:
+            rec["review"] = write_review(tmp, real, synth, cfg.review, cfg.seed)
+        atomic_write_json(tmp / "audit.json", rec)
+        atomic_write_text(tmp / "report.md", audit_markdown(rec, plots))
+    rec["out"] = str(cfg.out)
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def _r(v: float) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 5)
+
+
+def _quantiles(v: np.ndarray) -> dict:
+    if not len(v):
+        return {"n": 0}
+    q = np.quantile(v, [0.5, 0.9, 0.99])
+    return {"n": int(len(v)), "median": _r(q[0]), "p90": _r(q[1]), "p99": _r(q[2]), "max": _r(v.max())}
+
+
+# --- pictures ----------------------------------------------------------------------------------
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _side_by_side(s: np.ndarray, r: np.ndarray) -> bytes:
+    scale = max(1, 128 // s.shape[0])
+    gap = np.full((s.shape[0], 2), 255, np.uint8)
+    return _png(np.kron(np.concatenate([s, gap, r], 1), np.ones((scale, scale), np.uint8)))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fig_png(fig) -> bytes:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _hist_png(s_sim: np.ndarray, r_sim: np.ndarray, thr: float, cls: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    lo = float(min(s_sim.min(), r_sim.min() if len(r_sim) else 1.0))
+    bins = np.linspace(lo, 1.0, 40)
+    ax.hist(r_sim, bins=bins, alpha=0.6, density=True, label="real → nearest other real")
+    ax.hist(s_sim, bins=bins, alpha=0.6, density=True, label="synthetic → nearest real")
+    ax.axvline(thr, c="red", ls="--", lw=1, label=f"near-copy threshold {thr:.3f}")
+    ax.set(xlabel="pixel correlation with nearest training image", ylabel="density",
+           title=f"memorisation check: {cls}")
+    ax.legend(fontsize=7)
+    return _fig_png(fig)
+
+
+def _pairs_png(s_img: np.ndarray, r_img: np.ndarray, pairs: list, cls: str) -> bytes:
+    plt = _plt()
+    n = max(1, len(pairs))
+    fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
+    for j in range(n):
+        for r in range(2):
+            axes[r, j].axis("off")
+        if j >= len(pairs):
+            continue
+        i, k, s = pairs[j]
+        axes[0, j].imshow(s_img[i], cmap="gray", vmin=0, vmax=255)
+        axes[0, j].set_title(f"synthetic\ncorr {s:.3f}", fontsize=7)
+        axes[1, j].imshow(r_img[k], cmap="gray", vmin=0, vmax=255)
+        axes[1, j].set_title("nearest real", fontsize=7)
+    fig.suptitle(f"{cls}: the synthetic images closest to a training image", fontsize=9)
+    return _fig_png(fig)
+
+
+# --- the blinded review ------------------------------------------------------------------------
+
+
+def write_review(out: Path, real: ImageFolder, synth: ImageFolder, n: int, seed: int) -> dict:
+    """review/: shuffled real and synthetic images under neutral ids, a contact sheet, an HTML
+    page and a CSV to fill in. The answer key goes to review_key.json beside review/, so the
+    review folder can be handed to a reviewer without it."""
+    rng = np.random.default_rng(seed + 7)
+    per_class = max(1, n // (2 * len(synth.classes)))
+    items = []
+    for c in synth.classes:
+        for truth, folder in (("real", real), ("synthetic", synth)):
+            idx = np.flatnonzero(folder.labels == folder.classes.index(c))
+            for i in rng.permutation(idx)[:per_class]:
+                items.append((truth, c, folder, int(i)))
+    order = rng.permutation(len(items))
+    key, rows = {}, []
+    view = max(256, synth.size)
+    for k, o in enumerate(order, 1):
+        truth, c, folder, i = items[o]
+        rid = f"IMG{k:03d}"
+        key[rid] = {"truth": truth, "class": c, "file": str(folder.files[i])}
+        big = Image.fromarray(folder.images[i]).resize((view, view), Image.BICUBIC)
+        atomic_write_bytes(out / "review" / "images" / f"{rid}.png", _png(np.asarray(big)))
+        rows.append(rid)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "guess", "quality", "comment"])
+    for rid in rows:
+        w.writerow([rid, "", "", ""])
+    atomic_write_text(out / "review" / "review.csv", buf.getvalue())
+    cells = "\n".join(f'<figure><img src="images/{r}.png" width="256"><figcaption>{html.escape(r)}'
+                      f"</figcaption></figure>" for r in rows)
+    atomic_write_text(out / "review" / "sheet.html", (
+        "<!doctype html><meta charset=utf-8><title>xraygan blinded review</title>"
+        "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px}</style>"
+        "<h1>Blinded review</h1><p>For each image, write in review.csv: <b>guess</b> = real or "
+        "synthetic, <b>quality</b> = 1 (unusable) to 5 (diagnostic quality), optional comment. "
+        f"{len(rows)} images, shuffled.</p>\n{cells}\n"))
+    atomic_write_bytes(out / "review" / "sheet.png", _contact_sheet([items[o] for o in order], rows))
+    atomic_write_json(out / "review_key.json", {"kind": "xraygan-review-key", "items": key})
+    return {"images": len(rows), "sheet": "review/sheet.html", "csv": "review/review.csv",
+            "key": "review_key.json"}
+
+
+def _contact_sheet(items: list, ids: list[str]) -> bytes:
+    plt = _plt()
+    cols = 8
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.55 * rows), squeeze=False)
+    for a in axes.flat:
+        a.axis("off")
+    for a, (truth, c, folder, i), rid in zip(axes.flat, items, ids):
+        a.imshow(folder.images[i], cmap="gray", vmin=0, vmax=255)
+        a.set_title(rid, fontsize=7)
+    return _fig_png(fig)
+
+
+def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
+    """Turn a filled review.csv into a visual Turing test: can the reviewer tell synthetic from
+    real better than chance (two-sided binomial test against 0.5)?"""
+    from scipy.stats import binomtest
+
+    csv_path = Path(csv_path)
+    key_path = Path(key_path) if key_path else csv_path.parent.parent / "review_key.json"
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: review sheet not found")
+    key = read_json(key_path)
+    if not isinstance(key, dict) or key.get("kind") != "xraygan-review-key":
+        raise InputError(f"{key_path}: not a review key written by xraygan audit")
+    items = key["items"]
+    aliases = {"real": "real", "r": "real", "synthetic": "synthetic", "synth": "synthetic",
+               "s": "synthetic", "fake": "synthetic", "f": "synthetic"}
+    answered, blank, qualities = [], 0, {"real": [], "synthetic": []}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "id" not in reader.fieldnames or "guess" not in reader.fieldnames:
+            raise InputError(f"{csv_path}: expected columns id, guess, quality, comment")
+        for line, row in enumerate(reader, 2):
+            rid = (row.get("id") or "").strip()
+            if rid not in items:
+                raise InputError(f"{csv_path}:{line}: unknown id '{rid}' (not in {key_path})")
+            g = (row.get("guess") or "").strip().lower()
+            if not g:
+                blank += 1
+                continue
+            if g not in aliases:
+                raise InputError(f"{csv_path}:{line}: guess '{g}' must be real or synthetic")
+            truth = items[rid]["truth"]
+            answered.append((truth, aliases[g]))
+            q = (row.get("quality") or "").strip()
+            if q:
+                try:
+                    qualities[truth].append(float(q))
+                except ValueError:
+                    raise InputError(f"{csv_path}:{line}: quality '{q}' is not a number") from None
+    if not answered:
+        raise InputError(f"{csv_path}: no guesses filled in yet")
+    correct = sum(t == g for t, g in answered)
+    n = len(answered)
+    syn = [(t, g) for t, g in answered if t == "synthetic"]
+    rea = [(t, g) for t, g in answered if t == "real"]
+    p = binomtest(correct, n, 0.5).pvalue
+    res = {
+        "answered": n, "blank": blank, "accuracy": round(correct / n, 4), "p_value": round(float(p), 5),
+        "synthetic_spotted": round(sum(g == "synthetic" for _, g in syn) / len(syn), 4) if syn else None,
+        "real_recognised": round(sum(g == "real" for _, g in rea) / len(rea), 4) if rea else None,
+        "mean_quality": {t: (round(float(np.mean(v)), 3) if v else None) for t, v in qualities.items()},
+        "verdict": ("the reviewer told synthetic from real better than chance (p < 0.05)" if p < 0.05
+                    else "no evidence the reviewer could tell synthetic from real (p >= 0.05)"),
+    }
+    atomic_write_json(csv_path.with_name("review_score.json"), res)
+    res["written"] = str(csv_path.with_name("review_score.json"))
+    return res
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def audit_markdown(rec: dict, plots: dict) -> str:
+    lines = [f"# Synthetic-image audit: `{rec['synthetic']}` against `{rec['real']}`", "",
+             f"Feature classifier: {rec['feature_classifier_note']}. k = {rec['k']} neighbours.", ""]
+    for c, d in rec["classes"].items():
+        m = d["memorisation"]
+        lines += [f"## {c}: {d['real']} real, {d['synthetic']} synthetic", "",
+                  "| space | dims | FD | KID | precision | recall | density | coverage |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s, v in d["spaces"].items():
+            lines.append(f"| {s} | {v['dims']} | {_f(v['fd'])} | {_f(v['kid'])} ± {_f(v['kid_std'])} | "
+                         f"{_f(v['precision'])} | {_f(v['recall'])} | {_f(v['density'])} | {_f(v['coverage'])} |")
+        nr, rr = m["nearest_real_correlation"], m["real_to_real_correlation"]
+        lines += ["", f"Memorisation: median correlation of a synthetic image with its nearest training "
+                  f"image {_f(nr.get('median'))} (max {_f(nr.get('max'))}); real images with their nearest "
+                  f"other real image: median {_f(rr.get('median'))}. Threshold {_f(m['threshold'])} "
+                  f"({m['threshold_rule']}): **{m['flagged']} flagged** as near-copies "
+                  f"(side by side in `flagged/{c}/`).", "",
+                  f"![similarity]({plots[c]['similarity']})", "", f"![nearest]({plots[c]['nearest']})", ""]
+    if "review" in rec:
+        lines += ["## Blinded review", "", f"`review/sheet.html` (and `sheet.png`) show {rec['review']['images']} "
+                  "shuffled images; the reviewer fills `review/review.csv`; then "
+                  "`xraygan audit --score-review review/review.csv` scores it against `review_key.json` "
+                  "(keep the key away from the reviewer).", ""]
+    lines += ["## Caveats", "",
+              "- FD is biased upwards for small sets and depends on the feature space: compare figures "
+              "only between audits with the same real folder, space and similar set sizes.",
+              "- The classifier space sees what a classifier trained on these classes finds useful; it can "
+              "miss defects that do not affect the diagnosis. The PCA space sees global intensity structure, "
+              "not fine texture. Neither replaces a radiologist's review.",
+              "- Precision/recall and density/coverage by k-NN are sensitive to k and to outliers.",
+              "- The memorisation check finds near pixel-for-pixel copies; a shifted, flipped or re-contrasted "
+              "copy of a training image can correlate less and escape it.", ""]
+    return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
