@@ -18,6 +18,7 @@
 #   DIFFAUG=color,translation,cutout   DiffAugment for the GANs ("none" to turn off)
 #   SMALL_STEM=auto     classifier stem (auto, yes, no)
 #   DEVICE=auto         auto, cpu, cuda or mps
+#   AUDIT=1             audit each GAN's images against the real training set (0 = skip)
 #   XRAYGAN=xraygan     the command to run (e.g. ".venv/bin/xraygan")
 #
 # Re-runnable: a step whose output is complete (marked by a .done file) is skipped; an
@@ -40,6 +41,7 @@ GAN_BATCH=${GAN_BATCH:-64}
 DIFFAUG=${DIFFAUG:-color,translation,cutout}
 SMALL_STEM=${SMALL_STEM:-auto}
 DEVICE=${DEVICE:-auto}
+AUDIT=${AUDIT:-1}
 XRAYGAN=${XRAYGAN:-xraygan}
 
 for d in "$DATA/train" "$DATA/val" "$DATA/test"; do
@@ -83,6 +85,11 @@ train_gan() {
     mkdir -p "$OUT/synth/$name"
     step "generate $name" "$OUT/synth/$name" "$XRAYGAN" generate "$run/generator.safetensors" -n "$NEED" \
         --out "$OUT/synth/$name" --label pneumonia --seed 0 --preview --force
+    if [ "$AUDIT" = 1 ]; then
+        mkdir -p "$OUT/audit/$name"
+        step "audit $name" "$OUT/audit/$name" "$XRAYGAN" audit --real "$DATA/train" \
+            --synthetic "$OUT/synth/$name" --out "$OUT/audit/$name" --device "$DEVICE" --force
+    fi
 }
 
 for row in $ROWS; do

@@ -1,0 +1,140 @@
+"""Figures and tables for docs/RESULTS.md from a finished `examples/run_study.sh` folder.
+
+    python examples/figures.py DATA STUDY docs/figures
+
+Writes (small PNGs, to keep the repository small):
+  samples.png   real pneumonia training images beside each GAN's synthetic ones
+  gradcam.png   Grad-CAMs of every row's seed-0 classifier on the same test images
+and prints Markdown tables: the audit figures per GAN, and wall time per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+
+from xraygan.classifier import load_classifier, to_input  # noqa: E402
+from xraygan.gradcam import GradCam, resolve_layer, upsample  # noqa: E402
+from xraygan.images import read_image_folder  # noqa: E402
+
+GANS = ("dcgan", "cdcgan_a0.25", "cdcgan_a0.5", "cdcgan_a0.75")
+
+
+def save_small(fig, path: Path, dpi: int) -> None:
+    """A palette PNG (128 colours): a fraction of the size of matplotlib's RGBA output."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=128).save(path, optimize=True)
+
+
+def samples_figure(data: Path, study: Path, out: Path, n: int = 12) -> None:
+    rng = np.random.default_rng(0)
+    rows = [("real pneumonia (train)", read_image_folder(data / "train", only=("pneumonia",)))]
+    rows += [(g, read_image_folder(study / "synth" / g)) for g in GANS if (study / "synth" / g).is_dir()]
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.75, len(rows) * 0.85), squeeze=False)
+    for r, (name, folder) in enumerate(rows):
+        pick = rng.choice(len(folder.images), n, replace=False)
+        for j, i in enumerate(pick):
+            axes[r, j].imshow(folder.images[i], cmap="gray", vmin=0, vmax=255)
+            axes[r, j].axis("off")
+        axes[r, 0].set_title(name, fontsize=7, loc="left")
+    save_small(fig, out / "samples.png", dpi=80)
+
+
+def gradcam_figure(data: Path, study: Path, out: Path, per_class: int = 3) -> None:
+    test = read_image_folder(data / "test")
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([rng.choice(np.flatnonzero(test.labels == c), per_class, replace=False)
+                          for c in range(len(test.classes))])
+    runs = sorted((p for p in (study / "runs").glob("*-seed0") if (p / "classifier.safetensors").is_file()),
+                  key=lambda p: _row_order(p.name))
+    fig, axes = plt.subplots(len(runs), len(idx), figsize=(len(idx) * 0.9, len(runs) * 1.0), squeeze=False)
+    device = torch.device("cpu")
+    for r, run in enumerate(runs):
+        model, meta = load_classifier(run / "classifier.safetensors", device)
+        name, layer, _ = resolve_layer(model, "auto", test.size, device)
+        with GradCam(model, layer) as gc:
+            cams, logits = gc(to_input(torch.from_numpy(test.images[idx])))
+        cams = upsample(cams, test.size).numpy()
+        prob = torch.softmax(logits, 1)[:, 1].numpy()
+        for j, i in enumerate(idx):
+            ax = axes[r, j]
+            ax.imshow(test.images[i], cmap="gray", vmin=0, vmax=255)
+            c = cams[j] / cams[j].max() if cams[j].max() > 0 else cams[j]
+            ax.imshow(colormaps["jet"](c), alpha=0.45)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{test.classes[test.labels[i]]}", fontsize=6)
+            ax.set_xlabel(f"P={prob[j]:.2f}", fontsize=5, labelpad=1)
+        axes[r, 0].set_ylabel(run.name.removesuffix("-seed0") + f"\n{name}", fontsize=6)
+    save_small(fig, out / "gradcam.png", dpi=80)
+
+
+ORDER = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcgan_a0.25",
+         "cdcgan_a0.5", "cdcgan_a0.75", "smote", "augment")
+
+
+def _row_order(name: str) -> int:
+    base = name.rsplit("-seed", 1)[0]
+    return ORDER.index(base) if base in ORDER else len(ORDER)
+
+
+def audit_table(study: Path) -> str:
+    lines = ["| GAN | space | FD | KID | precision | recall | density | coverage | near-copies flagged |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for g in GANS:
+        f = study / "audit" / g / "audit.json"
+        if not f.is_file():
+            continue
+        d = json.loads(f.read_text())["classes"]["pneumonia"]
+        for s, v in d["spaces"].items():
+            lines.append(f"| {g} | {s} | {v['fd']:.4g} | {v['kid']:.4g} | {v['precision']:.3f} | "
+                         f"{v['recall']:.3f} | {v['density']:.3f} | {v['coverage']:.3f} | "
+                         f"{d['memorisation']['flagged']} of {d['synthetic']} |")
+    return "\n".join(lines)
+
+
+def times_table(study: Path) -> str:
+    total: dict[str, list[int]] = defaultdict(list)
+    with open(study / "times.csv") as f:
+        for row in csv.DictReader(f):
+            stage = row["step"].split()[0]
+            total[stage].append(int(row["seconds"]))
+    lines = ["| stage | runs | mean s per run | total s |", "|---|---|---|---|"]
+    for stage, v in total.items():
+        lines.append(f"| {stage} | {len(v)} | {np.mean(v):.0f} | {sum(v)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data", type=Path)
+    ap.add_argument("study", type=Path)
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    samples_figure(args.data, args.study, args.out)
+    gradcam_figure(args.data, args.study, args.out)
+    print("## audit\n\n" + audit_table(args.study) + "\n\n## wall time per stage\n\n" + times_table(args.study))
+
+
+if __name__ == "__main__":
+    main()
