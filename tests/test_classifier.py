@@ -111,3 +111,32 @@ def test_train_classifier_errors(split, tmp_path, rng):
     save_png(tmp_path / "v3" / "pneumonia" / "0.png", np.zeros((16, 16), np.uint8))
     with pytest.raises(InputError, match=r"v3: unknown class folder\(s\) covid"):
         train_classifier(TrainClassifierConfig(**{**base, "val": tmp_path / "v3"}, out=tmp_path / "c"))
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(split, tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(data=split / "train", val=split / "val", epochs=3, batch_size=16, device="cpu",
+              patience=0)
+    train_classifier(TrainClassifierConfig(out=tmp_path / "a", **kw))
+
+    def interrupt_in_epoch_2(stage, done, total, **fig):
+        if fig.get("epoch") == "2/3":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "b", **kw), interrupt_in_epoch_2)
+    assert len(list(csv.DictReader(open(tmp_path / "b" / "log.csv")))) == 1
+    train_classifier(TrainClassifierConfig(out=tmp_path / "b", resume=True, **kw))
+    a = load_file(tmp_path / "a" / "classifier.safetensors")
+    b = load_file(tmp_path / "b" / "classifier.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_file(tmp_path / "a" / "state.safetensors"), load_file(tmp_path / "b" / "state.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("model."))  # the last epoch too
+    la = [r["val_f1"] for r in csv.DictReader(open(tmp_path / "a" / "log.csv"))]
+    lb = [r["val_f1"] for r in csv.DictReader(open(tmp_path / "b" / "log.csv"))]
+    assert la == lb and len(la) == 3
+    with pytest.raises(InputError, match="--resume with different lr"):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "b", resume=True, **{**kw, "lr": 0.1}))
+    with pytest.raises(InputError, match="nothing to resume"):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "c", resume=True, **kw))

@@ -8,6 +8,7 @@ with the best validation F1 (or ROC-AUC) is kept; training stops early when it s
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraygan import __version__
-from xraygan.checkpoint import load_checkpoint, save_checkpoint
+from xraygan.checkpoint import (load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+                                save_checkpoint, state_dict_to_tensors, tensors_to_state_dict)
 from xraygan.errors import InputError, TrainingError
-from xraygan.fsutil import atomic_write_json, check_output_free
+from xraygan.fsutil import atomic_write_json, atomic_write_text, check_output_free, read_json
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
 from xraygan.runtime import autocast, autocast_dtype, make_generator, resolve_device
@@ -100,10 +102,16 @@ class TrainClassifierConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    resume: bool = False
     force: bool = False
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+# Options that must match when a run is resumed (epochs may grow; device/precision may change).
+RESUME_KEYS = ("data", "val", "batch_size", "lr", "weight_decay", "class_weights", "augment",
+               "select", "positive", "small_stem", "weights", "seed")
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -166,12 +174,44 @@ def _check_folder(folder: ImageFolder, size: int, what: str) -> None:
                          f"images are {size} px")
 
 
+def _save_state(out: Path, model: nn.Module, opt, sched, g: torch.Generator,
+                best_state: dict | None, net: ClassifierNetConfig, **meta) -> None:
+    """All that --resume needs after an epoch, without pickle: weights, optimizer moments,
+    schedule, the data/augmentation random state and the best weights so far."""
+    t = state_dict_to_tensors("model.", model.state_dict())
+    o, groups = optimizer_to_tensors("opt.", opt)
+    t.update(o)
+    t["rng"] = g.get_state()
+    if best_state is not None:
+        t.update(state_dict_to_tensors("best.", best_state))
+    save_checkpoint(out / "state.safetensors", {k: v.contiguous() for k, v in t.items()},
+                    "classifier-state", net.to_dict(), param_groups=groups,
+                    scheduler=sched.state_dict(), **meta)
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] | None = None) -> dict:
     if cfg.select not in ("f1", "auc"):
         raise InputError(f"--select {cfg.select}: must be f1 or auc")
     if cfg.epochs < 1:
         raise InputError("--epochs must be at least 1")
-    check_output_free(Path(cfg.out), cfg.force)
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not (out / "state.safetensors").is_file():
+            raise InputError(f"{out / 'state.safetensors'}: nothing to resume (no state file)")
+        saved = read_json(out / "config.json")["train"]
+        changed = sorted(k for k in RESUME_KEYS if saved.get(k) != cfg.to_json()[k])
+        if changed:
+            raise InputError(f"{out / 'config.json'}: --resume with different {', '.join(changed)} "
+                             "than the run was started with")
+    else:
+        check_output_free(out, cfg.force)
     device = resolve_device(cfg.device)
     train = read_image_folder(cfg.data)
     if len(train.classes) < 2:
@@ -201,21 +241,35 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     x_all = torch.from_numpy(train.images).to(device)
     y_all = torch.from_numpy(train.labels).to(device)
     g = make_generator(cfg.seed)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    fields = ["epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
+              "val_specificity", "lr", "images_per_s", "seconds"]
+    log_rows: list[dict] = []
+    best, best_epoch, best_state, stale, start = -1.0, 0, None, 0, 1
+    if cfg.resume:
+        t, meta = load_checkpoint(out / "state.safetensors", "classifier-state")
+        model.load_state_dict(tensors_to_state_dict("model.", t))
+        optimizer_from_tensors("opt.", opt, t, meta["param_groups"])
+        sched.load_state_dict(meta["scheduler"])
+        sched.T_max = cfg.epochs  # --epochs may grow on resume: the cosine is stretched to fit
+        g.set_state(t["rng"])
+        best_state = tensors_to_state_dict("best.", t) or None
+        best, best_epoch, stale, start = meta["best"], meta["best_epoch"], meta["stale"], meta["epoch"] + 1
+        log_rows = _read_log(out / "log.csv")[:meta["epoch"]]
+        if cfg.patience and stale >= cfg.patience:
+            start = cfg.epochs + 1  # it had stopped early: nothing left to do
+    else:
+        for stale_file in ("log.csv", "state.safetensors"):
+            (out / stale_file).unlink(missing_ok=True)
     atomic_write_json(out / "config.json", {
         "train": cfg.to_json(), "net": net.to_dict(), "classes": list(train.classes),
         "counts": train.counts(), "val_counts": val.counts(), "device": str(device),
         "precision": str(amp) if amp else "fp32", "class_weights": weights.tolist() if weights is not None else None,
         "pretrained_layers_not_loaded": not_loaded, "xraygan_version": __version__,
         "torch_version": torch.__version__})
-    fields = ["epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
-              "val_specificity", "lr", "images_per_s", "seconds"]
-    log_rows: list[dict] = []
-    best, best_epoch, best_state, stale = -1.0, 0, None, 0
     steps = math.ceil(len(x_all) / cfg.batch_size)
     t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         perm = torch.randperm(len(x_all), generator=g).to(device)
         total, seen, te = 0.0, 0, time.perf_counter()
@@ -255,10 +309,11 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
                          "val_specificity": f"{m['specificity']:.4f}",
                          "lr": f"{opt.param_groups[0]['lr']:.3g}", "images_per_s": f"{ips:.1f}",
                          "seconds": f"{time.perf_counter() - t0:.1f}"})
-        with open(out / "log.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(log_rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(log_rows)
+        atomic_write_text(out / "log.csv", buf.getvalue())
         if score > best:
             best, best_epoch, stale = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -272,8 +327,13 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
                             xraygan_version=__version__)
         else:
             stale += 1
-            if cfg.patience and stale >= cfg.patience:
-                break
+        _save_state(out, model, opt, sched, g, best_state, net, epoch=epoch, best=best,
+                    best_epoch=best_epoch, stale=stale)
+        if cfg.patience and stale >= cfg.patience:
+            break
+    if not log_rows:
+        raise InputError(f"{out}: nothing to resume, the run already has {cfg.epochs} epochs "
+                         "(give a larger --epochs)")
     return {"out": str(out), "best_epoch": best_epoch, f"best_val_{cfg.select}": best,
             "epochs_run": len(log_rows), "seconds": round(time.perf_counter() - t0, 1),
             "images_per_s": float(log_rows[-1]["images_per_s"]), "device": str(device),

@@ -309,6 +309,8 @@ def train_classifier(
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and augmentation.")] = 0,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (as for train-gan).")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last finished "
+                                              "epoch (same options; --epochs may grow).")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -324,7 +326,7 @@ def train_classifier(
                                 lr=lr, class_weights=class_weights, augment=augment, select=select,
                                 patience=patience, positive=positive.lower(), small_stem=small_stem,
                                 weights=weights, seed=seed, device=device, precision=precision,
-                                force=force)
+                                resume=resume, force=force)
     res = _run_with_progress(run_train, cfg)
     err.print(f"best epoch {res['best_epoch']} of {res['epochs_run']} (validation "
               f"{select} {res[f'best_val_{select}']:.3f}); {res['images_per_s']:.0f} img/s; "
