@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import make_folder
 from safetensors.torch import load_file
 
@@ -12,7 +13,7 @@ from xraygan.errors import InputError, TrainingError
 from xraygan.gan import GanTrainer, TrainGanConfig, fake_label_probs, resolve_diffaugment, train_gan
 from xraygan.gan_models import Discriminator, GanNetConfig, Generator, diff_augment
 from xraygan.generate import GenerateConfig, generate
-from xraygan.images import save_png
+from xraygan.images import read_image_folder, save_png
 
 
 def tiny(data, out, **kw):
@@ -207,6 +208,10 @@ def test_generate_no_clobber_append_force(cgan_run, tmp_path):
     assert json.loads((out / "generation.json").read_text())["total"] == 7
     generate(GenerateConfig(cgan_run, out, n=2, force=True, device="cpu", preview=True))
     assert len(list((out / "pneumonia").iterdir())) == 2 and (out / "preview.png").is_file()
+    generate(GenerateConfig(cgan_run, out, n=100, batch_size=16, force=True, device="cpu", preview=True))
+    side = read_image_folder(out).size
+    grid = np.asarray(Image.open(out / "preview.png"))
+    assert grid.shape[0] == 8 * (side + 2) + 2  # 64 images in rows of 8, not every batch's first
 
 
 def test_generate_rejects_wrong_files(cgan_run, tmp_path):

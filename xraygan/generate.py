@@ -98,8 +98,9 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
                 name = f"synthetic-{run}-{start + b + i + 1:06d}.png"
                 save_png(folder / name, a)
                 written.append(name)
-            if cfg.preview and len(preview) < 64:
-                preview.append(x[: 64 - len(preview)].cpu())
+            shown = sum(len(p) for p in preview)
+            if cfg.preview and shown < 64:
+                preview.append(x[: 64 - shown].cpu())
             if progress:
                 progress("generate", b + k, cfg.n)
     digest = hashlib.sha256(Path(cfg.checkpoint).read_bytes()).hexdigest()
