@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +66,17 @@ def test_alpha_sets_fake_label_mix():
         fake_label_probs(("normal", "pneumonia"), "normal", 1.5)
     with pytest.raises(InputError, match="--healthy healthy"):
         fake_label_probs(("normal", "pneumonia"), "healthy", 0.5)
+
+
+def test_conditional_batches_pair_real_images_with_the_alpha_labels():
+    cfg = TrainGanConfig(data=Path("."), out=Path("."), conditional=True, alpha=0.25, device="cpu")
+    tr = GanTrainer(cfg, GanNetConfig(image_size=16, nz=4, ngf=4, ndf=4, num_classes=2),
+                    torch.device("cpu"), fake_label_probs(("normal", "pneumonia"), "normal", 0.25))
+    labels_of = torch.tensor([0] * 30 + [1] * 10)  # a 3:1 dataset
+    by_class = [torch.nonzero(labels_of == c).flatten() for c in range(2)]
+    idx, labels = tr.conditional_batch(by_class, 4000)
+    assert torch.equal(labels_of[idx], labels)  # every real image has the label drawn for it
+    assert abs((labels == 0).float().mean().item() - 0.25) < 0.03  # alpha, not the 3:1 data mix
 
 
 def test_diffaugment_is_differentiable_and_seeded():

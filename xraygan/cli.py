@@ -170,7 +170,8 @@ def train_gan(
     alpha: Annotated[float, typer.Option(
         help="cDCGAN: probability that a label drawn for a fake image during training is the "
              "healthy class (--healthy); the other classes share 1-alpha. Lower alpha trains "
-             "the generator and discriminator on more fake pneumonia images. The study tried "
+             "the generator and discriminator on more fake pneumonia images. Each step's real "
+             "batch is drawn with the same labels, so D compares like with like. The study tried "
              "0.25, 0.5 and 0.75 and found it trades sensitivity against specificity.")] = 0.5,
     healthy: Annotated[str, typer.Option(help="The healthy class alpha refers to.")] = "normal",
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 25,

@@ -142,16 +142,32 @@ class GanTrainer:
         self.rng_aug = make_generator(cfg.seed + 2)
         self.step_count = 0
 
+    def conditional_batch(self, by_class: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels drawn with the α mix, and for each label a real image of that class.
+
+        Real and fake batches then hold the same labels. Drawing real images in their dataset
+        proportions (3:1 normal) while fake labels follow α lets D tell the batches apart by
+        their label mix through batch norm: measured on the Kermany set at 32 px, D(G(z)) fell
+        to 0.01 within 100 steps at α = 0.5 and the generator collapsed; matched, it stayed
+        near 0.3-0.5. Real images are drawn with replacement, per class.
+        """
+        labels = torch.multinomial(self.label_probs, n, replacement=True, generator=self.rng_noise)
+        idx = torch.empty(n, dtype=torch.long)
+        for c, pool in enumerate(by_class):
+            sel = labels == c
+            k = int(sel.sum())
+            if k:
+                idx[sel] = pool[torch.randint(len(pool), (k,), generator=self.rng_data)]
+        return idx, labels
+
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.rng_aug, self.cfg.diffaugment) if self.cfg.diffaugment else x
 
     def step(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> dict[str, float]:
         n = real.shape[0]
         z = torch.randn(n, self.net.nz, generator=self.rng_noise).to(self.device)
-        fake_labels = None
-        if self.label_probs is not None:
-            fake_labels = torch.multinomial(self.label_probs, n, replacement=True,
-                                            generator=self.rng_noise).to(self.device)
+        # conditional: the fake batch carries exactly the real batch's labels (see conditional_batch)
+        fake_labels = real_labels
         ones = torch.ones(n, device=self.device)
         zeros = torch.zeros(n, device=self.device)
         with autocast(self.device, self.amp):
@@ -306,7 +322,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                        num_classes=len(classes) if cfg.conditional else 0)
     trainer = GanTrainer(cfg, net, device, probs)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")
-    y_all = torch.from_numpy(data.labels).to(device) if cfg.conditional else None
+    by_class = [torch.nonzero(torch.from_numpy(data.labels) == c).flatten() for c in range(len(classes))]
     n = len(x_all)
     steps_per_epoch = n // cfg.batch_size  # drop_last: batch norm sees full batches
     meta = {"classes": list(classes), "image_size": data.size, "conditional": cfg.conditional,
@@ -341,11 +357,16 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     rows: list[dict] = []
     try:
         while epoch < cfg.epochs:
-            if perm is None:
+            if perm is None and not cfg.conditional:
                 perm = torch.randperm(n, generator=trainer.rng_data)
             while batch < steps_per_epoch:
-                idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(device)
-                stats = trainer.step(x_all[idx], y_all[idx] if y_all is not None else None)
+                if cfg.conditional:
+                    idx, labels = trainer.conditional_batch(by_class, cfg.batch_size)
+                    idx, labels = idx.to(device), labels.to(device)
+                else:
+                    idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(device)
+                    labels = None
+                stats = trainer.step(x_all[idx], labels)
                 batch += 1
                 if not all(np.isfinite(v) for v in stats.values()):
                     raise TrainingError(
