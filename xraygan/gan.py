@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
