@@ -24,7 +24,7 @@ from xraygan import __version__
 from xraygan.checkpoint import (load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                                 save_checkpoint, state_dict_to_tensors, tensors_to_state_dict)
 from xraygan.errors import InputError, TrainingError
-from xraygan.fsutil import atomic_write_json, atomic_write_text, check_output_free, read_json
+from xraygan.fsutil import atomic_write_json, atomic_write_text, check_run_target
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
 from xraygan.runtime import autocast, autocast_dtype, make_generator, resolve_device
@@ -202,16 +202,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     if cfg.epochs < 1:
         raise InputError("--epochs must be at least 1")
     out = Path(cfg.out)
-    if cfg.resume:
-        if not (out / "state.safetensors").is_file():
-            raise InputError(f"{out / 'state.safetensors'}: nothing to resume (no state file)")
-        saved = read_json(out / "config.json")["train"]
-        changed = sorted(k for k in RESUME_KEYS if saved.get(k) != cfg.to_json()[k])
-        if changed:
-            raise InputError(f"{out / 'config.json'}: --resume with different {', '.join(changed)} "
-                             "than the run was started with")
-    else:
-        check_output_free(out, cfg.force)
+    check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS)
     device = resolve_device(cfg.device)
     train = read_image_folder(cfg.data)
     if len(train.classes) < 2:

@@ -55,6 +55,22 @@ def check_output_free(out: Path, force: bool) -> None:
         raise InputError(f"{out}: already exists and is not empty (use --force to replace it)")
 
 
+def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...]) -> None:
+    """Before training into `run`: with --resume there must be a state file and the options in
+    `must_match` must equal those in the run's config.json; without it, the folder must be free."""
+    run = Path(run)
+    if not resume:
+        check_output_free(run, force)
+        return
+    if not (run / "state.safetensors").is_file():
+        raise InputError(f"{run / 'state.safetensors'}: nothing to resume (no state file)")
+    saved = read_json(run / "config.json")["train"]
+    changed = sorted(k for k in must_match if saved.get(k) != asked[k])
+    if changed:
+        raise InputError(f"{run / 'config.json'}: --resume with different {', '.join(changed)} "
+                         "than the run was started with")
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary sibling name and rename it to `out` only on success.

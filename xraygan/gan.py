@@ -24,7 +24,7 @@ from xraygan import __version__
 from xraygan.checkpoint import (load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                                 save_checkpoint, state_dict_to_tensors, tensors_to_state_dict)
 from xraygan.errors import InputError, TrainingError
-from xraygan.fsutil import atomic_write_bytes, atomic_write_json, check_output_free, read_json
+from xraygan.fsutil import atomic_write_bytes, atomic_write_json, check_run_target
 from xraygan.gan_models import (SUPPORTED_SIZES, Discriminator, GanNetConfig, Generator,
                                 diff_augment, ema_update)
 from xraygan.images import ImageFolder, read_image_folder, save_png
@@ -62,6 +62,11 @@ class TrainGanConfig:
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+# Options that must match when a run is resumed (epochs may grow; device/precision may change).
+RESUME_KEYS = ("conditional", "cls", "alpha", "batch_size", "nz", "ngf", "ndf", "seed", "diffaugment",
+               "ema", "lr")
 
 
 def fake_label_probs(classes: tuple[str, ...], healthy: str, alpha: float) -> torch.Tensor:
@@ -301,17 +306,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
             if p not in ("color", "translation", "cutout"):
                 raise InputError(f"--diffaugment {cfg.diffaugment}: unknown policy '{p}' "
                                  "(use color, translation, cutout)")
-    if cfg.resume:
-        if not (run / "state.safetensors").is_file():
-            raise InputError(f"{run / 'state.safetensors'}: nothing to resume (no state file)")
-        saved = read_json(run / "config.json")["train"]
-        changed = {k for k in ("conditional", "cls", "alpha", "batch_size", "nz", "ngf", "ndf",
-                               "seed", "diffaugment", "ema", "lr") if saved.get(k) != cfg.to_json()[k]}
-        if changed:
-            raise InputError(f"{run / 'config.json'}: --resume with different {', '.join(sorted(changed))} "
-                             "than the run was started with")
-    else:
-        check_output_free(run, cfg.force)
+    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS)
     device = resolve_device(cfg.device)
     data, classes, label = load_training_set(cfg)
     asked = cfg.to_json()  # as given (e.g. diffaugment "auto"); --resume compares against this
