@@ -40,7 +40,8 @@ from PIL import Image
 from xraygan import __version__
 from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, staged_dir
-from xraygan.images import ImageFolder, read_image_folder
+from xraygan.images import ImageFolder, encode_png, read_image_folder
+from xraygan.plots import fig_png, pyplot
 
 SPACES = ("classifier", "pca")
 
@@ -383,37 +384,14 @@ def _quantiles(v: np.ndarray) -> dict:
 # --- pictures ----------------------------------------------------------------------------------
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _side_by_side(s: np.ndarray, r: np.ndarray) -> bytes:
     scale = max(1, 128 // s.shape[0])
     gap = np.full((s.shape[0], 2), 255, np.uint8)
-    return _png(np.kron(np.concatenate([s, gap, r], 1), np.ones((scale, scale), np.uint8)))
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _fig_png(fig) -> bytes:
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return encode_png(np.kron(np.concatenate([s, gap, r], 1), np.ones((scale, scale), np.uint8)))
 
 
 def _hist_png(s_sim: np.ndarray, r_sim: np.ndarray, thr: float, cls: str) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     lo = float(min(s_sim.min(), r_sim.min() if len(r_sim) else 1.0))
     bins = np.linspace(lo, 1.0, 40)
@@ -423,11 +401,11 @@ def _hist_png(s_sim: np.ndarray, r_sim: np.ndarray, thr: float, cls: str) -> byt
     ax.set(xlabel="pixel correlation with nearest training image", ylabel="density",
            title=f"memorisation check: {cls}")
     ax.legend(fontsize=7)
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 def _pairs_png(s_img: np.ndarray, r_img: np.ndarray, pairs: list, cls: str) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     n = max(1, len(pairs))
     fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
     for j in range(n):
@@ -441,7 +419,7 @@ def _pairs_png(s_img: np.ndarray, r_img: np.ndarray, pairs: list, cls: str) -> b
         axes[1, j].imshow(r_img[k], cmap="gray", vmin=0, vmax=255)
         axes[1, j].set_title("nearest real", fontsize=7)
     fig.suptitle(f"{cls}: the synthetic images closest to a training image", fontsize=9)
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 # --- the blinded review ------------------------------------------------------------------------
@@ -467,7 +445,7 @@ def write_review(out: Path, real: ImageFolder, synth: ImageFolder, n: int, seed:
         rid = f"IMG{k:03d}"
         key[rid] = {"truth": truth, "class": c, "file": str(folder.files[i])}
         big = Image.fromarray(folder.images[i]).resize((view, view), Image.BICUBIC)
-        atomic_write_bytes(out / "review" / "images" / f"{rid}.png", _png(np.asarray(big)))
+        atomic_write_bytes(out / "review" / "images" / f"{rid}.png", encode_png(np.asarray(big)))
         rows.append(rid)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -490,7 +468,7 @@ def write_review(out: Path, real: ImageFolder, synth: ImageFolder, n: int, seed:
 
 
 def _contact_sheet(items: list, ids: list[str]) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     cols = 8
     rows = -(-len(items) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.55 * rows), squeeze=False)
@@ -499,7 +477,7 @@ def _contact_sheet(items: list, ids: list[str]) -> bytes:
     for a, (truth, c, folder, i), rid in zip(axes.flat, items, ids):
         a.imshow(folder.images[i], cmap="gray", vmin=0, vmax=255)
         a.set_title(rid, fontsize=7)
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 def score_review(csv_path: Path, key_path: Path | None = None) -> dict:

@@ -219,19 +219,15 @@ def _write_predictions(path: Path, test: ImageFolder, y: np.ndarray, score: np.n
 def write_plots(out: Path, y: np.ndarray, score: np.ndarray, threshold: float, m: dict,
                 positive: str, title: str) -> dict[str, str]:
     """ROC, PR, confusion matrix and score histograms as PNGs; returns name → file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve, roc_curve
 
+    from xraygan.plots import fig_png, pyplot
+
+    plt = pyplot()
     files: dict[str, str] = {}
 
     def save(fig, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(out / name, buf.getvalue())
+        atomic_write_bytes(out / name, fig_png(fig))
         files[name.removesuffix(".png")] = name
 
     both = 0 < y.sum() < len(y)

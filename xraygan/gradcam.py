@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from xraygan import __version__
 from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_free, staged_dir
-from xraygan.images import ImageFolder, is_image_name, load_gray
+from xraygan.images import ImageFolder, encode_png, is_image_name, load_gray
 
 # The central chest region used when no masks are given: an ellipse centred at (cx, cy) with
 # semi-axes (rx, ry), in fractions of the image side. It is a crude proxy for the lung fields of a
@@ -167,14 +166,11 @@ def energy_share(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def overlay(gray: np.ndarray, cam: np.ndarray, scale: int) -> np.ndarray:
     """X-ray | CAM overlay side by side, RGB uint8, each upscaled `scale`×."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import colormaps
+    from xraygan.plots import colormap
 
     c = cam / cam.max() if cam.max() > 0 else cam
     g = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    heat = colormaps["jet"](c)[..., :3]
+    heat = colormap("jet")(c)[..., :3]
     mix = 0.55 * g + 0.45 * heat
     pair = np.concatenate([g, mix], axis=1)
     pair = np.kron(pair, np.ones((scale, scale, 1)))
@@ -261,7 +257,7 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
         for c, ix in picks.items():
             for i in ix:
                 atomic_write_bytes(tmp / c / f"{data.files[i].stem}.png",
-                                   _rgb_png(overlay(data.images[i], cams[i], scale)))
+                                   encode_png(overlay(data.images[i], cams[i], scale)))
         atomic_write_bytes(tmp / "grid.png", _grid_png(data, cams, probs, share, picks, classes, pos, label, name))
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -277,22 +273,13 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
     return rec
 
 
-def _rgb_png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _grid_png(data: ImageFolder, cams: np.ndarray, probs: np.ndarray, share: np.ndarray,
               picks: dict[str, list[int]], classes: tuple[str, ...], pos: int, label: str,
               layer: str) -> bytes:
     """One row per class of CAM overlays, each titled with prediction, score and lung share."""
-    import matplotlib
+    from xraygan.plots import colormap, fig_png, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import colormaps
-
+    plt = pyplot()
     cols = max(len(v) for v in picks.values())
     fig, axes = plt.subplots(len(classes), cols, figsize=(1.6 * cols, 1.9 * len(classes)), squeeze=False)
     for r, c in enumerate(classes):
@@ -304,14 +291,11 @@ def _grid_png(data: ImageFolder, cams: np.ndarray, probs: np.ndarray, share: np.
             i = picks[c][j]
             cam = cams[i] / cams[i].max() if cams[i].max() > 0 else cams[i]
             ax.imshow(data.images[i], cmap="gray", vmin=0, vmax=255)
-            ax.imshow(colormaps["jet"](cam), alpha=0.45)
+            ax.imshow(colormap("jet")(cam), alpha=0.45)
             p = int(probs[i].argmax())
             ok = "ok" if p == data.labels[i] else "WRONG"
             lung = "n/a" if np.isnan(share[i]) else f"{share[i]:.2f}"
             ax.set_title(f"{c} → {classes[p]} {ok}\nP={probs[i, pos]:.2f} lungs {lung}", fontsize=6.5,
                          color="black" if ok == "ok" else "red")
     fig.suptitle(f"Grad-CAM ({layer}): {label}", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig_png(fig, dpi=110)

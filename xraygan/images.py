@@ -120,8 +120,9 @@ def _reason(e: Exception) -> str:
 
 
 def encode_png(a: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 gray (H, W) or RGB (H, W, 3) array."""
     buf = io.BytesIO()
-    Image.fromarray(a, mode="L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
