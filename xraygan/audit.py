@@ -295,6 +295,7 @@ def audit(cfg: AuditConfig, progress=None) -> dict:
     flagged: dict[str, list[str]] = {}
     pairs: dict[str, list[tuple[int, int, float]]] = {}
     hists: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    sets: dict[str, tuple] = {}  # class → (synthetic images, real images, their files), for the outputs
     for ci, c in enumerate(synth.classes):
         if progress:
             progress("audit", ci, len(synth.classes))
@@ -303,6 +304,7 @@ def audit(cfg: AuditConfig, progress=None) -> dict:
         r_img, s_img = real.images[rmask], synth.images[smask]
         r_files = [f for f, m in zip(real.files, rmask) if m]
         s_files = [f for f, m in zip(synth.files, smask) if m]
+        sets[c] = (s_img, r_img, s_files, r_files)
         spaces: dict[str, dict] = {}
         space_feats = {"pca": pca_space(r_img, s_img, cfg.pca_components, cfg.seed)}
         if "classifier" in feats:
@@ -350,11 +352,7 @@ def audit(cfg: AuditConfig, progress=None) -> dict:
     }
     with staged_dir(Path(cfg.out), cfg.force) as tmp:
         plots = {}
-        for c in synth.classes:
-            s_files = [f for f, y in zip(synth.files, synth.labels) if synth.classes[y] == c]
-            r_files = [f for f, y in zip(real.files, real.labels) if real.classes[y] == c]
-            s_img = synth.images[synth.labels == synth.classes.index(c)]
-            r_img = real.images[real.labels == real.classes.index(c)]
+        for c, (s_img, r_img, s_files, r_files) in sets.items():
             for i, j, s in pairs[c][:len(flagged[c])]:
                 atomic_write_bytes(tmp / "flagged" / c / f"{s_files[i].stem}__{r_files[j].stem}.png",
                                    _side_by_side(s_img[i], r_img[j]))
