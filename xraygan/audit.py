@@ -39,7 +39,8 @@ from PIL import Image
 
 from xraygan import __version__
 from xraygan.errors import InputError
-from xraygan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, staged_dir
+from xraygan.fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_free,
+                            read_json, staged_dir)
 from xraygan.images import ImageFolder, encode_png, read_image_folder
 from xraygan.plots import fig_png, pyplot
 
@@ -259,7 +260,6 @@ def feature_classifier(cfg: AuditConfig, real: ImageFolder, device: torch.device
 
 def audit(cfg: AuditConfig, progress=None) -> dict:
     from xraygan.classifier import load_classifier
-    from xraygan.fsutil import check_output_free
     from xraygan.runtime import resolve_device
 
     t0 = time.perf_counter()

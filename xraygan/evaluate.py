@@ -24,7 +24,8 @@ import numpy as np
 
 from xraygan import __version__
 from xraygan.errors import InputError
-from xraygan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, staged_dir
+from xraygan.fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_free,
+                            read_json, staged_dir)
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
 
@@ -136,8 +137,6 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
 
     t0 = time.perf_counter()
     if cfg.report is not None:  # refuse before any work, not after it
-        from xraygan.fsutil import check_output_free
-
         check_output_free(Path(cfg.report), cfg.force)
     if cfg.threshold is not None and not 0.0 <= cfg.threshold <= 1.0:
         raise InputError(f"--threshold {cfg.threshold}: must be between 0 and 1")
@@ -150,14 +149,14 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     if positive not in classes:
         raise InputError(f"--positive {positive}: the model's classes are {', '.join(classes)}")
     pos = classes.index(positive)
-    test = _read_for_model(cfg.data, classes, int(meta["image_size"]), "test")
+    test = read_for_model(cfg.data, classes, int(meta["image_size"]), "test")
     if progress:
         progress("evaluate", 0, 3)
     score = _scores(model, test, pos, device, cfg.batch_size)
     y = test.labels == pos
     threshold, tuned = 0.5 if cfg.threshold is None else cfg.threshold, None
     if cfg.tune_on is not None:
-        val = _read_for_model(cfg.tune_on, classes, int(meta["image_size"]), "validation")
+        val = read_for_model(cfg.tune_on, classes, int(meta["image_size"]), "validation")
         threshold = tune_threshold(val.labels == pos, _scores(model, val, pos, device, cfg.batch_size),
                                    cfg.tune_for)
         tuned = {"on": str(cfg.tune_on), "for": cfg.tune_for, "n": len(val.labels)}
@@ -191,7 +190,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     return rec
 
 
-def _read_for_model(folder: Path, classes: tuple[str, ...], size: int, what: str) -> ImageFolder:
+def read_for_model(folder: Path, classes: tuple[str, ...], size: int, what: str) -> ImageFolder:
+    """Read an image folder for a trained model: unknown classes or another size is one clear line."""
     try:
         data = read_image_folder(folder, classes=classes)
     except InputError as e:

@@ -191,7 +191,7 @@ def pick(correct: np.ndarray, labels: np.ndarray, cls: int, n: int, rng: np.rand
 
 def gradcam(cfg: GradcamConfig, progress=None) -> dict:
     from xraygan.classifier import load_classifier, to_input
-    from xraygan.evaluate import _read_for_model, run_label
+    from xraygan.evaluate import read_for_model, run_label
     from xraygan.runtime import resolve_device
 
     t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
     model, meta = load_classifier(cfg.checkpoint, device)
     classes, size = tuple(meta["classes"]), int(meta["image_size"])
     pos = classes.index(meta.get("positive", classes[-1]))
-    data = _read_for_model(cfg.data, classes, size, "test")
+    data = read_for_model(cfg.data, classes, size, "test")
     masks = load_masks(cfg.masks, data) if cfg.masks else np.broadcast_to(chest_region(size), data.images.shape)
     name, layer, side = resolve_layer(model, cfg.layer, size, device)
     n_img = len(data.labels)
