@@ -4,10 +4,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import xray_like
-from xraygan.audit import (AuditConfig, audit, frechet_distance, kid, nearest_correlation, prdc,
-                           score_review)
+
+from xraygan.audit import AuditConfig, audit, frechet_distance, kid, nearest_correlation, prdc, score_review
 from xraygan.checkpoint import save_checkpoint
 from xraygan.errors import InputError
 from xraygan.images import save_png

@@ -6,9 +6,16 @@ import torch
 from safetensors.torch import save_file
 
 from xraygan.checkpoint import load_checkpoint
-from xraygan.classifier import (ClassifierNetConfig, TrainClassifierConfig, augment_batch,
-                                build_resnet18, class_weight_tensor, load_classifier,
-                                load_pretrained, train_classifier)
+from xraygan.classifier import (
+    ClassifierNetConfig,
+    TrainClassifierConfig,
+    augment_batch,
+    build_resnet18,
+    class_weight_tensor,
+    load_classifier,
+    load_pretrained,
+    train_classifier,
+)
 from xraygan.errors import InputError
 from xraygan.images import save_png
 from xraygan.metrics import binary_metrics

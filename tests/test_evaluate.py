@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from xraygan.checkpoint import save_checkpoint
-from xraygan.classifier import TrainClassifierConfig, build_resnet18, ClassifierNetConfig, train_classifier
+from xraygan.classifier import ClassifierNetConfig, TrainClassifierConfig, build_resnet18, train_classifier
 from xraygan.errors import InputError
-from xraygan.evaluate import (EvaluateConfig, bootstrap_ci, compare, evaluate, run_label,
-                              tune_threshold)
+from xraygan.evaluate import EvaluateConfig, bootstrap_ci, compare, evaluate, run_label, tune_threshold
 from xraygan.gradcam import GradCam, GradcamConfig, chest_region, energy_share, gradcam, pick
 from xraygan.images import save_png
 from xraygan.metrics import binary_metrics

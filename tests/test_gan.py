@@ -1,16 +1,19 @@
 import csv
 import json
+import os
+import random
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import make_folder
+from PIL import Image
 from safetensors.torch import load_file
 
 from xraygan.checkpoint import load_checkpoint, save_checkpoint
-from xraygan.errors import InputError, TrainingError
+from xraygan.errors import InputError, Interrupted, TrainingError
 from xraygan.gan import GanTrainer, TrainGanConfig, fake_label_probs, resolve_diffaugment, train_gan
 from xraygan.gan_models import Discriminator, GanNetConfig, Generator, diff_augment
 from xraygan.generate import GenerateConfig, generate
@@ -102,8 +105,9 @@ def test_train_outputs_and_minority_default(folder16, tmp_path):
     run = tmp_path / "run"
     assert res["label"] == "pneumonia" and res["steps"] == 2 * (12 // 8)
     for f in ("generator.safetensors", "discriminator.safetensors", "state.safetensors",
-              "config.json", "log.csv", "samples/epoch_0001.png", "samples/epoch_0002.png"):
+              "config.json", "log.csv", "samples/step_0000002.png"):
         assert (run / f).is_file(), f
+    assert len(list((run / "samples").iterdir())) == 1  # --sample-every 500: only the end
     rows = list(csv.DictReader(open(run / "log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert {"loss_d", "loss_g", "d_x", "d_g_z"} <= set(rows[0])
@@ -128,42 +132,66 @@ def test_resume_matches_uninterrupted_run(folder16, tmp_path):
     assert [r.split(",")[:6] for r in la] == [r.split(",")[:6] for r in lb]
 
 
-def test_resume_mid_epoch_after_interrupt(folder16, tmp_path, monkeypatch):
-    """Ctrl-C between steps saves the exact position; resuming matches a straight run."""
-    train_gan(tiny(folder16, tmp_path / "a", epochs=2, batch_size=4))
+@pytest.mark.parametrize("at", random.Random(7).sample(range(1, 9), 3))
+def test_resume_after_ctrl_c_at_a_random_step(folder16, tmp_path, monkeypatch, at):
+    """A real SIGINT arriving *inside* a step (the old divergence: D updated, G not) is deferred
+    to the step's end; the run saves there, and resuming matches a straight run bit for bit,
+    log included."""
+    kw = dict(epochs=3, batch_size=4, diffaugment="color,translation,cutout", log_every=2)
+    train_gan(tiny(folder16, tmp_path / "a", **kw))
     calls = {"n": 0}
     real_step = GanTrainer.step
 
     def interrupting(self, *a):
         calls["n"] += 1
-        if calls["n"] == 5:  # inside the second epoch (3 steps per epoch)
-            raise KeyboardInterrupt
+        if calls["n"] == at:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered mid-step, as a user's Ctrl-C is
         return real_step(self, *a)
 
     monkeypatch.setattr(GanTrainer, "step", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train_gan(tiny(folder16, tmp_path / "b", epochs=2, batch_size=4))
+    with pytest.raises(Interrupted, match=f"interrupted at step {at}; saved"):
+        train_gan(tiny(folder16, tmp_path / "b", **kw))
     monkeypatch.setattr(GanTrainer, "step", real_step)
-    train_gan(tiny(folder16, tmp_path / "b", epochs=2, batch_size=4, resume=True))
-    a = load_file(tmp_path / "a" / "generator.safetensors")
-    b = load_file(tmp_path / "b" / "generator.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    train_gan(tiny(folder16, tmp_path / "b", resume=True, **kw))
+    for f in ("generator.safetensors", "discriminator.safetensors"):
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    la = (tmp_path / "a" / "log.csv").read_text().splitlines()
+    lb = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[:6] for r in la] == [r.split(",")[:6] for r in lb]
 
 
-def test_nan_guard_keeps_last_good_checkpoint(folder16, tmp_path, monkeypatch):
+def test_save_cadence_and_nan_guard_with_deferred_reads(folder16, tmp_path, monkeypatch):
+    """--save-every 3, --log-every 2: a NaN planted at step 5 stops the run within 2 steps and
+    the checkpoint left is step 3's, the last one written (and checked) before the NaN."""
     run = tmp_path / "run"
-    train_gan(tiny(folder16, run, epochs=1))
-    before = (run / "generator.safetensors").read_bytes()
     real_step = GanTrainer.step
 
     def nan_step(self, *a):
         out = real_step(self, *a)
-        return {**out, "loss_d": float("nan")}
+        return out.clone().fill_(float("nan")) if self.step_count == 5 else out
 
     monkeypatch.setattr(GanTrainer, "step", nan_step)
-    with pytest.raises(TrainingError, match=r"loss is not finite.*last good checkpoint"):
-        train_gan(tiny(folder16, run, epochs=3, resume=True))
-    assert (run / "generator.safetensors").read_bytes() == before
+    with pytest.raises(TrainingError, match=r"step 5: loss is not finite.*last good checkpoint"):
+        train_gan(tiny(folder16, run, steps=9, batch_size=4, save_every=3, log_every=2))
+    _, meta = load_checkpoint(run / "state.safetensors", "gan-state")
+    assert meta["step"] == 3
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    monkeypatch.setattr(GanTrainer, "step", real_step)
+    train_gan(tiny(folder16, run, steps=9, batch_size=4, save_every=3, log_every=2, resume=True))
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "log.csv"))] == list(range(1, 10))
+
+
+def test_failure_before_first_checkpoint_leaves_nothing(folder16, tmp_path, monkeypatch):
+    real_step = GanTrainer.step
+    monkeypatch.setattr(GanTrainer, "step",
+                        lambda self, *a: real_step(self, *a).fill_(float("nan")))
+    with pytest.raises(TrainingError, match="No checkpoint had been written"):
+        train_gan(tiny(folder16, tmp_path / "r", steps=4, batch_size=4))
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setattr(GanTrainer, "step", real_step)
+    train_gan(tiny(folder16, tmp_path / "r", steps=2, batch_size=4))  # a plain rerun is accepted
 
 
 def test_input_errors_before_training(folder16, tmp_path, rng):
@@ -182,7 +210,7 @@ def test_input_errors_before_training(folder16, tmp_path, rng):
         train_gan(tiny(folder16, tmp_path / "r"))
     with pytest.raises(InputError, match="--resume with different alpha"):
         train_gan(tiny(folder16, tmp_path / "r", alpha=0.3, resume=True))
-    assert not (tmp_path / "r" / "samples" / "epoch_0002.png").exists()
+    assert len(list((tmp_path / "r" / "samples").iterdir())) == 1
 
 
 @pytest.fixture

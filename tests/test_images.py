@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xraygan.images import load_gray, make_square, read_image_folder, save_png, to_gray8
 from xraygan.errors import InputError
+from xraygan.images import load_gray, make_square, read_image_folder, save_png, to_gray8
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:

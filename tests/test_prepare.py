@@ -3,9 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_img, xray_like
 from PIL import Image
 
-from conftest import write_img, xray_like
 from xraygan.errors import InputError
 from xraygan.prepare import PrepareConfig, prepare
 from xraygan.sources import patient_id

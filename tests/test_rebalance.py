@@ -3,9 +3,8 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_folder
+from PIL import Image
 
 from xraygan.errors import InputError
 from xraygan.images import read_image_folder, save_png

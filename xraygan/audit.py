@@ -39,8 +39,14 @@ from PIL import Image
 
 from xraygan import __version__
 from xraygan.errors import InputError
-from xraygan.fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_free,
-                            read_json, staged_dir)
+from xraygan.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_free,
+    read_json,
+    staged_dir,
+)
 from xraygan.images import ImageFolder, encode_png, read_image_folder
 from xraygan.plots import fig_png, pyplot
 

@@ -21,8 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraygan import __version__
-from xraygan.checkpoint import (load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-                                save_checkpoint, state_dict_to_tensors, tensors_to_state_dict)
+from xraygan.checkpoint import (
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+    state_dict_to_tensors,
+    tensors_to_state_dict,
+)
 from xraygan.errors import InputError, TrainingError
 from xraygan.fsutil import atomic_write_json, atomic_write_text, check_run_target
 from xraygan.images import ImageFolder, read_image_folder

@@ -38,26 +38,69 @@ def _root(
         raise typer.Exit()
 
 
-def _run(fn: Callable[..., T], *args, **kwargs) -> T:
-    """Call library code; turn its errors into one clear line and an exit code."""
-    from xraygan.console import err
+def _run(fn: Callable[..., T], *args, progress: bool = False, **kwargs) -> T:
+    """Call library code; turn its errors into one clear line and an exit code.
+
+    With `progress`, the call gets a rich progress callback; the bar is stopped before any error
+    is printed, so the error is always the last line on stderr. Anything unexpected prints one
+    line and leaves its traceback in a log file, never on the terminal.
+    """
+    from xraygan.console import err, progress_bar
 
     try:
+        if progress:
+            with progress_bar() as cb:
+                return fn(*args, cb, **kwargs)
         return fn(*args, **kwargs)
     except XrayganError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: nothing half-written was left in place")
+        err.print("[bold red]interrupted[/]: outputs are written whole or not at all; "
+                  "nothing half-written was kept", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    except MemoryError:
+        err.print("[bold red]error:[/] out of memory (try a smaller --batch-size or --size)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - the promise: never a traceback on the terminal
+        log = _crash_log(e)
+        what = str(e).splitlines()[0] if str(e) else ""
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}{': ' + what if what else ''} "
+                  f"— please report; details in {log}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _crash_log(e: BaseException) -> str:
+    """Write the traceback to a log file in the temp folder (never beside the user's data)."""
+    import tempfile
+    import time
+    import traceback
+
+    from xraygan import __version__
+
+    text = (f"xraygan {__version__}; argv: {sys.argv}\n"
+            + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"xraygan-error-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                    suffix=".log")
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+    except OSError:
+        return "(the log could not be written)"
 
 
 def _run_with_progress(fn: Callable[..., T], cfg) -> T:
     """Run one library step under a rich progress bar (on stderr)."""
-    from xraygan.console import progress_bar
+    return _run(fn, cfg, progress=True)
 
-    with progress_bar() as cb:
-        return _run(fn, cfg, cb)
+
+def _warn(lines) -> None:
+    from xraygan.console import err
+
+    for w in lines or ():
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 def _emit_json(obj: dict) -> None:
@@ -167,14 +210,15 @@ def train_gan(
     cls: Annotated[Optional[str], typer.Option(
         "--class", help="DCGAN: the class to learn. cDCGAN: the default label to generate. "
                         "Default: the minority class.")] = None,
-    alpha: Annotated[float, typer.Option(
-        help="cDCGAN: probability that a label drawn for a fake image during training is the "
+    alpha: Annotated[Optional[float], typer.Option(
+        help="cDCGAN (default 0.5): probability that a label drawn for a fake image during training is the "
              "healthy class (--healthy); the other classes share 1-alpha. Lower alpha trains "
              "the generator and discriminator on more fake pneumonia images. Each step's real "
              "batch is drawn with the same labels, so D compares like with like. The study tried "
-             "0.25, 0.5 and 0.75 and found it trades sensitivity against specificity.")] = 0.5,
+             "0.25, 0.5 and 0.75 and found it trades sensitivity against specificity.")] = None,
     healthy: Annotated[str, typer.Option(help="The healthy class alpha refers to.")] = "normal",
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 25,
+    steps: Annotated[Optional[int], typer.Option(help="Total training steps (overrides --epochs).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate (both networks).")] = 2e-4,
     nz: Annotated[int, typer.Option(help="Noise dimensions.")] = 100,
@@ -190,9 +234,16 @@ def train_gan(
     precision: Annotated[str, typer.Option(
         help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory layout.")] = True,
+    save_every: Annotated[int, typer.Option(
+        help="Checkpoint every N steps (also every --save-seconds, at the end and on Ctrl-C).")] = 500,
+    save_seconds: Annotated[float, typer.Option(help="Checkpoint at least this often (seconds).")] = 60.0,
+    sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (and at the end).")] = 500,
+    log_every: Annotated[int, typer.Option(
+        help="Read the losses from the device every N steps: log rows, progress and the NaN "
+             "guard (a non-finite loss stops the run within N steps).")] = 20,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last "
-                                              "checkpoint (same options; --epochs may grow).")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+                                              "checkpoint (same options; --epochs/--steps may grow).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier train-gan run in --out.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a DCGAN on the minority class, or a conditional DCGAN (--conditional) on all.
@@ -206,11 +257,14 @@ def train_gan(
 
     cfg = TrainGanConfig(data=data, out=out, conditional=conditional,
                          cls=cls.lower() if cls else None, alpha=alpha, healthy=healthy.lower(),
-                         epochs=epochs, batch_size=batch_size, lr=lr, nz=nz, ngf=width,
+                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, nz=nz, ngf=width,
                          ndf=width, diffaugment="" if diffaugment == "none" else diffaugment,
                          ema=ema, seed=seed, device=device, precision=precision,
-                         channels_last=channels_last, resume=resume, force=force)
+                         channels_last=channels_last, save_every=save_every,
+                         save_seconds=save_seconds, sample_every=sample_every, log_every=log_every,
+                         resume=resume, force=force)
     res = _run_with_progress(run_train, cfg)
+    _warn(res["warnings"])
     err.print(f"trained {res['steps']} steps in {res['seconds']} s "
               f"({res['images_per_s']:.0f} img/s, {res['device']}, {res['precision']}); "
               f"generator: {res['generator']}; sample grids: {res['samples']}", highlight=False)
@@ -525,8 +579,9 @@ def audit(
     Example: xraygan audit --real data/train --synthetic synth --out audit
              xraygan audit --score-review audit/review/review.csv
     """
-    from xraygan.audit import AuditConfig, score_review as run_score
+    from xraygan.audit import AuditConfig
     from xraygan.audit import audit as run_audit
+    from xraygan.audit import score_review as run_score
     from xraygan.console import err
 
     if score_review is not None:

@@ -23,3 +23,41 @@ class TrainingError(XrayganError):
     """Work started but could not go on (for example a NaN loss)."""
 
     exit_code = 1
+
+
+class Interrupted(XrayganError):
+    """Ctrl-C: the message says what was kept and how to continue."""
+
+    exit_code = 130
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise InputError(message) unless `ok`: the one-line form of option checks."""
+    if not ok:
+        raise InputError(message)
+
+
+def check_int(option: str, value: int, minimum: int = 1) -> None:
+    require(value >= minimum, f"{option} {value}: must be at least {minimum}")
+
+
+def check_float(option: str, value: float, low: float | None = 0.0, high: float | None = None,
+                low_open: bool = True, high_open: bool = False) -> None:
+    """A finite number within (low, high] by default; say which end is open."""
+    import math
+
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = f"in {lo}, {hi}" if low is not None and high is not None else (
+            f"{'above' if low_open else 'at least'} {low:g}" if low is not None else f"at most {high:g}")
+        raise InputError(f"{option} {value}: must be a finite number {where}")
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    require(value in choices, f"{option} {value!r}: must be one of {', '.join(choices)}")

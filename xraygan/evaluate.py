@@ -24,8 +24,14 @@ import numpy as np
 
 from xraygan import __version__
 from xraygan.errors import InputError
-from xraygan.fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_free,
-                            read_json, staged_dir)
+from xraygan.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_free,
+    read_json,
+    staged_dir,
+)
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
 

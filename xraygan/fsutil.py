@@ -46,21 +46,97 @@ def read_json(path: Path) -> Any:
         raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
-def check_output_free(out: Path, force: bool) -> None:
-    """Refuse to replace an existing, non-empty output unless --force was given."""
+# The record each command leaves in its output folder, and the top-level entries it writes there.
+# `--force` replaces a folder only when it holds that record and nothing else (hidden files
+# aside): what a command did not write is never removed.
+OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "prepare": ("dataset.json", ("train", "val", "test")),
+    "train-gan": ("config.json", ("log.csv", "generator.safetensors", "discriminator.safetensors",
+                                  "state.safetensors", "samples")),
+    "train-classifier": ("config.json", ("log.csv", "classifier.safetensors", "state.safetensors",
+                                         "last.safetensors", "summary.json")),
+    "rebalance": ("rebalance.json", ("*",)),  # class folders, named by the data
+    "evaluate": ("metrics.json", ("report.md", "predictions.csv", "*.png")),
+    "compare": ("table.json", ("table.md", "table.csv")),
+    "gradcam": ("gradcam.json", ("cams.csv", "grid.png", "*")),
+    "audit": ("audit.json", ("report.md", "review", "review_key.json", "flagged", "*.png", "*.csv")),
+    "demo": ("demo.json", ("data", "gan", "synth", "runs", "balanced", "table", "*")),
+}
+# Files by which a folder is recognised as xraygan output (never read as raw data).
+RECORD_NAMES = ("dataset.json", "generation.json", "rebalance.json", "metrics.json", "gradcam.json",
+                "audit.json", "demo.json", "table.json", "config.json")
+
+
+def xraygan_record(folder: Path) -> Path | None:
+    """The xraygan record in `folder`, if it has one (config.json only when xraygan wrote it)."""
+    for name in RECORD_NAMES:
+        p = Path(folder) / name
+        if not p.is_file():
+            continue
+        if name != "config.json":
+            return p
+        try:
+            if "xraygan_version" in json.loads(p.read_text(encoding="utf-8")):
+                return p
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_output_free(out: Path, force: bool, command: str | None = None) -> None:
+    """Refuse to replace an existing, non-empty output unless --force was given, and with --force
+    unless the folder is what `command` itself wrote (its record, and nothing else)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise InputError(f"{out}: already exists and is not empty (use --force to replace it)")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not force:
+        raise InputError(f"{out}: already exists and is not empty (choose another --out, or "
+                         "--force to replace an earlier output of this command)")
+    if command is None:
+        return
+    record, allowed = OUTPUTS[command]
+    rec = out / record
+    if not rec.is_file() or (record == "config.json" and xraygan_record(out) is None):
+        raise InputError(f"{out}: not an output of xraygan {command} (no {record}); --force only "
+                         "replaces what this command wrote: choose another --out")
+    import fnmatch
+
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != record
+                     and not any(fnmatch.fnmatchcase(p.name, pat) for pat in allowed))
+    if foreign:
+        raise InputError(f"{out}: holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, "
+                         f"which xraygan {command} did not write; --force will not remove it")
 
 
-def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...]) -> None:
+def check_out_apart(out: Path, **inputs: Path | None) -> None:
+    """An output folder is never an input, inside one, or above one (so --force can never
+    remove, and a later run never reads, the data it was made from)."""
+    o = Path(out).resolve()
+    for name, p in inputs.items():
+        if p is None:
+            continue
+        i = Path(p).resolve()
+        opt = "--" + name.replace("_", "-")
+        if o == i:
+            raise InputError(f"{out}: the output folder is also the input ({opt}); choose another --out")
+        if i in o.parents:
+            raise InputError(f"{out}: the output folder lies inside the input {p} ({opt}); "
+                             "choose a folder outside it")
+        if o in i.parents:
+            raise InputError(f"{out}: the output folder contains the input {p} ({opt}); "
+                             "choose a folder beside it")
+
+
+def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...],
+                     command: str) -> None:
     """Before training into `run`: with --resume there must be a state file and the options in
-    `must_match` must equal those in the run's config.json; without it, the folder must be free."""
+    `must_match` must equal those in the run's config.json; without it, the folder must be free
+    (or, with --force, an earlier run of the same command)."""
     run = Path(run)
     if not resume:
-        check_output_free(run, force)
+        check_output_free(run, force, command)
         return
     if not (run / "state.safetensors").is_file():
         raise InputError(f"{run / 'state.safetensors'}: nothing to resume (no state file)")
@@ -72,14 +148,14 @@ def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_mat
 
 
 @contextlib.contextmanager
-def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def staged_dir(out: Path, force: bool = False, command: str | None = None) -> Iterator[Path]:
     """Build a folder under a temporary sibling name and rename it to `out` only on success.
 
     An interrupted run leaves at most a hidden `.NAME.partial-PID` sibling, never a
     half-written `out`; stale partial folders of earlier runs are removed first.
     """
     out = Path(out).absolute()
-    check_output_free(out, force)
+    check_output_free(out, force, command)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -97,3 +173,43 @@ def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def start_run_folder(run: Path, resume: bool, force: bool) -> bool:
+    """Make the run folder; an earlier run there (already checked to be this command's own by
+    `check_run_target`) is removed first with --force. Returns True when the folder is new, so
+    a run that fails before its first checkpoint can remove it again (`discard_new_run`)."""
+    run = Path(run)
+    if resume:
+        return False
+    if run.is_dir() and any(run.iterdir()):
+        if not force:  # checked before; a folder that appeared since is not ours to touch
+            raise InputError(f"{run}: already exists and is not empty")
+        old = run.parent / f".{run.name}.old-{os.getpid()}"
+        os.replace(run, old)
+        shutil.rmtree(old, ignore_errors=True)
+    existed = run.is_dir()
+    run.mkdir(parents=True, exist_ok=True)
+    return not existed
+
+
+def discard_new_run(run: Path, created: bool) -> None:
+    """Remove what a run that never reached its first checkpoint wrote (the folder itself too
+    when this invocation created it), so a plain rerun is accepted."""
+    run = Path(run)
+    if created:
+        shutil.rmtree(run, ignore_errors=True)
+    elif run.is_dir():
+        for p in run.iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def fingerprint_arrays(*arrays) -> str:
+    """sha256 (16 hex digits) of arrays' bytes and shapes: which data a run was trained on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(repr(getattr(a, "shape", None)).encode())
+        h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
+    return h.hexdigest()[:16]

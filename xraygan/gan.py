@@ -21,17 +21,56 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraygan import __version__
-from xraygan.checkpoint import (load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-                                save_checkpoint, state_dict_to_tensors, tensors_to_state_dict)
-from xraygan.errors import InputError, TrainingError
-from xraygan.fsutil import atomic_write_bytes, atomic_write_json, check_run_target
-from xraygan.gan_models import (SUPPORTED_SIZES, Discriminator, GanNetConfig, Generator,
-                                diff_augment, ema_update)
+from xraygan.checkpoint import (
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+    state_dict_to_tensors,
+    tensors_to_state_dict,
+)
+from xraygan.errors import (
+    InputError,
+    Interrupted,
+    TrainingError,
+    check_choice,
+    check_float,
+    check_int,
+    require,
+)
+from xraygan.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_out_apart,
+    check_run_target,
+    discard_new_run,
+    fingerprint_arrays,
+    read_json,
+    start_run_folder,
+)
+from xraygan.gan_models import (
+    DIFFAUG_POLICIES,
+    SUPPORTED_SIZES,
+    Discriminator,
+    GanNetConfig,
+    Generator,
+    apply_diff_augment,
+    diffaug_draw,
+    ema_update,
+)
 from xraygan.images import ImageFolder, read_image_folder, save_png
-from xraygan.runtime import autocast, autocast_dtype, make_generator, resolve_device
+from xraygan.runtime import (
+    DEVICES,
+    autocast,
+    autocast_dtype,
+    deferred_interrupt,
+    make_generator,
+    resolve_device,
+)
 
 Progress = Callable[..., None]
-LOG_FIELDS = ("step", "epoch", "loss_d", "loss_g", "d_x", "d_g_z", "seconds")
+STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z")
+LOG_FIELDS = ("step", "epoch", *STAT_NAMES, "seconds")
 
 
 @dataclass(frozen=True)
@@ -40,9 +79,10 @@ class TrainGanConfig:
     out: Path
     conditional: bool = False
     cls: str | None = None  # unconditional: the class to learn (default: the minority)
-    alpha: float = 0.5  # conditional: P(a drawn fake label is the healthy class)
+    alpha: float | None = None  # conditional: P(a drawn fake label is the healthy class); None = 0.5
     healthy: str = "normal"
     epochs: int = 25
+    steps: int | None = None  # total steps; overrides epochs
     batch_size: int = 64
     lr: float = 2e-4
     beta1: float = 0.5
@@ -56,12 +96,45 @@ class TrainGanConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16
     channels_last: bool = True
-    sample_every: int = 1  # epochs between sample grids
+    save_every: int = 500  # steps between checkpoints (also every save_seconds, at the end, on Ctrl-C)
+    save_seconds: float = 60.0
+    sample_every: int = 500  # steps between sample grids (and at the end)
+    log_every: int = 20  # steps between host reads of the losses: log rows, progress, NaN guard
     resume: bool = False
     force: bool = False
 
+    @property
+    def alpha_value(self) -> float:
+        return 0.5 if self.alpha is None else self.alpha
+
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        """Every option checked before any folder is made or any image read."""
+        check_int("--epochs", self.epochs)
+        if self.steps is not None:
+            check_int("--steps", self.steps)
+        check_int("--batch-size", self.batch_size, 2)
+        check_float("--lr", self.lr, 0.0, 1.0)
+        check_float("--beta1", self.beta1, 0.0, 1.0, low_open=False, high_open=True)
+        check_float("--beta2", self.beta2, 0.0, 1.0, low_open=False, high_open=True)
+        check_int("--nz", self.nz)
+        check_int("--width", self.ngf, 4) if self.ngf == self.ndf else (
+            check_int("--ngf", self.ngf, 4), check_int("--ndf", self.ndf, 4))
+        check_float("--alpha", self.alpha_value, 0.0, 1.0, low_open=False)
+        check_float("--ema", self.ema, 0.0, 1.0, low_open=False, high_open=True)
+        check_int("--save-every", self.save_every)
+        check_float("--save-seconds", self.save_seconds, 0.0)
+        check_int("--sample-every", self.sample_every)
+        check_int("--log-every", self.log_every)
+        check_choice("--device", self.device, DEVICES)
+        check_choice("--precision", self.precision, ("auto", "fp32", "bf16"))
+        if self.diffaugment and self.diffaugment != "auto":
+            for p in self.diffaugment.split(","):
+                require(p in DIFFAUG_POLICIES, f"--diffaugment {self.diffaugment}: unknown policy "
+                        f"'{p}' (use a comma list of color, translation, cutout; none; or auto)")
+        check_out_apart(self.out, data=self.data)
 
 
 # Options that must match when a run is resumed (epochs may grow; device/precision may change).
@@ -69,12 +142,12 @@ RESUME_KEYS = ("conditional", "cls", "alpha", "batch_size", "nz", "ngf", "ndf", 
                "ema", "lr")
 
 
+
 def fake_label_probs(classes: tuple[str, ...], healthy: str, alpha: float) -> torch.Tensor:
     """P(label) for fake images: α on the healthy class, 1−α spread over the others."""
     if healthy not in classes:
         raise InputError(f"--healthy {healthy}: no such class (classes: {', '.join(classes)})")
-    if not 0.0 <= alpha <= 1.0:
-        raise InputError(f"--alpha {alpha}: must be between 0 and 1")
+    check_float("--alpha", alpha, 0.0, 1.0, low_open=False)
     p = torch.full((len(classes),), (1.0 - alpha) / (len(classes) - 1), dtype=torch.float64)
     p[classes.index(healthy)] = alpha
     return p
@@ -164,20 +237,33 @@ class GanTrainer:
                 idx[sel] = pool[torch.randint(len(pool), (k,), generator=self.rng_data)]
         return idx, labels
 
-    def _aug(self, x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, self.rng_aug, self.cfg.diffaugment) if self.cfg.diffaugment else x
+    def _randoms(self, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A step's noise and DiffAugment numbers, drawn on the CPU from the seeded streams and
+        moved to the device in one transfer (small per-draw copies were a third of a GPU step)."""
+        z = torch.randn(n, self.net.nz, generator=self.rng_noise)
+        if not self.cfg.diffaugment:
+            return z.to(self.device), None
+        aug = diffaug_draw(3 * n, size, size, self.rng_aug, self.cfg.diffaugment)
+        both = torch.cat([z.flatten(), aug.flatten()]).to(self.device)
+        return both[: z.numel()].view_as(z), both[z.numel():].view_as(aug)
 
-    def step(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> dict[str, float]:
+    def step(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
+        """One D and one G update. Returns (loss_d, loss_g, D(x), D(G(z))) as a tensor on the
+        device: reading it forces a host sync, so the caller reads a batch of them at a time."""
         n = real.shape[0]
-        z = torch.randn(n, self.net.nz, generator=self.rng_noise).to(self.device)
+        z, aug = self._randoms(n, real.shape[-1])
+        policy = self.cfg.diffaugment
+
+        def see(x: torch.Tensor, k: int) -> torch.Tensor:  # what D sees: augmented alike
+            return apply_diff_augment(x, aug[k * n:(k + 1) * n], policy) if aug is not None else x
+
         # conditional: the fake batch carries exactly the real batch's labels (see conditional_batch)
         fake_labels = real_labels
-        ones = torch.ones(n, device=self.device)
-        zeros = torch.zeros(n, device=self.device)
+        ones, zeros = self._targets(n)
         with autocast(self.device, self.amp):
             fake = self.G(z, fake_labels)
-            d_real = self.D(self._aug(real), real_labels).float()
-            d_fake = self.D(self._aug(fake.detach()), fake_labels).float()
+            d_real = self.D(see(real, 0), real_labels).float()
+            d_fake = self.D(see(fake.detach(), 1), fake_labels).float()
             loss_d = (F.binary_cross_entropy_with_logits(d_real, ones)
                       + F.binary_cross_entropy_with_logits(d_fake, zeros))
         self.opt_d.zero_grad(set_to_none=True)
@@ -186,8 +272,7 @@ class GanTrainer:
         # G step: D's weights get no gradients (exactly the same update, less work)
         self.D.requires_grad_(False)
         with autocast(self.device, self.amp):
-            loss_g = F.binary_cross_entropy_with_logits(
-                self.D(self._aug(fake), fake_labels).float(), ones)
+            loss_g = F.binary_cross_entropy_with_logits(self.D(see(fake, 2), fake_labels).float(), ones)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -198,9 +283,15 @@ class GanTrainer:
             t = self.step_count
             ema_update(self.G_ema, self.G, min(self.cfg.ema, (1 + t) / (10 + t)))
         self.step_count += 1
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
-                "d_x": torch.sigmoid(d_real).mean().item(),
-                "d_g_z": torch.sigmoid(d_fake).mean().item()}
+        with torch.no_grad():
+            return torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(d_real).mean(),
+                                torch.sigmoid(d_fake).mean()])
+
+    def _targets(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "_tgt_n", None) != n:
+            self._tgt = (torch.ones(n, device=self.device), torch.zeros(n, device=self.device))
+            self._tgt_n = n
+        return self._tgt
 
     def sampler(self) -> nn.Module:
         return self.G_ema if self.G_ema is not None else self.G
@@ -296,22 +387,40 @@ def _truncate_log(run: Path, step: int) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def _warnings(cfg: TrainGanConfig, full_classes: tuple[str, ...], label: str) -> list[str]:
+    out = []
+    if cfg.alpha is not None and not cfg.conditional:
+        out.append("--alpha has no effect without --conditional (a DCGAN learns one class)")
+    if not cfg.conditional and cfg.cls is None and label == cfg.healthy:
+        out.append(f"the least frequent class in {cfg.data} is '{label}', the healthy class "
+                   f"(classes: {', '.join(full_classes)}): the GAN learns {label} images; "
+                   "give --class to choose")
+    return out
+
+
 def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
-    """Train (or resume) a GAN run; returns a summary dict."""
+    """Train (or resume) a GAN run; returns a summary dict.
+
+    Cadence is by steps: losses are read from the device every `log_every` steps (log rows,
+    progress and the NaN guard), checkpoints every `save_every` steps or `save_seconds`, at the
+    end and on Ctrl-C, sample grids every `sample_every` steps. A run that fails before its first
+    checkpoint leaves no folder behind.
+    """
+    cfg.validate()
     run = Path(cfg.out)
-    if cfg.epochs < 1 or cfg.batch_size < 2:
-        raise InputError("--epochs must be at least 1 and --batch-size at least 2")
-    if cfg.diffaugment and cfg.diffaugment != "auto":
-        for p in cfg.diffaugment.split(","):
-            if p not in ("color", "translation", "cutout"):
-                raise InputError(f"--diffaugment {cfg.diffaugment}: unknown policy '{p}' "
-                                 "(use color, translation, cutout)")
-    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS)
+    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-gan")
     device = resolve_device(cfg.device)
     data, classes, label = load_training_set(cfg)
+    fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
+    if cfg.resume:
+        saved = read_json(run / "config.json").get("data_fingerprint")
+        if saved is not None and saved != fingerprint:
+            raise InputError(f"{cfg.data}: --resume with different training images than "
+                             f"{run} was trained on (fingerprint {fingerprint} vs {saved})")
+    warnings = _warnings(cfg, read_classes(cfg.data), label)
     asked = cfg.to_json()  # as given (e.g. diffaugment "auto"); --resume compares against this
     cfg = replace(cfg, diffaugment=resolve_diffaugment(cfg.diffaugment, len(data.images)))
-    probs = fake_label_probs(classes, cfg.healthy, cfg.alpha) if cfg.conditional else None
+    probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
     net = GanNetConfig(image_size=data.size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
                        num_classes=len(classes) if cfg.conditional else 0)
     trainer = GanTrainer(cfg, net, device, probs)
@@ -319,8 +428,9 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     by_class = [torch.nonzero(torch.from_numpy(data.labels) == c).flatten() for c in range(len(classes))]
     n = len(x_all)
     steps_per_epoch = n // cfg.batch_size  # drop_last: batch norm sees full batches
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     meta = {"classes": list(classes), "image_size": data.size, "conditional": cfg.conditional,
-            "default_label": label, "alpha": cfg.alpha if cfg.conditional else None,
+            "default_label": label, "alpha": cfg.alpha_value if cfg.conditional else None,
             "healthy": cfg.healthy if cfg.conditional else None, "seed": cfg.seed,
             "run": run.name, "xraygan_version": __version__}
     fixed = make_generator(cfg.seed + 3)
@@ -334,66 +444,118 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         epoch, batch = int(smeta["epoch"]), int(smeta["batch"])
         perm = t["perm"] if t["perm"].numel() else None
         _truncate_log(run, trainer.step_count)
-    else:
-        run.mkdir(parents=True, exist_ok=True)
-        for stale in ("log.csv", "state.safetensors"):
-            (run / stale).unlink(missing_ok=True)
-        atomic_write_json(run / "config.json", {
-            "train": asked, "diffaugment": cfg.diffaugment, "net": net.to_dict(), "classes": list(classes),
-            "default_label": label, "counts": data.counts(), "device": str(device),
-            "autocast": str(trainer.amp) if trainer.amp else "fp32",
-            "xraygan_version": __version__, "torch_version": torch.__version__})
-    (run / "samples").mkdir(exist_ok=True)
+        if trainer.step_count >= total_steps:
+            raise InputError(f"{run}: already trained {trainer.step_count} steps; give a larger "
+                             "--steps or --epochs to continue")
+    created = start_run_folder(run, cfg.resume, cfg.force)
+    checkpointed = cfg.resume
     t_start = time.perf_counter()
     images_done = 0
-    total_steps = cfg.epochs * steps_per_epoch
     last: dict = {}
-    rows: list[dict] = []
+    pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, epoch, seconds, stats on device)
+
+    def flush() -> None:
+        """Read the pending losses in one host sync; log them; stop on a non-finite value."""
+        nonlocal last
+        if not pending:
+            return
+        vals = torch.stack([p[3] for p in pending]).float().cpu().numpy()
+        bad = ~np.isfinite(vals).all(axis=1)
+        rows = [{"step": st, "epoch": ep, **{k: f"{v:.6g}" for k, v in zip(STAT_NAMES, row)},
+                 "seconds": f"{sec:.3f}"} for (st, ep, sec, _), row in zip(pending, vals)]
+        if bad.any():
+            k = int(np.argmax(bad))
+            _append_log(run, rows[:k])
+            pending.clear()
+            raise TrainingError(
+                f"step {rows[k]['step']}: loss is not finite (loss_d {rows[k]['loss_d']}, "
+                f"loss_g {rows[k]['loss_g']}); stopped. "
+                + (f"The last good checkpoint is {run / 'generator.safetensors'}; "
+                   if checkpointed else "No checkpoint had been written, so the run folder was removed. ")
+                + "Try a lower --lr or --precision fp32")
+        _append_log(run, rows)
+        pending.clear()
+        last = dict(zip(STAT_NAMES, map(float, vals[-1])))
+        if progress:
+            progress("train-gan", trainer.step_count, total_steps,
+                     epoch=f"{epoch + 1}/{-(-total_steps // steps_per_epoch)}",
+                     loss_d=last["loss_d"], loss_g=last["loss_g"], images=images_done)
+
+    def save() -> None:
+        nonlocal checkpointed, last_save
+        flush()  # never checkpoint a state whose losses were not checked
+        _save(run, trainer, meta, epoch, batch,
+              perm if perm is not None else torch.zeros(0, dtype=torch.int64))
+        checkpointed, last_save = True, time.monotonic()
+
+    def grid() -> None:
+        save_png(run / "samples" / f"step_{trainer.step_count:07d}.png",
+                 image_grid(sample(trainer.sampler(), fixed_z, fixed_labels)))
+
+    last_save = time.monotonic()
+    in_step = False
     try:
-        while epoch < cfg.epochs:
-            if perm is None and not cfg.conditional:
-                perm = torch.randperm(n, generator=trainer.rng_data)
-            while batch < steps_per_epoch:
+        if not cfg.resume:
+            atomic_write_json(run / "config.json", {
+                "train": asked, "diffaugment": cfg.diffaugment, "net": net.to_dict(),
+                "classes": list(classes), "default_label": label, "counts": data.counts(),
+                "data_fingerprint": fingerprint, "steps": total_steps, "device": str(device),
+                "autocast": str(trainer.amp) if trainer.amp else "fp32", "warnings": warnings,
+                "xraygan_version": __version__, "torch_version": torch.__version__})
+        (run / "samples").mkdir(exist_ok=True)
+        with deferred_interrupt() as stop:
+            while trainer.step_count < total_steps:
+                if batch >= steps_per_epoch:
+                    epoch, batch, perm = epoch + 1, 0, None
+                if perm is None and not cfg.conditional:
+                    perm = torch.randperm(n, generator=trainer.rng_data)
                 if cfg.conditional:
                     idx, labels = trainer.conditional_batch(by_class, cfg.batch_size)
                     idx, labels = idx.to(device), labels.to(device)
                 else:
                     idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(device)
                     labels = None
+                in_step = True
                 stats = trainer.step(x_all[idx], labels)
                 batch += 1
-                if not all(np.isfinite(v) for v in stats.values()):
-                    raise TrainingError(
-                        f"step {trainer.step_count}: loss is not finite (loss_d {stats['loss_d']:.4g}, "
-                        f"loss_g {stats['loss_g']:.4g}); stopped. The last good checkpoint is "
-                        f"{run / 'generator.safetensors'}"
-                        + (f" (epoch {epoch})" if epoch else " (none: failed in the first epoch)")
-                        + ". Try a lower --lr or --precision fp32")
-                images_done += len(idx)
-                last = stats
-                rows.append({"step": trainer.step_count, "epoch": epoch + 1,
-                             **{k: f"{v:.6g}" for k, v in stats.items()},
-                             "seconds": f"{time.perf_counter() - t_start:.3f}"})
-                if progress:
-                    progress("train-gan", trainer.step_count, total_steps, epoch=f"{epoch + 1}/{cfg.epochs}",
-                             loss_d=stats["loss_d"], loss_g=stats["loss_g"], images=images_done)
-            _append_log(run, rows)
-            rows = []
-            epoch, batch, perm = epoch + 1, 0, None
-            if epoch % cfg.sample_every == 0 or epoch == cfg.epochs:
-                grid = image_grid(sample(trainer.sampler(), fixed_z, fixed_labels))
-                save_png(run / "samples" / f"epoch_{epoch:04d}.png", grid)
-            _save(run, trainer, meta, epoch, 0, torch.zeros(0, dtype=torch.int64))
+                in_step = False
+                images_done += cfg.batch_size
+                s = trainer.step_count
+                pending.append((s, epoch + 1, time.perf_counter() - t_start, stats))
+                end = s == total_steps
+                if len(pending) >= cfg.log_every or end or stop.requested:
+                    flush()
+                if end or stop.requested or s % cfg.save_every == 0 \
+                        or time.monotonic() - last_save >= cfg.save_seconds:
+                    save()
+                if end or s % cfg.sample_every == 0:
+                    grid()
+                if stop.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        _append_log(run, rows)
-        _save(run, trainer, meta, epoch, batch,
-              perm if perm is not None else torch.zeros(0, dtype=torch.int64))
+        if in_step:  # a second Ctrl-C inside a step: that state is half-updated, keep the last save
+            if not checkpointed:
+                discard_new_run(run, created)
+            raise Interrupted("interrupted inside a step; " + (
+                f"{run} keeps its last checkpoint: continue with --resume" if checkpointed
+                else f"nothing was checkpointed, so {run} was removed")) from None
+        save()
+        raise Interrupted(f"interrupted at step {trainer.step_count}; saved: continue with "
+                          f"xraygan train-gan ... --out {run} --resume") from None
+    except BaseException:
+        if not checkpointed:
+            discard_new_run(run, created)
         raise
     seconds = time.perf_counter() - t_start
-    return {"run": str(run), "epochs": cfg.epochs, "steps": trainer.step_count,
+    return {"run": str(run), "epochs": epoch + 1, "steps": trainer.step_count,
             "classes": list(classes), "label": label, "conditional": cfg.conditional,
             "images_per_s": images_done / seconds if seconds > 0 else None,
             "seconds": round(seconds, 1), "device": str(device),
             "precision": str(trainer.amp) if trainer.amp else "fp32", **last,
             "generator": str(run / "generator.safetensors"),
-            "samples": str(run / "samples")}
+            "samples": str(run / "samples"), "warnings": warnings}
+
+
+def read_classes(folder: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.name.lower() for p in Path(folder).iterdir() if p.is_dir()
+                        and not p.name.startswith(".")))

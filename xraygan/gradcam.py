@@ -23,7 +23,13 @@ from torch import nn
 
 from xraygan import __version__
 from xraygan.errors import InputError
-from xraygan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_free, staged_dir
+from xraygan.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_free,
+    staged_dir,
+)
 from xraygan.images import ImageFolder, encode_png, is_image_name, load_gray
 
 # The central chest region used when no masks are given: an ellipse centred at (cx, cy) with

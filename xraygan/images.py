@@ -81,6 +81,9 @@ def resize_gray(a: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS))
 
 
+MIN_SIDE = 8  # px: smaller images are skipped as unusable
+
+
 def load_gray(source: Path | bytes, size: int, square: str = "crop") -> np.ndarray:
     """Decode an image file to a `size`×`size` uint8 array.
 
@@ -107,6 +110,9 @@ def load_gray(source: Path | bytes, size: int, square: str = "crop") -> np.ndarr
         raise ValueError(_reason(e)) from None
     if a.ndim != 2 or min(a.shape) < 1:
         raise ValueError(f"unexpected image shape {a.shape}")
+    side = min(a.shape) if square == "crop" else max(a.shape)
+    if side < max(MIN_SIDE, size // 8):  # upscaled more than 8x it is a blur, not an X-ray
+        raise ValueError(f"too small ({a.shape[1]}x{a.shape[0]} px) to make a {size} px image")
     return resize_gray(make_square(a, square), size)
 
 

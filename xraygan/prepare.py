@@ -21,7 +21,7 @@ import numpy as np
 
 from xraygan import __version__
 from xraygan.errors import InputError
-from xraygan.fsutil import atomic_write_json, staged_dir
+from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, staged_dir
 from xraygan.images import SQUARE_MODES, encode_png, load_gray, make_square, resize_gray
 from xraygan.phantom import DEMO_NOTE
 from xraygan.sources import Item, Scan, scan_demo, scan_extra_normal, scan_folder_source, scan_medmnist
@@ -69,6 +69,18 @@ class PrepareConfig:
             raise InputError(f"--split {self.split}: three fractions that sum to 1")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.demo_count < 4:
+            raise InputError(f"--demo-count {self.demo_count}: must be at least 4")
+        if self.extra_normal_count is not None and self.extra_normal_count < 1:
+            raise InputError(f"--extra-normal-count {self.extra_normal_count}: must be at least 1")
+        if self.workers < 0:
+            raise InputError(f"--workers {self.workers}: must be 0 (one per core) or more")
+        if any(n < 0 for _, n in self.keep):
+            raise InputError("--keep: counts must not be negative")
+        # before anything is read: the output is never the source, inside it or above it, and
+        # --force replaces only an earlier prepare output
+        check_out_apart(self.out, src=self.src, medmnist=self.medmnist, extra_normal=self.extra_normal)
+        check_output_free(self.out, self.force, "prepare")
 
 
 def _decode_one(args: tuple[Path, int, str]) -> tuple[np.ndarray | None, str | None]:
@@ -308,7 +320,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
     counts = {s: {c: 0 for c in classes} for s in SPLITS}
     composition: dict[str, Counter] = defaultdict(Counter)
     total_out = sum(1 for s in split_of if s in SPLITS)
-    with staged_dir(cfg.out, cfg.force) as tmp:
+    with staged_dir(cfg.out, cfg.force, "prepare") as tmp:
         used: set[tuple[str, str, str]] = set()
         for s in SPLITS:
             for c in classes:

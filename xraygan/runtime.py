@@ -76,3 +76,36 @@ def make_generator(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+class StopRequest:
+    """Set by the first Ctrl-C; a training loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Within the block the first Ctrl-C only sets `.requested`, so the loop stops at a step
+    boundary and its saved state is consistent (a KeyboardInterrupt raised inside a step, after
+    D's update but before G's, made the resumed run diverge). A second Ctrl-C interrupts at once.
+    """
+    import signal
+    import threading
+
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, old)

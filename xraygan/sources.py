@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from xraygan.errors import InputError
+from xraygan.fsutil import RECORD_NAMES, xraygan_record
 from xraygan.images import is_ignored, is_image_name
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -65,11 +66,24 @@ class Scan:
     layout: str
 
 
+def _outputs_below(root: Path) -> list[Path]:
+    """Folders at or below `root` that carry an xraygan record: outputs, never raw data."""
+    return sorted(p.parent for name in RECORD_NAMES for p in root.rglob(name)
+                  if xraygan_record(p.parent) is not None)
+
+
 def _files(root: Path) -> tuple[list[Path], int, list[dict]]:
-    """Image files below root (recursive, sorted), ignored count, skipped non-images."""
+    """Image files below root (recursive, sorted), ignored count, skipped non-images. Folders
+    that hold an xraygan record (an earlier prepare, generate, ...) are passed over whole."""
     files, ignored, skipped = [], 0, []
+    if xraygan_record(root) is not None:
+        raise InputError(f"{root}: holds {xraygan_record(root).name}, an xraygan output, not raw data")
+    outputs = _outputs_below(root)
     for p in sorted(root.rglob("*")):
         if not p.is_file():
+            continue
+        if any(o in p.parents for o in outputs):
+            ignored += 1
             continue
         if is_ignored(p.relative_to(root)):
             ignored += 1
@@ -83,7 +97,8 @@ def _files(root: Path) -> tuple[list[Path], int, list[dict]]:
 
 
 def _subdirs(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_dir() and not is_ignored(Path(p.name)))
+    return sorted(p for p in d.iterdir() if p.is_dir() and not is_ignored(Path(p.name))
+                  and xraygan_record(p) is None)
 
 
 def _split_dirs(d: Path) -> dict[str, Path]:
@@ -103,6 +118,10 @@ def find_layout(src: Path) -> tuple[str, Path]:
         raise InputError(f"{src}: folder not found")
     if not src.is_dir():
         raise InputError(f"{src}: not a folder (give a folder of images, or --medmnist FILE.npz)")
+    rec = xraygan_record(src)
+    if rec is not None:
+        raise InputError(f"{src}: holds {rec.name}, so it is xraygan output, not raw data "
+                         "(give the original folder)")
     level = [src]
     for _ in range(3):
         for d in level:
@@ -172,7 +191,15 @@ def scan_medmnist(path: Path, class_names: tuple[str, ...] | None = None) -> Sca
     if not splits or any(f"{s}_labels" not in keys for s in splits):
         raise InputError(f"{path}: not a MedMNIST file (expected keys train_images, train_labels, "
                          f"...; found {', '.join(sorted(keys))})")
-    arrays = {s: (data[f"{s}_images"], data[f"{s}_labels"].reshape(-1)) for s in splits}
+    try:
+        arrays = {s: (data[f"{s}_images"], data[f"{s}_labels"].reshape(-1)) for s in splits}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:  # e.g. object arrays (pickles)
+        raise InputError(f"{path}: cannot read its arrays ({e})") from None
+    for s, (x, y) in arrays.items():
+        if y.dtype.kind not in "iu" or not len(y):
+            raise InputError(f"{path}: {s}_labels must be non-empty integers (found {y.dtype}, {len(y)} values)")
+        if y.min() < 0:
+            raise InputError(f"{path}: {s}_labels has negative labels")
     labels = sorted(set().union(*(set(np.unique(y).tolist()) for _, y in arrays.values())))
     if class_names is None:
         class_names = ("normal", "pneumonia") if labels == [0, 1] else tuple(
