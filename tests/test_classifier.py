@@ -16,7 +16,7 @@ from xraygan.classifier import (
     load_pretrained,
     train_classifier,
 )
-from xraygan.errors import InputError
+from xraygan.errors import InputError, Interrupted
 from xraygan.images import save_png
 from xraygan.metrics import binary_metrics
 
@@ -131,7 +131,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(split, tmp_path):
         if fig.get("epoch") == "2/3":
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="keeps its last finished epoch"):
         train_classifier(TrainClassifierConfig(out=tmp_path / "b", **kw), interrupt_in_epoch_2)
     assert len(list(csv.DictReader(open(tmp_path / "b" / "log.csv")))) == 1
     train_classifier(TrainClassifierConfig(out=tmp_path / "b", resume=True, **kw))

@@ -29,6 +29,8 @@ import hashlib
 import html
 import io
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +40,20 @@ import torch
 from PIL import Image
 
 from xraygan import __version__
-from xraygan.errors import InputError
+from xraygan.errors import InputError, check_choice, check_float, check_int
 from xraygan.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_out_apart,
     check_output_free,
     read_json,
+    record_header,
     staged_dir,
 )
 from xraygan.images import ImageFolder, encode_png, read_image_folder
 from xraygan.plots import fig_png, pyplot
+from xraygan.runtime import DEVICES
 
 SPACES = ("classifier", "pca")
 
@@ -66,7 +71,7 @@ class AuditConfig:
     copy_quantile: float = 0.99
     copy_threshold: float | None = None  # an absolute correlation instead of the quantile rule
     review: int = 40  # images in the blinded review sheet (half real, half synthetic); 0 = none
-    cache: Path | None = None  # default: $XRAYGAN_CACHE or ~/.cache/xraygan
+    cache: Path | None = None  # default: $XRAYGAN_CACHE, else no cache (nothing written outside --out)
     seed: int = 0
     device: str = "auto"
     batch_size: int = 256
@@ -192,11 +197,13 @@ def classifier_features(model: torch.nn.Module, images: np.ndarray, device: torc
     return torch.cat(out).numpy()
 
 
-def cache_dir(cfg: AuditConfig) -> Path:
+def cache_dir(cfg: AuditConfig) -> Path | None:
+    """The feature cache: opt-in (--cache or $XRAYGAN_CACHE), so by default nothing is written
+    outside --out."""
     if cfg.cache is not None:
         return Path(cfg.cache)
     env = os.environ.get("XRAYGAN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "xraygan"
+    return Path(env) if env else None
 
 
 def folder_key(folder: ImageFolder) -> str:
@@ -219,10 +226,13 @@ def file_sha(path: Path) -> str:
 class FeatureCache:
     """Classifier features per (folder contents, checkpoint), as .npy files in the cache folder."""
 
-    def __init__(self, root: Path):
-        self.root, self.hits, self.misses = Path(root), 0, 0
+    def __init__(self, root: Path | None):
+        self.root, self.hits, self.misses = (Path(root) if root else None), 0, 0
 
     def get(self, key: str, compute) -> np.ndarray:
+        if self.root is None:
+            self.misses += 1
+            return compute()
         path = self.root / f"features-{key}.npy"
         if path.is_file():
             try:
@@ -241,8 +251,8 @@ class FeatureCache:
         return arr
 
 
-def feature_classifier(cfg: AuditConfig, real: ImageFolder, device: torch.device, progress
-                       ) -> tuple[Path | None, str]:
+def feature_classifier(cfg: AuditConfig, real: ImageFolder, device: torch.device, progress,
+                       scratch: Path) -> tuple[Path | None, str]:
     """The checkpoint whose features are used, and a note on where it came from."""
     if cfg.classifier == "none":
         return None, "classifier space skipped (--classifier none)"
@@ -252,28 +262,48 @@ def feature_classifier(cfg: AuditConfig, real: ImageFolder, device: torch.device
         return None, "classifier space skipped: --real has one class, nothing to train a classifier on"
     from xraygan.classifier import TrainClassifierConfig, train_classifier
 
-    path = cache_dir(cfg) / f"audit-classifier-{folder_key(real)}-s{cfg.seed}" / "classifier.safetensors"
+    cache = cache_dir(cfg)
+    path = (cache or scratch) / f"audit-classifier-{folder_key(real)}-s{cfg.seed}" / "classifier.safetensors"
     if not path.is_file():
         train_classifier(TrainClassifierConfig(
             data=cfg.real, val=cfg.real, out=path.parent, epochs=3, patience=0, small_stem="no",
             seed=cfg.seed, device=cfg.device, force=True), progress)
-    return path, (f"a ResNet-18 trained here for 3 epochs on {cfg.real} (standard stem; cached "
-                  f"in {path.parent})")
+    return path, (f"a ResNet-18 trained here for 3 epochs on {cfg.real} (standard stem; saved as "
+                  f"{FEATURE_CLASSIFIER} in the audit folder" + (f", cached in {path.parent}" if cache else "")
+                  + ")")
+
+
+FEATURE_CLASSIFIER = "feature-classifier.safetensors"
 
 
 # --- the audit ---------------------------------------------------------------------------------
 
 
 def audit(cfg: AuditConfig, progress=None) -> dict:
+
+    t0 = time.perf_counter()
+    if not 0.5 <= cfg.copy_quantile < 1.0:
+        raise InputError(f"--copy-quantile {cfg.copy_quantile}: must be in [0.5, 1)")
+    check_int("--k", cfg.k)
+    check_int("--pca-components", cfg.pca_components)
+    check_int("--review", cfg.review, 0)
+    check_int("--batch-size", cfg.batch_size)
+    if cfg.copy_threshold is not None:
+        check_float("--copy-threshold", cfg.copy_threshold, -1.0, 1.0, low_open=False)
+    check_choice("--device", cfg.device, DEVICES)
+    clf = Path(cfg.classifier) if cfg.classifier not in ("auto", "none") else None
+    if clf is not None and not clf.is_file():
+        raise InputError(f"--classifier {clf}: file not found (or give auto or none)")
+    check_out_apart(cfg.out, real=cfg.real, synthetic=cfg.synthetic, classifier=clf, cache=cache_dir(cfg))
+    check_output_free(Path(cfg.out), cfg.force, "audit")
+    with tempfile.TemporaryDirectory(prefix="xraygan-audit-") as scratch:
+        return _audit(cfg, t0, Path(scratch), progress)
+
+
+def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
     from xraygan.classifier import load_classifier
     from xraygan.runtime import resolve_device
 
-    t0 = time.perf_counter()
-    check_output_free(Path(cfg.out), cfg.force)
-    if not 0.5 <= cfg.copy_quantile < 1.0:
-        raise InputError(f"--copy-quantile {cfg.copy_quantile}: must be in [0.5, 1)")
-    if cfg.k < 1:
-        raise InputError("--k must be at least 1")
     real = read_image_folder(cfg.real)
     synth = read_image_folder(cfg.synthetic)
     missing = [c for c in synth.classes if c not in real.classes]
@@ -284,7 +314,7 @@ def audit(cfg: AuditConfig, progress=None) -> dict:
         raise InputError(f"{cfg.synthetic}: images are {synth.size} px, the real images in "
                          f"{cfg.real} are {real.size} px")
     device = resolve_device(cfg.device)
-    ckpt, clf_note = feature_classifier(cfg, real, device, progress)
+    ckpt, clf_note = feature_classifier(cfg, real, device, progress, scratch)
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     cache = FeatureCache(cache_dir(cfg))
     if ckpt is not None:
@@ -349,14 +379,16 @@ def audit(cfg: AuditConfig, progress=None) -> dict:
             },
         }
     rec = {
-        "kind": "xraygan-audit", "format_version": 1, "real": str(cfg.real),
+        **record_header("audit"), "real": str(cfg.real),
         "synthetic": str(cfg.synthetic), "image_size": real.size,
-        "feature_classifier": str(ckpt) if ckpt else None, "feature_classifier_note": clf_note,
+        "feature_classifier": (FEATURE_CLASSIFIER if cfg.classifier == "auto" else str(ckpt)) if ckpt else None, "feature_classifier_note": clf_note,
         "k": cfg.k, "classes": classes, "flagged": flagged,
         "cache": {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
         "xraygan_version": __version__,
     }
-    with staged_dir(Path(cfg.out), cfg.force) as tmp:
+    with staged_dir(Path(cfg.out), cfg.force, "audit") as tmp:
+        if ckpt is not None and cfg.classifier == "auto":  # keep what the features came from
+            shutil.copyfile(ckpt, tmp / FEATURE_CLASSIFIER)
         plots = {}
         for c, (s_img, r_img, s_files, r_files) in sets.items():
             for i, j, s in pairs[c][:len(flagged[c])]:
@@ -500,28 +532,41 @@ def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
     aliases = {"real": "real", "r": "real", "synthetic": "synthetic", "synth": "synthetic",
                "s": "synthetic", "fake": "synthetic", "f": "synthetic"}
     answered, blank, qualities = [], 0, {"real": [], "synthetic": []}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "id" not in reader.fieldnames or "guess" not in reader.fieldnames:
-            raise InputError(f"{csv_path}: expected columns id, guess, quality, comment")
-        for line, row in enumerate(reader, 2):
-            rid = (row.get("id") or "").strip()
-            if rid not in items:
-                raise InputError(f"{csv_path}:{line}: unknown id '{rid}' (not in {key_path})")
-            g = (row.get("guess") or "").strip().lower()
-            if not g:
-                blank += 1
-                continue
-            if g not in aliases:
-                raise InputError(f"{csv_path}:{line}: guess '{g}' must be real or synthetic")
-            truth = items[rid]["truth"]
-            answered.append((truth, aliases[g]))
-            q = (row.get("quality") or "").strip()
-            if q:
-                try:
-                    qualities[truth].append(float(q))
-                except ValueError:
-                    raise InputError(f"{csv_path}:{line}: quality '{q}' is not a number") from None
+    try:  # utf-8-sig: a sheet saved by Excel starts with a byte-order mark
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{csv_path}: not UTF-8 text (byte {e.start}); save the sheet as "
+                         "CSV UTF-8") from None
+    if "\0" in text:
+        raise InputError(f"{csv_path}: not a text file")
+    seen: set[str] = set()
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or "id" not in reader.fieldnames or "guess" not in reader.fieldnames:
+        raise InputError(f"{csv_path}: expected columns id, guess, quality, comment")
+    for line, row in enumerate(reader, 2):
+        rid = (row.get("id") or "").strip()
+        if rid not in items:
+            raise InputError(f"{csv_path}:{line}: unknown id '{rid}' (not in {key_path})")
+        if rid in seen:
+            raise InputError(f"{csv_path}:{line}: id '{rid}' appears twice")
+        seen.add(rid)
+        g = (row.get("guess") or "").strip().lower()
+        if not g:
+            blank += 1
+            continue
+        if g not in aliases:
+            raise InputError(f"{csv_path}:{line}: guess '{g}' must be real or synthetic")
+        truth = items[rid]["truth"]
+        answered.append((truth, aliases[g]))
+        q = (row.get("quality") or "").strip()
+        if q:
+            try:
+                qv = float(q)
+            except ValueError:
+                raise InputError(f"{csv_path}:{line}: quality '{q}' is not a number") from None
+            if not 1 <= qv <= 5:
+                raise InputError(f"{csv_path}:{line}: quality {q} must be between 1 and 5")
+            qualities[truth].append(qv)
     if not answered:
         raise InputError(f"{csv_path}: no guesses filled in yet")
     correct = sum(t == g for t, g in answered)

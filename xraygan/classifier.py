@@ -29,11 +29,20 @@ from xraygan.checkpoint import (
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
-from xraygan.errors import InputError, TrainingError
-from xraygan.fsutil import atomic_write_json, atomic_write_text, check_run_target
+from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_float, check_int
+from xraygan.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    check_out_apart,
+    check_run_target,
+    discard_new_run,
+    fingerprint_arrays,
+    read_json,
+    start_run_folder,
+)
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
-from xraygan.runtime import autocast, autocast_dtype, make_generator, resolve_device
+from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator, resolve_device
 
 MEAN, STD = 0.5, 0.25  # fixed intensity normalisation of 8-bit X-rays to about zero mean
 
@@ -202,13 +211,27 @@ def _read_log(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def validate(cfg: TrainClassifierConfig) -> None:
+    """Every option checked before any folder is made or any image read."""
+    check_choice("--select", cfg.select, ("f1", "auc"))
+    check_int("--epochs", cfg.epochs)
+    check_int("--batch-size", cfg.batch_size, 2)  # batch norm cannot train on one image
+    check_float("--lr", cfg.lr, 0.0, 10.0)
+    check_float("--weight-decay", cfg.weight_decay, 0.0, low_open=False)
+    check_int("--patience", cfg.patience, 0)
+    check_choice("--class-weights", cfg.class_weights, ("none", "balanced"))
+    check_choice("--small-stem", cfg.small_stem, ("auto", "yes", "no"))
+    check_choice("--device", cfg.device, DEVICES)
+    check_choice("--precision", cfg.precision, ("auto", "fp32", "bf16"))
+    check_out_apart(cfg.out, data=cfg.data, val=cfg.val, weights=cfg.weights)
+
+
 def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] | None = None) -> dict:
-    if cfg.select not in ("f1", "auc"):
-        raise InputError(f"--select {cfg.select}: must be f1 or auc")
-    if cfg.epochs < 1:
-        raise InputError("--epochs must be at least 1")
+    """Train (or resume) a classifier run. A run that fails before its first epoch is saved
+    leaves no folder behind; Ctrl-C keeps the last finished epoch for --resume."""
+    validate(cfg)
     out = Path(cfg.out)
-    check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS)
+    check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-classifier")
     device = resolve_device(cfg.device)
     train = read_image_folder(cfg.data)
     if len(train.classes) < 2:
@@ -238,7 +261,31 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     x_all = torch.from_numpy(train.images).to(device)
     y_all = torch.from_numpy(train.labels).to(device)
     g = make_generator(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = fingerprint_arrays(train.images, train.labels, val.images, val.labels)
+    if cfg.resume:
+        saved = read_json(out / "config.json").get("data_fingerprint")
+        if saved is not None and saved != fingerprint:
+            raise InputError(f"{cfg.data}: --resume with different training or validation images "
+                             f"than {out} was trained on (fingerprint {fingerprint} vs {saved})")
+    created = start_run_folder(out, cfg.resume, cfg.force)
+    try:
+        return _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, x_all, y_all,
+                      loss_fn, weights, amp, cl, pos, fingerprint, progress)
+    except KeyboardInterrupt:
+        if not (out / "state.safetensors").is_file():
+            discard_new_run(out, created)
+            raise Interrupted(f"interrupted in the first epoch; nothing was saved, so {out} was "
+                              "removed") from None
+        raise Interrupted(f"interrupted; {out} keeps its last finished epoch: continue with "
+                          "--resume") from None
+    except BaseException:
+        if not (out / "state.safetensors").is_file():
+            discard_new_run(out, created)
+        raise
+
+
+def _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, x_all, y_all, loss_fn,
+           weights, amp, cl, pos, fingerprint, progress) -> dict:
     fields = ["epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
               "val_specificity", "lr", "images_per_s", "seconds"]
     log_rows: list[dict] = []
@@ -260,7 +307,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
             (out / stale_file).unlink(missing_ok=True)
     atomic_write_json(out / "config.json", {
         "train": cfg.to_json(), "net": net.to_dict(), "classes": list(train.classes),
-        "counts": train.counts(), "val_counts": val.counts(), "device": str(device),
+        "counts": train.counts(), "val_counts": val.counts(), "data_fingerprint": fingerprint,
+        "device": str(device),
         "precision": str(amp) if amp else "fp32", "class_weights": weights.tolist() if weights is not None else None,
         "pretrained_layers_not_loaded": not_loaded, "xraygan_version": __version__,
         "torch_version": torch.__version__})

@@ -9,11 +9,14 @@ not anything about medicine.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xraygan.fsutil import atomic_write_json, check_output_free
+from xraygan.errors import check_choice, check_int, require
+from xraygan.fsutil import atomic_write_json, check_output_free, record_header
+from xraygan.runtime import DEVICES
 
 ROWS = ("baseline", "oversample", "dcgan")
 
@@ -34,13 +37,24 @@ def demo(cfg: DemoConfig, progress=None) -> dict:
     from xraygan.classifier import TrainClassifierConfig, train_classifier
     from xraygan.evaluate import EvaluateConfig, compare, evaluate
     from xraygan.gan import TrainGanConfig, train_gan
+    from xraygan.gan_models import SUPPORTED_SIZES
     from xraygan.generate import GenerateConfig, generate
     from xraygan.gradcam import GradcamConfig, gradcam
     from xraygan.prepare import PrepareConfig, prepare
     from xraygan.rebalance import RebalanceConfig, rebalance
 
+    check_int("--count", cfg.count, 20)
+    require(cfg.size in SUPPORTED_SIZES, f"--size {cfg.size}: must be one of "
+            f"{', '.join(map(str, SUPPORTED_SIZES))}")
+    check_int("--gan-steps", cfg.gan_steps)
+    check_int("--clf-epochs", cfg.clf_epochs)
+    check_choice("--device", cfg.device, DEVICES)
     out = Path(cfg.out)
-    check_output_free(out, cfg.force)
+    check_output_free(out, cfg.force, "demo")
+    if cfg.force and out.is_dir():
+        shutil.rmtree(out)  # checked above: an earlier demo's folder and nothing else
+    # the record first, so an interrupted demo is still recognised (and replaced by --force)
+    atomic_write_json(out / "demo.json", {**record_header("demo"), "status": "running"})
     times: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -62,9 +76,8 @@ def demo(cfg: DemoConfig, progress=None) -> dict:
     counts = rec["counts"]["train"]
     need = counts["normal"] - counts["pneumonia"]
     batch = min(32, counts["pneumonia"])
-    epochs = max(1, -(-cfg.gan_steps * batch // counts["pneumonia"]))
     gan = timed("train-gan", train_gan, TrainGanConfig(
-        data=data / "train", out=gan_run, cls="pneumonia", epochs=epochs, batch_size=batch,
+        data=data / "train", out=gan_run, cls="pneumonia", steps=cfg.gan_steps, batch_size=batch,
         seed=cfg.seed, device=cfg.device, force=cfg.force), stage("dcgan"))
     timed("generate", generate, GenerateConfig(checkpoint=gan_run / "generator.safetensors",
                                                out=synth, n=need, label="pneumonia", seed=cfg.seed,
@@ -91,7 +104,7 @@ def demo(cfg: DemoConfig, progress=None) -> dict:
         runs[row] = str(run)
     table = compare([out / "runs" / r for r in ROWS], out / "table", force=cfg.force)
     summary = {
-        "out": str(out), "rows": list(ROWS), "train_counts": counts, "synthetic_images": need,
+        **record_header("demo"), "status": "done", "out": str(out), "rows": list(ROWS), "train_counts": counts, "synthetic_images": need,
         "gan": {"steps": gan["steps"], "images_per_s": gan["images_per_s"],
                 "samples": str(gan_run / "samples"), "preview": str(synth / "preview.png")},
         "reports": {r: f"{runs[r]}/report/report.md" for r in ROWS},

@@ -23,17 +23,20 @@ from pathlib import Path
 import numpy as np
 
 from xraygan import __version__
-from xraygan.errors import InputError
+from xraygan.errors import InputError, check_choice, check_float, check_int
 from xraygan.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_out_apart,
     check_output_free,
     read_json,
+    record_header,
     staged_dir,
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
+from xraygan.runtime import DEVICES
 
 CI_KEYS = ("precision", "recall", "specificity", "f1", "accuracy", "balanced_accuracy",
            "roc_auc", "pr_auc")
@@ -142,10 +145,15 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     from xraygan.runtime import resolve_device
 
     t0 = time.perf_counter()
+    check_int("--bootstrap", cfg.bootstrap, 0)
+    check_int("--batch-size", cfg.batch_size)
+    check_choice("--tune-for", cfg.tune_for, ("f1", "youden"))
+    check_choice("--device", cfg.device, DEVICES)
+    if cfg.threshold is not None:
+        check_float("--threshold", cfg.threshold, 0.0, 1.0, low_open=False)
     if cfg.report is not None:  # refuse before any work, not after it
-        check_output_free(Path(cfg.report), cfg.force)
-    if cfg.threshold is not None and not 0.0 <= cfg.threshold <= 1.0:
-        raise InputError(f"--threshold {cfg.threshold}: must be between 0 and 1")
+        check_out_apart(cfg.report, checkpoint=cfg.checkpoint, data=cfg.data, tune_on=cfg.tune_on)
+        check_output_free(Path(cfg.report), cfg.force, "evaluate")
     if cfg.threshold is not None and cfg.tune_on is not None:
         raise InputError("give either --threshold or --tune-on, not both")
     device = resolve_device(cfg.device)
@@ -173,7 +181,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     if progress:
         progress("evaluate", 2, 3)
     rec = {
-        "kind": "xraygan-metrics", "format_version": 1,
+        **record_header("metrics"),
         "label": cfg.label or run_label(cfg.checkpoint),
         "checkpoint": str(cfg.checkpoint), "test": str(cfg.data),
         "test_fingerprint": folder_fingerprint(test), "test_counts": test.counts(),
@@ -184,7 +192,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         "epoch": meta.get("epoch"), "xraygan_version": __version__,
     }
     if cfg.report is not None:
-        with staged_dir(Path(cfg.report), cfg.force) as tmp:
+        with staged_dir(Path(cfg.report), cfg.force, "evaluate") as tmp:
             atomic_write_json(tmp / "metrics.json", rec)
             _write_predictions(tmp / "predictions.csv", test, y, score, threshold)
             plots = write_plots(tmp, y, score, threshold, m, positive, rec["label"])
@@ -344,6 +352,9 @@ def _mean_std(v: list[float]) -> tuple[float, float | None]:
 
 def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> dict:
     """The study's table: one row per method label, mean ± std over its runs."""
+    if out is not None:
+        check_out_apart(out, **{f"input{i}": p for i, p in enumerate(paths)})
+        check_output_free(Path(out), force, "compare")
     metrics, cams = _collect(paths)
     groups: dict[str, list[dict]] = {}
     for _, d in metrics:
@@ -373,7 +384,7 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> 
     res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics),
            "markdown": table_markdown(rows, keys), "csv": table_csv(rows, keys)}
     if out is not None:
-        with staged_dir(Path(out), force) as tmp:
+        with staged_dir(Path(out), force, "compare") as tmp:
             atomic_write_text(tmp / "table.md", res["markdown"])
             atomic_write_text(tmp / "table.csv", res["csv"])
             atomic_write_json(tmp / "table.json", {k: res[k] for k in ("rows", "columns", "warnings",

@@ -59,7 +59,8 @@ OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "evaluate": ("metrics.json", ("report.md", "predictions.csv", "*.png")),
     "compare": ("table.json", ("table.md", "table.csv")),
     "gradcam": ("gradcam.json", ("cams.csv", "grid.png", "*")),
-    "audit": ("audit.json", ("report.md", "review", "review_key.json", "flagged", "*.png", "*.csv")),
+    "audit": ("audit.json", ("report.md", "review", "review_key.json", "flagged", "*.png", "*.csv",
+                              "*.safetensors")),
     "demo": ("demo.json", ("data", "gan", "synth", "runs", "balanced", "table", "*")),
 }
 # Files by which a folder is recognised as xraygan output (never read as raw data).
@@ -103,8 +104,11 @@ def check_output_free(out: Path, force: bool, command: str | None = None) -> Non
                          "replaces what this command wrote: choose another --out")
     import fnmatch
 
+    # outputs of other xraygan commands kept inside (a classifier run's report/ and cams/) are
+    # derived from what is replaced and go with it
     foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != record
-                     and not any(fnmatch.fnmatchcase(p.name, pat) for pat in allowed))
+                     and not any(fnmatch.fnmatchcase(p.name, pat) for pat in allowed)
+                     and not (p.is_dir() and xraygan_record(p) is not None))
     if foreign:
         raise InputError(f"{out}: holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, "
                          f"which xraygan {command} did not write; --force will not remove it")
@@ -213,3 +217,23 @@ def fingerprint_arrays(*arrays) -> str:
         h.update(repr(getattr(a, "shape", None)).encode())
         h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
     return h.hexdigest()[:16]
+
+
+def record_header(kind: str) -> dict:
+    """The one header every JSON record starts with (DESIGN.md): kind, format_version,
+    xraygan_version."""
+    from xraygan import __version__
+
+    return {"kind": f"xraygan-{kind}", "format_version": 1, "xraygan_version": __version__}
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | tuple[str, ...]) -> None:
+    """Write rows as a CSV file atomically (header first; missing fields left empty)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

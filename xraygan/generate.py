@@ -8,6 +8,7 @@ give the same files, and `--append` continues the sequence instead of repeating 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -18,12 +19,12 @@ import torch
 
 from xraygan import __version__
 from xraygan.checkpoint import load_checkpoint
-from xraygan.errors import InputError
-from xraygan.fsutil import atomic_write_json, read_json
+from xraygan.errors import InputError, check_choice, check_int
+from xraygan.fsutil import atomic_write_json, check_out_apart, read_json, record_header
 from xraygan.gan import image_grid
 from xraygan.gan_models import GanNetConfig, Generator
 from xraygan.images import save_png
-from xraygan.runtime import make_generator, resolve_device
+from xraygan.runtime import DEVICES, make_generator, resolve_device
 
 NAME_RE = re.compile(r"^synthetic-(?P<run>.+)-(?P<idx>\d{6,})\.png$")
 
@@ -58,11 +59,103 @@ def _noise(seed: int, start: int, count: int, nz: int) -> torch.Tensor:
                         for i in range(count)])
 
 
+RECORD = "generation.json"
+
+
+def listed_files(record: dict) -> dict[str, set[str]]:
+    """Per label, the file names the record says generate wrote (finished or not)."""
+    out: dict[str, set[str]] = {}
+    for r in record.get("runs", []):
+        if "run_name" in r:
+            names = {f"synthetic-{r['run_name']}-{i:06d}.png"
+                     for i in range(r["first_index"], r["first_index"] + r["count"])}
+        else:  # records of xraygan 0.1 did not name the run: its files carry the run's name
+            names = {f"synthetic-{m['run']}-{i:06d}.png"
+                     for f in (Path(record.get("_folder", ".")) / r["label"]).glob("synthetic-*.png")
+                     if (m := NAME_RE.match(f.name))
+                     for i in range(r["first_index"], r["first_index"] + r["count"])}
+        out.setdefault(r["label"], set()).update(names)
+    return out
+
+
+def read_record(out: Path) -> dict | None:
+    """OUT/generation.json, or None when OUT is new or empty. A folder holding anything
+    generate did not write is refused: synthetic images never mix with other files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    visible = sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if not visible:
+        return None
+    path = out / RECORD
+    if not path.is_file():
+        raise InputError(f"{out}: holds files that xraygan generate did not write (no {RECORD}); "
+                         "give a new or empty --out")
+    rec = read_json(path)
+    if not isinstance(rec, dict) or not isinstance(rec.get("runs"), list):
+        raise InputError(f"{path}: not a generate record")
+    rec["_folder"] = str(out)
+    listed = listed_files(rec)
+    for p in visible:
+        if p.name in (RECORD, "preview.png"):
+            continue
+        if not p.is_dir() or p.name not in listed:
+            raise InputError(f"{p}: not written by xraygan generate; it will not write beside it "
+                             "(give a new or empty --out)")
+        foreign = sorted(f.name for f in p.iterdir() if not f.name.startswith(".")
+                         and f.name not in listed[p.name])
+        if foreign:
+            raise InputError(f"{p / foreign[0]}: not listed in {path} ({len(foreign)} such file(s)); "
+                             "generate only writes into folders that hold its own images")
+    return rec
+
+
+def check_complete(folder: Path) -> dict | None:
+    """For readers (rebalance): the record of a finished generate, or None for a folder without
+    one (synthetic images made elsewhere). An interrupted generate is refused."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    rec = read_json(path)
+    rec["_folder"] = str(folder)
+    unfinished = [r for r in rec.get("runs", []) if r.get("status", "done") != "done"]
+    if unfinished:
+        raise InputError(f"{path}: a generate run did not finish (run {unfinished[0].get('status')}); "
+                         f"rerun xraygan generate with --force --out {folder}")
+    for label, names in listed_files(rec).items():
+        have = {p.name for p in (Path(folder) / label).glob("synthetic-*.png")}
+        if names and have != names:
+            raise InputError(f"{Path(folder) / label}: holds {len(have)} synthetic images but "
+                             f"{path} lists {len(names)}; rerun generate with --force")
+    return rec
+
+
+def _write_record(out: Path, runs: list[dict], cfg: GenerateConfig) -> None:
+    counts: dict[str, int] = {}
+    for r in runs:
+        if r.get("status", "done") == "done":
+            counts[r["label"]] = counts.get(r["label"], 0) + r["count"]
+    atomic_write_json(Path(out) / RECORD, {
+        **record_header("synthetic-images"),
+        "note": "synthetic images made by a GAN; not real patients",
+        "counts": counts, "total": sum(counts.values()),
+        "label": next(iter(counts)) if len(counts) == 1 else None, "runs": runs,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}})
+
+
 def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -> dict:
-    if cfg.n < 1:
-        raise InputError(f"-n {cfg.n}: must be at least 1")
+    """Images are written into a hidden staging folder inside OUT and moved into OUT/<label>/
+    only when all are made; the record marks a run 'writing' until the move is over, so an
+    interrupted generate is never mistaken for a complete one, and --force (which removes only
+    the files the record lists) can always clean up."""
+    check_int("-n", cfg.n)
+    check_int("--batch-size", cfg.batch_size)
+    check_choice("--device", cfg.device, DEVICES)
     if cfg.append and cfg.force:
         raise InputError("give --append or --force, not both")
+    check_out_apart(cfg.out, checkpoint=cfg.checkpoint)
+    out = Path(cfg.out)
+    rec = read_record(out)
     device = resolve_device(cfg.device)
     G, meta = load_generator(cfg.checkpoint, device)
     classes = meta["classes"]
@@ -70,52 +163,84 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     if label not in classes:
         raise InputError(f"--label {label}: the generator knows only {', '.join(classes)}")
     run = re.sub(r"[^A-Za-z0-9_.]+", "_", str(meta.get("run") or "gan")).strip("_") or "gan"
-    folder = Path(cfg.out) / label
-    existing = sorted(folder.glob("synthetic-*.png")) if folder.is_dir() else []
+    folder = out / label
+    old_runs = rec["runs"] if rec else []
+    for r in old_runs:  # name the run in records of xraygan 0.1
+        if "run_name" not in r:
+            r["run_name"] = next((m["run"] for f in (out / r["label"]).glob("synthetic-*.png")
+                                  if (m := NAME_RE.match(f.name))), run)
     start = 0
-    if existing:
+    if rec is not None:
+        mine = [r for r in old_runs if r["label"] == label]
         if cfg.append:
-            start = max(int(m["idx"]) for p in existing if (m := NAME_RE.match(p.name))) 
-        elif cfg.force:
-            shutil.rmtree(folder)
-        else:
-            raise InputError(f"{folder}: already holds {len(existing)} synthetic images "
+            check_complete(out)
+            start = max((r["first_index"] + r["count"] - 1 for r in mine if r.get("run_name") == run),
+                        default=0)
+        elif not cfg.force:
+            n_old = sum(r["count"] for r in old_runs)
+            raise InputError(f"{out}: already holds {n_old} synthetic images from xraygan generate "
                              "(use --append to add more, or --force to replace them)")
-    folder.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".generate.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = out / f".generate.partial-{os.getpid()}"
+    stage.mkdir()
     label_idx = classes.index(label)
     nz = G.cfg.nz
     written: list[str] = []
     preview = []
-    with torch.no_grad():
-        for b in range(0, cfg.n, cfg.batch_size):
-            k = min(cfg.batch_size, cfg.n - b)
-            z = _noise(cfg.seed, start + b, k, nz).to(device)
-            labels = torch.full((k,), label_idx, device=device) if G.cfg.num_classes else None
-            x = G(z, labels).float()
-            imgs = ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-            for i, a in enumerate(imgs):
-                name = f"synthetic-{run}-{start + b + i + 1:06d}.png"
-                save_png(folder / name, a)
-                written.append(name)
-            shown = sum(len(p) for p in preview)
-            if cfg.preview and shown < 64:
-                preview.append(x[: 64 - shown].cpu())
-            if progress:
-                progress("generate", b + k, cfg.n)
+    try:
+        with torch.no_grad():
+            for b in range(0, cfg.n, cfg.batch_size):
+                k = min(cfg.batch_size, cfg.n - b)
+                z = _noise(cfg.seed, start + b, k, nz).to(device)
+                labels = torch.full((k,), label_idx, device=device) if G.cfg.num_classes else None
+                x = G(z, labels).float()
+                imgs = ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+                for i, a in enumerate(imgs):
+                    name = f"synthetic-{run}-{start + b + i + 1:06d}.png"
+                    save_png(stage / name, a)
+                    written.append(name)
+                shown = sum(len(p) for p in preview)
+                if cfg.preview and shown < 64:
+                    preview.append(x[: 64 - shown].cpu())
+                if progress:
+                    progress("generate", b + k, cfg.n)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     digest = hashlib.sha256(Path(cfg.checkpoint).read_bytes()).hexdigest()
-    record_path = Path(cfg.out) / "generation.json"
-    runs = read_json(record_path)["runs"] if (cfg.append and record_path.exists()) else []
-    runs.append({"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": digest,
-                 "seed": cfg.seed, "count": cfg.n, "label": label, "first_index": start + 1,
-                 "image_size": meta["image_size"], "conditional": meta["conditional"],
-                 "generator_epoch": meta.get("epoch"), "generator_step": meta.get("step"),
-                 "xraygan_version": __version__})
-    record = {"format": "xraygan-synthetic", "version": 1,
-              "note": "synthetic images made by a GAN; not real patients",
-              "label": label, "total": start + cfg.n, "runs": runs,
-              "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
-    atomic_write_json(record_path, record)
+    new = {"run_name": run, "checkpoint": str(cfg.checkpoint), "checkpoint_sha256": digest,
+           "seed": cfg.seed, "count": cfg.n, "label": label, "first_index": start + 1,
+           "image_size": meta["image_size"], "conditional": meta["conditional"],
+           "generator_epoch": meta.get("epoch"), "generator_step": meta.get("step"),
+           "xraygan_version": __version__}
+    replacing = cfg.force and rec is not None
+    # 1. the record lists everything that may be on disk while files move
+    kept = [] if replacing else old_runs
+    _write_record(out, [*([{**r, "status": "removing"} for r in old_runs] if replacing else kept),
+                        {**new, "status": "writing"}], cfg)
+    # 2. --force: remove only the files the old record lists
+    if replacing:
+        for lab, names in listed_files(rec).items():
+            for name in names:
+                (out / lab / name).unlink(missing_ok=True)
+        (out / "preview.png").unlink(missing_ok=True)
+    # 3. move the new images in, then mark the run done
+    folder.mkdir(exist_ok=True)
+    for name in written:
+        os.replace(stage / name, folder / name)
+    shutil.rmtree(stage, ignore_errors=True)
+    if replacing:
+        for lab in listed_files(rec):
+            d = out / lab
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    _write_record(out, [*kept, {**new, "status": "done"}], cfg)
     if cfg.preview:
-        save_png(Path(cfg.out) / "preview.png", image_grid(torch.cat(preview)))
-    return {"out": str(cfg.out), "folder": str(folder), "label": label, "count": cfg.n,
+        save_png(out / "preview.png", image_grid(torch.cat(preview)))
+    return {"out": str(out), "folder": str(folder), "label": label, "count": cfg.n,
             "first": written[0], "last": written[-1], "checkpoint_sha256": digest}

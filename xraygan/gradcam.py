@@ -27,7 +27,9 @@ from xraygan.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_out_apart,
     check_output_free,
+    record_header,
     staged_dir,
 )
 from xraygan.images import ImageFolder, encode_png, is_image_name, load_gray
@@ -117,12 +119,26 @@ def resolve_layer(model: nn.Module, name: str, image_size: int, device: torch.de
     sizes = layer_sizes(model, image_size, device)
     if name == "auto":
         name = next((n for n in ("layer4", "layer3", "layer2", "layer1") if sizes[n] >= 4), "layer1")
+    if not name.strip():
+        raise InputError("--layer '': give a layer name such as layer4, layer3 or layer4.1.conv2")
     try:
         layer = model.get_submodule(name)
     except AttributeError:
         raise InputError(f"--layer {name}: no such layer (try layer4, layer3, layer4.1.conv2, ...)") from None
-    side = sizes.get(name.split(".")[0], 0)
-    return name, layer, side
+    shape: list = []
+    h = layer.register_forward_hook(lambda m, i, o: shape.append(tuple(getattr(o, "shape", ()))))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, image_size, image_size, device=device))
+    finally:
+        h.remove()
+    if not shape or len(shape[0]) != 4:
+        raise InputError(f"--layer {name}: its output is not a feature map (shape {shape[0] if shape else 'none'}); "
+                         "Grad-CAM needs a convolutional layer such as layer4 or layer3")
+    if min(shape[0][-2:]) < 2:
+        raise InputError(f"--layer {name}: its map is {shape[0][-2]}x{shape[0][-1]} at {image_size} px, "
+                         "where a CAM is a constant; choose an earlier layer (e.g. layer3)")
+    return name, layer, int(shape[0][-1])
 
 
 def chest_region(size: int) -> np.ndarray:
@@ -202,10 +218,13 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
 
     t0 = time.perf_counter()
     if cfg.n < 1:
-        raise InputError("-n must be at least 1")
+        raise InputError(f"-n {cfg.n}: must be at least 1")
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size {cfg.batch_size}: must be at least 1")
     if cfg.target not in ("predicted", "true", "positive"):
         raise InputError(f"--target {cfg.target}: must be predicted, true or positive")
-    check_output_free(Path(cfg.out), cfg.force)
+    check_out_apart(cfg.out, checkpoint=cfg.checkpoint, data=cfg.data, masks=cfg.masks)
+    check_output_free(Path(cfg.out), cfg.force, "gradcam")
     device = resolve_device(cfg.device)
     model, meta = load_classifier(cfg.checkpoint, device)
     classes, size = tuple(meta["classes"]), int(meta["image_size"])
@@ -246,7 +265,7 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
         per_class[c] = {**stats(sel), "correct": stats(sel & correct), "misclassified": stats(sel & ~correct)}
     valid = share[~np.isnan(share)]
     rec = {
-        "kind": "xraygan-gradcam", "format_version": 1, "label": label,
+        **record_header("gradcam"), "label": label,
         "checkpoint": str(cfg.checkpoint), "test": str(cfg.data), "layer": name,
         "layer_map_size": side, "target": cfg.target,
         "region": f"masks from {cfg.masks}" if cfg.masks else
@@ -259,7 +278,7 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
         "xraygan_version": __version__,
     }
     scale = max(1, 128 // size)
-    with staged_dir(Path(cfg.out), cfg.force) as tmp:
+    with staged_dir(Path(cfg.out), cfg.force, "gradcam") as tmp:
         for c, ix in picks.items():
             for i in ix:
                 atomic_write_bytes(tmp / c / f"{data.files[i].stem}.png",

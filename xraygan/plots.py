@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import os
+import tempfile
 
 
+@functools.cache
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed), imported only when plotting."""
+    """matplotlib.pyplot on the Agg backend (no display needed), imported only when plotting.
+
+    matplotlib keeps a font cache and config in ~/.cache and ~/.config unless MPLCONFIGDIR says
+    otherwise; xraygan writes nothing outside --out, so (unless the user set it) they go to a
+    folder in the temp dir, kept between runs so the font cache is built once.
+    """
+    if "MPLCONFIGDIR" not in os.environ:
+        d = os.path.join(tempfile.gettempdir(), f"xraygan-matplotlib-{os.getuid() if hasattr(os, 'getuid') else 0}")
+        os.makedirs(d, exist_ok=True)
+        os.environ["MPLCONFIGDIR"] = d
     import matplotlib
 
     matplotlib.use("Agg")

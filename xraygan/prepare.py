@@ -21,7 +21,7 @@ import numpy as np
 
 from xraygan import __version__
 from xraygan.errors import InputError
-from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, staged_dir
+from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import SQUARE_MODES, encode_png, load_gray, make_square, resize_gray
 from xraygan.phantom import DEMO_NOTE
 from xraygan.sources import Item, Scan, scan_demo, scan_extra_normal, scan_folder_source, scan_medmnist
@@ -358,7 +358,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
         if small:
             warnings.append(f"source images of {min(small)} px were upsampled to {cfg.size} px")
         record = {
-            "format": "xraygan-dataset", "version": 1, "created_by": f"xraygan {__version__} prepare",
+            **record_header("dataset"), "created_by": f"xraygan {__version__} prepare",
             "sources": sources,
             "synthetic_demo": cfg.demo,
             "note": DEMO_NOTE if cfg.demo else None,

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from xraygan import __version__
-from xraygan.errors import InputError
-from xraygan.fsutil import atomic_write_json, staged_dir
+from xraygan.errors import InputError, check_float, check_int
+from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import encode_png, list_image_folder, read_image_folder
 
 METHODS = ("none", "oversample", "undersample", "gan", "smote", "augment")
@@ -58,6 +58,9 @@ def synthetic_files(folders: tuple[Path, ...], label: str, size: int) -> list[li
         sub = d / label if (d / label).is_dir() else d
         if not sub.is_dir():
             raise InputError(f"{d}: synthetic folder not found")
+        from xraygan.generate import check_complete
+
+        check_complete(d if sub != d else d.parent)  # an interrupted generate is not a data set
         files = sorted(p for p in sub.glob("*.png") if not p.name.startswith("."))
         if not files:
             raise InputError(f"{sub}: no synthetic {label} images (expected {d}/{label}/*.png)")
@@ -128,8 +131,10 @@ def _smote(x: np.ndarray, y: np.ndarray, minority: int, target: int, cfg: Rebala
 def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None) -> dict:
     if cfg.method not in METHODS:
         raise InputError(f"--method {cfg.method}: must be one of {', '.join(METHODS)}")
-    if not 0 < cfg.ratio <= 1:
-        raise InputError(f"--ratio {cfg.ratio}: the minority:majority ratio must be in (0, 1]")
+    check_float("--ratio", cfg.ratio, 0.0, 1.0)
+    check_int("--smote-k", cfg.smote_k)
+    check_out_apart(cfg.out, data=cfg.data, **{f"synthetic{i or ''}": s for i, s in enumerate(cfg.synthetic)})
+    check_output_free(cfg.out, cfg.force, "rebalance")
     if cfg.method == "gan" and not cfg.synthetic:
         raise InputError("--method gan needs --synthetic DIR (the output of xraygan generate)")
     listing = list_image_folder(cfg.data)
@@ -149,7 +154,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
     origins: dict[str, Counter] = {c: Counter() for c in counts}
     link_modes: Counter = Counter()
     synth_sources: list[str] = []
-    with staged_dir(cfg.out, cfg.force) as tmp:
+    with staged_dir(cfg.out, cfg.force, "rebalance") as tmp:
         for c, files in listing.items():
             d = tmp / c
             d.mkdir()
@@ -193,7 +198,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                         progress(cfg.method, j + 1, len(new))
                 origins[c][tag] = len(new)
         final = {c: sum(o.values()) for c, o in origins.items()}
-        record = {"format": "xraygan-rebalance", "version": 1,
+        record = {**record_header("rebalance"),
                   "created_by": f"xraygan {__version__} rebalance", "method": cfg.method,
                   "ratio": cfg.ratio, "source": str(cfg.data), "seed": cfg.seed,
                   "before": counts, "after": final,
