@@ -11,10 +11,42 @@ from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
 import typer
+import typer.core
 
-from xraygan.errors import InputError, XrayganError
+from xraygan.errors import XrayganError
 
-app = typer.Typer(name="xraygan", no_args_is_help=True, pretty_exceptions_show_locals=False,
+
+class _Group(typer.core.TyperGroup):
+    """Usage errors (a missing option, a value of the wrong type) print as two plain lines, the
+    error last, instead of a boxed panel whose last line is a border: scripts and users read the
+    last line of stderr."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:  # typer >= 0.22 vendors click as typer._click
+            from typer import _click as click
+        except ImportError:
+            import click
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+            rv = 2
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            if ctx is not None:
+                click.echo(f"Try '{ctx.command_path} --help' for help.", err=True)
+            click.echo(f"error: {e.format_message()}", err=True)
+            rv = e.exit_code
+        except (typer.Abort, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(name="xraygan", cls=_Group, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   add_completion=False,
                   help="Rebalance imbalanced chest X-ray datasets with GAN images, and measure "
                        "whether it helps.")
@@ -620,6 +652,12 @@ def audit(
 def main() -> None:
     try:
         app()
-    except InputError as e:  # raised outside a command (should not happen, but never a traceback)
+    except XrayganError as e:  # raised outside a command (should not happen, but never a traceback)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # `xraygan ... | head`: the reader left, nothing to report
+        sys.exit(0)
+    except Exception as e:  # noqa: BLE001
+        print(f"internal error: {type(e).__name__}: {e} — please report; details in {_crash_log(e)}",
+              file=sys.stderr)
+        sys.exit(1)
