@@ -1,46 +1,57 @@
-"""GAN training speed: a textbook DCGAN step against `train-gan`'s own step, in one run.
+"""GAN training speed in one run: the textbook DCGAN step, `GanTrainer.step` (without and with
+DiffAugment), and `train-gan` end to end on the same data.
 
 textbook : the pytorch/examples DCGAN loop: fp32, default (NCHW) memory layout, data already
-           in memory, separate backward passes for real and fake, D's weight gradients
+           on the device, separate backward passes for real and fake, D's weight gradients
            computed during the G step too.
-xraygan  : `GanTrainer.step` as `train-gan` runs it (channels-last, D frozen during the G step,
-           --precision auto: bf16 only where the CPU has native bf16).
+step     : `GanTrainer.step` as `train-gan` runs it (channels-last, D frozen during the G step,
+           --precision auto: bf16 on CUDA, fp32 on CPUs without native bf16).
+train-gan: the whole command on a folder of N images (checkpoints, sample grids, log rows,
+           progress, batch indexing included), default options unless given. "outside" is the
+           time per step that train-gan spends beyond the bare DiffAugment step.
 
-Both use the same networks (ngf = ndf = 64, nz = 100), batch size and random data.
-
-    python benchmarks/bench_gan.py --sizes 32 64 --steps 8
+    python benchmarks/bench_gan.py --sizes 32 64 --steps 8 --e2e-steps 60       # CPU
+    python benchmarks/bench_gan.py --device cuda --sizes 32 64 128 --steps 200 --e2e-steps 3000
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xraygan.gan import GanTrainer, TrainGanConfig
-from xraygan.gan_models import Discriminator, GanNetConfig, Generator
-from xraygan.runtime import cpu_has_fast_bf16
+from xraygan.gan import GanTrainer, TrainGanConfig, train_gan
+from xraygan.gan_models import DIFFAUG_POLICIES, Discriminator, GanNetConfig, Generator
+from xraygan.images import save_png
+from xraygan.runtime import cpu_has_fast_bf16, resolve_device
 
 
-def textbook_step_fn(size: int, batch: int):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def textbook_step_fn(size: int, batch: int, device: torch.device):
     torch.manual_seed(0)
     cfg = GanNetConfig(image_size=size)
-    G, D = Generator(cfg), Discriminator(cfg)
+    G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    data = torch.rand(batch * 4, 1, size, size) * 2 - 1
+    data = torch.rand(batch * 4, 1, size, size, device=device) * 2 - 1
 
     def step(i: int) -> None:
         real = data[(i % 4) * batch:(i % 4 + 1) * batch]
-        ones, zeros = torch.ones(batch), torch.zeros(batch)
+        ones, zeros = torch.ones(batch, device=device), torch.zeros(batch, device=device)
         D.zero_grad()
         err_real = F.binary_cross_entropy(torch.sigmoid(D(real)), ones)
         err_real.backward()
-        fake = G(torch.randn(batch, cfg.nz))
+        fake = G(torch.randn(batch, cfg.nz, device=device))
         err_fake = F.binary_cross_entropy(torch.sigmoid(D(fake.detach())), zeros)
         err_fake.backward()
         opt_d.step()
@@ -52,13 +63,14 @@ def textbook_step_fn(size: int, batch: int):
     return step
 
 
-def xraygan_step_fn(size: int, batch: int, compiled: bool = False):
-    cfg = TrainGanConfig(data=Path("."), out=Path("."), device="cpu", batch_size=batch, diffaugment="")
-    net = GanNetConfig(image_size=size)
-    tr = GanTrainer(cfg, net, torch.device("cpu"), None)
-    if compiled:  # the lever that was tried and not kept: it did not pay on 2 CPU cores
+def xraygan_step_fn(size: int, batch: int, device: torch.device, diffaugment: str = "",
+                    compiled: bool = False):
+    cfg = TrainGanConfig(data=Path("."), out=Path("."), device=device.type, batch_size=batch,
+                         diffaugment=diffaugment)
+    tr = GanTrainer(cfg, GanNetConfig(image_size=size), device, None)
+    if compiled:
         tr.G, tr.D = torch.compile(tr.G), torch.compile(tr.D)
-    data = (torch.rand(batch * 4, 1, size, size) * 2 - 1).contiguous(
+    data = (torch.rand(batch * 4, 1, size, size, device=device) * 2 - 1).contiguous(
         memory_format=torch.channels_last)
 
     def step(i: int) -> None:
@@ -67,43 +79,91 @@ def xraygan_step_fn(size: int, batch: int, compiled: bool = False):
     return step
 
 
-def rate(step, batch: int, steps: int) -> float:
-    for i in range(2):  # warm-up: allocator and oneDNN primitive caches
+def rate(step, batch: int, steps: int, device: torch.device) -> float:
+    for i in range(3):  # warm-up: allocator, cuDNN / oneDNN primitive caches
         step(i)
+    sync(device)
     t = time.perf_counter()
     for i in range(steps):
         step(i)
+    sync(device)
     return batch * steps / (time.perf_counter() - t)
+
+
+def image_folder(root: Path, n: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        save_png(root / "pneumonia" / f"p{i:05d}.png", rng.integers(0, 255, (size, size), dtype=np.uint8))
+    return root
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2, help="alternate the two loops; best of N")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time the xraygan step with torch.compile (slow to compile)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps of each bare loop")
+    ap.add_argument("--rounds", type=int, default=2, help="alternate the loops; best of N")
+    ap.add_argument("--e2e-steps", type=int, default=60, help="steps of the train-gan run (0 = skip)")
+    ap.add_argument("--e2e-images", type=int, default=402, help="training images (402 = the 3:1 Kermany minority)")
+    ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"native CPU bf16: {cpu_has_fast_bf16()}, batch {args.batch}")
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, native CPU bf16: "
+          f"{cpu_has_fast_bf16()}, batch {args.batch}")
+    aug = ",".join(DIFFAUG_POLICIES)
     for size in args.sizes:
-        tb, xg = textbook_step_fn(size, args.batch), xraygan_step_fn(size, args.batch)
-        tbs, xgs = [], []
-        for _ in range(args.rounds):  # interleaved, so drift in machine load hits both
-            tbs.append(rate(tb, args.batch, args.steps))
-            xgs.append(rate(xg, args.batch, args.steps))
-        r_tb, r_xg = max(tbs), max(xgs)
-        print(f"{size:4d} px  textbook {r_tb:7.1f} img/s   xraygan {r_xg:7.1f} img/s   "
-              f"ratio {r_xg / r_tb:.2f}x")
+        loops = {"textbook": textbook_step_fn(size, args.batch, device),
+                 "step": xraygan_step_fn(size, args.batch, device),
+                 "step+diffaug": xraygan_step_fn(size, args.batch, device, aug)}
+        best = {k: 0.0 for k in loops}
+        for _ in range(args.rounds):  # interleaved, so drift in machine load hits all
+            for k, fn in loops.items():
+                best[k] = max(best[k], rate(fn, args.batch, args.steps, device))
+        print(f"{size:4d} px  textbook {best['textbook']:8.1f} img/s   step {best['step']:8.1f} "
+              f"({best['step'] / best['textbook']:.2f}x)   step+diffaug {best['step+diffaug']:8.1f} "
+              f"({best['step+diffaug'] / best['step']:.2f}x of step)", flush=True)
         if args.compile:
             t = time.perf_counter()
-            comp = xraygan_step_fn(size, args.batch, compiled=True)
+            comp = xraygan_step_fn(size, args.batch, device, aug, compiled=True)
             comp(0)
+            sync(device)
             warm = time.perf_counter() - t
-            r_c = rate(comp, args.batch, args.steps)
-            print(f"{size:4d} px  xraygan + torch.compile {r_c:7.1f} img/s   "
-                  f"{r_c / r_xg:.2f}x of xraygan, after {warm:.0f} s compiling")
+            r_c = rate(comp, args.batch, args.steps, device)
+            print(f"{size:4d} px  step+diffaug under torch.compile {r_c:8.1f} img/s "
+                  f"({r_c / best['step+diffaug']:.2f}x), after {warm:.0f} s compiling", flush=True)
+        if args.e2e_steps:
+            inside = [0.0]
+            real_step = GanTrainer.step
+
+            def timed_step(self, *a):  # on the CPU a step's time is its wall time
+                t = time.perf_counter()
+                out = real_step(self, *a)
+                inside[0] += time.perf_counter() - t
+                return out
+
+            if device.type == "cpu":
+                GanTrainer.step = timed_step
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    data = image_folder(Path(tmp) / "train", args.e2e_images, size)
+                    t0 = time.perf_counter()
+                    res = train_gan(TrainGanConfig(data=data, out=Path(tmp) / "run", steps=args.e2e_steps,
+                                                   batch_size=args.batch, device=args.device))
+                    wall = time.perf_counter() - t0
+                    ckpts = len(list((Path(tmp) / "run" / "samples").iterdir()))
+            finally:
+                GanTrainer.step = real_step
+            e2e = res["images_per_s"]
+            loop = res["seconds"]
+            # CPU: measured around each step; CUDA (asynchronous): loop time less the bare steps
+            outside = ((loop - inside[0]) if device.type == "cpu"
+                       else loop - args.e2e_steps * args.batch / best["step+diffaug"]) / args.e2e_steps
+            print(f"{size:4d} px  train-gan end to end {e2e:8.1f} img/s over {args.e2e_steps} steps "
+                  f"({args.e2e_images} images, loop {loop} s, command {wall:.1f} s, {ckpts} sample grid(s)) = "
+                  f"{e2e / best['step+diffaug']:.2f}x of the bare diffaug step; "
+                  f"outside the step {outside * 1000:.1f} ms/step", flush=True)
 
 
 if __name__ == "__main__":

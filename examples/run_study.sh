@@ -13,7 +13,7 @@
 #   ROWS="..."          a subset of the rows above (default: all)
 #   CLF_EPOCHS=20       classifier epochs (early stopping on val F1 may end sooner)
 #   PATIENCE=5          epochs without val improvement before stopping
-#   GAN_STEPS=3000      generator steps per GAN (epochs are derived from the image counts)
+#   GAN_STEPS=3000      generator steps per GAN (train-gan --steps)
 #   GAN_BATCH=64        GAN batch size
 #   DIFFAUG=color,translation,cutout   DiffAugment for the GANs ("none" to turn off)
 #   SMALL_STEM=auto     classifier stem (auto, yes, no)
@@ -76,11 +76,11 @@ step() {
 train_gan() {
     local name=$1 n=$2
     shift 2
-    local run="$OUT/gan/$name" epochs=$(( (GAN_STEPS * GAN_BATCH + n - 1) / n ))
+    local run="$OUT/gan/$name"
     local resume=()
     [ -f "$run/state.safetensors" ] && resume=(--resume)
     mkdir -p "$run"
-    step "train-gan $name" "$run" "$XRAYGAN" train-gan "$DATA/train" --out "$run" --epochs "$epochs" \
+    step "train-gan $name" "$run" "$XRAYGAN" train-gan "$DATA/train" --out "$run" --steps "$GAN_STEPS" \
         --batch-size "$GAN_BATCH" --diffaugment "$DIFFAUG" --device "$DEVICE" --seed 0 "${resume[@]}" "$@"
     mkdir -p "$OUT/synth/$name"
     step "generate $name" "$OUT/synth/$name" "$XRAYGAN" generate "$run/generator.safetensors" -n "$NEED" \

@@ -50,6 +50,7 @@ from xraygan.fsutil import (
     read_json,
     record_header,
     staged_dir,
+    write_csv,
 )
 from xraygan.images import ImageFolder, encode_png, read_image_folder
 from xraygan.plots import fig_png, pyplot
@@ -483,12 +484,8 @@ def write_review(out: Path, real: ImageFolder, synth: ImageFolder, n: int, seed:
         big = Image.fromarray(folder.images[i]).resize((view, view), Image.BICUBIC)
         atomic_write_bytes(out / "review" / "images" / f"{rid}.png", encode_png(np.asarray(big)))
         rows.append(rid)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", "guess", "quality", "comment"])
-    for rid in rows:
-        w.writerow([rid, "", "", ""])
-    atomic_write_text(out / "review" / "review.csv", buf.getvalue())
+    write_csv(out / "review" / "review.csv", ["id", "guess", "quality", "comment"],
+              [[rid, "", "", ""] for rid in rows])
     cells = "\n".join(f'<figure><img src="images/{r}.png" width="256"><figcaption>{html.escape(r)}'
                       f"</figcaption></figure>" for r in rows)
     atomic_write_text(out / "review" / "sheet.html", (

@@ -8,7 +8,6 @@ with the best validation F1 (or ROC-AUC) is kept; training stops early when it s
 from __future__ import annotations
 
 import csv
-import io
 import math
 import time
 from collections.abc import Callable
@@ -32,13 +31,13 @@ from xraygan.checkpoint import (
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_float, check_int
 from xraygan.fsutil import (
     atomic_write_json,
-    atomic_write_text,
     check_out_apart,
     check_run_target,
     discard_new_run,
     fingerprint_arrays,
     read_json,
     start_run_folder,
+    write_csv,
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
@@ -354,11 +353,7 @@ def _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, 
                          "val_specificity": f"{m['specificity']:.4f}",
                          "lr": f"{opt.param_groups[0]['lr']:.3g}", "images_per_s": f"{ips:.1f}",
                          "seconds": f"{time.perf_counter() - t0:.1f}"})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(log_rows)
-        atomic_write_text(out / "log.csv", buf.getvalue())
+        write_csv(out / "log.csv", fields, log_rows)
         if score > best:
             best, best_epoch, stale = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -11,9 +11,7 @@ over the runs (seeds) of each method.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import math
 import re
 import time
@@ -30,9 +28,11 @@ from xraygan.fsutil import (
     atomic_write_text,
     check_out_apart,
     check_output_free,
+    csv_text,
     read_json,
     record_header,
     staged_dir,
+    write_csv,
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
@@ -220,14 +220,10 @@ def read_for_model(folder: Path, classes: tuple[str, ...], size: int, what: str)
 
 def _write_predictions(path: Path, test: ImageFolder, y: np.ndarray, score: np.ndarray,
                        threshold: float) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["file", "class", "score", "predicted_positive", "correct"])
-    for f, c, t, s in zip(test.files, test.labels, y, score):
-        pred = bool(s >= threshold)
-        w.writerow([f"{test.classes[c]}/{f.name}", test.classes[c], f"{s:.5f}", int(pred),
-                    int(pred == bool(t))])
-    atomic_write_text(path, buf.getvalue())
+    pred = score >= threshold
+    write_csv(path, ["file", "class", "score", "predicted_positive", "correct"],
+              ([f"{test.classes[c]}/{f.name}", test.classes[c], f"{s:.5f}", int(p), int(p == bool(t))]
+               for f, c, t, s, p in zip(test.files, test.labels, y, score, pred)))
 
 
 def write_plots(out: Path, y: np.ndarray, score: np.ndarray, threshold: float, m: dict,
@@ -409,13 +405,12 @@ def table_markdown(rows: list[dict], keys: list[str]) -> str:
 
 
 def table_csv(rows: list[dict], keys: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["method", "runs"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
-    for r in rows:
-        cells = []
+    def cells(r: dict) -> list:
+        out = [r["method"], r["runs"]]
         for k in keys:
             v = r[k]
-            cells += ["", ""] if v is None else [f"{v[0]:.4f}", "" if v[1] is None else f"{v[1]:.4f}"]
-        w.writerow([r["method"], r["runs"]] + cells)
-    return buf.getvalue()
+            out += ["", ""] if v is None else [f"{v[0]:.4f}", "" if v[1] is None else f"{v[1]:.4f}"]
+        return out
+
+    return csv_text(["method", "runs"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")],
+                    map(cells, rows))

@@ -227,13 +227,19 @@ def record_header(kind: str) -> dict:
     return {"kind": f"xraygan-{kind}", "format_version": 1, "xraygan_version": __version__}
 
 
-def write_csv(path: Path, rows: list[dict], fields: list[str] | tuple[str, ...]) -> None:
-    """Write rows as a CSV file atomically (header first; missing fields left empty)."""
+def csv_text(header, rows) -> str:
+    """CSV text: a header, then rows given as sequences or as dicts keyed by the header."""
     import csv
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([r.get(k, "") for k in header] if isinstance(r, dict) else r)
+    return buf.getvalue()
+
+
+def write_csv(path: Path, header, rows) -> None:
+    """Write a CSV file atomically (see `csv_text`)."""
+    atomic_write_text(path, csv_text(header, rows))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +38,6 @@ from xraygan.errors import (
     require,
 )
 from xraygan.fsutil import (
-    atomic_write_bytes,
     atomic_write_json,
     check_out_apart,
     check_run_target,
@@ -47,6 +45,7 @@ from xraygan.fsutil import (
     fingerprint_arrays,
     read_json,
     start_run_folder,
+    write_csv,
 )
 from xraygan.gan_models import (
     DIFFAUG_POLICIES,
@@ -367,7 +366,7 @@ def _append_log(run: Path, rows: list[dict]) -> None:
     path = run / "log.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
         if new:
             w.writeheader()
         w.writerows(rows)
@@ -380,11 +379,7 @@ def _truncate_log(run: Path, step: int) -> None:
         return
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
+    write_csv(path, LOG_FIELDS, rows)
 
 
 def _warnings(cfg: TrainGanConfig, full_classes: tuple[str, ...], label: str) -> list[str]:

@@ -10,8 +10,6 @@ uniform map scores the region's area fraction, so the report also gives that bas
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,11 @@ from xraygan.errors import InputError
 from xraygan.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     check_out_apart,
     check_output_free,
     record_header,
     staged_dir,
+    write_csv,
 )
 from xraygan.images import ImageFolder, encode_png, is_image_name, load_gray
 
@@ -284,14 +282,10 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
                 atomic_write_bytes(tmp / c / f"{data.files[i].stem}.png",
                                    encode_png(overlay(data.images[i], cams[i], scale)))
         atomic_write_bytes(tmp / "grid.png", _grid_png(data, cams, probs, share, picks, classes, pos, label, name))
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["file", "class", "predicted", "p_positive", "correct", "lung_energy"])
-        for i, f in enumerate(data.files):
-            w.writerow([f"{classes[data.labels[i]]}/{f.name}", classes[data.labels[i]], classes[pred[i]],
-                        f"{probs[i, pos]:.4f}", int(correct[i]),
-                        "" if np.isnan(share[i]) else f"{share[i]:.4f}"])
-        atomic_write_text(tmp / "cams.csv", buf.getvalue())
+        write_csv(tmp / "cams.csv", ["file", "class", "predicted", "p_positive", "correct", "lung_energy"],
+                  ([f"{classes[data.labels[i]]}/{f.name}", classes[data.labels[i]], classes[pred[i]],
+                    f"{probs[i, pos]:.4f}", int(correct[i]), "" if np.isnan(share[i]) else f"{share[i]:.4f}"]
+                   for i, f in enumerate(data.files)))
         atomic_write_json(tmp / "gradcam.json", rec)
     rec["out"] = str(cfg.out)
     rec["seconds"] = round(time.perf_counter() - t0, 2)
