@@ -64,10 +64,10 @@ def textbook_step_fn(size: int, batch: int, device: torch.device):
 
 
 def xraygan_step_fn(size: int, batch: int, device: torch.device, diffaugment: str = "",
-                    compiled: bool = False):
+                    compiled: bool = False, graphs: bool = False, precision: str = "auto"):
     cfg = TrainGanConfig(data=Path("."), out=Path("."), device=device.type, batch_size=batch,
-                         diffaugment=diffaugment)
-    tr = GanTrainer(cfg, GanNetConfig(image_size=size), device, None)
+                         diffaugment=diffaugment, precision=precision)
+    tr = GanTrainer(cfg, GanNetConfig(image_size=size), device, None, cuda_graphs=graphs)
     if compiled:
         tr.G, tr.D = torch.compile(tr.G), torch.compile(tr.D)
     data = (torch.rand(batch * 4, 1, size, size, device=device) * 2 - 1).contiguous(
@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=60, help="steps of the train-gan run (0 = skip)")
     ap.add_argument("--e2e-images", type=int, default=402, help="training images (402 = the 3:1 Kermany minority)")
     ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
     args = ap.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
@@ -114,9 +115,15 @@ def main() -> None:
           f"{cpu_has_fast_bf16()}, batch {args.batch}")
     aug = ",".join(DIFFAUG_POLICIES)
     for size in args.sizes:
+        pr = args.precision
         loops = {"textbook": textbook_step_fn(size, args.batch, device),
-                 "step": xraygan_step_fn(size, args.batch, device),
-                 "step+diffaug": xraygan_step_fn(size, args.batch, device, aug)}
+                 "step": xraygan_step_fn(size, args.batch, device, precision=pr),
+                 "step+diffaug": xraygan_step_fn(size, args.batch, device, aug, precision=pr)}
+        if device.type == "cuda":  # train-gan's default there: the step replayed as a CUDA graph
+            loops["eager step"] = loops["step"]
+            loops["eager step+diffaug"] = loops["step+diffaug"]
+            loops["step"] = xraygan_step_fn(size, args.batch, device, graphs=True, precision=pr)
+            loops["step+diffaug"] = xraygan_step_fn(size, args.batch, device, aug, graphs=True, precision=pr)
         best = {k: 0.0 for k in loops}
         for _ in range(args.rounds):  # interleaved, so drift in machine load hits all
             for k, fn in loops.items():
@@ -124,6 +131,10 @@ def main() -> None:
         print(f"{size:4d} px  textbook {best['textbook']:8.1f} img/s   step {best['step']:8.1f} "
               f"({best['step'] / best['textbook']:.2f}x)   step+diffaug {best['step+diffaug']:8.1f} "
               f"({best['step+diffaug'] / best['step']:.2f}x of step)", flush=True)
+        if device.type == "cuda":
+            print(f"{size:4d} px  without CUDA graphs: step {best['eager step']:8.1f} img/s, step+diffaug "
+                  f"{best['eager step+diffaug']:8.1f} img/s; graphs gain {best['step'] / best['eager step']:.2f}x / "
+                  f"{best['step+diffaug'] / best['eager step+diffaug']:.2f}x", flush=True)
         if args.compile:
             t = time.perf_counter()
             comp = xraygan_step_fn(size, args.batch, device, aug, compiled=True)
@@ -150,7 +161,7 @@ def main() -> None:
                     data = image_folder(Path(tmp) / "train", args.e2e_images, size)
                     t0 = time.perf_counter()
                     res = train_gan(TrainGanConfig(data=data, out=Path(tmp) / "run", steps=args.e2e_steps,
-                                                   batch_size=args.batch, device=args.device))
+                                                   batch_size=args.batch, device=args.device, precision=pr))
                     wall = time.perf_counter() - t0
                     ckpts = len(list((Path(tmp) / "run" / "samples").iterdir()))
             finally:

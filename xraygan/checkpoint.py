@@ -102,4 +102,8 @@ def optimizer_from_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dic
         if k.startswith(prefix):
             idx, name = k[len(prefix):].split(".", 1)
             state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": param_groups})
+    # how the update is computed (fused, capturable, ...) belongs to this machine, not the saved run:
+    # a run saved on CUDA resumes on the CPU and vice versa
+    impl = ("fused", "capturable", "foreach", "differentiable")
+    groups = [{**g, **{k: cur[k] for k in impl if k in cur}} for g, cur in zip(param_groups, opt.param_groups)]
+    opt.load_state_dict({"state": state, "param_groups": groups})

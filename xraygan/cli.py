@@ -266,6 +266,9 @@ def train_gan(
     precision: Annotated[str, typer.Option(
         help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory layout.")] = True,
+    cuda_graphs: Annotated[bool, typer.Option(
+        help="CUDA: capture the training step once as a CUDA graph and replay it (small GAN steps "
+             "are bound by kernel launches).")] = True,
     save_every: Annotated[int, typer.Option(
         help="Checkpoint every N steps (also every --save-seconds, at the end and on Ctrl-C).")] = 500,
     save_seconds: Annotated[float, typer.Option(help="Checkpoint at least this often (seconds).")] = 60.0,
@@ -292,7 +295,7 @@ def train_gan(
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, nz=nz, ngf=width,
                          ndf=width, diffaugment="" if diffaugment == "none" else diffaugment,
                          ema=ema, seed=seed, device=device, precision=precision,
-                         channels_last=channels_last, save_every=save_every,
+                         channels_last=channels_last, cuda_graphs=cuda_graphs, save_every=save_every,
                          save_seconds=save_seconds, sample_every=sample_every, log_every=log_every,
                          resume=resume, force=force)
     res = _run_with_progress(run_train, cfg)

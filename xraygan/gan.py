@@ -95,6 +95,7 @@ class TrainGanConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16
     channels_last: bool = True
+    cuda_graphs: bool = True  # CUDA only: replay each step as one captured graph
     save_every: int = 500  # steps between checkpoints (also every save_seconds, at the end, on Ctrl-C)
     save_seconds: float = 60.0
     sample_every: int = 500  # steps between sample grids (and at the end)
@@ -196,10 +197,19 @@ def load_training_set(cfg: TrainGanConfig) -> tuple[ImageFolder, tuple[str, ...]
 
 
 class GanTrainer:
-    """Owns the networks, optimizers and random streams; `step()` is one D+G update."""
+    """Owns the networks, optimizers and random streams; `step()` is one D+G update.
+
+    On the CPU every random draw comes from seeded CPU generators (bit-exact resume, the same
+    numbers on every machine). On CUDA they come from seeded CUDA generators, so a step never
+    waits for a host-to-device copy, and after a few eager steps the whole step (forward,
+    backward, both Adam updates, EMA) is captured once as a CUDA graph and replayed: at these
+    small sizes a step is bound by kernel-launch overhead, not by arithmetic.
+    """
+
+    GRAPH_WARMUP = 3  # eager steps before capture (on a side stream, as CUDA graphs require)
 
     def __init__(self, cfg: TrainGanConfig, net: GanNetConfig, device: torch.device,
-                 label_probs: torch.Tensor | None):
+                 label_probs: torch.Tensor | None, cuda_graphs: bool | None = None):
         self.cfg, self.net, self.device = cfg, net, device
         torch.manual_seed(cfg.seed)  # weight initialisation
         self.G = Generator(net).to(device)
@@ -208,15 +218,34 @@ class GanTrainer:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema > 0 else None
+        cuda = device.type == "cuda"
+        self.use_graphs = cuda if cuda_graphs is None else (cuda_graphs and cuda)
         betas = (cfg.beta1, cfg.beta2)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas)
+        # CUDA: the fused Adam kernel (one launch per step instead of several per tensor);
+        # capturable keeps its step counter on the device so the update can live in a graph
+        extra = {"fused": True, "capturable": True} if cuda else {}
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, **extra)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas, **extra)
         self.amp = autocast_dtype(device, cfg.precision)
-        self.label_probs = label_probs
-        self.rng_data = make_generator(cfg.seed)
-        self.rng_noise = make_generator(cfg.seed + 1)
-        self.rng_aug = make_generator(cfg.seed + 2)
+        self.rng_device = device if cuda else torch.device("cpu")
+        self.label_probs = label_probs.to(self.rng_device) if label_probs is not None else None
+        self.rng_data = self._generator(cfg.seed)
+        self.rng_noise = self._generator(cfg.seed + 1)
+        self.rng_aug = self._generator(cfg.seed + 2)
         self.step_count = 0
+        self._graph = None
+        self._eager_since_start = 0
+
+    def _generator(self, seed: int) -> torch.Generator:
+        if self.rng_device.type == "cpu":
+            return make_generator(seed)
+        g = torch.Generator(device=self.rng_device)
+        g.manual_seed(seed)
+        return g
+
+    def randperm(self, n: int) -> torch.Tensor:
+        """This epoch's order, on the device the data lives on."""
+        return torch.randperm(n, generator=self.rng_data, device=self.rng_device).to(self.device)
 
     def conditional_batch(self, by_class: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels drawn with the α mix, and for each label a real image of that class.
@@ -225,66 +254,121 @@ class GanTrainer:
         proportions (3:1 normal) while fake labels follow α lets D tell the batches apart by
         their label mix through batch norm: measured on the Kermany set at 32 px, D(G(z)) fell
         to 0.01 within 100 steps at α = 0.5 and the generator collapsed; matched, it stayed
-        near 0.3-0.5. Real images are drawn with replacement, per class.
+        near 0.3-0.5. Real images are drawn with replacement, per class. `by_class` holds each
+        class's indices on the random streams' device; nothing here reads a value back.
         """
         labels = torch.multinomial(self.label_probs, n, replacement=True, generator=self.rng_noise)
-        idx = torch.empty(n, dtype=torch.long)
+        idx = torch.zeros(n, dtype=torch.long, device=self.rng_device)
         for c, pool in enumerate(by_class):
-            sel = labels == c
-            k = int(sel.sum())
-            if k:
-                idx[sel] = pool[torch.randint(len(pool), (k,), generator=self.rng_data)]
-        return idx, labels
+            pick = pool[torch.randint(len(pool), (n,), generator=self.rng_data, device=self.rng_device)]
+            idx = torch.where(labels == c, pick, idx)
+        return idx.to(self.device), labels.to(self.device)
 
     def _randoms(self, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A step's noise and DiffAugment numbers, drawn on the CPU from the seeded streams and
+        """A step's noise and DiffAugment numbers from the seeded streams. On the CPU path they are
         moved to the device in one transfer (small per-draw copies were a third of a GPU step)."""
-        z = torch.randn(n, self.net.nz, generator=self.rng_noise)
-        if not self.cfg.diffaugment:
+        dev = self.rng_device
+        z = torch.randn(n, self.net.nz, generator=self.rng_noise, device=dev)
+        aug = diffaug_draw(3 * n, size, size, self.rng_aug, self.cfg.diffaugment) \
+            if self.cfg.diffaugment else None
+        if dev == self.device:
+            return z, aug
+        if aug is None:
             return z.to(self.device), None
-        aug = diffaug_draw(3 * n, size, size, self.rng_aug, self.cfg.diffaugment)
         both = torch.cat([z.flatten(), aug.flatten()]).to(self.device)
         return both[: z.numel()].view_as(z), both[z.numel():].view_as(aug)
 
-    def step(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
-        """One D and one G update. Returns (loss_d, loss_g, D(x), D(G(z))) as a tensor on the
-        device: reading it forces a host sync, so the caller reads a batch of them at a time."""
+    def _ema_decay(self) -> float:
+        # warm-up: early on the average follows G closely, so short runs are not stuck near the
+        # random initialisation
+        t = self.step_count
+        return min(self.cfg.ema, (1 + t) / (10 + t))
+
+    def _core(self, real: torch.Tensor, labels: torch.Tensor | None, z: torch.Tensor,
+              aug: torch.Tensor | None, decay: float | torch.Tensor, graph: bool = False) -> torch.Tensor:
+        """The step's arithmetic: the same code runs eagerly and inside the CUDA graph."""
         n = real.shape[0]
-        z, aug = self._randoms(n, real.shape[-1])
         policy = self.cfg.diffaugment
-
-        def see(x: torch.Tensor, k: int) -> torch.Tensor:  # what D sees: augmented alike
-            return apply_diff_augment(x, aug[k * n:(k + 1) * n], policy) if aug is not None else x
-
-        # conditional: the fake batch carries exactly the real batch's labels (see conditional_batch)
-        fake_labels = real_labels
         ones, zeros = self._targets(n)
-        with autocast(self.device, self.amp):
-            fake = self.G(z, fake_labels)
-            d_real = self.D(see(real, 0), real_labels).float()
-            d_fake = self.D(see(fake.detach(), 1), fake_labels).float()
+        cast = autocast(self.device, self.amp, cache=not graph)
+        with cast:
+            fake = self.G(z, labels)
+            if aug is not None:  # real and detached fake augmented in one pass, seen by D apart
+                both = apply_diff_augment(torch.cat([real, fake.detach()]), aug[: 2 * n], policy)
+                seen_real, seen_fake = both[:n], both[n:]
+            else:
+                seen_real, seen_fake = real, fake.detach()
+            # conditional: the fake batch carries exactly the real batch's labels (see conditional_batch)
+            d_real = self.D(seen_real, labels).float()
+            d_fake = self.D(seen_fake, labels).float()
             loss_d = (F.binary_cross_entropy_with_logits(d_real, ones)
                       + F.binary_cross_entropy_with_logits(d_fake, zeros))
-        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_d.zero_grad(set_to_none=not graph)
         loss_d.backward()
         self.opt_d.step()
         # G step: D's weights get no gradients (exactly the same update, less work)
         self.D.requires_grad_(False)
-        with autocast(self.device, self.amp):
-            loss_g = F.binary_cross_entropy_with_logits(self.D(see(fake, 2), fake_labels).float(), ones)
-        self.opt_g.zero_grad(set_to_none=True)
+        with cast:
+            seen = apply_diff_augment(fake, aug[2 * n:], policy) if aug is not None else fake
+            loss_g = F.binary_cross_entropy_with_logits(self.D(seen, labels).float(), ones)
+        self.opt_g.zero_grad(set_to_none=not graph)
         loss_g.backward()
         self.opt_g.step()
         self.D.requires_grad_(True)
         if self.G_ema is not None:
-            # warm-up: early on the average follows G closely, so short runs are not stuck
-            # near the random initialisation
-            t = self.step_count
-            ema_update(self.G_ema, self.G, min(self.cfg.ema, (1 + t) / (10 + t)))
-        self.step_count += 1
+            ema_update(self.G_ema, self.G, decay)
         with torch.no_grad():
             return torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(d_real).mean(),
                                 torch.sigmoid(d_fake).mean()])
+
+    def step(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
+        """One D and one G update. Returns (loss_d, loss_g, D(x), D(G(z))) as a tensor on the
+        device: reading it forces a host sync, so the caller reads a batch of them at a time."""
+        z, aug = self._randoms(real.shape[0], real.shape[-1])
+        if not self.use_graphs:
+            out = self._core(real, real_labels, z, aug, self._ema_decay())
+        else:
+            out = self._graph_step(real, real_labels, z, aug)
+        self.step_count += 1
+        return out
+
+    def _graph_step(self, real, labels, z, aug) -> torch.Tensor:
+        if self._graph is None and self._eager_since_start < self.GRAPH_WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._core(real, labels, z, aug, self._ema_decay())
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._eager_since_start += 1
+            return out
+        if self._graph is None:
+            try:
+                self._capture(real, labels, z, aug)
+            except RuntimeError as e:  # keep training eagerly; say why once
+                import warnings
+
+                warnings.warn(f"CUDA graph capture failed, training without it: {e}", stacklevel=2)
+                self.use_graphs = False
+                return self._core(real, labels, z, aug, self._ema_decay())
+        st = self._static
+        st["real"].copy_(real)
+        st["z"].copy_(z)
+        if labels is not None:
+            st["labels"].copy_(labels)
+        if aug is not None:
+            st["aug"].copy_(aug)
+        st["decay"].fill_(self._ema_decay())
+        self._graph.replay()
+        return st["out"].clone()
+
+    def _capture(self, real, labels, z, aug) -> None:
+        st = {"real": real.clone(), "z": z.clone(), "labels": labels.clone() if labels is not None else None,
+              "aug": aug.clone() if aug is not None else None,
+              "decay": torch.tensor(self._ema_decay(), device=self.device)}
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            st["out"] = self._core(st["real"], st["labels"], st["z"], st["aug"], st["decay"], graph=True)
+        self._graph, self._static = graph, st
 
     def _targets(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if getattr(self, "_tgt_n", None) != n:
@@ -317,9 +401,13 @@ class GanTrainer:
             self.G_ema.load_state_dict(tensors_to_state_dict("G_ema.", t))
         optimizer_from_tensors("opt_g.", self.opt_g, t, meta["param_groups_g"])
         optimizer_from_tensors("opt_d.", self.opt_d, t, meta["param_groups_d"])
-        for name in ("data", "noise", "aug"):
-            getattr(self, f"rng_{name}").set_state(t[f"rng.{name}"])
         self.step_count = int(meta["step"])
+        for k, name in enumerate(("data", "noise", "aug")):
+            g = getattr(self, f"rng_{name}")
+            try:
+                g.set_state(t[f"rng.{name}"])
+            except RuntimeError:  # saved on another kind of device (CPU vs CUDA streams differ)
+                g.manual_seed(self.cfg.seed * 1_000_003 + self.step_count * 7 + k)
 
 
 def to_model_input(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -418,9 +506,10 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
     net = GanNetConfig(image_size=data.size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
                        num_classes=len(classes) if cfg.conditional else 0)
-    trainer = GanTrainer(cfg, net, device, probs)
+    trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")
-    by_class = [torch.nonzero(torch.from_numpy(data.labels) == c).flatten() for c in range(len(classes))]
+    by_class = [torch.nonzero(torch.from_numpy(data.labels) == c).flatten().to(trainer.rng_device)
+                 for c in range(len(classes))]
     n = len(x_all)
     steps_per_epoch = n // cfg.batch_size  # drop_last: batch norm sees full batches
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
@@ -437,7 +526,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         t, smeta = load_checkpoint(run / "state.safetensors", "gan-state")
         trainer.load_state(t, smeta)
         epoch, batch = int(smeta["epoch"]), int(smeta["batch"])
-        perm = t["perm"] if t["perm"].numel() else None
+        perm = t["perm"].to(device) if t["perm"].numel() else None
         _truncate_log(run, trainer.step_count)
         if trainer.step_count >= total_steps:
             raise InputError(f"{run}: already trained {trainer.step_count} steps; give a larger "
@@ -503,12 +592,11 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                 if batch >= steps_per_epoch:
                     epoch, batch, perm = epoch + 1, 0, None
                 if perm is None and not cfg.conditional:
-                    perm = torch.randperm(n, generator=trainer.rng_data)
+                    perm = trainer.randperm(n)
                 if cfg.conditional:
                     idx, labels = trainer.conditional_batch(by_class, cfg.batch_size)
-                    idx, labels = idx.to(device), labels.to(device)
                 else:
-                    idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(device)
+                    idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
                     labels = None
                 in_step = True
                 stats = trainer.step(x_all[idx], labels)

@@ -105,18 +105,19 @@ def diffaug_draw(n: int, h: int, w: int, g: torch.Generator, policy: str) -> tor
     per-policy copies of the first version cost 30% of a GAN step.
     """
     cols: list[torch.Tensor] = []
+    dev = g.device  # a CUDA generator draws on the GPU: no copy at all
     for p in policy.split(","):
         if p == "color":  # brightness offset, contrast factor
-            cols += [torch.rand(n, generator=g) - 0.5, torch.rand(n, generator=g) + 0.5]
+            cols += [torch.rand(n, generator=g, device=dev) - 0.5, torch.rand(n, generator=g, device=dev) + 0.5]
         elif p == "translation":  # shift by up to 1/8 of the size
-            cols += [torch.randint(-(h // 8), h // 8 + 1, (n,), generator=g).float(),
-                     torch.randint(-(w // 8), w // 8 + 1, (n,), generator=g).float()]
+            cols += [torch.randint(-(h // 8), h // 8 + 1, (n,), generator=g, device=dev).float(),
+                     torch.randint(-(w // 8), w // 8 + 1, (n,), generator=g, device=dev).float()]
         elif p == "cutout":  # corner of one square hole of half the size
-            cols += [torch.randint(0, h - h // 2 + 1, (n,), generator=g).float(),
-                     torch.randint(0, w - w // 2 + 1, (n,), generator=g).float()]
+            cols += [torch.randint(0, h - h // 2 + 1, (n,), generator=g, device=dev).float(),
+                     torch.randint(0, w - w // 2 + 1, (n,), generator=g, device=dev).float()]
         elif p:
             raise ValueError(f"unknown DiffAugment policy '{p}' (use color, translation, cutout)")
-    return torch.stack(cols, 1) if cols else torch.zeros(n, 0)
+    return torch.stack(cols, 1) if cols else torch.zeros(n, 0, device=dev)
 
 
 def apply_diff_augment(x: torch.Tensor, params: torch.Tensor, policy: str) -> torch.Tensor:
@@ -162,8 +163,14 @@ def diff_augment(x: torch.Tensor, g: torch.Generator, policy: str = "color,trans
     return apply_diff_augment(x, diffaug_draw(n, h, w, g, policy).to(x.device), policy)
 
 
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1−decay)·model for weights; batch-norm buffers are copied."""
+def ema_update(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) -> None:
+    """ema ← decay·ema + (1−decay)·model for weights; batch-norm buffers are copied. `decay` may
+    be a device tensor (inside a CUDA graph, where a Python number would be frozen)."""
+    e, m = list(ema.parameters()), list(model.parameters())
     with torch.no_grad():  # one fused call per list, not one kernel launch per tensor
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+        if isinstance(decay, torch.Tensor):
+            torch._foreach_mul_(e, decay)
+            torch._foreach_add_(e, torch._foreach_mul(m, 1.0 - decay))
+        else:
+            torch._foreach_lerp_(e, m, 1.0 - decay)
         torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))

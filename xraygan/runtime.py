@@ -64,10 +64,12 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """Autocast to `dtype`, or nothing for fp32. `cache=False` inside CUDA graph capture, where
+    autocast's cache of cast weights must not be used."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def make_generator(seed: int) -> torch.Generator:
