@@ -1,3 +1,4 @@
+import copy
 import csv
 import json
 import os
@@ -273,3 +274,34 @@ def test_generate_rejects_wrong_files(cgan_run, tmp_path):
     with pytest.raises(InputError, match="not an xraygan checkpoint"):
         generate(GenerateConfig(tmp_path / "foreign.safetensors", tmp_path / "o", n=1))
     assert not (tmp_path / "o").exists()
+
+
+def test_ema_update_with_a_device_tensor_decay_matches_the_float_form():
+    """Inside a CUDA graph the decay is a tensor; it must compute what the float form does."""
+    from xraygan.gan_models import ema_update
+
+    torch.manual_seed(0)
+    a, m = Generator(GanNetConfig(image_size=16, nz=4, ngf=4)), Generator(GanNetConfig(image_size=16, nz=4, ngf=4))
+    b = copy.deepcopy(a)
+    ema_update(a, m, 0.9)
+    ema_update(b, m, torch.tensor(0.9))
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_optimizer_moments_resume_with_the_parameters_layout(tmp_path):
+    """Moments are saved contiguous; a channels-last network gets them back channels-last (the
+    fused CUDA Adam refuses mismatched layouts: a CUDA resume failed on this)."""
+    from xraygan.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+
+    D = Discriminator(GanNetConfig(image_size=16, ndf=4)).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(D.parameters())
+    D(torch.randn(4, 1, 16, 16)).sum().backward()
+    opt.step()
+    t, groups = optimizer_to_tensors("o.", opt)
+    t = {k: v.contiguous() for k, v in t.items()}
+    opt2 = torch.optim.Adam(D.parameters())
+    optimizer_from_tensors("o.", opt2, t, groups)
+    for p in D.parameters():
+        assert opt2.state[p]["exp_avg"].stride() == p.stride()
+        assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])

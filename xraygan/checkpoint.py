@@ -23,15 +23,61 @@ FORMAT = "xraygan"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], kind: str,
-                    config: dict, **meta: Any) -> None:
-    """Write tensors + self-describing metadata atomically."""
+def snapshot(path: Path, tensors: dict[str, torch.Tensor], kind: str, config: dict,
+             **meta: Any) -> tuple[Path, dict, dict]:
+    """What `save_checkpoint` writes, with the tensors copied off the device (and off the live
+    training tensors): safe to serialise later, on another thread."""
     md = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind,
           "config": json.dumps(config, sort_keys=True)}
     for k, v in meta.items():
         md[k] = v if isinstance(v, str) else json.dumps(v)
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(Path(path), st_save(flat, metadata=md))
+    flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    return Path(path), flat, md
+
+
+def write_snapshot(snap: tuple[Path, dict, dict]) -> None:
+    path, flat, md = snap
+    atomic_write_bytes(path, st_save(flat, metadata=md))
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], kind: str,
+                    config: dict, **meta: Any) -> None:
+    """Write tensors + self-describing metadata atomically."""
+    write_snapshot(snapshot(path, tensors, kind, config, **meta))
+
+
+class BackgroundWriter:
+    """Serialises and writes checkpoint snapshots on one background thread, in order, so the
+    training loop pays only for copying tensors off the device (measured on an H100 at 64 px:
+    writing the 115 MB of a GAN checkpoint took longer than 100 training steps). `wait()`
+    re-raises a failed write; call it before reporting a run as saved."""
+
+    def __init__(self) -> None:
+        self._thread = None
+        self._error: BaseException | None = None
+
+    def submit(self, snaps: list[tuple[Path, dict, dict]]) -> None:
+        import threading
+
+        self.wait()
+
+        def run() -> None:
+            try:
+                for s in snaps:
+                    write_snapshot(s)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="xraygan-checkpoint")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -107,3 +153,9 @@ def optimizer_from_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dic
     impl = ("fused", "capturable", "foreach", "differentiable")
     groups = [{**g, **{k: cur[k] for k in impl if k in cur}} for g, cur in zip(param_groups, opt.param_groups)]
     opt.load_state_dict({"state": state, "param_groups": groups})
+    # moments are saved contiguous; give them their parameter's layout (channels-last), which the
+    # fused CUDA Adam requires
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)

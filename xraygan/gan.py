@@ -21,10 +21,11 @@ from torch import nn
 
 from xraygan import __version__
 from xraygan.checkpoint import (
+    BackgroundWriter,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
-    save_checkpoint,
+    snapshot,
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
@@ -436,18 +437,20 @@ def sample(G: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.
 
 
 def _save(run: Path, trainer: GanTrainer, meta: dict, epoch: int, batch: int,
-          perm: torch.Tensor) -> None:
-    """Write generator, discriminator and resume state; the state file last, so a crash
-    between the writes resumes from the previous consistent state."""
+          perm: torch.Tensor, writer: BackgroundWriter) -> None:
+    """Snapshot generator, discriminator and resume state now; `writer` writes them in the
+    background, the state file last, so a crash between the writes resumes from the previous
+    consistent state."""
     common = dict(meta, epoch=epoch, step=trainer.step_count)
-    save_checkpoint(run / "generator.safetensors", trainer.sampler().state_dict(), "generator",
-                    trainer.net.to_dict(), **common, ema=trainer.G_ema is not None)
-    save_checkpoint(run / "discriminator.safetensors", trainer.D.state_dict(), "discriminator",
-                    trainer.net.to_dict(), **common)
     t, smeta = trainer.state_tensors()
     t["perm"] = perm
-    save_checkpoint(run / "state.safetensors", t, "gan-state", trainer.net.to_dict(),
-                    **{**common, **smeta}, batch=batch)
+    writer.submit([
+        snapshot(run / "generator.safetensors", trainer.sampler().state_dict(), "generator",
+                 trainer.net.to_dict(), **common, ema=trainer.G_ema is not None),
+        snapshot(run / "discriminator.safetensors", trainer.D.state_dict(), "discriminator",
+                 trainer.net.to_dict(), **common),
+        snapshot(run / "state.safetensors", t, "gan-state", trainer.net.to_dict(),
+                 **{**common, **smeta}, batch=batch)])
 
 
 def _append_log(run: Path, rows: list[dict]) -> None:
@@ -569,7 +572,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         nonlocal checkpointed, last_save
         flush()  # never checkpoint a state whose losses were not checked
         _save(run, trainer, meta, epoch, batch,
-              perm if perm is not None else torch.zeros(0, dtype=torch.int64))
+              perm if perm is not None else torch.zeros(0, dtype=torch.int64), writer)
         checkpointed, last_save = True, time.monotonic()
 
     def grid() -> None:
@@ -578,6 +581,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
 
     last_save = time.monotonic()
     in_step = False
+    writer = BackgroundWriter()
     try:
         if not cfg.resume:
             atomic_write_json(run / "config.json", {
@@ -615,7 +619,9 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                     grid()
                 if stop.requested:
                     raise KeyboardInterrupt
+        writer.wait()  # the run is reported as saved only once its files are on disk
     except KeyboardInterrupt:
+        writer.wait()
         if in_step:  # a second Ctrl-C inside a step: that state is half-updated, keep the last save
             if not checkpointed:
                 discard_new_run(run, created)
@@ -623,9 +629,14 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                 f"{run} keeps its last checkpoint: continue with --resume" if checkpointed
                 else f"nothing was checkpointed, so {run} was removed")) from None
         save()
+        writer.wait()
         raise Interrupted(f"interrupted at step {trainer.step_count}; saved: continue with "
                           f"xraygan train-gan ... --out {run} --resume") from None
     except BaseException:
+        try:
+            writer.wait()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            checkpointed = False
         if not checkpointed:
             discard_new_run(run, created)
         raise
