@@ -186,3 +186,35 @@ def test_gradcam_outputs_and_masks(trained, tmp_path):
     with pytest.raises(InputError, match="--layer layer9"):
         gradcam(GradcamConfig(checkpoint=ckpt, data=trained / "test", out=tmp_path / "c4",
                               layer="layer9", device="cpu"))
+
+
+def test_vectorised_bootstrap_matches_the_scikit_learn_loop():
+    """Each resample's metrics equal scikit-learn's on the same resampled arrays (ties, duplicate
+    draws and one-class resamples included)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from xraygan.evaluate import bootstrap_samples
+
+    rng = np.random.default_rng(3)
+    y = rng.random(60) < 0.3
+    s = np.round(np.clip(rng.normal(0.3 + 0.4 * y, 0.25), 0, 1), 2)  # rounded: many ties
+    got = bootstrap_samples(y, s, 0.5, 400, seed=9)
+    idx = np.random.default_rng(9).integers(0, len(y), (400, len(y)))
+    ref_roc, ref_ap, ref_f1 = [], [], []
+    for i in idx:
+        yb, sb = y[i], s[i]
+        pb = sb >= 0.5
+        tp, fp, fn = (yb & pb).sum(), (~yb & pb).sum(), (yb & ~pb).sum()
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        ref_f1.append(2 * p * r / (p + r) if p + r else 0.0)
+        if 0 < yb.sum() < len(yb):
+            ref_roc.append(roc_auc_score(yb, sb))
+            ref_ap.append(average_precision_score(yb, sb))
+    assert np.allclose(got["roc_auc"], ref_roc, atol=1e-9, rtol=0)
+    assert np.allclose(got["pr_auc"], ref_ap, atol=1e-9, rtol=0)
+    assert np.allclose(got["f1"], ref_f1, atol=1e-9, rtol=0)
+    # a set small enough that some resamples hold one class: they are skipped for the AUCs only
+    y2, s2 = np.array([True, False, False, False]), np.array([0.9, 0.1, 0.4, 0.4])
+    few = bootstrap_samples(y2, s2, 0.5, 200, seed=0)
+    assert len(few["f1"]) == 200 and 0 < len(few["roc_auc"]) < 200

@@ -495,7 +495,7 @@ def write_review(out: Path, real: ImageFolder, synth: ImageFolder, n: int, seed:
         "synthetic, <b>quality</b> = 1 (unusable) to 5 (diagnostic quality), optional comment. "
         f"{len(rows)} images, shuffled.</p>\n{cells}\n"))
     atomic_write_bytes(out / "review" / "sheet.png", _contact_sheet([items[o] for o in order], rows))
-    atomic_write_json(out / "review_key.json", {"kind": "xraygan-review-key", "items": key})
+    atomic_write_json(out / "review_key.json", {**record_header("review-key"), "items": key})
     return {"images": len(rows), "sheet": "review/sheet.html", "csv": "review/review.csv",
             "key": "review_key.json"}
 

@@ -36,6 +36,7 @@ from xraygan.fsutil import (
     discard_new_run,
     fingerprint_arrays,
     read_json,
+    record_header,
     start_run_folder,
     write_csv,
 )
@@ -133,15 +134,29 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return (images.unsqueeze(1).float() / 255.0 - MEAN) / STD
 
 
+LOG_EVERY = 10  # training steps between host reads of the loss (progress and the NaN guard)
+
+
+def augment_params(n: int, g: torch.Generator, max_deg: float = 10.0, max_shift: float = 0.08
+                   ) -> torch.Tensor:
+    """(n, 3) warps: rotation in radians (±max_deg) and shift (±max_shift of the size)."""
+    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(max_deg)
+    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * max_shift)  # grid units are [-1, 1]
+    return torch.cat([ang[:, None], shift], 1)
+
+
 def augment_batch(x: torch.Tensor, g: torch.Generator, max_deg: float = 10.0,
                   max_shift: float = 0.08) -> torch.Tensor:
     """One batched affine warp: rotation ±max_deg, shift ±max_shift of the size, per image."""
-    n = x.shape[0]
-    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(max_deg)
-    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * max_shift)  # grid units are [-1, 1]
+    return apply_augment(x, augment_params(x.shape[0], g, max_deg, max_shift).to(x.device))
+
+
+def apply_augment(x: torch.Tensor, warp: torch.Tensor) -> torch.Tensor:
+    """The affine warps of `augment_params` (on x's device), as one grid_sample."""
+    ang, shift = warp[:, 0], warp[:, 1:]
     cos, sin = torch.cos(ang), torch.sin(ang)
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.device, x.dtype)
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     bg = -MEAN / STD  # black outside the image, in normalised units
     return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros",
@@ -305,7 +320,7 @@ def _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, 
         for stale_file in ("log.csv", "state.safetensors"):
             (out / stale_file).unlink(missing_ok=True)
     atomic_write_json(out / "config.json", {
-        "train": cfg.to_json(), "net": net.to_dict(), "classes": list(train.classes),
+        **record_header("classifier-run"), "train": cfg.to_json(), "net": net.to_dict(), "classes": list(train.classes),
         "counts": train.counts(), "val_counts": val.counts(), "data_fingerprint": fingerprint,
         "device": str(device),
         "precision": str(amp) if amp else "fp32", "class_weights": weights.tolist() if weights is not None else None,
@@ -315,30 +330,37 @@ def _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, 
     t0 = time.perf_counter()
     for epoch in range(start, cfg.epochs + 1):
         model.train()
+        # the epoch's order and augmentation draws in one go, moved to the device once: a draw per
+        # step would be a blocking host-to-device copy per step on a GPU
         perm = torch.randperm(len(x_all), generator=g).to(device)
-        total, seen, te = 0.0, 0, time.perf_counter()
+        warp = augment_params(len(x_all), g).to(device) if cfg.augment else None
+        total = torch.zeros((), device=device)
+        seen, te = 0, time.perf_counter()
         for s in range(steps):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             if len(idx) < 2:  # batch norm cannot train on one image
                 continue
             x = to_input(x_all[idx])
-            if cfg.augment:
-                x = augment_batch(x, g)
+            if warp is not None:
+                x = apply_augment(x, warp[s * cfg.batch_size:(s + 1) * cfg.batch_size])
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 loss = loss_fn(model(x).float(), y_all[idx])
-            if not torch.isfinite(loss):
-                raise TrainingError(f"epoch {epoch}: training loss is not finite; stopped "
-                                    f"(best model so far in {out / 'classifier.safetensors'})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)  # stays on the device: no sync per step
             seen += len(idx)
-            if progress:
-                progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
-                         epoch=f"{epoch}/{cfg.epochs}", loss=total / seen, images=seen)
+            if (s + 1) % LOG_EVERY == 0 or s == steps - 1:
+                mean = float(total) / seen  # one host read per LOG_EVERY steps
+                if not math.isfinite(mean):
+                    raise TrainingError(f"epoch {epoch}: training loss is not finite; stopped "
+                                        f"(best model so far in {out / 'classifier.safetensors'})")
+                if progress:
+                    progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
+                             epoch=f"{epoch}/{cfg.epochs}", loss=mean, images=seen)
+        total = float(total)
         sched.step()
         ips = seen / (time.perf_counter() - te)
         probs = predict_proba(model, val.images, device, channels_last=cl)

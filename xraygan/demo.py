@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xraygan.errors import check_choice, check_int, require
+from xraygan.errors import Interrupted, check_choice, check_int, require
 from xraygan.fsutil import atomic_write_json, check_output_free, record_header
 from xraygan.runtime import DEVICES
 
@@ -34,14 +34,7 @@ class DemoConfig:
 
 
 def demo(cfg: DemoConfig, progress=None) -> dict:
-    from xraygan.classifier import TrainClassifierConfig, train_classifier
-    from xraygan.evaluate import EvaluateConfig, compare, evaluate
-    from xraygan.gan import TrainGanConfig, train_gan
     from xraygan.gan_models import SUPPORTED_SIZES
-    from xraygan.generate import GenerateConfig, generate
-    from xraygan.gradcam import GradcamConfig, gradcam
-    from xraygan.prepare import PrepareConfig, prepare
-    from xraygan.rebalance import RebalanceConfig, rebalance
 
     check_int("--count", cfg.count, 20)
     require(cfg.size in SUPPORTED_SIZES, f"--size {cfg.size}: must be one of "
@@ -55,6 +48,22 @@ def demo(cfg: DemoConfig, progress=None) -> dict:
         shutil.rmtree(out)  # checked above: an earlier demo's folder and nothing else
     # the record first, so an interrupted demo is still recognised (and replaced by --force)
     atomic_write_json(out / "demo.json", {**record_header("demo"), "status": "running"})
+    try:
+        return _demo(cfg, out, progress)
+    except (KeyboardInterrupt, Interrupted):
+        raise Interrupted(f"interrupted; {out} keeps the steps that finished (demo.json says "
+                          "'running'): rerun with --force to start over") from None
+
+
+def _demo(cfg: DemoConfig, out: Path, progress) -> dict:
+    from xraygan.classifier import TrainClassifierConfig, train_classifier
+    from xraygan.evaluate import EvaluateConfig, compare, evaluate
+    from xraygan.gan import TrainGanConfig, train_gan
+    from xraygan.generate import GenerateConfig, generate
+    from xraygan.gradcam import GradcamConfig, gradcam
+    from xraygan.prepare import PrepareConfig, prepare
+    from xraygan.rebalance import RebalanceConfig, rebalance
+
     times: dict[str, float] = {}
 
     def timed(name: str, fn, *args):

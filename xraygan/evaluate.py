@@ -99,39 +99,81 @@ def tune_threshold(y: np.ndarray, score: np.ndarray, rule: str) -> float:
     return float(s[int(np.argmax(crit))])
 
 
+def resample_aucs(y: np.ndarray, score: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC-AUC and average precision of every resample at once.
+
+    `counts[b, i]` is how often image i was drawn in resample b. The scores are sorted once; per
+    resample, ROC-AUC is the Mann-Whitney statistic (ties count half, as the trapezoid of
+    scikit-learn's `roc_auc_score` does) and average precision is sum(ΔR · P) over the distinct
+    thresholds, both from cumulative per-score-group weights: the same numbers as calling
+    scikit-learn on each resample (tested to 1e-12), without 2,000 calls.
+    """
+    order = np.argsort(-score, kind="stable")
+    s = score[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores, descending
+    pos = y[order].astype(np.float64)
+    w = counts[:, order].astype(np.float64)
+    wp = np.add.reduceat(w * pos, starts, axis=1)  # (B, G) positive weight per score group
+    wn = np.add.reduceat(w * (1 - pos), starts, axis=1)
+    P, N = wp.sum(1), wn.sum(1)
+    # negatives scored strictly lower than each group: all negatives in later (lower) groups
+    neg_below = N[:, None] - np.cumsum(wn, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        roc = (wp * (neg_below + 0.5 * wn)).sum(1) / (P * N)
+        tp, fp = np.cumsum(wp, axis=1), np.cumsum(wn, axis=1)
+        prec = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        ap = (wp / P[:, None] * prec).sum(1)
+    return roc, ap
+
+
 def bootstrap_ci(y: np.ndarray, score: np.ndarray, threshold: float, n: int,
                  seed: int) -> dict[str, list[float] | None]:
     """Percentile 95% intervals over `n` resamples of the test images. AUCs skip resamples that
     hold one class only."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     if n <= 0:
         return {}
-    rng = np.random.default_rng(seed)
-    y = np.asarray(y, dtype=bool)
-    pred = np.asarray(score) >= threshold
-    idx = rng.integers(0, len(y), (n, len(y)))
-    yb, pb = y[idx], pred[idx]
-    tp = (yb & pb).sum(1).astype(float)
-    fp = (~yb & pb).sum(1).astype(float)
-    fn = (yb & ~pb).sum(1).astype(float)
-    tn = (~yb & ~pb).sum(1).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prec = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        rec = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
-        spec = np.where(tn + fp > 0, tn / (tn + fp), 0.0)
-        f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
-    samples = {"precision": prec, "recall": rec, "specificity": spec, "f1": f1,
-               "accuracy": (tp + tn) / len(y), "balanced_accuracy": (rec + spec) / 2}
-    both = [i for i in range(n) if 0 < yb[i].sum() < len(y)]
-    if both:
-        samples["roc_auc"] = np.array([roc_auc_score(yb[i], score[idx[i]]) for i in both])
-        samples["pr_auc"] = np.array([average_precision_score(yb[i], score[idx[i]]) for i in both])
     out: dict[str, list[float] | None] = {k: None for k in CI_KEYS}
-    for k, v in samples.items():
+    for k, v in bootstrap_samples(y, score, threshold, n, seed).items():
         lo, hi = np.percentile(v, [2.5, 97.5])
         out[k] = [round(float(lo), 4), round(float(hi), 4)]
     return out
+
+
+def bootstrap_samples(y: np.ndarray, score: np.ndarray, threshold: float, n: int,
+                      seed: int) -> dict[str, np.ndarray]:
+    """Every metric on each of `n` resamples (drawn with replacement, seeded). Vectorised over
+    the resamples: 1,000 resamples of 624 images take milliseconds, not 2,000 scikit-learn calls."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    N = len(y)
+    idx = rng.integers(0, N, (n, N))
+    samples: dict[str, list] = {k: [] for k in ("precision", "recall", "specificity", "f1", "accuracy",
+                                                "balanced_accuracy", "roc_auc", "pr_auc")}
+    pred = score >= threshold
+    for lo in range(0, n, 256):  # blocks bound the memory of the (resamples x images) counts
+        block = idx[lo:lo + 256]
+        counts = np.zeros((len(block), N), dtype=np.int64)
+        np.add.at(counts, (np.arange(len(block))[:, None], block), 1)
+        tp = (counts * (y & pred)).sum(1).astype(float)
+        fp = (counts * (~y & pred)).sum(1).astype(float)
+        fn = (counts * (y & ~pred)).sum(1).astype(float)
+        tn = (counts * (~y & ~pred)).sum(1).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prec = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+            rec = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+            spec = np.where(tn + fp > 0, tn / (tn + fp), 0.0)
+            f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+        for k, v in (("precision", prec), ("recall", rec), ("specificity", spec), ("f1", f1),
+                     ("accuracy", (tp + tn) / N), ("balanced_accuracy", (rec + spec) / 2)):
+            samples[k].append(v)
+        npos = (counts * y).sum(1)
+        both = (npos > 0) & (npos < N)
+        if both.any():
+            roc, ap = resample_aucs(y, score, counts[both])
+            samples["roc_auc"].append(roc)
+            samples["pr_auc"].append(ap)
+    return {k: np.concatenate(v) for k, v in samples.items() if v}
 
 
 def _scores(model, folder: ImageFolder, pos: int, device, batch_size: int) -> np.ndarray:
@@ -383,8 +425,8 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> 
         with staged_dir(Path(out), force, "compare") as tmp:
             atomic_write_text(tmp / "table.md", res["markdown"])
             atomic_write_text(tmp / "table.csv", res["csv"])
-            atomic_write_json(tmp / "table.json", {k: res[k] for k in ("rows", "columns", "warnings",
-                                                                       "runs")})
+            atomic_write_json(tmp / "table.json", {**record_header("table"),
+                                                     **{k: res[k] for k in ("rows", "columns", "warnings", "runs")}})
         res["out"] = str(out)
     return res
 

@@ -45,6 +45,7 @@ from xraygan.fsutil import (
     discard_new_run,
     fingerprint_arrays,
     read_json,
+    record_header,
     start_run_folder,
     write_csv,
 )
@@ -585,7 +586,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     try:
         if not cfg.resume:
             atomic_write_json(run / "config.json", {
-                "train": asked, "diffaugment": cfg.diffaugment, "net": net.to_dict(),
+                **record_header("gan-run"), "train": asked, "diffaugment": cfg.diffaugment, "net": net.to_dict(),
                 "classes": list(classes), "default_label": label, "counts": data.counts(),
                 "data_fingerprint": fingerprint, "steps": total_steps, "device": str(device),
                 "autocast": str(trainer.amp) if trainer.amp else "fp32", "warnings": warnings,
