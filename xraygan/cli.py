@@ -166,9 +166,13 @@ def prepare(
              "folder, or a MedMNIST .npz.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder.")] = ...,
     medmnist: Annotated[Optional[Path], typer.Option(help="A MedMNIST .npz file as the source.")] = None,
-    demo: Annotated[bool, typer.Option(help="Use procedural phantom X-rays (synthetic demo data, "
-                                             "not for medical conclusions).")] = False,
-    demo_count: Annotated[int, typer.Option(help="Demo images per class.")] = 300,
+    sample: Annotated[bool, typer.Option(
+        "--sample", help="Use the real sample shipped with xraygan: 1,600 Kermany chest X-rays at "
+                         "64 px (CC BY 4.0), split by patient; --size 64 or less.")] = False,
+    demo: Annotated[bool, typer.Option(
+        "--phantom", "--demo", help="Use procedural phantom X-rays (synthetic, for tests; not for "
+                                    "medical conclusions). --demo is its old name.")] = False,
+    demo_count: Annotated[int, typer.Option(help="Phantom images per class.")] = 300,
     size: Annotated[int, typer.Option(help="Output image size in pixels (square).")] = 64,
     square: Annotated[str, typer.Option(help="How to make images square: crop (center) or pad.")] = "crop",
     keep: Annotated[list[str], typer.Option(
@@ -200,12 +204,13 @@ def prepare(
     """Turn raw chest X-rays into OUT/{train,val,test}/{normal,pneumonia}/*.png + dataset.json.
 
     Example: xraygan prepare chest_xray/ --out data --size 64 --imbalance 3
+             xraygan prepare --sample --out data --size 32
     """
     from xraygan.console import counts_table, err
     from xraygan.prepare import PrepareConfig
     from xraygan.prepare import prepare as run_prepare
 
-    cfg = PrepareConfig(out=out, src=src, medmnist=medmnist, demo=demo, demo_count=demo_count,
+    cfg = PrepareConfig(out=out, src=src, medmnist=medmnist, demo=demo, demo_count=demo_count, sample=sample,
                         size=size, square=square, keep=_parse_keep(keep), imbalance=imbalance,
                         minority=minority.lower(), extra_normal=extra_normal,
                         extra_normal_count=extra_normal_count, split=_parse_fractions(split),

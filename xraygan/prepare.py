@@ -24,7 +24,16 @@ from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import SQUARE_MODES, encode_png, load_gray, make_square, resize_gray
 from xraygan.phantom import DEMO_NOTE
-from xraygan.sources import Item, Scan, scan_demo, scan_extra_normal, scan_folder_source, scan_medmnist
+from xraygan.sample import SHA256 as SAMPLE_SHA256
+from xraygan.sources import (
+    Item,
+    Scan,
+    scan_demo,
+    scan_extra_normal,
+    scan_folder_source,
+    scan_medmnist,
+    scan_sample,
+)
 
 SPLITS = ("train", "val", "test")
 Progress = Callable[[str, int, int], None]
@@ -35,8 +44,9 @@ class PrepareConfig:
     out: Path
     src: Path | None = None
     medmnist: Path | None = None
-    demo: bool = False
+    demo: bool = False  # procedural phantoms (--phantom; --demo is its old name)
     demo_count: int = 300
+    sample: bool = False  # the real Kermany sample shipped with the package
     size: int = 64
     square: str = "crop"
     keep: tuple[tuple[str, int], ...] = ()  # (class, count) in the training split
@@ -54,9 +64,12 @@ class PrepareConfig:
     force: bool = False
 
     def validate(self) -> None:
-        given = [x for x in (self.src, self.medmnist) if x is not None] + ([1] if self.demo else [])
+        given = ([x for x in (self.src, self.medmnist) if x is not None] + ([1] if self.demo else [])
+                 + ([1] if self.sample else []))
         if len(given) != 1:
-            raise InputError("give exactly one source: SRC, --medmnist FILE.npz or --demo")
+            raise InputError("give exactly one source: SRC, --medmnist FILE.npz, --sample or --phantom")
+        if self.sample and self.size > 64:
+            raise InputError(f"--size {self.size}: the shipped sample is 64 px; use --size 64 or less")
         if not 8 <= self.size <= 1024:
             raise InputError(f"--size {self.size}: must be between 8 and 1024")
         if self.square not in SQUARE_MODES:
@@ -225,7 +238,11 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
     cfg.validate()
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
-    if cfg.demo:
+    if cfg.sample:
+        scan, info = scan_sample()
+        src_desc = {"kind": "sample", "name": "kermany_sample_64", "sha256": SAMPLE_SHA256,
+                    "license": info["license"], "citation": info["source"]}
+    elif cfg.demo:
         scan = scan_demo(cfg.demo_count, cfg.seed)
         src_desc = {"kind": "demo", "count_per_class": cfg.demo_count}
     elif cfg.medmnist is not None:
@@ -344,7 +361,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
         for s in SPLITS:
             for c in classes:
                 if counts[s][c] == 0:
-                    raise InputError(f"{cfg.src or cfg.medmnist or 'demo'}: the {s} split would "
+                    raise InputError(f"{cfg.src or cfg.medmnist or ('sample' if cfg.sample else 'demo')}: the {s} split would "
                                      f"have no {c} images (too few images or patients)")
         warnings = list(notes)
         confound = None
@@ -361,6 +378,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
             **record_header("dataset"), "created_by": f"xraygan {__version__} prepare",
             "sources": sources,
             "synthetic_demo": cfg.demo,
+            "license": "CC BY 4.0 (Kermany et al. 2018): credit the source" if cfg.sample else None,
             "note": DEMO_NOTE if cfg.demo else None,
             "image_size": cfg.size, "square": cfg.square, "seed": cfg.seed,
             "classes": classes,

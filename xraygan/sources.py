@@ -263,6 +263,18 @@ def scan_extra_normal(src: Path, count: int | None, rng: np.random.Generator,
     return Scan(items, ignored, skipped, "extra-normal")
 
 
+def scan_sample() -> tuple[Scan, dict]:
+    """The real sample shipped with the package (xraygan.sample), with its splits and patients."""
+    from xraygan.sample import load_sample
+
+    splits, info = load_sample()
+    classes = info["classes"]
+    items = [Item(cls=classes[int(sp.labels[i])], source="kermany-sample", split=s, patient=sp.patients[i],
+                  name=Path(sp.files[i]).stem, ident=f"sample:{sp.files[i]}", array=sp.images[i])
+             for s, sp in splits.items() for i in range(len(sp.labels))]
+    return Scan(items, 0, [], "sample"), info
+
+
 def scan_demo(count_per_class: int, seed: int) -> Scan:
     from xraygan.phantom import demo_images
 
