@@ -72,8 +72,8 @@ def test_classifier_commands_compose_end_to_end(demo_data, tmp_path):
             ok("train-classifier", tmp_path / f"bal-{method}", "--val", demo_data / "val", "--out", run,
                "--epochs", "1", "--batch-size", "32", "--small-stem", "no", "--seed", seed,
                "--device", "cpu")
-            r = ok("evaluate", run / "classifier.safetensors", demo_data / "test", "--report",
-                   run / "report", "--bootstrap", "50", "--json")
+            r = ok("evaluate", run / "classifier.safetensors", demo_data / "test", "--report",  # bare:
+                   "--bootstrap", "50", "--json")  # the report goes beside the checkpoint
             rec = json.loads(r.stdout)
             assert rec["label"] == method and (run / "report" / "report.md").is_file()
     r = ok("gradcam", runs / "none-seed0" / "classifier.safetensors", demo_data / "test",
@@ -88,17 +88,30 @@ def test_classifier_commands_compose_end_to_end(demo_data, tmp_path):
     assert r.exit_code == 2 and len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
 
 
-def test_demo_runs_the_whole_pipeline(tmp_path):
+def test_demo_runs_the_whole_pipeline_on_the_real_sample(tmp_path):
     out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--count", "60", "--size", "16",
-                            "--gan-steps", "2", "--clf-epochs", "1", "--device", "cpu", "--json"])
+    r = runner.invoke(app, ["demo", "--out", str(out), "--size", "16", "--gan-steps", "2", "--clf-epochs", "1",
+                            "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["rows"] == ["baseline", "oversample", "dcgan"]
+    assert res["rows"] == ["baseline", "oversample", "dcgan"] and res["data"] == "sample"
     for row in res["rows"]:
         assert Path(res["reports"][row]).is_file() and Path(res["gradcam_grids"][row]).is_file()
     table = (out / "table" / "table.md").read_text()
     assert all(f"| {row} | 1 |" in table for row in res["rows"]) and "CAM in lungs" in table
-    assert len(list((out / "synth" / "dcgan" / "pneumonia").glob("synthetic-*.png"))) == res["synthetic_images"]
+    assert res["train_counts"] == {"normal": 900, "pneumonia": 300} and res["synthetic_images"] == 600
+    assert len(list((out / "synth" / "dcgan" / "pneumonia").glob("synthetic-*.png"))) == 600
+    a = res["synthetic_audit"]
+    assert a["space"] == "classifier" and 0 <= a["recall"] <= 1 and 0 <= a["coverage"] <= 1
+    assert isinstance(res["collapsed"], bool) and Path(res["figure"]).is_file()
+    assert "Synthetic pneumonia images (600, DCGAN, 2 steps)" in r.stderr
+    assert "Kermany et al. (2018), CC BY 4.0" in r.stderr
     r = runner.invoke(app, ["demo", "--out", str(out)])
     assert r.exit_code == 2 and "already exists" in r.stderr
+
+
+def test_demo_on_phantoms(tmp_path):
+    r = runner.invoke(app, ["demo", "--phantom", "--out", str(tmp_path / "d"), "--count", "60", "--size", "16",
+                            "--gan-steps", "2", "--clf-epochs", "1", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["data"] == "phantom" and "not medical images" in r.stderr

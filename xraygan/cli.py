@@ -27,6 +27,7 @@ class _Group(typer.core.TyperGroup):
         except ImportError:
             import click
 
+        args = _optional_values(list(sys.argv[1:] if args is None else args))
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -44,6 +45,24 @@ class _Group(typer.core.TyperGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# Options that also work as bare flags, as the study's users write them: `evaluate CKPT DATA
+# --report` puts the report beside the checkpoint. A bare flag is one followed by nothing or by
+# another option; it is given this value, which the command resolves.
+BESIDE = "@beside"
+OPTIONAL_VALUE = {"evaluate": ("--report",)}
+
+
+def _optional_values(args: list[str]) -> list[str]:
+    cmd = next((a for a in args if not a.startswith("-")), None)
+    flags = OPTIONAL_VALUE.get(cmd, ())
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        if a in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(BESIDE)
+    return out
 
 
 app = typer.Typer(name="xraygan", cls=_Group, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -437,7 +456,7 @@ def evaluate(
              "folders holding them (searched recursively).", show_default=False)] = [],  # noqa: B006
     report: Annotated[Optional[Path], typer.Option(
         help="Write metrics.json, report.md, predictions.csv and ROC/PR/confusion/score "
-             "plots here.")] = None,
+             "plots here; a bare --report writes them to report/ beside the checkpoint.")] = None,
     threshold: Annotated[Optional[float], typer.Option(
         help="Decision threshold on P(positive) (default 0.5).")] = None,
     tune_on: Annotated[Optional[Path], typer.Option(
@@ -460,7 +479,7 @@ def evaluate(
 ) -> None:
     """Measure a classifier on a test folder, or compare runs (--compare) in the study's table.
 
-    Example: xraygan evaluate runs/clf/classifier.safetensors data/test --report runs/clf/report
+    Example: xraygan evaluate runs/clf/classifier.safetensors data/test --report
              xraygan evaluate --compare runs/ --out results/
     """
     from xraygan.console import err
@@ -486,6 +505,8 @@ def evaluate(
         raise typer.BadParameter("expected CHECKPOINT TEST_FOLDER (or --compare PATHS...)")
     if out is not None:
         raise typer.BadParameter("--out is for --compare; a single evaluation writes to --report")
+    if report is not None and str(report) == BESIDE:
+        report = inputs[0].parent / "report"
     cfg = EvaluateConfig(checkpoint=inputs[0], data=inputs[1], report=report, threshold=threshold,
                          tune_on=tune_on, tune_for=tune_for, positive=positive, label=label,
                          bootstrap=bootstrap, seed=seed, device=device, force=force)
@@ -549,19 +570,22 @@ def gradcam(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the whole run.")] = Path("demo"),
-    count: Annotated[int, typer.Option(help="Phantom images per class before splitting.")] = 500,
-    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 32,
+    size: Annotated[int, typer.Option(help="Image size in pixels: 32 fits a laptop CPU; 64 wants a GPU.")] = 32,
     gan_steps: Annotated[int, typer.Option(help="DCGAN training steps.")] = 500,
     clf_epochs: Annotated[int, typer.Option(help="Classifier epochs per row.")] = 8,
+    phantom: Annotated[bool, typer.Option(
+        "--phantom", help="Run on procedural phantom X-rays instead of the real sample (tests).")] = False,
+    count: Annotated[int, typer.Option(help="--phantom: phantom images per class before splitting.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed for every step.")] = 0,
     device: DeviceOpt = "auto",
-    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the whole pipeline on built-in phantom X-rays and print the comparison table.
+    """Run the whole study on the real chest X-ray sample shipped with xraygan and print the table.
 
-    prepare → train-gan → generate → rebalance (none, oversample, gan) → train-classifier →
-    evaluate → gradcam → evaluate --compare, in a few minutes on two CPU cores.
+    prepare --sample → train-gan → generate → rebalance (none, oversample, gan) → train-classifier
+    → evaluate → gradcam → audit of the synthetic images → evaluate --compare, in about three
+    minutes on two CPU cores.
 
     Example: xraygan demo --out demo
     """
@@ -569,18 +593,34 @@ def demo(
     from xraygan.demo import DemoConfig
     from xraygan.demo import demo as run_demo
 
-    cfg = DemoConfig(out=out, count=count, size=size, gan_steps=gan_steps, clf_epochs=clf_epochs,
-                     seed=seed, device=device, force=force)
+    cfg = DemoConfig(out=out, phantom=phantom, count=count, size=size, gan_steps=gan_steps,
+                     clf_epochs=clf_epochs, seed=seed, device=device, force=force)
     res = _run_with_progress(run_demo, cfg)
-    err.print(f"\n[bold]Comparison on the demo test set[/] ({res['total_seconds']:.0f} s in all):", highlight=False)
+    a = res["synthetic_audit"]
+    err.print(f"\n[bold]Synthetic pneumonia images[/] ({res['synthetic_images']}, DCGAN, {res['gan']['steps']} "
+              f"steps) against the real training images, in the {a['space']} feature space: "
+              f"precision {a['precision']:.2f}, recall {a['recall']:.2f}, coverage {a['coverage']:.2f}, "
+              f"FD {a['fd']:.3g}; near-copies of training images: {a['near_copies']} of {a['of']}",
+              highlight=False)
+    if res["collapsed"]:
+        err.print(f"[bold red]The DCGAN collapsed:[/] its images cover almost none of the real images' "
+                  f"variety (recall {a['recall']:.2f}, coverage {a['coverage']:.2f}; see {res['figure']}). "
+                  "Its row below is not a result about GAN oversampling. Try more --gan-steps, or "
+                  "--size 64 on a GPU.", highlight=False)
+    err.print(f"\n[bold]Comparison on the {'phantom' if phantom else 'sample'} test set[/] "
+              f"({res['total_seconds']:.0f} s in all):", highlight=False)
     sys.stderr.write(res["markdown"])
-    err.print(f"\nreports:        {out}/runs/<row>/report/report.md  (plots beside them)\n"
-              f"GAN samples:    {res['gan']['samples']}/ (one grid per epoch), synthetic preview "
-              f"{res['gan']['preview']}\n"
-              f"Grad-CAMs:      {out}/runs/<row>/cams/grid.png\n"
-              f"table:          {res['table']} (+ .csv); timings: {out}/demo.json", highlight=False)
+    err.print(f"\nreal vs synthetic: {res['figure']}\n"
+              f"reports:           {out}/runs/<row>/report/report.md  (plots beside them)\n"
+              f"audit:             {a['report']}\n"
+              f"GAN samples:       {res['gan']['samples']}/, synthetic preview {res['gan']['preview']}\n"
+              f"Grad-CAMs:         {out}/runs/<row>/cams/grid.png\n"
+              f"table:             {res['table']} (+ .csv); timings: {out}/demo.json", highlight=False)
     if res.get("note"):
         err.print(f"[bold yellow]note:[/] {res['note']}", highlight=False)
+    elif not phantom:
+        err.print("data: 1,600 real pediatric chest X-rays from Kermany et al. (2018), CC BY 4.0",
+                  highlight=False)
     if as_json:
         _emit_json({k: v for k, v in res.items() if k != "markdown"})
 

@@ -1,10 +1,12 @@
-"""`xraygan demo`: the whole study, end to end, on the embedded phantom data in a few minutes.
+"""`xraygan demo`: the whole study, end to end, on the real sample shipped with xraygan.
 
-prepare (phantoms, 3:1) → train-gan (DCGAN on the minority class) → generate → rebalance
-(none, oversample, gan) → train-classifier → evaluate → gradcam → compare. Each step is the
-same library function the command of that name calls, so the demo exercises the real pipeline;
-only the sizes are small. The phantoms are synthetic: the numbers show the pipeline working,
-not anything about medicine.
+prepare (the 1,600-image Kermany sample, 3:1 in train) → train-gan (DCGAN on the minority
+class) → generate → rebalance (none, oversample, gan) → train-classifier → evaluate → gradcam
+→ audit of the synthetic images → compare. Each step is the same library function the command
+of that name calls, so the demo exercises the real pipeline; only the sizes are small. If the
+audit finds the synthetic set covers almost none of the real images' variety, the demo says the
+GAN collapsed instead of presenting its row as a result. `--phantom` runs it on procedural
+phantoms instead (synthetic, for tests).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from xraygan.errors import Interrupted, check_choice, check_int, require
 from xraygan.fsutil import atomic_write_json, check_output_free, record_header
+from xraygan.images import save_png
 from xraygan.runtime import DEVICES
 
 ROWS = ("baseline", "oversample", "dcgan")
@@ -24,6 +29,7 @@ ROWS = ("baseline", "oversample", "dcgan")
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path
+    phantom: bool = False  # procedural phantoms instead of the real sample
     count: int = 500  # phantoms per class before the split
     size: int = 32
     gan_steps: int = 500
@@ -31,6 +37,37 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     force: bool = False
+
+
+# Below these (k-NN recall or coverage of the synthetic set against the real training images),
+# the synthetic images cover almost none of the real variety: the GAN collapsed.
+COLLAPSE_RECALL = 0.05
+COLLAPSE_COVERAGE = 0.05
+
+
+def side_by_side(real: Path, synth: Path, n: int = 32) -> np.ndarray:
+    """Real training images (left) and synthetic ones (right), 4 rows of 8 each, one image."""
+    from xraygan.images import load_gray
+
+    def grid(folder: Path) -> np.ndarray:
+        files = sorted(folder.glob("*.png"))[:n]
+        tiles = [load_gray(f, _size(files[0])) for f in files]
+        side = tiles[0].shape[0]
+        g = np.full((4 * (side + 2) + 2, 8 * (side + 2) + 2), 255, np.uint8)
+        for i, t in enumerate(tiles):
+            r, c = divmod(i, 8)
+            g[2 + r * (side + 2):2 + r * (side + 2) + side, 2 + c * (side + 2):2 + c * (side + 2) + side] = t
+        return g
+
+    a, b = grid(real), grid(synth)
+    return np.concatenate([a, np.full((a.shape[0], 12), 255, np.uint8), b], axis=1)
+
+
+def _size(f: Path) -> int:
+    from PIL import Image
+
+    with Image.open(f) as im:
+        return im.size[0]
 
 
 def demo(cfg: DemoConfig, progress=None) -> dict:
@@ -56,6 +93,7 @@ def demo(cfg: DemoConfig, progress=None) -> dict:
 
 
 def _demo(cfg: DemoConfig, out: Path, progress) -> dict:
+    from xraygan.audit import AuditConfig, audit
     from xraygan.classifier import TrainClassifierConfig, train_classifier
     from xraygan.evaluate import EvaluateConfig, compare, evaluate
     from xraygan.gan import TrainGanConfig, train_gan
@@ -79,15 +117,16 @@ def _demo(cfg: DemoConfig, out: Path, progress) -> dict:
         return lambda s, done, total, **fig: progress(f"{s} {label}".strip(), done, total, **fig)
 
     data, gan_run, synth = out / "data", out / "gan" / "dcgan", out / "synth" / "dcgan"
-    rec = timed("prepare", prepare, PrepareConfig(out=data, demo=True, demo_count=cfg.count,
-                                                  size=cfg.size, imbalance=3.0, seed=cfg.seed,
-                                                  force=cfg.force), stage(""))
+    rec = timed("prepare", prepare, PrepareConfig(out=data, demo=cfg.phantom, sample=not cfg.phantom,
+                                                  demo_count=cfg.count, size=cfg.size, imbalance=3.0,
+                                                  seed=cfg.seed, force=cfg.force), stage(""))
     counts = rec["counts"]["train"]
     need = counts["normal"] - counts["pneumonia"]
     batch = min(32, counts["pneumonia"])
     gan = timed("train-gan", train_gan, TrainGanConfig(
         data=data / "train", out=gan_run, cls="pneumonia", steps=cfg.gan_steps, batch_size=batch,
-        seed=cfg.seed, device=cfg.device, force=cfg.force), stage("dcgan"))
+        sample_every=max(1, cfg.gan_steps // 5), seed=cfg.seed, device=cfg.device, force=cfg.force),
+        stage("dcgan"))
     timed("generate", generate, GenerateConfig(checkpoint=gan_run / "generator.safetensors",
                                                out=synth, n=need, label="pneumonia", seed=cfg.seed,
                                                device=cfg.device, preview=True, force=cfg.force),
@@ -111,11 +150,25 @@ def _demo(cfg: DemoConfig, out: Path, progress) -> dict:
             checkpoint=ckpt, data=data / "test", out=run / "cams", n=6, label=row,
             device=cfg.device, force=cfg.force), stage(row))
         runs[row] = str(run)
+        if row == "baseline":  # the synthetic set, in the baseline classifier's feature space
+            aud = timed("audit", audit, AuditConfig(
+                real=data / "train", synthetic=synth, out=out / "audit" / "dcgan", classifier=str(ckpt),
+                review=0, seed=cfg.seed, device=cfg.device, force=cfg.force), stage(""))
     table = compare([out / "runs" / r for r in ROWS], out / "table", force=cfg.force)
+    figure = out / "real_vs_synthetic.png"
+    save_png(figure, side_by_side(data / "train" / "pneumonia", synth / "pneumonia"))
+    spaces = aud["classes"]["pneumonia"]["spaces"]
+    space = "classifier" if "classifier" in spaces else next(iter(spaces))
+    diversity = {k: spaces[space][k] for k in ("fd", "kid", "precision", "recall", "coverage")}
+    copies = aud["classes"]["pneumonia"]["memorisation"]["flagged"]
+    collapsed = (diversity["recall"] or 0) < COLLAPSE_RECALL or (diversity["coverage"] or 0) < COLLAPSE_COVERAGE
     summary = {
         **record_header("demo"), "status": "done", "out": str(out), "rows": list(ROWS), "train_counts": counts, "synthetic_images": need,
-        "gan": {"steps": gan["steps"], "images_per_s": gan["images_per_s"],
+        "gan": {"steps": gan["steps"], "images_per_s": gan["images_per_s"], "diversity": gan.get("diversity"),
                 "samples": str(gan_run / "samples"), "preview": str(synth / "preview.png")},
+        "synthetic_audit": {"space": space, **diversity, "near_copies": copies, "of": need,
+                            "report": str(out / "audit" / "dcgan" / "report.md")},
+        "collapsed": collapsed, "figure": str(figure), "data": "phantom" if cfg.phantom else "sample",
         "reports": {r: f"{runs[r]}/report/report.md" for r in ROWS},
         "gradcam_grids": {r: f"{runs[r]}/cams/grid.png" for r in ROWS},
         "table": str(out / "table" / "table.md"), "markdown": table["markdown"],

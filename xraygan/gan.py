@@ -71,7 +71,23 @@ from xraygan.runtime import (
 
 Progress = Callable[..., None]
 STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z")
-LOG_FIELDS = ("step", "epoch", *STAT_NAMES, "seconds")
+LOG_FIELDS = ("step", "epoch", *STAT_NAMES, "diversity", "seconds")
+COLLAPSED_BELOW = 0.25  # diversity (see `diversity`) under which train-gan warns of mode collapse
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    """Mean L2 distance between the distinct pairs of a batch of images."""
+    f = x.detach().float().flatten(1)
+    d = torch.cdist(f, f)
+    n = len(f)
+    return float(d.sum() / (n * (n - 1)))
+
+
+def diversity(samples: torch.Tensor, real_spread: float) -> float:
+    """How spread out the generator's fixed-noise samples are, as a share of a real batch's
+    spread (mean pairwise distance): about 1 for a healthy generator, near 0 when it has
+    collapsed to one image whatever the noise."""
+    return mean_pairwise_distance(samples) / real_spread if real_spread > 0 else float("nan")
 
 
 @dataclass(frozen=True)
@@ -541,6 +557,10 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     images_done = 0
     last: dict = {}
     pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, epoch, seconds, stats on device)
+    divs: dict[int, float] = {}  # step -> diversity of the sample grid written at that step
+    # the real spread the samples' diversity is measured against: a fixed real batch of 64
+    ref = torch.randperm(n, generator=make_generator(cfg.seed + 4))[:64].to(device)
+    real_spread = mean_pairwise_distance(x_all[ref])
 
     def flush() -> None:
         """Read the pending losses in one host sync; log them; stop on a non-finite value."""
@@ -550,7 +570,8 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         vals = torch.stack([p[3] for p in pending]).float().cpu().numpy()
         bad = ~np.isfinite(vals).all(axis=1)
         rows = [{"step": st, "epoch": ep, **{k: f"{v:.6g}" for k, v in zip(STAT_NAMES, row)},
-                 "seconds": f"{sec:.3f}"} for (st, ep, sec, _), row in zip(pending, vals)]
+                 "diversity": f"{divs[st]:.4g}" if st in divs else "", "seconds": f"{sec:.3f}"}
+                for (st, ep, sec, _), row in zip(pending, vals)]
         if bad.any():
             k = int(np.argmax(bad))
             _append_log(run, rows[:k])
@@ -565,9 +586,10 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         pending.clear()
         last = dict(zip(STAT_NAMES, map(float, vals[-1])))
         if progress:
+            extra = {"diversity": divs[max(divs)]} if divs else {}
             progress("train-gan", trainer.step_count, total_steps,
                      epoch=f"{epoch + 1}/{-(-total_steps // steps_per_epoch)}",
-                     loss_d=last["loss_d"], loss_g=last["loss_g"], images=images_done)
+                     loss_d=last["loss_d"], loss_g=last["loss_g"], **extra, images=images_done)
 
     def save() -> None:
         nonlocal checkpointed, last_save
@@ -577,8 +599,9 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         checkpointed, last_save = True, time.monotonic()
 
     def grid() -> None:
-        save_png(run / "samples" / f"step_{trainer.step_count:07d}.png",
-                 image_grid(sample(trainer.sampler(), fixed_z, fixed_labels)))
+        x = sample(trainer.sampler(), fixed_z, fixed_labels)
+        divs[trainer.step_count] = diversity(x, real_spread)
+        save_png(run / "samples" / f"step_{trainer.step_count:07d}.png", image_grid(x))
 
     last_save = time.monotonic()
     in_step = False
@@ -611,13 +634,13 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                 s = trainer.step_count
                 pending.append((s, epoch + 1, time.perf_counter() - t_start, stats))
                 end = s == total_steps
+                if end or s % cfg.sample_every == 0:
+                    grid()
                 if len(pending) >= cfg.log_every or end or stop.requested:
                     flush()
                 if end or stop.requested or s % cfg.save_every == 0 \
                         or time.monotonic() - last_save >= cfg.save_seconds:
                     save()
-                if end or s % cfg.sample_every == 0:
-                    grid()
                 if stop.requested:
                     raise KeyboardInterrupt
         writer.wait()  # the run is reported as saved only once its files are on disk
@@ -642,7 +665,13 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
             discard_new_run(run, created)
         raise
     seconds = time.perf_counter() - t_start
-    return {"run": str(run), "epochs": epoch + 1, "steps": trainer.step_count,
+    final_div = divs.get(trainer.step_count)
+    if final_div is not None and final_div < COLLAPSED_BELOW:
+        warnings.append(f"the generator has collapsed: its samples are nearly alike (diversity "
+                        f"{final_div:.2f} of a real batch's spread; healthy runs stay near 1). Try "
+                        "--diffaugment color,translation,cutout, a lower --lr, fewer --steps, or "
+                        f"look at {run / 'samples'}")
+    return {"run": str(run), "epochs": epoch + 1, "steps": trainer.step_count, "diversity": final_div,
             "classes": list(classes), "label": label, "conditional": cfg.conditional,
             "images_per_s": images_done / seconds if seconds > 0 else None,
             "seconds": round(seconds, 1), "device": str(device),
