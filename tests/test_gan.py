@@ -305,3 +305,33 @@ def test_optimizer_moments_resume_with_the_parameters_layout(tmp_path):
     for p in D.parameters():
         assert opt2.state[p]["exp_avg"].stride() == p.stride()
         assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_diversity_is_about_one_for_real_images_and_zero_for_a_constant():
+    from xraygan.gan import diversity, mean_pairwise_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(64, 1, 16, 16, generator=g), torch.rand(64, 1, 16, 16, generator=g)
+    assert abs(diversity(b, mean_pairwise_distance(a)) - 1) < 0.05
+    assert diversity(a[:1].expand(64, -1, -1, -1), mean_pairwise_distance(a)) == 0
+
+
+def test_collapse_warning(folder16, tmp_path, monkeypatch):
+    """A generator forced to one output whatever the noise is reported as collapsed; one whose
+    outputs vary like the training images (uniform noise here) is not."""
+    real_forward = Generator.forward
+
+    def varied(self, z, labels=None):
+        out = real_forward(self, z, labels)  # kept in the graph, so training still runs
+        g = torch.Generator().manual_seed(int(z.abs().sum().item() * 1000))
+        return out * 0 + torch.rand(out.shape, generator=g) * 2 - 1
+
+    monkeypatch.setattr(Generator, "forward", varied)
+    res = train_gan(tiny(folder16, tmp_path / "ok", steps=2, batch_size=4))
+    assert res["diversity"] > 0.5 and not any("collapsed" in w for w in res["warnings"])
+    monkeypatch.setattr(Generator, "forward", lambda self, z, labels=None:
+                        real_forward(self, torch.zeros_like(z), labels))
+    res = train_gan(tiny(folder16, tmp_path / "bad", steps=2, batch_size=4))
+    assert res["diversity"] < 0.01 and any("the generator has collapsed" in w for w in res["warnings"])
+    rows = list(csv.DictReader(open(tmp_path / "bad" / "log.csv")))
+    assert rows[-1]["diversity"] and float(rows[-1]["diversity"]) < 0.01
