@@ -328,7 +328,9 @@ def _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, 
         "torch_version": torch.__version__})
     steps = math.ceil(len(x_all) / cfg.batch_size)
     t0 = time.perf_counter()
+    images_before, seen = 0, 0  # images before the current epoch (the progress line's img/s)
     for epoch in range(start, cfg.epochs + 1):
+        images_before += seen
         model.train()
         # the epoch's order and augmentation draws in one go, moved to the device once: a draw per
         # step would be a blocking host-to-device copy per step on a GPU
@@ -359,7 +361,7 @@ def _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, 
                                         f"(best model so far in {out / 'classifier.safetensors'})")
                 if progress:
                     progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
-                             epoch=f"{epoch}/{cfg.epochs}", loss=mean, images=seen)
+                             epoch=f"{epoch}/{cfg.epochs}", loss=mean, images=images_before + seen)
         total = float(total)
         sched.step()
         ips = seen / (time.perf_counter() - te)

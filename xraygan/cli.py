@@ -571,8 +571,8 @@ def gradcam(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the whole run.")] = Path("demo"),
     size: Annotated[int, typer.Option(help="Image size in pixels: 32 fits a laptop CPU; 64 wants a GPU.")] = 32,
-    gan_steps: Annotated[int, typer.Option(help="DCGAN training steps.")] = 500,
-    clf_epochs: Annotated[int, typer.Option(help="Classifier epochs per row.")] = 8,
+    gan_steps: Annotated[int, typer.Option(help="DCGAN training steps.")] = 400,
+    clf_epochs: Annotated[int, typer.Option(help="Classifier epochs per row.")] = 6,
     phantom: Annotated[bool, typer.Option(
         "--phantom", help="Run on procedural phantom X-rays instead of the real sample (tests).")] = False,
     count: Annotated[int, typer.Option(help="--phantom: phantom images per class before splitting.")] = 500,

@@ -32,8 +32,8 @@ class DemoConfig:
     phantom: bool = False  # procedural phantoms instead of the real sample
     count: int = 500  # phantoms per class before the split
     size: int = 32
-    gan_steps: int = 500
-    clf_epochs: int = 8
+    gan_steps: int = 400
+    clf_epochs: int = 6
     seed: int = 0
     device: str = "auto"
     force: bool = False
@@ -60,7 +60,14 @@ def side_by_side(real: Path, synth: Path, n: int = 32) -> np.ndarray:
         return g
 
     a, b = grid(real), grid(synth)
-    return np.concatenate([a, np.full((a.shape[0], 12), 255, np.uint8), b], axis=1)
+    body = np.concatenate([a, np.full((a.shape[0], 12), 255, np.uint8), b], axis=1)
+    from PIL import Image, ImageDraw
+
+    head = Image.new("L", (body.shape[1], 14), 255)
+    draw = ImageDraw.Draw(head)
+    draw.text((2, 1), "real (training images)", fill=0)
+    draw.text((a.shape[1] + 14, 1), "synthetic (DCGAN)", fill=0)
+    return np.concatenate([np.asarray(head), body], axis=0)
 
 
 def _size(f: Path) -> int:
@@ -140,7 +147,7 @@ def _demo(cfg: DemoConfig, out: Path, progress) -> dict:
             data=data / "train", out=bal, method=method, synthetic=synthetic, seed=cfg.seed,
             force=cfg.force), stage(row))
         timed(f"train-classifier {row}", train_classifier, TrainClassifierConfig(
-            data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs, batch_size=32, patience=0,
+            data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs, batch_size=64, patience=0,
             small_stem="no", seed=cfg.seed, device=cfg.device, force=cfg.force), stage(row))
         ckpt = run / "classifier.safetensors"
         timed(f"evaluate {row}", evaluate, EvaluateConfig(
