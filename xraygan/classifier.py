@@ -32,16 +32,12 @@ from xraygan.errors import InputError, Interrupted, TrainingError, check_choice,
 from xraygan.fsutil import (
     atomic_write_json,
     check_out_apart,
-    check_run_target,
-    discard_new_run,
-    fingerprint_arrays,
-    read_json,
     record_header,
-    start_run_folder,
     write_csv,
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
+from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
 from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator, resolve_device
 
 MEAN, STD = 0.5, 0.25  # fixed intensity normalisation of 8-bit X-rays to about zero mean
@@ -276,12 +272,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     y_all = torch.from_numpy(train.labels).to(device)
     g = make_generator(cfg.seed)
     fingerprint = fingerprint_arrays(train.images, train.labels, val.images, val.labels)
-    if cfg.resume:
-        saved = read_json(out / "config.json").get("data_fingerprint")
-        if saved is not None and saved != fingerprint:
-            raise InputError(f"{cfg.data}: --resume with different training or validation images "
-                             f"than {out} was trained on (fingerprint {fingerprint} vs {saved})")
-    created = start_run_folder(out, cfg.resume, cfg.force)
+    created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data)
     try:
         return _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, x_all, y_all,
                       loss_fn, weights, amp, cl, pos, fingerprint, progress)

@@ -143,24 +143,6 @@ def check_out_apart(out: Path, **inputs: Path | None) -> None:
                              "choose a folder beside it")
 
 
-def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...],
-                     command: str) -> None:
-    """Before training into `run`: with --resume there must be a state file and the options in
-    `must_match` must equal those in the run's config.json; without it, the folder must be free
-    (or, with --force, an earlier run of the same command)."""
-    run = Path(run)
-    if not resume:
-        check_output_free(run, force, command)
-        return
-    if not (run / "state.safetensors").is_file():
-        raise InputError(f"{run / 'state.safetensors'}: nothing to resume (no state file)")
-    saved = read_json(run / "config.json")["train"]
-    changed = sorted(k for k in must_match if saved.get(k) != asked[k])
-    if changed:
-        raise InputError(f"{run / 'config.json'}: --resume with different {', '.join(changed)} "
-                         "than the run was started with")
-
-
 @contextlib.contextmanager
 def staged_dir(out: Path, force: bool = False, command: str | None = None) -> Iterator[Path]:
     """Build a folder under a temporary sibling name and rename it to `out` only on success.
@@ -187,46 +169,6 @@ def staged_dir(out: Path, force: bool = False, command: str | None = None) -> It
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def start_run_folder(run: Path, resume: bool, force: bool) -> bool:
-    """Make the run folder; an earlier run there (already checked to be this command's own by
-    `check_run_target`) is removed first with --force. Returns True when the folder is new, so
-    a run that fails before its first checkpoint can remove it again (`discard_new_run`)."""
-    run = Path(run)
-    if resume:
-        return False
-    if run.is_dir() and any(run.iterdir()):
-        if not force:  # checked before; a folder that appeared since is not ours to touch
-            raise InputError(f"{run}: already exists and is not empty")
-        old = run.parent / f".{run.name}.old-{os.getpid()}"
-        os.replace(run, old)
-        shutil.rmtree(old, ignore_errors=True)
-    existed = run.is_dir()
-    run.mkdir(parents=True, exist_ok=True)
-    return not existed
-
-
-def discard_new_run(run: Path, created: bool) -> None:
-    """Remove what a run that never reached its first checkpoint wrote (the folder itself too
-    when this invocation created it), so a plain rerun is accepted."""
-    run = Path(run)
-    if created:
-        shutil.rmtree(run, ignore_errors=True)
-    elif run.is_dir():
-        for p in run.iterdir():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def fingerprint_arrays(*arrays) -> str:
-    """sha256 (16 hex digits) of arrays' bytes and shapes: which data a run was trained on."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(repr(getattr(a, "shape", None)).encode())
-        h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
-    return h.hexdigest()[:16]
 
 
 def record_header(kind: str) -> dict:

@@ -41,12 +41,7 @@ from xraygan.errors import (
 from xraygan.fsutil import (
     atomic_write_json,
     check_out_apart,
-    check_run_target,
-    discard_new_run,
-    fingerprint_arrays,
-    read_json,
     record_header,
-    start_run_folder,
     write_csv,
 )
 from xraygan.gan_models import (
@@ -60,6 +55,7 @@ from xraygan.gan_models import (
     ema_update,
 )
 from xraygan.images import ImageFolder, read_image_folder, save_png
+from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
 from xraygan.runtime import (
     DEVICES,
     autocast,
@@ -515,11 +511,6 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     device = resolve_device(cfg.device)
     data, classes, label = load_training_set(cfg)
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
-    if cfg.resume:
-        saved = read_json(run / "config.json").get("data_fingerprint")
-        if saved is not None and saved != fingerprint:
-            raise InputError(f"{cfg.data}: --resume with different training images than "
-                             f"{run} was trained on (fingerprint {fingerprint} vs {saved})")
     warnings = _warnings(cfg, read_classes(cfg.data), label)
     asked = cfg.to_json()  # as given (e.g. diffaugment "auto"); --resume compares against this
     cfg = replace(cfg, diffaugment=resolve_diffaugment(cfg.diffaugment, len(data.images)))
@@ -541,6 +532,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     fixed_z = torch.randn(64, cfg.nz, generator=fixed).to(device)
     fixed_labels = (torch.arange(64) % len(classes)).to(device) if cfg.conditional else None
 
+    created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data)
     epoch, batch, perm = 0, 0, None
     if cfg.resume:
         t, smeta = load_checkpoint(run / "state.safetensors", "gan-state")
@@ -551,7 +543,6 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         if trainer.step_count >= total_steps:
             raise InputError(f"{run}: already trained {trainer.step_count} steps; give a larger "
                              "--steps or --epochs to continue")
-    created = start_run_folder(run, cfg.resume, cfg.force)
     checkpointed = cfg.resume
     t_start = time.perf_counter()
     images_done = 0
