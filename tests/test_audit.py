@@ -120,3 +120,25 @@ def test_audit_errors(folders, tmp_path):
     with pytest.raises(InputError, match="generator"):
         audit(AuditConfig(real=real, synthetic=synth, out=tmp_path / "o4",
                           classifier=str(tmp_path / "g.safetensors"), cache=tmp_path / "c"))
+
+
+def test_prdc_does_not_move_when_features_are_shifted():
+    """Translation changes no distance, so it must change no k-NN figure (float32 cdist did)."""
+    from xraygan.audit import prdc
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(300, 64)), rng.normal(0.3, 1.0, size=(300, 64))
+    a = prdc(real, fake, 5)
+    b = prdc(real + 1000.0, fake + 1000.0, 5)
+    assert a == b
+
+
+def test_kid_spread_is_estimated_when_sets_are_small():
+    """With sets no larger than the subset size, subsets are smaller than the sets, so the std
+    is a real spread and not 0."""
+    from xraygan.audit import kid
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(0.2, 1.0, size=(150, 16))
+    mean, std = kid(a, b, subsets=10, size=1000, rng=np.random.default_rng(1))
+    assert std > 0 and np.isfinite(mean)

@@ -99,9 +99,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, rng: np.random.Generator
         ) -> tuple[float, float]:
-    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³, mean and std over random subsets."""
+    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³, mean and std over random subsets.
+
+    Subsets are always smaller than the sets: when a set holds no more than `size` images, they
+    are 80% of the smaller set. (Subsets as large as the set are all the same set, and their std
+    of 0 read as a precise estimate: the real audits reported kid_std 0.0.)
+    """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    m = min(size, len(a), len(b))
+    n = min(len(a), len(b))
+    m = min(size, n) if size < n else int(0.8 * n)
     if m < 2:
         return float("nan"), float("nan")
     d = a.shape[1]
@@ -116,14 +122,17 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, rng: np.random.Ge
 
 
 def _cdist(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-    return torch.cdist(torch.from_numpy(np.ascontiguousarray(a, np.float32)),
-                       torch.from_numpy(np.ascontiguousarray(b, np.float32)))
+    """Euclidean distances in float64. (float32 `torch.cdist` goes through a matrix product,
+    which loses the small differences between large coordinates: shifting 64-d features by
+    1,000 moved k-NN precision from 0.73 to 0.84.) Callers centre the features first."""
+    return torch.cdist(torch.from_numpy(np.ascontiguousarray(a, np.float64)),
+                       torch.from_numpy(np.ascontiguousarray(b, np.float64)))
 
 
 def knn_radius(x: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
     """Distance from each point to its k-th nearest other point."""
     k = min(k, len(x) - 1)
-    out = np.empty(len(x), np.float32)
+    out = np.empty(len(x), np.float64)
     for s in range(0, len(x), chunk):
         d = _cdist(x[s:s + chunk], x)
         out[s:s + chunk] = d.topk(k + 1, dim=1, largest=False).values[:, k].numpy()  # [0] is self
@@ -134,6 +143,8 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
     """Precision, recall, density, coverage with k-NN balls."""
     if len(real) <= k or len(fake) <= k:
         return {m: float("nan") for m in ("precision", "recall", "density", "coverage")}
+    centre = np.asarray(real, np.float64).mean(0)  # distances do not depend on where the origin is
+    real, fake = np.asarray(real, np.float64) - centre, np.asarray(fake, np.float64) - centre
     rr, fr = knn_radius(real, k), knn_radius(fake, k)
     d = _cdist(fake, real).numpy()  # (n_fake, n_real)
     inside = d <= rr[None, :]
