@@ -584,7 +584,7 @@ def demo(
     """Run the whole study on the real chest X-ray sample shipped with xraygan and print the table.
 
     prepare --sample → train-gan → generate → rebalance (none, oversample, gan) → train-classifier
-    → evaluate → gradcam → audit of the synthetic images → evaluate --compare, in about three
+    → evaluate → gradcam → audit of the synthetic images → evaluate --compare, in about two
     minutes on two CPU cores.
 
     Example: xraygan demo --out demo
