@@ -88,7 +88,8 @@ train_gan() {
     if [ "$AUDIT" = 1 ]; then
         mkdir -p "$OUT/audit/$name"
         step "audit $name" "$OUT/audit/$name" "$XRAYGAN" audit --real "$DATA/train" \
-            --synthetic "$OUT/synth/$name" --out "$OUT/audit/$name" --device "$DEVICE" --force
+            --synthetic "$OUT/synth/$name" --out "$OUT/audit/$name" --device "$DEVICE" --force \
+            --cache "$OUT/cache"  # one feature classifier for all the GAN audits, kept in OUT
     fi
 }
 
