@@ -206,6 +206,10 @@ def prepare(
              "'No Finding' rows are used), added to the normal class in train/val.")] = None,
     extra_normal_count: Annotated[Optional[int], typer.Option(
         help="At most this many extra-normal images (chosen at random with the seed).")] = None,
+    extra_normal_splits: Annotated[str, typer.Option(
+        help="Splits the extra-normal images go to, by patient: train,val (default; the source's "
+             "test split stays as published) or train,val,test (the study's pooled protocol: then "
+             "evaluate reports results per source).")] = "train,val",
     split: Annotated[str, typer.Option(
         help="train,val,test fractions for sources that have no splits.")] = "0.8,0.1,0.1",
     val_fraction: Annotated[float, typer.Option(
@@ -232,7 +236,9 @@ def prepare(
     cfg = PrepareConfig(out=out, src=src, medmnist=medmnist, demo=demo, demo_count=demo_count, sample=sample,
                         size=size, square=square, keep=_parse_keep(keep), imbalance=imbalance,
                         minority=minority.lower(), extra_normal=extra_normal,
-                        extra_normal_count=extra_normal_count, split=_parse_fractions(split),
+                        extra_normal_count=extra_normal_count,
+                        extra_normal_splits=tuple(x.strip() for x in extra_normal_splits.split(",") if x.strip()),
+                        split=_parse_fractions(split),
                         val_fraction=val_fraction, seed=seed, workers=workers, strict=strict,
                         force=force,
                         class_names=tuple(c.strip() for c in classes.split(",")) if classes else None)
@@ -525,6 +531,13 @@ def evaluate(
     c = rec["metrics"]["confusion"]
     err.print(f"confusion: TP {c['tp']}  FN {c['fn']}  FP {c['fp']}  TN {c['tn']}"
               + (f"; report: {rec['report']}/report.md" if report else ""), highlight=False)
+    for src, e in (rec.get("by_source") or {}).items():
+        parts = [f"{m} {e[m]:.3f} [{e[m + '_ci'][0]:.3f}, {e[m + '_ci'][1]:.3f}]" if e.get(m + "_ci")
+                 else f"{m} {e[m]:.3f}" for m in ("recall", "specificity") if m in e]
+        if "roc_auc" in e:
+            parts.append(f"ROC-AUC {e['roc_auc']:.3f}")
+        err.print(f"  source {src} ({e['n']} images): " + "; ".join(parts), highlight=False)
+    _warn(rec.get("warnings"))
     if as_json:
         _emit_json(rec)
 

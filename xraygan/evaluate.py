@@ -36,6 +36,7 @@ from xraygan.fsutil import (
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
+from xraygan.provenance import file_sources
 from xraygan.runtime import DEVICES
 
 CI_KEYS = ("precision", "recall", "specificity", "f1", "accuracy", "balanced_accuracy",
@@ -176,6 +177,54 @@ def bootstrap_samples(y: np.ndarray, score: np.ndarray, threshold: float, n: int
     return {k: np.concatenate(v) for k, v in samples.items() if v}
 
 
+def _proportion_ci(hits: np.ndarray, n: int, seed: int) -> list[float] | None:
+    """Percentile 95% interval of a proportion (recall over the positives, specificity over the
+    negatives) by resampling those images only."""
+    if n <= 0 or len(hits) == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(hits), (n, len(hits)))
+    lo, hi = np.percentile(hits[idx].mean(1), [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def by_source(sources: np.ndarray, y: np.ndarray, score: np.ndarray, threshold: float, n: int,
+              seed: int, positive: str, negative: str) -> tuple[dict, list[str]]:
+    """Recall and specificity per source (each with its interval), ROC-AUC within each source that
+    holds both classes, the per-source confusion matrix (they sum to the pooled one), and a
+    warning for each class whose figures differ between sources by more than their intervals."""
+    pred = score >= threshold
+    out: dict[str, dict] = {}
+    for src in sorted(set(sources.tolist())):
+        m = sources == src
+        ys, ps, ss = y[m], pred[m], score[m]
+        e: dict = {"n": int(m.sum()), "positives": int(ys.sum()),
+                   "confusion": {"tp": int((ys & ps).sum()), "fn": int((ys & ~ps).sum()),
+                                 "fp": int((~ys & ps).sum()), "tn": int((~ys & ~ps).sum())}}
+        if ys.any():
+            e["recall"] = float(ps[ys].mean())
+            e["recall_ci"] = _proportion_ci(ps[ys].astype(float), n, seed)
+        if (~ys).any():
+            e["specificity"] = float((~ps[~ys]).mean())
+            e["specificity_ci"] = _proportion_ci((~ps[~ys]).astype(float), n, seed)
+        if ys.any() and (~ys).any():
+            from sklearn.metrics import roc_auc_score
+
+            e["roc_auc"] = float(roc_auc_score(ys, ss))
+        out[src] = e
+    warnings = []
+    for metric, cls in (("specificity", negative), ("recall", positive)):
+        have = [(s, e) for s, e in out.items() if metric in e and e.get(f"{metric}_ci")]
+        for i, (a, ea) in enumerate(have):
+            for b, eb in have[i + 1:]:
+                (la, ha), (lb, hb) = ea[f"{metric}_ci"], eb[f"{metric}_ci"]
+                if ha < lb or hb < la:  # the intervals do not overlap
+                    hi_s, lo_s = (a, b) if ea[metric] > eb[metric] else (b, a)
+                    warnings.append(f"{metric} ({cls}) {out[hi_s][metric]:.2f} on {hi_s} vs "
+                                    f"{out[lo_s][metric]:.2f} on {lo_s}: the model may be telling "
+                                    "the sources apart rather than the classes")
+    return out, warnings
+
+
 def _scores(model, folder: ImageFolder, pos: int, device, batch_size: int) -> np.ndarray:
     from xraygan.classifier import predict_proba
 
@@ -220,6 +269,14 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         progress("evaluate", 1, 3)
     m = binary_metrics(y, score, threshold)
     ci = bootstrap_ci(y, score, threshold, cfg.bootstrap, cfg.seed)
+    src_map = file_sources(cfg.data)
+    per_source, source_warnings = None, []
+    if src_map:
+        tags = np.array([src_map.get(f"{test.classes[c]}/{f.name}", "unknown")
+                         for f, c in zip(test.files, test.labels)])
+        negative = next((c for c in classes if c != positive), positive)
+        per_source, source_warnings = by_source(tags, y, score, threshold, cfg.bootstrap, cfg.seed,
+                                                positive, negative)
     if progress:
         progress("evaluate", 2, 3)
     rec = {
@@ -230,6 +287,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         "classes": list(classes), "positive": positive, "threshold": threshold,
         "threshold_tuning": tuned, "metrics": m,
         "ci95": ci, "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "method": "percentile"},
+        "by_source": per_source, "warnings": source_warnings,
         "train_source": meta.get("train_source"), "seed": meta.get("seed"),
         "epoch": meta.get("epoch"), "xraygan_version": __version__,
     }
@@ -346,6 +404,15 @@ def report_markdown(rec: dict, plots: dict[str, str]) -> str:
         lines.append(f"| {k.replace('_', ' ')} | {_fmt_ci(m[k], ci.get(k))} |")
     lines += ["", f"Confusion matrix (rows true, columns predicted): TP {c['tp']}, FN {c['fn']}, "
               f"FP {c['fp']}, TN {c['tn']}.", ""]
+    if rec.get("by_source"):
+        lines += ["## By source", "", "| source | images | recall [95% CI] | specificity [95% CI] | ROC-AUC |",
+                  "|---|---|---|---|---|"]
+        for src, e in rec["by_source"].items():
+            auc = f"{e['roc_auc']:.3f}" if "roc_auc" in e else "n/a (one class)"
+            lines.append(f"| {src} | {e['n']} | {_fmt_ci(e.get('recall'), e.get('recall_ci'))} | "
+                         f"{_fmt_ci(e.get('specificity'), e.get('specificity_ci'))} | {auc} |")
+        lines.append("")
+        lines += [f"**Warning:** {w}" for w in rec["warnings"]] + [""]
     for name, f in plots.items():
         lines.append(f"![{name}]({f})")
     lines += ["", f"Written by xraygan {rec['xraygan_version']}: "
@@ -401,7 +468,10 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> 
     for _, d in cams:
         if d.get("lung_energy_mean") is not None:
             cam_groups.setdefault(d["label"], []).append(d["lung_energy_mean"])
-    keys = list(TABLE_KEYS) + (["lung_energy"] if cam_groups else [])
+    # runs evaluated on a pooled test set carry per-source figures: one column per (metric, source)
+    src_keys = sorted({f"{m}@{src}" for _, d in metrics for src, e in (d.get("by_source") or {}).items()
+                       for m in ("recall", "specificity") if m in e})
+    keys = list(TABLE_KEYS) + (["lung_energy"] if cam_groups else []) + src_keys
     rows = []
     for label, runs in groups.items():
         row: dict = {"method": label, "runs": len(runs)}
@@ -410,6 +480,11 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> 
             row[k] = _mean_std(vals) if vals else None
         if cam_groups:
             row["lung_energy"] = _mean_std(cam_groups[label]) if label in cam_groups else None
+        for k in src_keys:
+            m, src = k.split("@", 1)
+            vals = [r["by_source"][src][m] for r in runs if src in (r.get("by_source") or {})
+                    and m in r["by_source"][src]]
+            row[k] = _mean_std(vals) if vals else None
         rows.append(row)
     warnings = []
     fps = {d["test_fingerprint"] for _, d in metrics}
@@ -439,7 +514,8 @@ def _cell(v: tuple[float, float | None] | None) -> str:
 
 
 def table_markdown(rows: list[dict], keys: list[str]) -> str:
-    head = ["Method", "Runs"] + [TABLE_NAMES[k] for k in keys]
+    head = ["Method", "Runs"] + [TABLE_NAMES.get(k) or "{} ({})".format(*k.split("@", 1)).capitalize()
+                                 for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["method"], str(r["runs"])] + [_cell(r[k]) for k in keys]) + " |")

@@ -54,6 +54,7 @@ class PrepareConfig:
     minority: str = "pneumonia"
     extra_normal: Path | None = None
     extra_normal_count: int | None = None
+    extra_normal_splits: tuple[str, ...] = ("train", "val")  # where extra normals may go
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # for sources without splits
     val_fraction: float = 0.1  # carved from train when the source has no usable val split
     min_val: int = 50  # a source val split smaller than this is folded into train
@@ -86,6 +87,9 @@ class PrepareConfig:
             raise InputError(f"--demo-count {self.demo_count}: must be at least 4")
         if self.extra_normal_count is not None and self.extra_normal_count < 1:
             raise InputError(f"--extra-normal-count {self.extra_normal_count}: must be at least 1")
+        if not self.extra_normal_splits or any(x not in SPLITS for x in self.extra_normal_splits):
+            raise InputError(f"--extra-normal-splits {','.join(self.extra_normal_splits)}: a comma list "
+                             "of train, val, test")
         if self.workers < 0:
             raise InputError(f"--workers {self.workers}: must be 0 (one per core) or more")
         if any(n < 0 for _, n in self.keep):
@@ -299,6 +303,17 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
                               {"train": 1 - cfg.val_fraction, "val": cfg.val_fraction}, rng)
         for i in carved["val"]:
             split_of[i] = "val"
+    # extra images are split on their own, by patient, into the splits named for them: pooling
+    # them never changes the primary source's splits (default train and val, so the source's
+    # test split stays comparable with published numbers)
+    extra = [i for i, s in enumerate(split_of) if s is None and items[i].source == "extra-normal"]
+    if extra:
+        named = [x for x in SPLITS if x in cfg.extra_normal_splits]
+        weights = dict(zip(SPLITS, cfg.split))
+        total = sum(weights[x] for x in named) or 1.0
+        for s, idx in split_groups(extra, items, groups, {x: weights[x] / total for x in named}, rng).items():
+            for i in idx:
+                split_of[i] = s
     unsplit = [i for i, s in enumerate(split_of) if s is None]
     if unsplit:
         if "test" in main_given:  # keep the source's test split as it is (comparable numbers)
@@ -339,6 +354,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
     total_out = sum(1 for s in split_of if s in SPLITS)
     with staged_dir(cfg.out, cfg.force, "prepare") as tmp:
         used: set[tuple[str, str, str]] = set()
+        file_sources: dict[str, str] = {}
         for s in SPLITS:
             for c in classes:
                 (tmp / s / c).mkdir(parents=True)
@@ -353,6 +369,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
                 name = f"{it.name}-{n}"
             used.add((s, it.cls, name))
             (tmp / s / it.cls / f"{name}.png").write_bytes(encode_png(a))
+            file_sources[f"{s}/{it.cls}/{name}.png"] = it.source
             counts[s][it.cls] += 1
             composition[it.cls][it.source] += 1
             written += 1
@@ -390,6 +407,8 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
             "skipped": skipped, "skipped_count": len(skipped), "ignored_count": ignored,
             "source_composition": {c: dict(v) for c, v in composition.items()},
             "source_confound": confound,
+            # every file's source, when there is more than one: evaluate breaks results down by it
+            "file_sources": file_sources if len(set(file_sources.values())) > 1 else None,
             "warnings": warnings,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "seconds": None,

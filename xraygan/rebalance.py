@@ -23,6 +23,7 @@ from xraygan import __version__
 from xraygan.errors import InputError, check_float, check_int
 from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import encode_png, list_image_folder, read_image_folder
+from xraygan.provenance import file_sources, single_source
 
 METHODS = ("none", "oversample", "undersample", "gan", "smote", "augment")
 
@@ -154,6 +155,9 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
     origins: dict[str, Counter] = {c: Counter() for c in counts}
     link_modes: Counter = Counter()
     synth_sources: list[str] = []
+    known = file_sources(cfg.data) or {}
+    default_source = single_source(cfg.data)
+    sources: dict[str, str] = {}  # "<class>/<file>" -> where the image came from
     with staged_dir(cfg.out, cfg.force, "rebalance") as tmp:
         for c, files in listing.items():
             d = tmp / c
@@ -163,6 +167,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                 keep = [files[i] for i in sorted(rng.choice(len(files), target[c], replace=False))]
             for f in keep:
                 link_modes[_link(f, d / f.name)] += 1
+                sources[f"{c}/{f.name}"] = known.get(f"{c}/{f.name}", default_source)
             origins[c]["real"] = len(keep)
             need = target[c] - counts[c]
             if need <= 0:
@@ -170,6 +175,8 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
             if cfg.method == "oversample":
                 for j, i in enumerate(rng.integers(0, len(files), need)):
                     link_modes[_link(files[i], d / f"{files[i].stem}-dup{j + 1:06d}.png")] += 1
+                    sources[f"{c}/{files[i].stem}-dup{j + 1:06d}.png"] = known.get(f"{c}/{files[i].name}",
+                                                                                  default_source)
                 origins[c]["duplicated"] = need
             elif cfg.method == "gan":
                 pools = synthetic_files(cfg.synthetic, c, size)
@@ -180,6 +187,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                                      f"(xraygan generate -n {need})")
                 for f in _take_mixed(pools, need, rng):
                     name = f.name if f.name.startswith("synthetic-") else f"synthetic-{f.name}"
+                    sources[f"{c}/{name}"] = "synthetic"
                     link_modes[_link(f, d / name)] += 1
                 synth_sources = [str(s) for s in cfg.synthetic]
                 origins[c]["synthetic"] = need
@@ -194,6 +202,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                 tag = "smote" if cfg.method == "smote" else "augmented"
                 for j, a in enumerate(new):
                     (d / f"{tag}-{j + 1:06d}.png").write_bytes(encode_png(a))
+                    sources[f"{c}/{tag}-{j + 1:06d}.png"] = tag
                     if progress and j % 64 == 0:
                         progress(cfg.method, j + 1, len(new))
                 origins[c][tag] = len(new)
@@ -205,6 +214,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                   "origins": {c: dict(o) for c, o in origins.items()},
                   "files": {"hardlinked": link_modes["hardlink"], "copied": link_modes["copy"]},
                   "synthetic_sources": synth_sources,
+                  "file_sources": sources,
                   "config": {k: [str(p) for p in v] if isinstance(v, tuple) else
                              (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
         atomic_write_json(tmp / "rebalance.json", record)

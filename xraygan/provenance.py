@@ -1,0 +1,38 @@
+"""Where each image came from: the per-file source records that `prepare` and `rebalance` write,
+read back for any image folder they made (`DATA/test`, `BALANCED/`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xraygan.fsutil import read_json
+
+
+def file_sources(folder: Path) -> dict[str, str] | None:
+    """`{"<class>/<file>": source}` for the images of `folder`, or None when its record names a
+    single source (or there is no record). A split folder reads its parent's dataset.json; a
+    rebalanced folder its rebalance.json."""
+    folder = Path(folder)
+    if (folder / "rebalance.json").is_file():
+        m = read_json(folder / "rebalance.json").get("file_sources")
+        return m if m and len(set(m.values())) > 1 else None
+    rec_path = folder.parent / "dataset.json"
+    if not rec_path.is_file():
+        return None
+    m = read_json(rec_path).get("file_sources")
+    if not m:
+        return None
+    prefix = folder.name + "/"
+    mine = {k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}
+    return mine if len(set(mine.values())) > 1 else None
+
+
+def single_source(folder: Path) -> str:
+    """The source name of a folder whose images all come from one source ('unknown' without a record)."""
+    folder = Path(folder)
+    rec_path = folder.parent / "dataset.json"
+    if rec_path.is_file():
+        srcs = read_json(rec_path).get("sources") or []
+        if len(srcs) == 1:
+            return {"split": "kermany", "folder": "folder"}.get(srcs[0].get("kind"), srcs[0].get("kind", "unknown"))
+    return "unknown"
