@@ -93,3 +93,31 @@ def test_evaluate_and_compare_report_per_source(tmp_path, rng):
     assert "## By source" in (run / "report" / "report.md").read_text()
     r = runner.invoke(app, ["evaluate", "--compare", str(tmp_path / "runs")])
     assert r.exit_code == 0 and "Specificity (extra-normal)" in r.stdout
+
+
+def test_probe_tells_a_shifted_source_apart_and_not_a_random_split(tmp_path, rng):
+    from xraygan.audit import probe_auc
+
+    imgs = np.stack([xray_like(rng, 16) for _ in range(160)]).reshape(160, -1).astype(float) / 255
+    half = rng.permutation(160)
+    assert abs(probe_auc(imgs[half[:80]], imgs[half[80:]], 0) - 0.5) < 0.15  # one source, split at random
+    shifted = imgs[half[80:]] ** 0.6  # the same kind of images through another contrast curve
+    assert probe_auc(imgs[half[:80]], shifted, 0) > 0.9
+    # end to end: extra normals with a border and another contrast curve, pooled as the study did
+    src, nih = _pooled_source(tmp_path, rng)
+    for f in nih.glob("*.png"):
+        from PIL import Image
+
+        a = np.asarray(Image.open(f)).astype(float)
+        a = (255 * (a / 255) ** 0.5).astype(np.uint8)
+        a[:4], a[-4:] = 0, 0
+        write_img(f, a)
+    data = tmp_path / "data"
+    assert runner.invoke(app, ["prepare", str(src), "--out", str(data), "--size", "16", "--extra-normal",
+                               str(nih)]).exit_code == 0
+    r = runner.invoke(app, ["audit", "--sources", str(data / "train"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    pair = json.loads(r.stdout)["classes"]["normal"]["extra-normal vs kermany"]
+    assert pair["pca_auc"] > 0.9 and pair["verdict"].startswith("easily told apart")
+    r = runner.invoke(app, ["audit", "--sources", str(src / "train")])
+    assert r.exit_code == 2 and "single source" in r.stderr.strip().splitlines()[-1]

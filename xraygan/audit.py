@@ -194,6 +194,98 @@ def pca_space(real: np.ndarray, fake: np.ndarray, n_components: int, seed: int
     return pca.transform(xr), pca.transform(xf)
 
 
+def probe_auc(a: np.ndarray, b: np.ndarray, seed: int) -> float | None:
+    """Held-out ROC-AUC of a linear model telling set `a` from set `b` (standardised features,
+    logistic regression, stratified k-fold cross-validated predictions; deterministic). About 0.5:
+    the sets look alike to it; near 1: anything trained on them together can tell them apart."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = min(5, len(a), len(b))
+    if k < 2:
+        return None
+    x = np.concatenate([a, b]).astype(np.float64)
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))].astype(int)
+    limit = max(2, min(len(a), len(b)) // 2)
+    if x.shape[1] > limit:  # more features than images per fold: probes overfit to below chance
+        from sklearn.decomposition import PCA
+
+        x = PCA(n_components=limit, random_state=seed).fit_transform(x)  # unsupervised: no label leaks
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    p = cross_val_predict(clf, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                          method="predict_proba")[:, 1]
+    return float(roc_auc_score(y, p))
+
+
+def probe_verdict(auc: float | None) -> str:
+    if auc is None:
+        return "too few images to probe"
+    if auc < 0.6:
+        return "look alike"
+    if auc < 0.8:
+        return "partly distinguishable"
+    return "easily told apart: a classifier trained on them together can shortcut"
+
+
+def source_probe(folder: Path, classifier: Path | None = None, pca_components: int = 64, seed: int = 0,
+                 device: str = "auto") -> dict:
+    """Within each class, can a quick linear model tell the sources apart? (`audit --sources`)
+
+    Sources come from the folder's record (`dataset.json` file_sources, or `rebalance.json`).
+    Features: a whitened pixel-PCA space fitted on the class, and with `classifier` its ResNet
+    features too. A high AUC means any disease classifier on the pooled data can learn the source
+    instead of the disease."""
+    from xraygan.provenance import file_sources
+
+    data = read_image_folder(folder)
+    src = file_sources(folder)
+    if not src:
+        raise InputError(f"{folder}: its record names a single source (or there is none): nothing to "
+                         "probe (prepare with --extra-normal, or rebalance with synthetic images)")
+    tags = np.array([src.get(f"{data.classes[c]}/{f.name}", "unknown") for f, c in zip(data.files, data.labels)])
+    feats = None
+    if classifier is not None:
+        from xraygan.classifier import load_classifier
+        from xraygan.runtime import resolve_device
+
+        dev = resolve_device(device)
+        model, _ = load_classifier(Path(classifier), dev)
+        feats = classifier_features(model, data.images, dev, 256)
+    out: dict = {**record_header("source-probe"), "folder": str(folder), "classes": {}}
+    for ci, c in enumerate(data.classes):
+        m = data.labels == ci
+        names = sorted(set(tags[m].tolist()))
+        if len(names) < 2:
+            continue
+        x = data.images[m].reshape(int(m.sum()), -1).astype(np.float32) / 255.0
+        from sklearn.decomposition import PCA
+
+        # few components for few images: with more features than a fold's images, cross-validated
+        # linear probes score *below* chance (seen: AUC 0.21 on 20 + 24 images and 40 components)
+        smallest = min(int((tags[m] == t).sum()) for t in names)
+        n = max(1, min(pca_components, smallest // 2, x.shape[1]))
+        z = PCA(n_components=n, whiten=True, random_state=seed).fit_transform(x)
+        entry = {}
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                ma, mb = tags[m] == a, tags[m] == b
+                pair = {"counts": {a: int(ma.sum()), b: int(mb.sum())},
+                        "pca_auc": _r(probe_auc(z[ma], z[mb], seed))}
+                if feats is not None:
+                    pair["classifier_auc"] = _r(probe_auc(feats[m][ma], feats[m][mb], seed))
+                best = max(v for k, v in pair.items() if k.endswith("_auc") and v is not None) \
+                    if any(v is not None for k, v in pair.items() if k.endswith("_auc")) else None
+                pair["verdict"] = probe_verdict(best)
+                entry[f"{a} vs {b}"] = pair
+        out["classes"][c] = entry
+    if not out["classes"]:
+        raise InputError(f"{folder}: no class holds images from two sources")
+    return out
+
+
 @torch.no_grad()
 def classifier_features(model: torch.nn.Module, images: np.ndarray, device: torch.device,
                         batch_size: int) -> np.ndarray:
@@ -362,7 +454,9 @@ def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
             k_mean, k_std = kid(fr, fs, cfg.kid_subsets, cfg.kid_subset_size, rng)
             spaces[name] = {"dims": int(fr.shape[1]), "fd": _r(frechet_distance(fr, fs)),
                             "kid": _r(k_mean), "kid_std": _r(k_std),
-                            **{k: _r(v) for k, v in prdc(fr, fs, cfg.k).items()}}
+                            **{k: _r(v) for k, v in prdc(fr, fs, cfg.k).items()},
+                            # a GAN's artefacts are a source too: can a linear model spot them?
+                            "real_vs_synthetic_auc": _r(probe_auc(fr, fs, cfg.seed))}
         s_sim, s_idx = nearest_correlation(s_img, r_img)
         r_sim, _ = nearest_correlation(r_img, r_img, exclude_self=True)
         r_sim = r_sim[r_sim > -2]  # a real image with no other non-duplicate has no baseline

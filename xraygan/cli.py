@@ -659,6 +659,10 @@ def audit(
         "--score-review", help="Score a filled AUDIT/review/review.csv instead of auditing.")] = None,
     key: Annotated[Optional[Path], typer.Option(
         help="--score-review: the answer key (default AUDIT/review_key.json).")] = None,
+    sources: Annotated[Optional[Path], typer.Option(
+        "--sources", help="Probe a folder whose images come from several sources (prepare "
+                          "--extra-normal, or a rebalanced set): within each class, can a linear "
+                          "model tell the sources apart? Held-out ROC-AUC and a verdict.")] = None,
     cache: Annotated[Optional[Path], typer.Option(
         help="Feature cache folder (default $XRAYGAN_CACHE or ~/.cache/xraygan).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for KID subsets and the review sample.")] = 0,
@@ -671,12 +675,27 @@ def audit(
 
     Example: xraygan audit --real data/train --synthetic synth --out audit
              xraygan audit --score-review audit/review/review.csv
+             xraygan audit --sources data/train
     """
     from xraygan.audit import AuditConfig
     from xraygan.audit import audit as run_audit
     from xraygan.audit import score_review as run_score
     from xraygan.console import err
 
+    if sources is not None:
+        from xraygan.audit import source_probe
+
+        clf = None if classifier in ("auto", "none") else Path(classifier)
+        res = _run(source_probe, sources, clf, pca_components, seed, device)
+        for c, pairs in res["classes"].items():
+            for name, v in pairs.items():
+                aucs = "; ".join(f"{k.replace('_auc', '')} space AUC {v[k]:.3f}" for k in ("pca_auc", "classifier_auc")
+                                 if v.get(k) is not None)
+                err.print(f"{c}: {name} ({', '.join(f'{n} {k}' for k, n in v['counts'].items())}): {aucs}: "
+                          f"{v['verdict']}", highlight=False)
+        if as_json:
+            _emit_json(res)
+        return
     if score_review is not None:
         res = _run(run_score, score_review, key)
         err.print(f"{res['answered']} answered ({res['blank']} blank): accuracy {res['accuracy']:.2f}, "
@@ -696,12 +715,14 @@ def audit(
     from rich.table import Table
 
     t = Table(title=f"audit of {synthetic} against {real} ({rec['seconds']} s)")
-    for col in ("class", "space", "FD", "KID", "precision", "recall", "density", "coverage", "near-copies"):
+    for col in ("class", "space", "FD", "KID", "precision", "recall", "density", "coverage", "real/synth AUC",
+                "near-copies"):
         t.add_column(col, justify="right" if col not in ("class", "space") else "left")
     for c, d in rec["classes"].items():
         for s, v in d["spaces"].items():
             t.add_row(c, s, *(("n/a" if v[m] is None else f"{v[m]:.4g}")
-                              for m in ("fd", "kid", "precision", "recall", "density", "coverage")),
+                              for m in ("fd", "kid", "precision", "recall", "density", "coverage",
+                                        "real_vs_synthetic_auc")),
                       str(d["memorisation"]["flagged"]))
     err.print(t)
     err.print(f"report: {out}/report.md; flagged near-copies: {out}/flagged/; review sheet: "
