@@ -486,14 +486,13 @@ def _truncate_log(run: Path, step: int) -> None:
     write_csv(path, LOG_FIELDS, rows)
 
 
-def _warnings(cfg: TrainGanConfig, full_classes: tuple[str, ...], label: str) -> list[str]:
+def _warnings(cfg: TrainGanConfig, label: str) -> list[str]:
     out = []
     if cfg.alpha is not None and not cfg.conditional:
         out.append("--alpha has no effect without --conditional (a DCGAN learns one class)")
     if not cfg.conditional and cfg.cls is None and label == cfg.healthy:
-        out.append(f"the least frequent class in {cfg.data} is '{label}', the healthy class "
-                   f"(classes: {', '.join(full_classes)}): the GAN learns {label} images; "
-                   "give --class to choose")
+        out.append(f"the least frequent class in {cfg.data} is '{label}', the healthy class: "
+                   f"the GAN learns {label} images; give --class to choose")
     return out
 
 
@@ -511,7 +510,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     device = resolve_device(cfg.device)
     data, classes, label = load_training_set(cfg)
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
-    warnings = _warnings(cfg, read_classes(cfg.data), label)
+    warnings = _warnings(cfg, label)
     asked = cfg.to_json()  # as given (e.g. diffaugment "auto"); --resume compares against this
     cfg = replace(cfg, diffaugment=resolve_diffaugment(cfg.diffaugment, len(data.images)))
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
@@ -670,7 +669,3 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
             "generator": str(run / "generator.safetensors"),
             "samples": str(run / "samples"), "warnings": warnings}
 
-
-def read_classes(folder: Path) -> tuple[str, ...]:
-    return tuple(sorted(p.name.lower() for p in Path(folder).iterdir() if p.is_dir()
-                        and not p.name.startswith(".")))
