@@ -367,3 +367,19 @@ def test_append_keeps_one_record_of_all_runs(world, tmp_path):
     rec = json.loads((out / "generation.json").read_text())
     assert rec["kind"] == "xraygan-synthetic-images" and rec["total"] == 5 and rec["counts"] == {"pneumonia": 5}
     assert [(r["first_index"], r["count"], r["status"]) for r in rec["runs"]] == [(1, 3, "done"), (4, 2, "done")]
+
+
+def test_records_of_xraygan_0_1_are_still_read(world, tmp_path):
+    """A generation.json written before runs were named: its files are recognised as generate's
+    by the name they carry, so --append and --force work, and a foreign file still stops --force."""
+    out = tmp_path / "old"
+    assert runner.invoke(app, ["generate", str(world["G"]), "-n", "3", "--out", str(out)]).exit_code == 0
+    rec = json.loads((out / "generation.json").read_text())
+    for r in rec["runs"]:
+        del r["run_name"], r["status"]
+    (out / "generation.json").write_text(json.dumps(rec))
+    assert runner.invoke(app, ["generate", str(world["G"]), "-n", "2", "--out", str(out), "--append"]).exit_code == 0
+    assert sorted(p.name for p in (out / "pneumonia").iterdir())[-1] == "synthetic-gan-000005.png"
+    r = runner.invoke(app, ["generate", str(world["G"]), "-n", "1", "--out", str(out), "--force"])
+    assert r.exit_code == 0, r.stderr
+    assert [p.name for p in (out / "pneumonia").iterdir()] == ["synthetic-gan-000001.png"]

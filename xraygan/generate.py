@@ -65,17 +65,26 @@ RECORD = "generation.json"
 def listed_files(record: dict) -> dict[str, set[str]]:
     """Per label, the file names the record says generate wrote (finished or not)."""
     out: dict[str, set[str]] = {}
-    for r in record.get("runs", []):
-        if "run_name" in r:
-            names = {f"synthetic-{r['run_name']}-{i:06d}.png"
-                     for i in range(r["first_index"], r["first_index"] + r["count"])}
-        else:  # records of xraygan 0.1 did not name the run: its files carry the run's name
-            names = {f"synthetic-{m['run']}-{i:06d}.png"
-                     for f in (Path(record.get("_folder", ".")) / r["label"]).glob("synthetic-*.png")
-                     if (m := NAME_RE.match(f.name))
-                     for i in range(r["first_index"], r["first_index"] + r["count"])}
+    for r in record["runs"]:
+        names = {f"synthetic-{r['run_name']}-{i:06d}.png"
+                 for i in range(r["first_index"], r["first_index"] + r["count"])} if r.get("run_name") else set()
         out.setdefault(r["label"], set()).update(names)
     return out
+
+
+def _load_record(folder: Path) -> dict:
+    """FOLDER/generation.json, checked, with every run named. Records of xraygan 0.1 did not name
+    the run; its files carry the name, so it is read from a file in the run's index range."""
+    path = Path(folder) / RECORD
+    rec = read_json(path)
+    if not isinstance(rec, dict) or not isinstance(rec.get("runs"), list):
+        raise InputError(f"{path}: not a generate record")
+    for r in rec["runs"]:
+        if "run_name" not in r:
+            first, last = r["first_index"], r["first_index"] + r["count"]
+            r["run_name"] = next((m["run"] for f in (Path(folder) / r["label"]).glob("synthetic-*.png")
+                                  if (m := NAME_RE.match(f.name)) and first <= int(m["idx"]) < last), None)
+    return rec
 
 
 def read_record(out: Path) -> dict | None:
@@ -91,10 +100,7 @@ def read_record(out: Path) -> dict | None:
     if not path.is_file():
         raise InputError(f"{out}: holds files that xraygan generate did not write (no {RECORD}); "
                          "give a new or empty --out")
-    rec = read_json(path)
-    if not isinstance(rec, dict) or not isinstance(rec.get("runs"), list):
-        raise InputError(f"{path}: not a generate record")
-    rec["_folder"] = str(out)
+    rec = _load_record(out)
     listed = listed_files(rec)
     for p in visible:
         if p.name in (RECORD, "preview.png"):
@@ -110,15 +116,15 @@ def read_record(out: Path) -> dict | None:
     return rec
 
 
-def check_complete(folder: Path) -> dict | None:
-    """For readers (rebalance): the record of a finished generate, or None for a folder without
-    one (synthetic images made elsewhere). An interrupted generate is refused."""
+def check_complete(folder: Path, rec: dict | None = None) -> dict | None:
+    """For readers (rebalance, --append): the record of a finished generate, or None for a folder
+    without one (synthetic images made elsewhere). An interrupted generate is refused."""
     path = Path(folder) / RECORD
-    if not path.is_file():
-        return None
-    rec = read_json(path)
-    rec["_folder"] = str(folder)
-    unfinished = [r for r in rec.get("runs", []) if r.get("status", "done") != "done"]
+    if rec is None:
+        if not path.is_file():
+            return None
+        rec = _load_record(folder)
+    unfinished = [r for r in rec["runs"] if r.get("status", "done") != "done"]
     if unfinished:
         raise InputError(f"{path}: a generate run did not finish (run {unfinished[0].get('status')}); "
                          f"rerun xraygan generate with --force --out {folder}")
@@ -165,15 +171,11 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     run = re.sub(r"[^A-Za-z0-9_.]+", "_", str(meta.get("run") or "gan")).strip("_") or "gan"
     folder = out / label
     old_runs = rec["runs"] if rec else []
-    for r in old_runs:  # name the run in records of xraygan 0.1
-        if "run_name" not in r:
-            r["run_name"] = next((m["run"] for f in (out / r["label"]).glob("synthetic-*.png")
-                                  if (m := NAME_RE.match(f.name))), run)
     start = 0
     if rec is not None:
         mine = [r for r in old_runs if r["label"] == label]
         if cfg.append:
-            check_complete(out)
+            check_complete(out, rec)
             start = max((r["first_index"] + r["count"] - 1 for r in mine if r.get("run_name") == run),
                         default=0)
         elif not cfg.force:
