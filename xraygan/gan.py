@@ -249,6 +249,7 @@ class GanTrainer:
         self.step_count = 0
         self._graph = None
         self._eager_since_start = 0
+        self._tgt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _generator(self, seed: int) -> torch.Generator:
         if self.rng_device.type == "cpu":
@@ -385,10 +386,11 @@ class GanTrainer:
         self._graph, self._static = graph, st
 
     def _targets(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if getattr(self, "_tgt_n", None) != n:
-            self._tgt = (torch.ones(n, device=self.device), torch.zeros(n, device=self.device))
-            self._tgt_n = n
-        return self._tgt
+        """BCE targets for a batch of n, made once per batch size (inside a CUDA graph they must
+        be the same tensors at every replay)."""
+        if n not in self._tgt:
+            self._tgt[n] = (torch.ones(n, device=self.device), torch.zeros(n, device=self.device))
+        return self._tgt[n]
 
     def sampler(self) -> nn.Module:
         return self.G_ema if self.G_ema is not None else self.G

@@ -66,23 +66,19 @@ class Scan:
     layout: str
 
 
-def _outputs_below(root: Path) -> list[Path]:
-    """Folders at or below `root` that carry an xraygan record: outputs, never raw data."""
-    return sorted(p.parent for name in RECORD_NAMES for p in root.rglob(name)
-                  if xraygan_record(p.parent) is not None)
-
-
 def _files(root: Path) -> tuple[list[Path], int, list[dict]]:
     """Image files below root (recursive, sorted), ignored count, skipped non-images. Folders
     that hold an xraygan record (an earlier prepare, generate, ...) are passed over whole."""
     files, ignored, skipped = [], 0, []
-    if xraygan_record(root) is not None:
-        raise InputError(f"{root}: holds {xraygan_record(root).name}, an xraygan output, not raw data")
-    outputs = _outputs_below(root)
-    for p in sorted(root.rglob("*")):
+    rec = xraygan_record(root)
+    if rec is not None:
+        raise InputError(f"{root}: holds {rec.name}, an xraygan output, not raw data")
+    listing = sorted(root.rglob("*"))  # one walk of the tree (a large source is slow to walk)
+    outputs = {p.parent for p in listing if p.name in RECORD_NAMES and xraygan_record(p.parent) is not None}
+    for p in listing:
         if not p.is_file():
             continue
-        if any(o in p.parents for o in outputs):
+        if outputs and any(o in p.parents for o in outputs):
             ignored += 1
             continue
         if is_ignored(p.relative_to(root)):
