@@ -234,6 +234,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
     check_choice("--device", cfg.device, DEVICES)
     check_choice("--precision", cfg.precision, ("auto", "fp32", "bf16"))
     check_out_apart(cfg.out, data=cfg.data, val=cfg.val, weights=cfg.weights)
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise InputError(f"{cfg.weights}: weights file not found")
 
 
 def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] | None = None) -> dict:
@@ -251,9 +253,27 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
                          f"(found: {', '.join(train.classes)})")
     val = read_image_folder(cfg.val, classes=train.classes)
     _check_folder(val, train.size, "validation")
-    small = {"auto": train.size <= 64, "yes": True, "no": False}.get(cfg.small_stem)
-    if small is None:
-        raise InputError(f"--small-stem {cfg.small_stem}: must be auto, yes or no")
+    fingerprint = fingerprint_arrays(train.images, train.labels, val.images, val.labels)
+    created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data)
+    try:
+        return _train(cfg, out, device, train, val, fingerprint, progress)
+    except KeyboardInterrupt:
+        if not (out / "state.safetensors").is_file():
+            discard_new_run(out, created)
+            raise Interrupted(f"interrupted in the first epoch; nothing was saved, so {out} was "
+                              "removed") from None
+        raise Interrupted(f"interrupted; {out} keeps its last finished epoch: continue with "
+                          "--resume") from None
+    except BaseException:
+        if not (out / "state.safetensors").is_file():
+            discard_new_run(out, created)
+        raise
+
+
+def _train(cfg: TrainClassifierConfig, out: Path, device: torch.device, train: ImageFolder, val: ImageFolder,
+           fingerprint: str, progress: Callable[..., None] | None) -> dict:
+    """The run itself, in a folder `begin_run` made: build, resume if asked, train, select."""
+    small = {"auto": train.size <= 64, "yes": True, "no": False}[cfg.small_stem]  # checked in validate
     net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
     torch.manual_seed(cfg.seed)
     model = build_resnet18(net)
@@ -271,26 +291,6 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     x_all = torch.from_numpy(train.images).to(device)
     y_all = torch.from_numpy(train.labels).to(device)
     g = make_generator(cfg.seed)
-    fingerprint = fingerprint_arrays(train.images, train.labels, val.images, val.labels)
-    created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data)
-    try:
-        return _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, x_all, y_all,
-                      loss_fn, weights, amp, cl, pos, fingerprint, progress)
-    except KeyboardInterrupt:
-        if not (out / "state.safetensors").is_file():
-            discard_new_run(out, created)
-            raise Interrupted(f"interrupted in the first epoch; nothing was saved, so {out} was "
-                              "removed") from None
-        raise Interrupted(f"interrupted; {out} keeps its last finished epoch: continue with "
-                          "--resume") from None
-    except BaseException:
-        if not (out / "state.safetensors").is_file():
-            discard_new_run(out, created)
-        raise
-
-
-def _train(cfg, out, device, train, val, net, model, not_loaded, opt, sched, g, x_all, y_all, loss_fn,
-           weights, amp, cl, pos, fingerprint, progress) -> dict:
     fields = ["epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
               "val_specificity", "lr", "images_per_s", "seconds"]
     log_rows: list[dict] = []
