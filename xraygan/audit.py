@@ -276,9 +276,8 @@ def source_probe(folder: Path, classifier: Path | None = None, pca_components: i
                         "pca_auc": _r(probe_auc(z[ma], z[mb], seed))}
                 if feats is not None:
                     pair["classifier_auc"] = _r(probe_auc(feats[m][ma], feats[m][mb], seed))
-                best = max(v for k, v in pair.items() if k.endswith("_auc") and v is not None) \
-                    if any(v is not None for k, v in pair.items() if k.endswith("_auc")) else None
-                pair["verdict"] = probe_verdict(best)
+                aucs = [v for k, v in pair.items() if k.endswith("_auc") and v is not None]
+                pair["verdict"] = probe_verdict(max(aucs, default=None))
                 entry[f"{a} vs {b}"] = pair
         out["classes"][c] = entry
     if not out["classes"]:
