@@ -5,6 +5,7 @@ input, 1 for failures)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,14 +55,35 @@ BESIDE = "@beside"
 OPTIONAL_VALUE = {"evaluate": ("--report",)}
 
 
+# Options that take several values after one flag, as in `study --seeds 0 1 2`: the values that
+# follow (while they look like values of that option) are split into repeated flags.
+MULTI_VALUE = {"study": {"--seeds": re.compile(r"^\d+(,\d+)*$"),
+                         "--rows": re.compile(r"^[a-z_]+(\d*\.?\d+)?(,[a-z_]+(\d*\.?\d+)?)*$")}}
+
+
 def _optional_values(args: list[str]) -> list[str]:
     cmd = next((a for a in args if not a.startswith("-")), None)
     flags = OPTIONAL_VALUE.get(cmd, ())
-    out = []
+    multi = MULTI_VALUE.get(cmd, {})
+    out: list[str] = []
+    flag, bare = None, False  # a multi-value option whose values are being read; none read yet
     for i, a in enumerate(args):
+        if flag is not None and not a.startswith("-") and multi[flag].match(a) \
+                and not (flag == "--rows" and Path(a).exists()):
+            out += [flag, a]
+            bare = False
+            continue
+        if bare:  # no value followed: leave the flag for the parser to report
+            out.append(flag)
+        flag = a if a in multi else None
+        bare = flag is not None
+        if flag is not None:
+            continue
         out.append(a)
         if a in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
             out.append(BESIDE)
+    if bare:
+        out.append(flag)
     return out
 
 
@@ -729,6 +751,89 @@ def audit(
               f"{out}/review/sheet.html", highlight=False)
     if as_json:
         _emit_json(rec)
+
+
+@app.command()
+def study(
+    data: Annotated[Path, typer.Argument(help="A folder written by xraygan prepare (train/, val/, test/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Study folder: every step's output, logs/, "
+                                      "times.csv, table/ and table-tuned/.")] = ...,
+    rows: Annotated[list[str], typer.Option(
+        help="Rows to run (default all ten): baseline class_weights undersample oversample dcgan "
+             "cdcgan_a0.25 cdcgan_a0.5 cdcgan_a0.75 smote augment; any cdcgan_a<α>. Space- or "
+             "comma-separated.")] = [],  # noqa: B006
+    seeds: Annotated[list[str], typer.Option(
+        help="Classifier seeds per row (each also draws the rebalanced set), e.g. --seeds 0 1 2.")] = [],  # noqa: B006
+    gan_steps: Annotated[int, typer.Option(help="Generator steps per GAN (each GAN is trained once, seed 0).")] = 3000,
+    gan_batch: Annotated[int, typer.Option(help="GAN batch size.")] = 64,
+    diffaugment: Annotated[str, typer.Option(help="DiffAugment policy for the GANs (see train-gan).")] = "auto",
+    clf_epochs: Annotated[int, typer.Option(help="Classifier epochs (early stopping may end sooner).")] = 20,
+    patience: Annotated[int, typer.Option(help="Classifier epochs without improvement before stopping.")] = 5,
+    small_stem: Annotated[str, typer.Option(help="Classifier stem: auto, yes or no (see train-classifier).")] = "auto",
+    audit: Annotated[bool, typer.Option(help="Audit each GAN's images against the real training set.")] = True,
+    jobs: Annotated[Optional[int], typer.Option(
+        "--jobs", "-j", help="Steps run at once, sharing the CPU threads and one GPU (default: 1 on a "
+                             "machine with 2 cores or fewer; see the README).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what is done, what would run) "
+                                          "and exit.")] = False,
+    print_commands: Annotated[bool, typer.Option(
+        "--print-commands", help="Print the steps not done yet as a bash script, one command a line "
+                                 "tagged with its stage (for GNU parallel or a SLURM job array), and exit.")] = False,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the study's whole grid: GANs, synthetic images, audits, then per row and seed rebalance,
+    train-classifier, evaluate (threshold 0.5 and tuned on val) and gradcam, then the tables.
+
+    Each step is an ordinary xraygan command (logged in OUT/logs/); finished steps are skipped on a
+    rerun and interrupted training resumes, so the same command continues a study.
+
+    Example: xraygan study data64 --out study64 --seeds 0 1 2 --jobs 8
+    """
+    from xraygan.console import err
+    from xraygan.study import (
+        ROWS,
+        StudyConfig,
+        build_plan,
+        check_study_folder,
+        commands_script,
+        plan_text,
+        run_study,
+    )
+
+    def split(values: list[str]) -> list[str]:
+        return [v.strip() for x in values for v in x.split(",") if v.strip()]
+
+    try:
+        seed_list = tuple(int(v) for v in split(seeds)) or (0, 1, 2)
+    except ValueError:
+        raise typer.BadParameter(f"'{' '.join(seeds)}': seeds are whole numbers, e.g. --seeds 0 1 2") from None
+    cfg = StudyConfig(data=data, out=out, rows=tuple(split(rows)) or ROWS, seeds=seed_list,
+                      gan_steps=gan_steps, gan_batch=gan_batch, diffaugment=diffaugment,
+                      clf_epochs=clf_epochs, patience=patience, small_stem=small_stem, audit=audit,
+                      device=device, jobs=jobs)
+    if dry_run or print_commands:
+        def plan() -> list:
+            cfg.validate()
+            check_study_folder(cfg)
+            return build_plan(cfg)[0]
+
+        steps = _run(plan)
+        sys.stdout.write(commands_script(steps, cfg.program) if print_commands else plan_text(steps))
+        return
+
+    def say(line: str) -> None:
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    res = _run(run_study, cfg, say)
+    for t, path in res["tables"].items():
+        err.print(f"\n[bold]{'Threshold 0.5' if t == 'table' else 'Threshold tuned on the validation split'}[/] "
+                  f"({path}):", highlight=False)
+        sys.stdout.write(Path(path).read_text(encoding="utf-8"))
+    err.print(f"\nstudy: {res['ran']} steps run, {res['skipped']} already done, in {res['seconds']:.0f} s "
+              f"({res['jobs']} at a time); per-step times in {out}/times.csv", highlight=False)
+    if as_json:
+        _emit_json(res)
 
 
 def main() -> None:

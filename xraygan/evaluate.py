@@ -41,9 +41,9 @@ from xraygan.runtime import DEVICES
 
 CI_KEYS = ("precision", "recall", "specificity", "f1", "accuracy", "balanced_accuracy",
            "roc_auc", "pr_auc")
-TABLE_KEYS = ("precision", "recall", "specificity", "f1", "roc_auc")
+TABLE_KEYS = ("precision", "recall", "specificity", "f1", "balanced_accuracy", "roc_auc")
 TABLE_NAMES = {"precision": "Precision", "recall": "Recall", "specificity": "Specificity",
-               "f1": "F1", "roc_auc": "ROC-AUC", "lung_energy": "CAM in lungs"}
+               "f1": "F1", "balanced_accuracy": "Bal. acc.", "roc_auc": "ROC-AUC", "lung_energy": "CAM in lungs"}
 
 
 @dataclass(frozen=True)
@@ -491,8 +491,13 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> 
     if len(fps) > 1:
         warnings.append(f"the runs were evaluated on {len(fps)} different test sets; "
                         "their rows are not comparable")
-    thr = {round(d["threshold"], 6) for _, d in metrics}
-    if len(thr) > 1:
+    # thresholds tuned per run on validation data differ by design; fixed ones should not
+    tuned = [d for _, d in metrics if d.get("threshold_tuning")]
+    thr = {round(d["threshold"], 6) for _, d in metrics if not d.get("threshold_tuning")}
+    if tuned and len(tuned) < len(metrics):
+        warnings.append(f"{len(tuned)} of the {len(metrics)} runs tuned their threshold on validation "
+                        "data and the others did not; their rows are not comparable")
+    elif len(thr) > 1:
         warnings.append(f"the runs used {len(thr)} different thresholds")
     res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics),
            "markdown": table_markdown(rows, keys), "csv": table_csv(rows, keys)}

@@ -75,7 +75,7 @@ OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # Files by which a folder is recognised as xraygan output (never read as raw data).
 RECORD_NAMES = ("dataset.json", "generation.json", "rebalance.json", "metrics.json", "gradcam.json",
-                "audit.json", "demo.json", "table.json", "config.json")
+                "audit.json", "demo.json", "table.json", "study.json", "config.json")
 
 
 def xraygan_record(folder: Path) -> Path | None:

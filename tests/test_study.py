@@ -1,0 +1,142 @@
+"""`xraygan study`: the plan, skipping what is done, failures that do not stop independent steps,
+and a --print-commands script that runs as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xraygan.errors import InputError
+from xraygan.study import StudyConfig, build_plan, commands_script, default_jobs, plan_text
+
+TINY = ["--gan-steps", "2", "--gan-batch", "8", "--clf-epochs", "1"]
+
+
+def xraygan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xraygan", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_plan_for_a_row_subset(demo_data, tmp_path):
+    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("oversample", "cdcgan_a0.3"), seeds=(0, 4),
+                      gan_steps=5, clf_epochs=2)
+    steps, info = build_plan(cfg)
+    ids = [s.id for s in steps]
+    assert ids[:3] == ["train-gan cdcgan_a0.3", "generate cdcgan_a0.3", "audit cdcgan_a0.3"]  # GANs first
+    assert ids.count("compare table") == 1 and ids[-2:] == ["compare table", "compare table-tuned"]
+    # 1 GAN × 3 + 2 rows × 2 seeds × 5 + 2 tables
+    assert len(steps) == 3 + 2 * 2 * 5 + 2
+    by = {s.id: s for s in steps}
+    assert by["rebalance oversample seed 4"].deps == [] and by["rebalance oversample seed 4"].stage == 1
+    assert by["rebalance cdcgan_a0.3 seed 0"].deps == ["generate cdcgan_a0.3"]
+    assert by["train-classifier cdcgan_a0.3 seed 0"].stage == 4
+    assert set(by["compare table"].deps) == {f"{k} {r} seed {s}" for k in ("evaluate", "gradcam")
+                                            for r in ("oversample", "cdcgan_a0.3") for s in (0, 4)}
+    gan = by["train-gan cdcgan_a0.3"].argv
+    assert gan[gan.index("--alpha") + 1] == "0.3" and "--conditional" in gan
+    assert info["synthetic_needed"] == info["counts"]["normal"] - info["counts"]["pneumonia"]
+    gen = by["generate cdcgan_a0.3"].argv
+    assert gen[gen.index("-n") + 1] == str(info["synthetic_needed"])
+    assert all(s.stage > max((by[d].stage for d in s.deps), default=0) for s in steps)
+    # a finished step (its command's record) is skipped; a started one is given --force/--resume
+    bal = tmp_path / "s" / "balanced" / "oversample-seed0"
+    bal.mkdir(parents=True)
+    (bal / "rebalance.json").write_text(json.dumps({"kind": "xraygan-rebalance"}))
+    clf = tmp_path / "s" / "runs" / "oversample-seed4"
+    clf.mkdir(parents=True)
+    (clf / "log.csv").write_text("epoch\n")
+    text = plan_text(steps)
+    assert "done   stage 1  rebalance oversample seed 0\n" in text
+    assert "redo   stage 2  train-classifier oversample seed 4" in text  # no state file: --force
+    script = commands_script(steps, "xraygan")
+    assert "rebalance oversample seed 0\n" not in script and "# stage 1: rebalance oversample seed 4\n" in script
+    assert script.count("\n") == 5 + len(steps) - 1
+
+
+@pytest.mark.parametrize("rows, message", [
+    (("baseline", "nonsense"), "--rows nonsense: unknown row"),
+    (("cdcgan_a1.5",), "--rows cdcgan_a1.5: unknown row"),
+    (("baseline", "baseline"), "named twice"),
+])
+def test_bad_rows_are_refused(demo_data, tmp_path, rows, message):
+    with pytest.raises(InputError, match=message):
+        StudyConfig(data=demo_data, out=tmp_path / "s", rows=rows).validate()
+
+
+def test_study_folder_is_never_inside_the_data_or_foreign(demo_data, tmp_path):
+    r = xraygan("study", str(demo_data), "--out", str(demo_data / "study"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "error:" in r.stderr.strip().splitlines()[-1]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    r = xraygan("study", str(demo_data), "--out", str(tmp_path / "mine"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "not a study folder" in r.stderr.strip().splitlines()[-1]
+
+
+def test_default_jobs():
+    assert default_jobs(2, cuda=False) == 1 and default_jobs(2, cuda=True) == 1
+    assert default_jobs(16, cuda=False) == 4 and default_jobs(16, cuda=True) == 8
+
+
+def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_path):
+    """2 rows × 2 seeds with --jobs 2; then a rerun with one more row in which one step fails:
+    what was done is skipped, the independent steps still run, the table takes what finished and
+    the exit code says something failed."""
+    out = tmp_path / "study"
+    args = ["study", str(demo_data), "--out", str(out), "--seeds", "0", "1", *TINY, "--jobs", "2"]
+    r = xraygan(*args, "--rows", "baseline", "dcgan", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "table" / "table.md").read_text()
+    assert "| baseline | 2 |" in table and "| dcgan | 2 |" in table and "Bal. acc." in table
+    tuned = json.loads((out / "table-tuned" / "table.json").read_text())
+    assert tuned["warnings"] == [] and tuned["runs"] == 4
+    assert all(json.loads((out / "runs" / f"{row}-seed{s}" / "report-tuned" / "metrics.json").read_text())
+               ["threshold_tuning"] for row in ("baseline", "dcgan") for s in (0, 1))
+    assert (out / "audit" / "dcgan" / "audit.json").is_file()
+    times = (out / "times.csv").read_text().splitlines()
+    assert len(times) == 1 + 3 + 2 * 2 * 5 + 2 and all(",done," in t for t in times[1:])
+    assert r.stdout.count("| baseline | 2 |") == 2  # both tables printed
+
+    # an interrupted GAN (fewer steps than asked) is resumed, not restarted
+    cfg = StudyConfig(data=demo_data, out=out, rows=("dcgan",), seeds=(0,), gan_steps=4)
+    gan = next(s for s in build_plan(cfg)[0] if s.id == "train-gan dcgan")
+    assert not gan.done() and gan.command()[-1] == "--resume"
+
+    # one more row whose seed-0 rebalance cannot run (a file of the user's in its output folder)
+    bad = out / "balanced" / "oversample-seed0"
+    bad.mkdir(parents=True)
+    (bad / "keep-me.txt").write_text("not xraygan's")
+    r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", cwd=tmp_path)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert "1 step failed (rebalance oversample seed 0)" in last and str(out / "logs") in last
+    assert (bad / "keep-me.txt").read_text() == "not xraygan's"
+    assert "23 already done" in r.stderr
+    log = (out / "logs" / "rebalance-oversample-seed-0.log").read_text()
+    assert "not an output of xraygan rebalance" in log and "Traceback" not in log
+    table = (out / "table" / "table.md").read_text()
+    assert "| oversample | 1 |" in table and "| baseline | 2 |" in table
+    status = {ln.split(",")[0]: ln.split(",")[1] for ln in (out / "times.csv").read_text().splitlines()[1:]}
+    assert status["train-classifier oversample seed 0"] == "blocked"
+    assert status["gradcam oversample seed 1"] == "done"
+
+    # --print-commands: the steps left, as a script that runs as written
+    (bad / "keep-me.txt").unlink()
+    r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--print-commands", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln and not ln.startswith(("#", "set "))]
+    assert [ln.rsplit("# ", 1)[1] for ln in lines] == [
+        "stage 1: rebalance oversample seed 0", "stage 2: train-classifier oversample seed 0",
+        "stage 3: evaluate oversample seed 0", "stage 3: evaluate oversample seed 0 tuned",
+        "stage 3: gradcam oversample seed 0", "stage 6: compare table", "stage 6: compare table-tuned"]
+    script = tmp_path / "rest.sh"
+    script.write_text(r.stdout)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    run = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| oversample | 2 |" in (out / "table" / "table.md").read_text()
+    r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--dry-run", cwd=tmp_path)
+    assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 3 + 3 * 2 * 5

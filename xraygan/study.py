@@ -1,0 +1,472 @@
+"""`xraygan study`: the study's whole grid as one resumable command.
+
+The grid is a plan of steps, each one ordinary xraygan command (so every result can be remade
+from the shell): per GAN row train-gan → generate → audit; per row and seed rebalance →
+train-classifier → evaluate (threshold 0.5, and tuned on the validation split) and gradcam;
+the two tables last. Up to `--jobs` steps run at once as subprocesses, each with its share of
+the CPU threads, sharing one GPU. A step is done when the record its command writes says so
+(the GAN's and classifier's state files, generation.json, metrics.json, ...), so a rerun skips
+it; an interrupted GAN or classifier resumes with --resume.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xraygan import __version__
+from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_int, require
+from xraygan.fsutil import atomic_write_json, check_out_apart, read_json, record_header, write_csv
+from xraygan.runtime import DEVICES
+
+ROWS = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcgan_a0.25", "cdcgan_a0.5",
+        "cdcgan_a0.75", "smote", "augment")
+METHODS = {"baseline": "none", "class_weights": "none", "undersample": "undersample",
+           "oversample": "oversample", "smote": "smote", "augment": "augment"}
+CDCGAN = re.compile(r"^cdcgan_a(?P<alpha>[0-9]*\.?[0-9]+)$")
+RECORD = "study.json"
+# Settings a study folder keeps: rerunning into it with other values would mix two studies.
+SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem")
+
+
+def is_gan_row(row: str) -> bool:
+    return row == "dcgan" or CDCGAN.match(row) is not None
+
+
+def default_jobs(cores: int, cuda: bool) -> int:
+    """Steps at once. Two CPU cores: one (two torch jobs at once, one thread each, were slower
+    than one after another with two threads: see the README's study section). More cores: a
+    job per 4 cores on the CPU; with a GPU, up to 8 jobs share it (the steps are small and
+    leave it mostly idle one at a time; measured in the README)."""
+    if cores <= 2:
+        return 1
+    return max(1, min(8, cores // 2)) if cuda else max(1, cores // 4)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    data: Path
+    out: Path
+    rows: tuple[str, ...] = ROWS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    gan_steps: int = 3000
+    gan_batch: int = 64
+    diffaugment: str = "auto"
+    clf_epochs: int = 20
+    patience: int = 5
+    small_stem: str = "auto"
+    audit: bool = True
+    device: str = "auto"
+    jobs: int | None = None  # None: default_jobs
+    program: str = "xraygan"  # how --print-commands names the command
+
+    def validate(self) -> None:
+        require(len(self.rows) > 0, "--rows: give at least one row")
+        for r in self.rows:
+            m = CDCGAN.match(r)
+            require(r in METHODS or r == "dcgan" or (m is not None and 0 <= float(m["alpha"]) <= 1),
+                    f"--rows {r}: unknown row (rows: {', '.join(ROWS)}; any cdcgan_a<α> with α in [0, 1])")
+        require(len(set(self.rows)) == len(self.rows), "--rows: a row is named twice")
+        require(len(self.seeds) > 0, "--seeds: give at least one seed")
+        require(len(set(self.seeds)) == len(self.seeds), "--seeds: a seed is named twice")
+        for s in self.seeds:
+            check_int("--seeds", s, 0)
+        check_int("--gan-steps", self.gan_steps)
+        check_int("--gan-batch", self.gan_batch, 2)
+        check_int("--clf-epochs", self.clf_epochs)
+        check_int("--patience", self.patience, 0)
+        check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
+        check_choice("--device", self.device, DEVICES)
+        if self.jobs is not None:
+            check_int("--jobs", self.jobs)
+        for split in ("train", "val", "test"):
+            if not (Path(self.data) / split).is_dir():
+                raise InputError(f"{Path(self.data) / split}: not found (DATA must be a folder written "
+                                 "by xraygan prepare, with train/, val/ and test/)")
+        check_out_apart(self.out, data=self.data)
+
+    def settings(self) -> dict:
+        return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps,
+                "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
+                "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem}
+
+
+@dataclass
+class Step:
+    """One command of the plan. `done` says whether its output is complete; `partial` whether
+    an earlier attempt left something (then the command gets `again`, e.g. --resume)."""
+    id: str
+    argv: list[str]
+    out: Path
+    deps: list[str] = field(default_factory=list)
+    done: Callable[[], bool] = lambda: False
+    again: list[str] = field(default_factory=lambda: ["--force"])
+    exclusive: str | None = None  # steps of one group never run at the same time
+    inputs: list[tuple[str, Path]] | None = None  # the table: (step, file) pairs it reads, when done
+    stage: int = 1
+
+    def command(self) -> list[str]:
+        """The arguments for this attempt: a step that left a partial output gets `again`."""
+        if self.done():
+            return list(self.argv)
+        started = self.out.is_dir() and any(self.out.iterdir())
+        if not started:
+            return list(self.argv)
+        if self.again == ["--resume"] and not (self.out / "state.safetensors").is_file():
+            return list(self.argv) + ["--force"]  # stopped before its first checkpoint
+        return list(self.argv) + self.again
+
+
+def _meta(path: Path) -> dict | None:
+    from xraygan.checkpoint import read_metadata
+
+    try:
+        return read_metadata(path) if path.is_file() else None
+    except InputError:
+        return None
+
+
+def gan_done(run: Path, steps: int) -> bool:
+    m = _meta(run / "state.safetensors")
+    return m is not None and int(m.get("step", 0)) >= steps and (run / "generator.safetensors").is_file()
+
+
+def classifier_done(run: Path, epochs: int, patience: int) -> bool:
+    m = _meta(run / "state.safetensors")
+    if m is None or not (run / "classifier.safetensors").is_file():
+        return False
+    return int(m["epoch"]) >= epochs or (patience > 0 and int(m["stale"]) >= patience)
+
+
+def generate_done(folder: Path, n: int) -> bool:
+    from xraygan.generate import check_complete
+
+    try:
+        rec = check_complete(folder)
+    except InputError:
+        return False
+    return rec is not None and int(rec.get("total", 0)) >= n
+
+
+def record_done(folder: Path, name: str) -> bool:
+    try:
+        return isinstance(read_json(folder / name), dict)
+    except (InputError, OSError):
+        return False
+
+
+def class_counts(train: Path) -> dict[str, int]:
+    from xraygan.images import list_image_folder
+
+    return {c: len(f) for c, f in list_image_folder(train).items()}
+
+
+def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
+    """The steps in the order they are started (GANs first: they take longest)."""
+    data, out = Path(cfg.data), Path(cfg.out)
+    counts = class_counts(data / "train")
+    require(len(counts) == 2, f"{data / 'train'}: the study needs two classes, found "
+                              f"{len(counts)} ({', '.join(counts)})")
+    minority = min(counts, key=lambda c: (counts[c], c))
+    need = max(counts.values()) - counts[minority]
+    if any(is_gan_row(r) for r in cfg.rows):
+        require(need > 0, f"{data / 'train'}: the classes are balanced ({counts}); there is nothing "
+                          "for a GAN to add (drop the GAN rows)")
+    dev = ["--device", cfg.device]
+    steps: list[Step] = []
+    for row in cfg.rows:
+        if not is_gan_row(row):
+            continue
+        run, synth = out / "gan" / row, out / "synth" / row
+        kind = ["--class", minority] if row == "dcgan" else \
+            ["--conditional", "--alpha", CDCGAN.match(row)["alpha"]]  # type: ignore[index]
+        steps.append(Step(
+            f"train-gan {row}", ["train-gan", str(data / "train"), "--out", str(run), *kind,
+                                 "--steps", str(cfg.gan_steps), "--batch-size", str(cfg.gan_batch),
+                                 "--diffaugment", cfg.diffaugment, "--seed", "0", *dev],
+            run, done=lambda run=run: gan_done(run, cfg.gan_steps), again=["--resume"]))
+        steps.append(Step(
+            f"generate {row}", ["generate", str(run / "generator.safetensors"), "-n", str(need),
+                                "--out", str(synth), "--label", minority, "--seed", "0", "--preview", *dev],
+            synth, deps=[f"train-gan {row}"], done=lambda s=synth: generate_done(s, need)))
+        if cfg.audit:
+            a = out / "audit" / row
+            steps.append(Step(
+                f"audit {row}", ["audit", "--real", str(data / "train"), "--synthetic", str(synth),
+                                 "--out", str(a), "--cache", str(out / "cache"), *dev],
+                a, deps=[f"generate {row}"], done=lambda a=a: record_done(a, "audit.json"),
+                exclusive="audit"))  # the first audit trains the cached feature classifier; the rest reuse it
+    tables: dict[str, list[tuple[str, Path]]] = {"table": [], "table-tuned": []}
+    for row in cfg.rows:
+        for seed in cfg.seeds:
+            name = f"{row} seed {seed}"
+            bal, run = out / "balanced" / f"{row}-seed{seed}", out / "runs" / f"{row}-seed{seed}"
+            method = ["--method", "gan", "--synthetic", str(out / "synth" / row)] if is_gan_row(row) \
+                else ["--method", METHODS[row]]
+            steps.append(Step(
+                f"rebalance {name}", ["rebalance", str(data / "train"), *method, "--out", str(bal),
+                                      "--seed", str(seed)],
+                bal, deps=[f"generate {row}"] if is_gan_row(row) else [],
+                done=lambda b=bal: record_done(b, "rebalance.json")))
+            weights = ["--class-weights", "balanced"] if row == "class_weights" else []
+            steps.append(Step(
+                f"train-classifier {name}",
+                ["train-classifier", str(bal), "--val", str(data / "val"), "--out", str(run),
+                 "--epochs", str(cfg.clf_epochs), "--patience", str(cfg.patience),
+                 "--small-stem", cfg.small_stem, "--seed", str(seed), *weights, *dev],
+                run, deps=[f"rebalance {name}"], again=["--resume"],
+                done=lambda r=run: classifier_done(r, cfg.clf_epochs, cfg.patience)))
+            ckpt = str(run / "classifier.safetensors")
+            for table, report, tune in (("table", "report", []),
+                                        ("table-tuned", "report-tuned", ["--tune-on", str(data / "val")])):
+                rep = run / report
+                sid = f"evaluate {name}" + (" tuned" if tune else "")
+                steps.append(Step(
+                    sid, ["evaluate", ckpt, str(data / "test"), "--report", str(rep), "--label", row,
+                          *tune, *dev],
+                    rep, deps=[f"train-classifier {name}"], done=lambda r=rep: record_done(r, "metrics.json")))
+                tables[table].append((sid, rep / "metrics.json"))
+            cams = run / "cams"
+            steps.append(Step(
+                f"gradcam {name}", ["gradcam", ckpt, str(data / "test"), "--out", str(cams), "--label", row,
+                                    "-n", "8", *dev],
+                cams, deps=[f"train-classifier {name}"], done=lambda c=cams: record_done(c, "gradcam.json")))
+            for table in tables:
+                tables[table].append((f"gradcam {name}", cams / "gradcam.json"))
+    for table, inputs in tables.items():
+        t = out / table
+        steps.append(Step(f"compare {table}", ["evaluate", "--compare", *[str(p) for _, p in inputs],
+                                               "--out", str(t), "--force"],
+                          t, deps=sorted({s for s, _ in inputs}), inputs=inputs, again=[]))
+    ids = {s.id: s for s in steps}
+    for s in steps:  # a step's stage comes after all the stages it depends on
+        s.stage = 1 + max((ids[d].stage for d in s.deps if d in ids), default=0)
+        s.deps = [d for d in s.deps if d in ids]
+    return steps, {"counts": counts, "minority": minority, "synthetic_needed": need}
+
+
+def check_study_folder(cfg: StudyConfig) -> dict | None:
+    """STUDY is new, empty, or an earlier study with the same settings (which is continued)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    rec_path = out / RECORD
+    if not rec_path.is_file():
+        raise InputError(f"{out}: holds files but no {RECORD}, so it is not a study folder; choose "
+                         "another --out")
+    rec = read_json(rec_path)
+    if not isinstance(rec, dict) or rec.get("kind") != "xraygan-study":
+        raise InputError(f"{rec_path}: not a study record written by xraygan study")
+    mine, theirs = cfg.settings(), rec.get("settings", {})
+    changed = [k for k in SETTINGS if theirs.get(k) != mine[k]]
+    if changed:
+        k = changed[0]
+        raise InputError(f"{rec_path}: this study was run with {k.replace('_', '-')} {theirs.get(k)} "
+                         f"(now {mine[k]}); rerun with the same settings to continue it, or choose "
+                         "another --out")
+    return rec
+
+
+def plan_text(steps: list[Step]) -> str:
+    """--dry-run: one line per step: its state, stage, name and what it waits for."""
+    lines = []
+    for s in steps:
+        state = "done" if s.done() else ("always" if s.inputs is not None else
+                                         ("resume" if s.command()[len(s.argv):] == ["--resume"] else
+                                          "redo" if s.command() != s.argv else "run"))
+        after = f"  (after {len(s.deps)} steps)" if len(s.deps) > 3 else \
+            (f"  (after {', '.join(s.deps)})" if s.deps else "")
+        lines.append(f"{state:<7}stage {s.stage}  {s.id}{after}")
+    return "\n".join(lines) + "\n"
+
+
+def commands_script(steps: list[Step], program: str) -> str:
+    """--print-commands: a bash script, one line per step that is not done, in stage order. Each
+    line ends with `# stage K: <step>`; every step of a stage depends only on earlier stages."""
+    todo = [s for s in steps if not s.done()]
+    stages = sorted({s.stage for s in todo})
+    head = [
+        "#!/usr/bin/env bash",
+        f"# xraygan {__version__} study: {len(todo)} steps to run in {len(stages)} stages"
+        f" ({len(steps) - len(todo)} already done).",
+        "# As written, one after another:  bash THIS_FILE",
+        "# A stage at a time, in parallel:  for k in " + " ".join(map(str, stages))
+        + "; do grep \"# stage $k:\" THIS_FILE | parallel -j 8 || break; done",
+        "set -euo pipefail",
+    ]
+    body = []
+    for k in stages:
+        for s in sorted((s for s in todo if s.stage == k), key=steps.index):
+            body.append(f"{shlex.join([program, *s.command()])}  # stage {k}: {s.id}")
+    return "\n".join(head + body) + "\n"
+
+
+def _slug(step_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", step_id).strip("-")
+
+
+def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
+    """Run what is not done yet, up to `jobs` steps at once. Returns a summary; raises
+    TrainingError (exit 1) after the independent steps have run if any step failed."""
+    say = say or (lambda line: None)
+    cfg.validate()
+    earlier = check_study_folder(cfg)
+    steps, info = build_plan(cfg)
+    cores = os.cpu_count() or 1
+    if cfg.jobs is None:
+        cuda = False
+        if cfg.device in ("auto", "cuda"):
+            import torch
+
+            cuda = torch.cuda.is_available()
+        jobs = default_jobs(cores, cuda)
+    else:
+        jobs = cfg.jobs
+    threads = max(1, cores // jobs)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    record = {**record_header("study"), "settings": cfg.settings(), **info,
+              "rows": list(dict.fromkeys([*(earlier or {}).get("rows", []), *cfg.rows])),
+              "seeds": list(dict.fromkeys([*(earlier or {}).get("seeds", []), *cfg.seeds]))}
+    atomic_write_json(out / RECORD, record)
+    times_path = out / "times.csv"
+    times = []
+    if times_path.is_file():
+        import csv
+
+        with open(times_path, newline="") as f:
+            times = list(csv.DictReader(f))
+    fields = ["step", "status", "seconds", "jobs", "threads", "log", "command"]
+
+    state: dict[str, str] = {}  # id -> done | failed | blocked | running
+    for s in steps:
+        if s.inputs is None and s.done():
+            state[s.id] = "done"
+    skipped = len(state)
+    todo = [s for s in steps if s.id not in state]
+    say(f"study: {len(steps)} steps, {skipped} already done, {len(todo)} to run; {jobs} at a time, "
+        f"{threads} CPU thread{'s' if threads > 1 else ''} each")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONUNBUFFERED="1")
+    running: dict[str, tuple[subprocess.Popen, float, Path, list[str]]] = {}
+    failed: list[tuple[str, Path]] = []
+    t_start = time.perf_counter()
+    finished = 0
+
+    def record_time(s_id: str, status: str, seconds: float, log: Path | None, argv: list[str]) -> None:
+        times.append({"step": s_id, "status": status, "seconds": f"{seconds:.1f}", "jobs": jobs,
+                      "threads": threads, "log": str(log) if log else "",
+                      "command": shlex.join([cfg.program, *argv])})
+        write_csv(times_path, fields, times)
+
+    def launch(s: Step) -> None:
+        argv = s.command()
+        if s.inputs is not None:  # the table: only the runs that finished
+            keep = [str(p) for sid, p in s.inputs if state.get(sid) == "done" and p.is_file()]
+            if not any(p.endswith("metrics.json") for p in keep):
+                state[s.id] = "blocked"
+                record_time(s.id, "blocked", 0.0, None, argv)
+                return
+            argv = ["evaluate", "--compare", *keep, "--out", str(s.out), "--force"]
+        log = out / "logs" / f"{_slug(s.id)}.log"
+        with open(log, "w") as f:
+            f.write(f"$ {shlex.join([cfg.program, *argv])}\n")
+            f.flush()
+            p = subprocess.Popen([sys.executable, "-m", "xraygan", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=env,
+                                 start_new_session=True)  # Ctrl-C reaches the study, which passes it on once
+        running[s.id] = (p, time.perf_counter(), log, argv)
+        state[s.id] = "running"
+
+    def ready(s: Step) -> bool | None:
+        """True: start it; False: wait; None: it can never run (a dependency failed)."""
+        if s.inputs is not None:  # the table waits for every run to end, then takes what finished
+            return all(state.get(d) in ("done", "failed", "blocked") for d in s.deps)
+        if any(state.get(d) in ("failed", "blocked") for d in s.deps):
+            return None
+        if s.exclusive and any(ids[r].exclusive == s.exclusive for r in running):
+            return False
+        return all(state.get(d) == "done" for d in s.deps)
+
+    ids = {s.id: s for s in steps}
+    try:
+        while True:
+            for s in todo:
+                if s.id in state or len(running) >= jobs:
+                    continue
+                r = ready(s)
+                if r is None:
+                    state[s.id] = "blocked"
+                    record_time(s.id, "blocked", 0.0, None, s.command())
+                    say(f"skip   {s.id}: a step it needs failed")
+                elif r:
+                    launch(s)
+                    if s.id in running:
+                        say(f"start  {s.id}")
+            if not running:
+                break
+            time.sleep(0.05)
+            for s_id, (p, t0, log, argv) in list(running.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                del running[s_id]
+                secs = time.perf_counter() - t0
+                finished += 1
+                ok = rc == 0 and (ids[s_id].inputs is not None or ids[s_id].done())
+                state[s_id] = "done" if ok else "failed"
+                record_time(s_id, state[s_id], secs, log, argv)
+                n_done = sum(v == "done" for v in state.values())
+                if ok:
+                    say(f"done   {s_id} ({secs:.1f} s) [{n_done}/{len(steps)}]")
+                else:
+                    failed.append((s_id, log))
+                    last = _last_line(log)
+                    say(f"FAILED {s_id} (exit {rc}): {last} — log: {log}")
+    except KeyboardInterrupt:
+        for p, *_ in running.values():  # the GAN and classifier save their state on SIGINT
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 120
+        for s_id, (p, t0, log, argv) in running.items():
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+            record_time(s_id, "interrupted", time.perf_counter() - t0, log, argv)
+        raise Interrupted(f"interrupted; finished steps are kept: rerun the same xraygan study command to "
+                          f"continue ({out})") from None
+    wall = time.perf_counter() - t_start
+    record["last_run"] = {"seconds": round(wall, 1), "jobs": jobs, "threads": threads,
+                          "steps_run": finished, "skipped": skipped, "failed": [f for f, _ in failed]}
+    atomic_write_json(out / RECORD, record)
+    res = {"out": str(out), "seconds": wall, "jobs": jobs, "threads": threads, "skipped": skipped,
+           "ran": finished, "failed": [(f, str(log)) for f, log in failed],
+           "blocked": sorted(k for k, v in state.items() if v == "blocked"),
+           "tables": {t: str(out / t / "table.md") for t in ("table", "table-tuned")
+                      if state.get(f"compare {t}") == "done"}}
+    if failed:
+        raise TrainingError(f"{len(failed)} step{'s' if len(failed) > 1 else ''} failed "
+                            f"({', '.join(f for f, _ in failed[:3])}{' …' if len(failed) > 3 else ''}); "
+                            f"logs in {out / 'logs'}, times in {times_path}; fix the cause and rerun the "
+                            "same command to run what is left")
+    return res
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
