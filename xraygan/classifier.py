@@ -28,6 +28,9 @@ from xraygan.checkpoint import (
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
+from xraygan.distributed import Dist, barrier, broadcast_floats
+from xraygan.distributed import setup as setup_distributed
+from xraygan.distributed import shutdown as shutdown_distributed
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_float, check_int
 from xraygan.fsutil import (
     atomic_write_json,
@@ -38,7 +41,7 @@ from xraygan.fsutil import (
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics
 from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
-from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator, resolve_device
+from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
 
 MEAN, STD = 0.5, 0.25  # fixed intensity normalisation of 8-bit X-rays to about zero mean
 
@@ -244,7 +247,17 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     validate(cfg)
     out = Path(cfg.out)
     check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-classifier")
-    device = resolve_device(cfg.device)
+    dist, device = setup_distributed(cfg.device)
+    try:
+        dist.check_batch(cfg.batch_size)
+        return _run(cfg, out, dist, device, progress if dist.main else None)
+    finally:
+        shutdown_distributed(dist)
+
+
+def _run(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device,
+         progress: Callable[..., None] | None) -> dict:
+    """Read the data, make the folder, train; a failed new run leaves nothing behind."""
     train = read_image_folder(cfg.data)
     if len(train.classes) < 2:
         raise InputError(f"{cfg.data}: need at least two classes")
@@ -254,10 +267,13 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     val = read_image_folder(cfg.val, classes=train.classes)
     _check_folder(val, train.size, "validation")
     fingerprint = fingerprint_arrays(train.images, train.labels, val.images, val.labels)
-    created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data)
+    barrier(dist)  # every process has checked the folder before rank 0 makes or replaces it
+    created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data) if dist.main or cfg.resume else False
     try:
-        return _train(cfg, out, device, train, val, fingerprint, progress)
+        return _train(cfg, out, dist, device, train, val, fingerprint, progress)
     except KeyboardInterrupt:
+        if not dist.main:
+            raise Interrupted("interrupted") from None
         if not (out / "state.safetensors").is_file():
             discard_new_run(out, created)
             raise Interrupted(f"interrupted in the first epoch; nothing was saved, so {out} was "
@@ -265,14 +281,17 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
         raise Interrupted(f"interrupted; {out} keeps its last finished epoch: continue with "
                           "--resume") from None
     except BaseException:
-        if not (out / "state.safetensors").is_file():
+        if dist.main and not (out / "state.safetensors").is_file():
             discard_new_run(out, created)
         raise
 
 
-def _train(cfg: TrainClassifierConfig, out: Path, device: torch.device, train: ImageFolder, val: ImageFolder,
-           fingerprint: str, progress: Callable[..., None] | None) -> dict:
-    """The run itself, in a folder `begin_run` made: build, resume if asked, train, select."""
+def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device, train: ImageFolder,
+           val: ImageFolder, fingerprint: str, progress: Callable[..., None] | None) -> dict:
+    """The run itself, in a folder `begin_run` made: build, resume if asked, train, select.
+
+    Under torchrun the model is wrapped in DistributedDataParallel and each process trains on its
+    share of every batch; rank 0 validates, decides (best epoch, early stop) for all, and writes."""
     small = {"auto": train.size <= 64, "yes": True, "no": False}[cfg.small_stem]  # checked in validate
     net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
     torch.manual_seed(cfg.seed)
@@ -307,15 +326,21 @@ def _train(cfg: TrainClassifierConfig, out: Path, device: torch.device, train: I
         log_rows = _read_log(out / "log.csv")[:meta["epoch"]]
         if cfg.patience and stale >= cfg.patience:
             start = cfg.epochs + 1  # it had stopped early: nothing left to do
-    else:
+    elif dist.main:
         for stale_file in ("log.csv", "state.safetensors"):
             (out / stale_file).unlink(missing_ok=True)
-    atomic_write_json(out / "config.json", {
+    fwd = model
+    if dist.active:  # DDP broadcasts rank 0's weights now and averages gradients in backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dist.main:
+        atomic_write_json(out / "config.json", {
         **record_header("classifier-run"), "train": cfg.to_json(), "net": net.to_dict(), "classes": list(train.classes),
         "counts": train.counts(), "val_counts": val.counts(), "data_fingerprint": fingerprint,
         "device": str(device),
         "precision": str(amp) if amp else "fp32", "class_weights": weights.tolist() if weights is not None else None,
-        "pretrained_layers_not_loaded": not_loaded, "xraygan_version": __version__,
+        "pretrained_layers_not_loaded": not_loaded, "processes": dist.world, "xraygan_version": __version__,
         "torch_version": torch.__version__})
     steps = math.ceil(len(x_all) / cfg.batch_size)
     t0 = time.perf_counter()
@@ -330,16 +355,19 @@ def _train(cfg: TrainClassifierConfig, out: Path, device: torch.device, train: I
         total = torch.zeros((), device=device)
         seen, te = 0, time.perf_counter()
         for s in range(steps):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            if len(idx) < 2:  # batch norm cannot train on one image
+            part = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
+            idx = perm[part]
+            if len(idx) < 2 * dist.world:  # batch norm cannot train on one image (per process)
                 continue
+            share = dist.rank if dist.active else 0  # this process's share of the batch
+            idx = idx.tensor_split(dist.world)[share]
             x = to_input(x_all[idx])
             if warp is not None:
-                x = apply_augment(x, warp[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+                x = apply_augment(x, warp[part].tensor_split(dist.world)[share])
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                loss = loss_fn(model(x).float(), y_all[idx])
+                loss = loss_fn(fwd(x).float(), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -352,10 +380,15 @@ def _train(cfg: TrainClassifierConfig, out: Path, device: torch.device, train: I
                                         f"(best model so far in {out / 'classifier.safetensors'})")
                 if progress:
                     progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
-                             epoch=f"{epoch}/{cfg.epochs}", loss=mean, images=images_before + seen)
+                             epoch=f"{epoch}/{cfg.epochs}", loss=mean,
+                             images=(images_before + seen) * dist.world)
         total = float(total)
         sched.step()
-        ips = seen / (time.perf_counter() - te)
+        ips = seen * dist.world / (time.perf_counter() - te)
+        if not dist.main:  # rank 0 validates and tells the others whether training goes on
+            if broadcast_floats(dist, [0.0], device)[0]:
+                break
+            continue
         probs = predict_proba(model, val.images, device, channels_last=cl)
         vloss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                            torch.from_numpy(val.labels)).item()
@@ -384,8 +417,12 @@ def _train(cfg: TrainClassifierConfig, out: Path, device: torch.device, train: I
             stale += 1
         _save_state(out, model, opt, sched, g, best_state, net, epoch=epoch, best=best,
                     best_epoch=best_epoch, stale=stale)
-        if cfg.patience and stale >= cfg.patience:
+        stop = bool(cfg.patience and stale >= cfg.patience)
+        broadcast_floats(dist, [float(stop)], device)
+        if stop:
             break
+    if not dist.main:
+        return {"out": str(out), "rank": dist.rank}
     if not log_rows:
         raise InputError(f"{out}: nothing to resume, the run already has {cfg.epochs} epochs "
                          "(give a larger --epochs)")

@@ -165,8 +165,18 @@ def _crash_log(e: BaseException) -> str:
 
 
 def _run_with_progress(fn: Callable[..., T], cfg) -> T:
-    """Run one library step under a rich progress bar (on stderr)."""
+    """Run one library step under a rich progress bar (on stderr); under torchrun, only rank 0
+    shows one."""
+    if not _rank0():
+        return _run(fn, cfg, None)
     return _run(fn, cfg, progress=True)
+
+
+def _rank0() -> bool:
+    """False in the processes torchrun starts besides rank 0: they print nothing on success."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _warn(lines) -> None:
@@ -303,7 +313,8 @@ def train_gan(
     healthy: Annotated[str, typer.Option(help="The healthy class alpha refers to.")] = "normal",
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 25,
     steps: Annotated[Optional[int], typer.Option(help="Total training steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    batch_size: Annotated[int, typer.Option(
+        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N.")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate (both networks).")] = 2e-4,
     nz: Annotated[int, typer.Option(help="Noise dimensions.")] = 100,
     width: Annotated[int, typer.Option(help="Filters of the widest-resolution layer (ngf = ndf).")] = 64,
@@ -337,6 +348,7 @@ def train_gan(
 
     Example: xraygan train-gan data/train --out runs/dcgan --epochs 25
              xraygan train-gan data/train --conditional --alpha 0.25 --out runs/cdcgan
+             torchrun --nproc-per-node 4 -m xraygan train-gan data/train --out runs/dcgan
     """
     from xraygan.console import err
     from xraygan.gan import TrainGanConfig
@@ -351,6 +363,8 @@ def train_gan(
                          save_seconds=save_seconds, sample_every=sample_every, log_every=log_every,
                          resume=resume, force=force)
     res = _run_with_progress(run_train, cfg)
+    if not _rank0():
+        return
     _warn(res["warnings"])
     err.print(f"trained {res['steps']} steps in {res['seconds']} s "
               f"({res['images_per_s']:.0f} img/s, {res['device']}, {res['precision']}); "
@@ -432,7 +446,8 @@ def train_classifier(
     val: Annotated[Path, typer.Option(help="Validation image folder, e.g. DATA/val.")] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = ...,
     epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    batch_size: Annotated[int, typer.Option(
+        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N.")] = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
     class_weights: Annotated[str, typer.Option(
         help="'balanced' weighs the loss by n/(classes*count), the study's class-weights row; "
@@ -459,6 +474,7 @@ def train_classifier(
     """Train a one-channel ResNet-18 and keep the best epoch on the validation split.
 
     Example: xraygan train-classifier balanced --val data/val --out runs/clf --class-weights balanced
+             torchrun --nproc-per-node 4 -m xraygan train-classifier balanced --val data/val --out runs/clf
     """
     from xraygan.classifier import TrainClassifierConfig
     from xraygan.classifier import train_classifier as run_train
@@ -470,6 +486,8 @@ def train_classifier(
                                 weights=weights, seed=seed, device=device, precision=precision,
                                 resume=resume, force=force)
     res = _run_with_progress(run_train, cfg)
+    if not _rank0():
+        return
     err.print(f"best epoch {res['best_epoch']} of {res['epochs_run']} (validation "
               f"{select} {res[f'best_val_{select}']:.3f}); {res['images_per_s']:.0f} img/s; "
               f"checkpoint: {res['checkpoint']}", highlight=False)

@@ -29,6 +29,9 @@ from xraygan.checkpoint import (
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
+from xraygan.distributed import Dist, average_gradients, barrier, broadcast_module, mean_and_flag
+from xraygan.distributed import setup as setup_distributed
+from xraygan.distributed import shutdown as shutdown_distributed
 from xraygan.errors import (
     InputError,
     Interrupted,
@@ -62,7 +65,6 @@ from xraygan.runtime import (
     autocast_dtype,
     deferred_interrupt,
     make_generator,
-    resolve_device,
 )
 
 Progress = Callable[..., None]
@@ -223,8 +225,8 @@ class GanTrainer:
     GRAPH_WARMUP = 3  # eager steps before capture (on a side stream, as CUDA graphs require)
 
     def __init__(self, cfg: TrainGanConfig, net: GanNetConfig, device: torch.device,
-                 label_probs: torch.Tensor | None, cuda_graphs: bool | None = None):
-        self.cfg, self.net, self.device = cfg, net, device
+                 label_probs: torch.Tensor | None, cuda_graphs: bool | None = None, dist: Dist = Dist()):
+        self.cfg, self.net, self.device, self.dist = cfg, net, device, dist
         torch.manual_seed(cfg.seed)  # weight initialisation
         self.G = Generator(net).to(device)
         self.D = Discriminator(net).to(device)
@@ -233,7 +235,8 @@ class GanTrainer:
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema > 0 else None
         cuda = device.type == "cuda"
-        self.use_graphs = cuda if cuda_graphs is None else (cuda_graphs and cuda)
+        # under torchrun the step holds collectives: no graph capture
+        self.use_graphs = (cuda if cuda_graphs is None else (cuda_graphs and cuda)) and not dist.active
         betas = (cfg.beta1, cfg.beta2)
         # CUDA: the fused Adam kernel (one launch per step instead of several per tensor);
         # capturable keeps its step counter on the device so the update can live in a graph
@@ -281,11 +284,16 @@ class GanTrainer:
 
     def _randoms(self, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A step's noise and DiffAugment numbers from the seeded streams. On the CPU path they are
-        moved to the device in one transfer (small per-draw copies were a third of a GPU step)."""
+        moved to the device in one transfer (small per-draw copies were a third of a GPU step).
+        Under torchrun every process draws the whole batch's numbers and keeps its share."""
         dev = self.rng_device
         z = torch.randn(n, self.net.nz, generator=self.rng_noise, device=dev)
         aug = diffaug_draw(3 * n, size, size, self.rng_aug, self.cfg.diffaugment) \
             if self.cfg.diffaugment else None
+        if self.dist.active:  # aug rows are [real | fake | G step], n each: the share of each part
+            z = self.dist.share(z)
+            if aug is not None:
+                aug = torch.cat([self.dist.share(part) for part in aug.view(3, n, -1)])
         if dev == self.device:
             return z, aug
         if aug is None:
@@ -320,6 +328,7 @@ class GanTrainer:
                       + F.binary_cross_entropy_with_logits(d_fake, zeros))
         self.opt_d.zero_grad(set_to_none=not graph)
         loss_d.backward()
+        average_gradients(self.dist, list(self.D.parameters()))
         self.opt_d.step()
         # G step: D's weights get no gradients (exactly the same update, less work)
         self.D.requires_grad_(False)
@@ -328,6 +337,7 @@ class GanTrainer:
             loss_g = F.binary_cross_entropy_with_logits(self.D(seen, labels).float(), ones)
         self.opt_g.zero_grad(set_to_none=not graph)
         loss_g.backward()
+        average_gradients(self.dist, list(self.G.parameters()))
         self.opt_g.step()
         self.D.requires_grad_(True)
         if self.G_ema is not None:
@@ -339,7 +349,7 @@ class GanTrainer:
     def step(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
         """One D and one G update. Returns (loss_d, loss_g, D(x), D(G(z))) as a tensor on the
         device: reading it forces a host sync, so the caller reads a batch of them at a time."""
-        z, aug = self._randoms(real.shape[0], real.shape[-1])
+        z, aug = self._randoms(real.shape[0] * self.dist.world, real.shape[-1])
         if not self.use_graphs:
             out = self._core(real, real_labels, z, aug, self._ema_decay())
         else:
@@ -509,7 +519,17 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     cfg.validate()
     run = Path(cfg.out)
     check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-gan")
-    device = resolve_device(cfg.device)
+    dist, device = setup_distributed(cfg.device)
+    try:
+        dist.check_batch(cfg.batch_size)
+        return _train_gan(cfg, run, dist, device, progress if dist.main else None)
+    finally:
+        shutdown_distributed(dist)
+
+
+def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
+               progress: Progress | None) -> dict:
+    """The run itself; under torchrun every process runs this and only rank 0 writes files."""
     data, classes, label = load_training_set(cfg)
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
     warnings = _warnings(cfg, label)
@@ -518,7 +538,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
     net = GanNetConfig(image_size=data.size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
                        num_classes=len(classes) if cfg.conditional else 0)
-    trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs)
+    trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs, dist=dist)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")
     by_class = [torch.nonzero(torch.from_numpy(data.labels) == c).flatten().to(trainer.rng_device)
                  for c in range(len(classes))]
@@ -533,17 +553,22 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     fixed_z = torch.randn(64, cfg.nz, generator=fixed).to(device)
     fixed_labels = (torch.arange(64) % len(classes)).to(device) if cfg.conditional else None
 
-    created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data)
+    barrier(dist)  # every process has checked the folder before rank 0 makes or replaces it
+    created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data) if dist.main or cfg.resume else False
     epoch, batch, perm = 0, 0, None
     if cfg.resume:
         t, smeta = load_checkpoint(run / "state.safetensors", "gan-state")
         trainer.load_state(t, smeta)
         epoch, batch = int(smeta["epoch"]), int(smeta["batch"])
         perm = t["perm"].to(device) if t["perm"].numel() else None
-        _truncate_log(run, trainer.step_count)
+        if dist.main:
+            _truncate_log(run, trainer.step_count)
         if trainer.step_count >= total_steps:
             raise InputError(f"{run}: already trained {trainer.step_count} steps; give a larger "
                              "--steps or --epochs to continue")
+    for m in (trainer.G, trainer.D, trainer.G_ema):
+        if m is not None:
+            broadcast_module(dist, m)
     checkpointed = cfg.resume
     t_start = time.perf_counter()
     images_done = 0
@@ -554,19 +579,23 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     ref = torch.randperm(n, generator=make_generator(cfg.seed + 4))[:64].to(device)
     real_spread = mean_pairwise_distance(x_all[ref])
 
-    def flush() -> None:
-        """Read the pending losses in one host sync; log them; stop on a non-finite value."""
+    def flush(want_stop: bool = False) -> bool:
+        """Read the pending losses in one host sync; log them; stop on a non-finite value. Under
+        torchrun the losses are averaged over the processes, and the result says whether any of
+        them was asked to stop (Ctrl-C or SIGTERM), in the same collective."""
         nonlocal last
         if not pending:
-            return
-        vals = torch.stack([p[3] for p in pending]).float().cpu().numpy()
+            return want_stop
+        stacked, want_stop = mean_and_flag(dist, torch.stack([p[3] for p in pending]), want_stop)
+        vals = stacked.float().cpu().numpy()
         bad = ~np.isfinite(vals).all(axis=1)
         rows = [{"step": st, "epoch": ep, **{k: f"{v:.6g}" for k, v in zip(STAT_NAMES, row)},
                  "diversity": f"{divs[st]:.4g}" if st in divs else "", "seconds": f"{sec:.3f}"}
                 for (st, ep, sec, _), row in zip(pending, vals)]
         if bad.any():
             k = int(np.argmax(bad))
-            _append_log(run, rows[:k])
+            if dist.main:
+                _append_log(run, rows[:k])
             pending.clear()
             raise TrainingError(
                 f"step {rows[k]['step']}: loss is not finite (loss_d {rows[k]['loss_d']}, "
@@ -574,7 +603,8 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                 + (f"The last good checkpoint is {run / 'generator.safetensors'}; "
                    if checkpointed else "No checkpoint had been written, so the run folder was removed. ")
                 + "Try a lower --lr or --precision fp32")
-        _append_log(run, rows)
+        if dist.main:
+            _append_log(run, rows)
         pending.clear()
         last = dict(zip(STAT_NAMES, map(float, vals[-1])))
         if progress:
@@ -582,10 +612,12 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
             progress("train-gan", trainer.step_count, total_steps,
                      epoch=f"{epoch + 1}/{-(-total_steps // steps_per_epoch)}",
                      loss_d=last["loss_d"], loss_g=last["loss_g"], **extra, images=images_done)
+        return want_stop
 
     def save() -> None:
         nonlocal checkpointed, last_save
-        flush()  # never checkpoint a state whose losses were not checked
+        if not dist.active:  # under torchrun saves come right after the collective flush
+            flush()  # never checkpoint a state whose losses were not checked
         _save(run, trainer, meta, epoch, batch,
               perm if perm is not None else torch.zeros(0, dtype=torch.int64), writer)
         checkpointed, last_save = True, time.monotonic()
@@ -599,14 +631,15 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     in_step = False
     writer = BackgroundWriter()
     try:
-        if not cfg.resume:
+        if not cfg.resume and dist.main:
             atomic_write_json(run / "config.json", {
                 **record_header("gan-run"), "train": asked, "diffaugment": cfg.diffaugment, "net": net.to_dict(),
                 "classes": list(classes), "default_label": label, "counts": data.counts(),
                 "data_fingerprint": fingerprint, "steps": total_steps, "device": str(device),
                 "autocast": str(trainer.amp) if trainer.amp else "fp32", "warnings": warnings,
-                "xraygan_version": __version__, "torch_version": torch.__version__})
-        (run / "samples").mkdir(exist_ok=True)
+                "processes": dist.world, "xraygan_version": __version__, "torch_version": torch.__version__})
+        if dist.main:
+            (run / "samples").mkdir(exist_ok=True)
         with deferred_interrupt() as stop:
             while trainer.step_count < total_steps:
                 if batch >= steps_per_epoch:
@@ -615,8 +648,9 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                     perm = trainer.randperm(n)
                 if cfg.conditional:
                     idx, labels = trainer.conditional_batch(by_class, cfg.batch_size)
+                    idx, labels = dist.share(idx), dist.share(labels)
                 else:
-                    idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
+                    idx = dist.share(perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size])
                     labels = None
                 in_step = True
                 stats = trainer.step(x_all[idx], labels)
@@ -626,8 +660,17 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                 s = trainer.step_count
                 pending.append((s, epoch + 1, time.perf_counter() - t_start, stats))
                 end = s == total_steps
-                if end or s % cfg.sample_every == 0:
+                if dist.main and (end or s % cfg.sample_every == 0):
                     grid()
+                if dist.active:  # every process meets at the same steps; rank 0 alone saves
+                    if end or s % cfg.log_every == 0 or s % cfg.save_every == 0:
+                        stop_all = flush(stop.requested)
+                        if dist.main and (end or stop_all or s % cfg.save_every == 0
+                                          or time.monotonic() - last_save >= cfg.save_seconds):
+                            save()
+                        if stop_all:
+                            raise KeyboardInterrupt
+                    continue
                 if len(pending) >= cfg.log_every or end or stop.requested:
                     flush()
                 if end or stop.requested or s % cfg.save_every == 0 \
@@ -638,6 +681,8 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
         writer.wait()  # the run is reported as saved only once its files are on disk
     except KeyboardInterrupt:
         writer.wait()
+        if not dist.main:
+            raise Interrupted(f"interrupted at step {trainer.step_count}") from None
         if in_step:  # a second Ctrl-C inside a step: that state is half-updated, keep the last save
             if not checkpointed:
                 discard_new_run(run, created)
@@ -653,7 +698,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
             writer.wait()
         except BaseException:  # noqa: BLE001 - the first error is the one to report
             checkpointed = False
-        if not checkpointed:
+        if not checkpointed and dist.main:
             discard_new_run(run, created)
         raise
     seconds = time.perf_counter() - t_start
@@ -665,7 +710,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
                         f"look at {run / 'samples'}")
     return {"run": str(run), "epochs": epoch + 1, "steps": trainer.step_count, "diversity": final_div,
             "classes": list(classes), "label": label, "conditional": cfg.conditional,
-            "images_per_s": images_done / seconds if seconds > 0 else None,
+            "images_per_s": images_done / seconds if seconds > 0 else None, "processes": dist.world,
             "seconds": round(seconds, 1), "device": str(device),
             "precision": str(trainer.amp) if trainer.amp else "fp32", **last,
             "generator": str(run / "generator.safetensors"),

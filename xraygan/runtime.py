@@ -89,7 +89,7 @@ class StopRequest:
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Within the block the first Ctrl-C only sets `.requested`, so the loop stops at a step
+    """Within the block the first Ctrl-C (or SIGTERM) only sets `.requested`, so the loop stops at a step
     boundary and its saved state is consistent (a KeyboardInterrupt raised inside a step, after
     D's update but before G's, made the resumed run diverge). A second Ctrl-C interrupts at once.
     """
@@ -106,8 +106,10 @@ def deferred_interrupt():
             raise KeyboardInterrupt
         stop.requested = True
 
-    old = signal.signal(signal.SIGINT, handler)
+    # SIGTERM too: a scheduler's (SLURM, torchrun) polite stop saves like Ctrl-C
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
