@@ -849,7 +849,7 @@ def study(
                   f"({path}):", highlight=False)
         sys.stdout.write(Path(path).read_text(encoding="utf-8"))
     err.print(f"\nstudy: {res['ran']} steps run, {res['skipped']} already done, in {res['seconds']:.0f} s "
-              f"({res['jobs']} at a time); per-step times in {out}/times.csv", highlight=False)
+              f"({res['jobs']} at a time); per-step times in {out}/times.csv", highlight=False, soft_wrap=True)
     if as_json:
         _emit_json(res)
 

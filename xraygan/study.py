@@ -400,6 +400,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
         return all(state.get(d) == "done" for d in s.deps)
 
     ids = {s.id: s for s in steps}
+    restore = _stop_on_sigterm()
     try:
         while True:
             for s in todo:
@@ -447,6 +448,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
             record_time(s_id, "interrupted", time.perf_counter() - t0, log, argv)
         raise Interrupted(f"interrupted; finished steps are kept: rerun the same xraygan study command to "
                           f"continue ({out})") from None
+    finally:
+        restore()
     wall = time.perf_counter() - t_start
     record["last_run"] = {"seconds": round(wall, 1), "jobs": jobs, "threads": threads,
                           "steps_run": finished, "skipped": skipped, "failed": [f for f, _ in failed]}
@@ -462,6 +465,21 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
                             f"logs in {out / 'logs'}, times in {times_path}; fix the cause and rerun the "
                             "same command to run what is left")
     return res
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM (a scheduler's or `timeout`'s stop) ends the study as Ctrl-C does: the steps
+    running in their own sessions are told to stop and save, rather than left running alone."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _last_line(log: Path) -> str:
