@@ -8,7 +8,7 @@ xraygan  : `train_classifier` itself on a folder of PNGs for one epoch: the imag
            training loop only (validation is timed apart by train-classifier and not included).
 
 Both stems are timed, because the small stem (3x3/1, no max-pool; the default for images of
-64 px or less) runs layer1 at full resolution: 16x the work of the standard stem.
+32 px or less) runs layer1 at full resolution: 16x the work of the standard stem.
 
     python benchmarks/bench_classifier.py --sizes 32 64 --images 512
 """

@@ -1,4 +1,4 @@
-"""Figures and tables for docs/RESULTS.md from a finished `examples/run_study.sh` folder.
+"""Figures and tables for docs/RESULTS.md from a finished `xraygan study` folder.
 
     python examples/figures.py DATA STUDY docs/figures
 
@@ -113,14 +113,16 @@ def audit_table(study: Path) -> str:
 
 
 def times_table(study: Path) -> str:
-    total: dict[str, list[int]] = defaultdict(list)
+    total: dict[str, list[float]] = defaultdict(list)
     with open(study / "times.csv") as f:
         for row in csv.DictReader(f):
-            stage = row["step"].split()[0]
-            total[stage].append(int(row["seconds"]))
+            if row.get("status", "done") != "done":  # failed, blocked or interrupted attempts
+                continue
+            stage = row["step"].split()[0] + (" (tuned)" if row["step"].endswith(" tuned") else "")
+            total[stage].append(float(row["seconds"]))
     lines = ["| stage | runs | mean s per run | total s |", "|---|---|---|---|"]
     for stage, v in total.items():
-        lines.append(f"| {stage} | {len(v)} | {np.mean(v):.0f} | {sum(v)} |")
+        lines.append(f"| {stage} | {len(v)} | {np.mean(v):.1f} | {sum(v):.0f} |")
     return "\n".join(lines)
 
 

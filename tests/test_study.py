@@ -77,8 +77,9 @@ def test_study_folder_is_never_inside_the_data_or_foreign(demo_data, tmp_path):
 
 
 def test_default_jobs():
-    assert default_jobs(2, cuda=False) == 1 and default_jobs(2, cuda=True) == 1
-    assert default_jobs(16, cuda=False) == 4 and default_jobs(16, cuda=True) == 8
+    assert default_jobs(1, cuda=False) == 1 and default_jobs(1, cuda=True) == 1
+    assert default_jobs(2, cuda=False) == 2 and default_jobs(2, cuda=True) == 2
+    assert default_jobs(16, cuda=False) == 8 and default_jobs(16, cuda=True) == 8
 
 
 def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_path):

@@ -44,6 +44,11 @@ from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerpri
 from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
 
 MEAN, STD = 0.5, 0.25  # fixed intensity normalisation of 8-bit X-rays to about zero mean
+# `--small-stem auto` keeps the resolution (3×3 stride-1 stem, no max-pool) up to this size. Measured
+# on the real Kermany data at 3:1 (README, "Choosing the stem"): at 32 px the small stem ranked
+# better (test ROC-AUC 0.937 vs 0.918), at 64 px the standard stem did (0.940 ± 0.005 vs
+# 0.927 ± 0.017, 3 seeds) while training 4x faster.
+SMALL_STEM_UP_TO = 32
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class TrainClassifierConfig:
     select: str = "f1"  # f1 | auc
     patience: int = 5  # epochs without improvement before stopping; 0 = never stop early
     positive: str = "pneumonia"
-    small_stem: str = "auto"  # auto (≤ 64 px) | yes | no
+    small_stem: str = "auto"  # auto (≤ 32 px: SMALL_STEM_UP_TO) | yes | no
     weights: Path | None = None
     seed: int = 0
     device: str = "auto"
@@ -292,7 +297,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
 
     Under torchrun the model is wrapped in DistributedDataParallel and each process trains on its
     share of every batch; rank 0 validates, decides (best epoch, early stop) for all, and writes."""
-    small = {"auto": train.size <= 64, "yes": True, "no": False}[cfg.small_stem]  # checked in validate
+    small = {"auto": train.size <= SMALL_STEM_UP_TO, "yes": True, "no": False}[cfg.small_stem]  # checked in validate
     net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
     torch.manual_seed(cfg.seed)
     model = build_resnet18(net)
