@@ -141,3 +141,14 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     assert "| oversample | 2 |" in (out / "table" / "table.md").read_text()
     r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--dry-run", cwd=tmp_path)
     assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 3 + 3 * 2 * 5
+
+
+def test_diffusion_rows_in_the_plan(demo_data, tmp_path):
+    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("ddpm", "cddpm"), seeds=(0,), diffusion_steps=7)
+    by = {s.id: s for s in build_plan(cfg)[0]}
+    ddpm, cddpm = by["train-diffusion ddpm"].argv, by["train-diffusion cddpm"].argv
+    assert ddpm[ddpm.index("--steps") + 1] == "7" and "--conditional" not in ddpm
+    assert "--conditional" in cddpm and cddpm[cddpm.index("--class") + 1] == "pneumonia"
+    gen = by["generate cddpm"]
+    assert gen.deps == ["train-diffusion cddpm"] and gen.argv[1].endswith("cddpm/diffusion.safetensors")
+    assert by["rebalance ddpm seed 0"].deps == ["generate ddpm"] and "audit ddpm" in by

@@ -82,11 +82,18 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
         raise InputError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
+            with safe_open(str(path), "pt") as f:
+                md = f.metadata() or {}
+            if md.get("format") == "xraygan" and md.get("kind") != "classifier":
+                raise InputError(f"{path}: is an xraygan {md.get('kind')} checkpoint, not ResNet-18 weights")
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
         raise InputError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
     if "conv1.weight" in sd and sd["conv1.weight"].shape[1] == 3:

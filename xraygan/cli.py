@@ -373,9 +373,68 @@ def train_gan(
         _emit_json(res)
 
 
+@app.command("train-diffusion")
+def train_diffusion(
+    data: Annotated[Path, typer.Argument(help="Training image folder, e.g. DATA/train.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = ...,
+    conditional: Annotated[bool, typer.Option(
+        "--conditional", help="Learn all classes, with classifier-free guidance at sampling.")] = False,
+    cls: Annotated[Optional[str], typer.Option(
+        "--class", help="Unconditional: the class to learn. Conditional: the default label to "
+                        "generate. Default: the minority class.")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 10000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    width: Annotated[int, typer.Option(
+        help="U-Net channels at full resolution (a multiple of 4); deeper levels have 2-4x.")] = 32,
+    layers_per_block: Annotated[int, typer.Option(help="ResNet blocks per U-Net level.")] = 2,
+    timesteps: Annotated[int, typer.Option(help="Diffusion timesteps T (cosine schedule).")] = 1000,
+    p_uncond: Annotated[float, typer.Option(
+        help="Conditional: share of training labels dropped, so the model also learns the "
+             "unconditional score that guidance needs.")] = 0.1,
+    ema: Annotated[float, typer.Option(help="Decay of the weight average used for sampling; 0 = off.")] = 0.999,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order, noise and timesteps.")] = 0,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (as for train-gan).")] = "auto",
+    save_every: Annotated[int, typer.Option(
+        help="Checkpoint every N steps (also every --save-seconds, at the end and on Ctrl-C).")] = 1000,
+    save_seconds: Annotated[float, typer.Option(help="Checkpoint at least this often (seconds).")] = 60.0,
+    sample_every: Annotated[int, typer.Option(help="Write a 16-image sample grid every N steps (and at the end).")] = 1000,
+    sample_steps: Annotated[int, typer.Option(help="DDIM steps for the sample grids.")] = 50,
+    log_every: Annotated[int, typer.Option(
+        help="Read the loss from the device every N steps: log rows, progress and the NaN guard.")] = 20,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint "
+                                              "(same options; --steps may grow).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier train-diffusion run in --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a denoising diffusion model (DDPM) on the minority class, or a conditional one on all.
+
+    Example: xraygan train-diffusion data/train --out runs/ddpm --steps 10000
+             xraygan train-diffusion data/train --conditional --out runs/cddpm
+    """
+    from xraygan.console import err
+    from xraygan.diffusion import TrainDiffusionConfig
+    from xraygan.diffusion import train_diffusion as run_train
+
+    cfg = TrainDiffusionConfig(data=data, out=out, conditional=conditional, cls=cls.lower() if cls else None,
+                               steps=steps, batch_size=batch_size, lr=lr, width=width,
+                               layers_per_block=layers_per_block, timesteps=timesteps, p_uncond=p_uncond,
+                               ema=ema, seed=seed, device=device, precision=precision, save_every=save_every,
+                               save_seconds=save_seconds, sample_every=sample_every, sample_steps=sample_steps,
+                               log_every=log_every, resume=resume, force=force)
+    res = _run_with_progress(run_train, cfg)
+    err.print(f"trained {res['steps']} steps in {res['seconds']} s ({res['images_per_s']:.0f} img/s, "
+              f"{res['device']}, {res['precision']}; {res['parameters']:,} parameters); model: "
+              f"{res['checkpoint']}; sample grids: {res['samples']}", highlight=False, soft_wrap=True)
+    if as_json:
+        _emit_json(res)
+
+
 @app.command()
 def generate(
-    checkpoint: Annotated[Path, typer.Argument(help="RUN/generator.safetensors")],
+    checkpoint: Annotated[Path, typer.Argument(help="RUN/generator.safetensors (train-gan) or "
+                                                     "RUN/diffusion.safetensors (train-diffusion)")],
     n: Annotated[int, typer.Option("-n", "--count", help="How many images.")] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images go in OUT/<label>/).")] = ...,
     label: Annotated[Optional[str], typer.Option(
@@ -387,11 +446,19 @@ def generate(
     preview: Annotated[bool, typer.Option(help="Also write OUT/preview.png of the first 64.")] = False,
     append: Annotated[bool, typer.Option(help="Add to existing synthetic images, numbering on.")] = False,
     force: Annotated[bool, typer.Option(help="Replace existing synthetic images.")] = False,
+    sampler: Annotated[str, typer.Option(
+        help="Diffusion models: ddim (deterministic given the seed, --sampling-steps) or ddpm "
+             "(the full stochastic chain, one step per training timestep).")] = "ddim",
+    sampling_steps: Annotated[int, typer.Option(help="Diffusion models: DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option(
+        help="Conditional diffusion models: classifier-free guidance weight w "
+             "((1+w)·ε(x, label) − w·ε(x); 0 = none).")] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write N synthetic images from a generator checkpoint into OUT/<label>/.
+    """Write N synthetic images from a GAN generator or a diffusion model into OUT/<label>/.
 
     Example: xraygan generate runs/dcgan/generator.safetensors -n 2925 --out synth
+             xraygan generate runs/ddpm/diffusion.safetensors -n 805 --out synth-ddpm --sampling-steps 50
     """
     from xraygan.console import err
     from xraygan.generate import GenerateConfig
@@ -399,7 +466,7 @@ def generate(
 
     cfg = GenerateConfig(checkpoint=checkpoint, out=out, n=n, label=label, seed=seed,
                          batch_size=batch_size, device=device, preview=preview, append=append,
-                         force=force)
+                         force=force, sampler=sampler, sampling_steps=sampling_steps, guidance=guidance)
     res = _run_with_progress(run_generate, cfg)
     err.print(f"wrote {res['count']} {res['label']} images to {res['folder']} "
               f"({res['first']} … {res['last']})", highlight=False)
@@ -778,13 +845,14 @@ def study(
     out: Annotated[Path, typer.Option("--out", "-o", help="Study folder: every step's output, logs/, "
                                       "times.csv, table/ and table-tuned/.")] = ...,
     rows: Annotated[list[str], typer.Option(
-        help="Rows to run (default all ten): baseline class_weights undersample oversample dcgan "
-             "cdcgan_a0.25 cdcgan_a0.5 cdcgan_a0.75 smote augment; any cdcgan_a<α>. Space- or "
-             "comma-separated.")] = [],  # noqa: B006
+        help="Rows to run (default the study's ten): baseline class_weights undersample oversample dcgan "
+             "cdcgan_a0.25 cdcgan_a0.5 cdcgan_a0.75 smote augment; any cdcgan_a<α>; and the diffusion "
+             "rows ddpm and cddpm (train-diffusion). Space- or comma-separated.")] = [],  # noqa: B006
     seeds: Annotated[list[str], typer.Option(
         help="Classifier seeds per row (each also draws the rebalanced set), e.g. --seeds 0 1 2.")] = [],  # noqa: B006
     gan_steps: Annotated[int, typer.Option(help="Generator steps per GAN (each GAN is trained once, seed 0).")] = 3000,
     gan_batch: Annotated[int, typer.Option(help="GAN batch size.")] = 64,
+    diffusion_steps: Annotated[int, typer.Option(help="Training steps per diffusion model (rows ddpm, cddpm).")] = 10000,
     diffaugment: Annotated[str, typer.Option(help="DiffAugment policy for the GANs (see train-gan).")] = "auto",
     clf_epochs: Annotated[int, typer.Option(help="Classifier epochs (early stopping may end sooner).")] = 20,
     patience: Annotated[int, typer.Option(help="Classifier epochs without improvement before stopping.")] = 5,
@@ -830,6 +898,7 @@ def study(
     cfg = StudyConfig(data=data, out=out, rows=tuple(split(rows)) or ROWS, seeds=seed_list,
                       gan_steps=gan_steps, gan_batch=gan_batch, diffaugment=diffaugment,
                       clf_epochs=clf_epochs, patience=patience, small_stem=small_stem, audit=audit,
+                      diffusion_steps=diffusion_steps,
                       device=device, jobs=jobs)
     if dry_run or print_commands:
         def plan() -> list:

@@ -63,6 +63,7 @@ OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "prepare": ("dataset.json", ("train", "val", "test")),
     "train-gan": ("config.json", ("log.csv", "generator.safetensors", "discriminator.safetensors",
                                   "state.safetensors", "samples")),
+    "train-diffusion": ("config.json", ("log.csv", "diffusion.safetensors", "state.safetensors", "samples")),
     "train-classifier": ("config.json", ("log.csv", "classifier.safetensors", "state.safetensors",
                                          "last.safetensors", "summary.json")),
     "rebalance": ("rebalance.json", ("*",)),  # class folders, named by the data

@@ -173,4 +173,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) ->
             torch._foreach_add_(e, torch._foreach_mul(m, 1.0 - decay))
         else:
             torch._foreach_lerp_(e, m, 1.0 - decay)
-        torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+        buffers = list(ema.buffers())
+        if buffers:  # (a U-Net with group norm has none)
+            torch._foreach_copy_(buffers, list(model.buffers()))

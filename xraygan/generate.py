@@ -1,8 +1,10 @@
-"""`xraygan generate`: sample N images from a generator checkpoint into `OUT/<label>/`.
+"""`xraygan generate`: sample N images from a GAN generator or a diffusion checkpoint into
+`OUT/<label>/`.
 
 Needs only the checkpoint file. Images are made and written batch by batch, so memory does not
-grow with N. Image i's noise depends only on the seed and i, so the same checkpoint and seed
-give the same files, and `--append` continues the sequence instead of repeating it.
+grow with N. Image i's noise (for a diffusion model, its x_T and its DDPM chain's stream) depends
+only on the seed and i, so the same checkpoint and seed give the same files whatever the batch
+size, and `--append` continues the sequence instead of repeating it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from xraygan import __version__
 from xraygan.checkpoint import load_checkpoint
-from xraygan.errors import InputError, check_choice, check_int
+from xraygan.errors import InputError, check_choice, check_float, check_int
 from xraygan.fsutil import atomic_write_json, check_out_apart, read_json, record_header
 from xraygan.gan import image_grid
 from xraygan.gan_models import GanNetConfig, Generator
@@ -41,6 +43,9 @@ class GenerateConfig:
     preview: bool = False
     append: bool = False
     force: bool = False
+    sampler: str = "ddim"  # diffusion checkpoints: ddim (deterministic, --sampling-steps) or ddpm (full chain)
+    sampling_steps: int = 50
+    guidance: float = 1.0  # conditional diffusion: classifier-free guidance weight w (0 = none)
 
 
 def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict]:
@@ -51,6 +56,40 @@ def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict]:
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise InputError(f"{path}: generator checkpoint does not match its config ({e})") from None
     return G.to(device).eval(), meta
+
+
+def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Callable, dict]:
+    """The checkpoint's metadata, a function (start, count, label index) → images in [-1, 1],
+    and what the record should say about how they were sampled."""
+    from xraygan.checkpoint import read_metadata
+
+    kind = read_metadata(cfg.checkpoint).get("kind")
+    if kind == "diffusion-model":
+        from xraygan.diffusion import image_noise, load_diffusion, sample
+
+        unet, net, meta = load_diffusion(cfg.checkpoint, device)
+
+        def make(start: int, count: int, label_idx: int) -> torch.Tensor:
+            x, gens = image_noise(cfg.seed, start, count, net.image_size)
+            labels = torch.full((count,), label_idx, device=device) if net.num_classes else None
+            return sample(unet, net, x.to(device), labels, cfg.sampler, cfg.sampling_steps,
+                          cfg.guidance if net.num_classes else 0.0, gens)
+
+        how = {"family": "diffusion", "sampler": cfg.sampler,
+               "sampling_steps": cfg.sampling_steps if cfg.sampler == "ddim" else net.timesteps,
+               "guidance": cfg.guidance if net.num_classes else None}
+        return meta, make, how
+    if kind not in (None, "generator"):
+        raise InputError(f"{cfg.checkpoint}: is a {kind} checkpoint, expected a generator "
+                         "(RUN/generator.safetensors) or a diffusion model (RUN/diffusion.safetensors)")
+    G, meta = load_generator(cfg.checkpoint, device)
+
+    def make_gan(start: int, count: int, label_idx: int) -> torch.Tensor:
+        z = _noise(cfg.seed, start, count, G.cfg.nz).to(device)
+        labels = torch.full((count,), label_idx, device=device) if G.cfg.num_classes else None
+        return G(z, labels).float()
+
+    return meta, make_gan, {"family": "gan"}
 
 
 def _noise(seed: int, start: int, count: int, nz: int) -> torch.Tensor:
@@ -157,13 +196,16 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     check_int("-n", cfg.n)
     check_int("--batch-size", cfg.batch_size)
     check_choice("--device", cfg.device, DEVICES)
+    check_choice("--sampler", cfg.sampler, ("ddim", "ddpm"))
+    check_int("--sampling-steps", cfg.sampling_steps)
+    check_float("--guidance", cfg.guidance, 0.0, low_open=False)
     if cfg.append and cfg.force:
         raise InputError("give --append or --force, not both")
     check_out_apart(cfg.out, checkpoint=cfg.checkpoint)
     out = Path(cfg.out)
     rec = read_record(out)
     device = resolve_device(cfg.device)
-    G, meta = load_generator(cfg.checkpoint, device)
+    meta, make, how = load_sampler(cfg, device)
     classes = meta["classes"]
     label = (cfg.label or meta["default_label"]).lower()
     if label not in classes:
@@ -189,16 +231,13 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     stage = out / f".generate.partial-{os.getpid()}"
     stage.mkdir()
     label_idx = classes.index(label)
-    nz = G.cfg.nz
     written: list[str] = []
     preview = []
     try:
         with torch.no_grad():
             for b in range(0, cfg.n, cfg.batch_size):
                 k = min(cfg.batch_size, cfg.n - b)
-                z = _noise(cfg.seed, start + b, k, nz).to(device)
-                labels = torch.full((k,), label_idx, device=device) if G.cfg.num_classes else None
-                x = G(z, labels).float()
+                x = make(start + b, k, label_idx)
                 imgs = ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
                 for i, a in enumerate(imgs):
                     name = f"synthetic-{run}-{start + b + i + 1:06d}.png"
@@ -218,7 +257,7 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     new = {"run_name": run, "checkpoint": str(cfg.checkpoint), "checkpoint_sha256": digest,
            "seed": cfg.seed, "count": cfg.n, "label": label, "first_index": start + 1,
            "image_size": meta["image_size"], "conditional": meta["conditional"],
-           "generator_epoch": meta.get("epoch"), "generator_step": meta.get("step"),
+           "generator_epoch": meta.get("epoch"), "generator_step": meta.get("step"), **how,
            "xraygan_version": __version__}
     replacing = cfg.force and rec is not None
     # 1. the record lists everything that may be on disk while files move

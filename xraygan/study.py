@@ -32,13 +32,16 @@ ROWS = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcg
 METHODS = {"baseline": "none", "class_weights": "none", "undersample": "undersample",
            "oversample": "oversample", "smote": "smote", "augment": "augment"}
 CDCGAN = re.compile(r"^cdcgan_a(?P<alpha>[0-9]*\.?[0-9]+)$")
+DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditional one with guidance
 RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
-SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem")
+SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
+            "diffusion_steps")
 
 
 def is_gan_row(row: str) -> bool:
-    return row == "dcgan" or CDCGAN.match(row) is not None
+    """Rows whose minority images come from a trained generator (a GAN or a diffusion model)."""
+    return row == "dcgan" or CDCGAN.match(row) is not None or row in DIFFUSION_ROWS
 
 
 def default_jobs(cores: int, cuda: bool) -> int:
@@ -66,6 +69,7 @@ class StudyConfig:
     clf_epochs: int = 20
     patience: int = 5
     small_stem: str = "auto"
+    diffusion_steps: int = 10000
     audit: bool = True
     device: str = "auto"
     jobs: int | None = None  # None: default_jobs
@@ -75,8 +79,10 @@ class StudyConfig:
         require(len(self.rows) > 0, "--rows: give at least one row")
         for r in self.rows:
             m = CDCGAN.match(r)
-            require(r in METHODS or r == "dcgan" or (m is not None and 0 <= float(m["alpha"]) <= 1),
-                    f"--rows {r}: unknown row (rows: {', '.join(ROWS)}; any cdcgan_a<α> with α in [0, 1])")
+            require(r in METHODS or r == "dcgan" or r in DIFFUSION_ROWS
+                    or (m is not None and 0 <= float(m["alpha"]) <= 1),
+                    f"--rows {r}: unknown row (rows: {', '.join(ROWS + DIFFUSION_ROWS)}; any cdcgan_a<α> with "
+                    "α in [0, 1])")
         require(len(set(self.rows)) == len(self.rows), "--rows: a row is named twice")
         require(len(self.seeds) > 0, "--seeds: give at least one seed")
         require(len(set(self.seeds)) == len(self.seeds), "--seeds: a seed is named twice")
@@ -85,6 +91,7 @@ class StudyConfig:
         check_int("--gan-steps", self.gan_steps)
         check_int("--gan-batch", self.gan_batch, 2)
         check_int("--clf-epochs", self.clf_epochs)
+        check_int("--diffusion-steps", self.diffusion_steps)
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
         check_choice("--device", self.device, DEVICES)
@@ -99,7 +106,8 @@ class StudyConfig:
     def settings(self) -> dict:
         return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps,
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
-                "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem}
+                "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
+                "diffusion_steps": self.diffusion_steps}
 
 
 @dataclass
@@ -140,6 +148,11 @@ def _meta(path: Path) -> dict | None:
 def gan_done(run: Path, steps: int) -> bool:
     m = _meta(run / "state.safetensors")
     return m is not None and int(m.get("step", 0)) >= steps and (run / "generator.safetensors").is_file()
+
+
+def diffusion_done(run: Path, steps: int) -> bool:
+    m = _meta(run / "state.safetensors")
+    return m is not None and int(m.get("step", 0)) >= steps and (run / "diffusion.safetensors").is_file()
 
 
 def classifier_done(run: Path, epochs: int, patience: int) -> bool:
@@ -188,18 +201,27 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
     for row in cfg.rows:
         if not is_gan_row(row):
             continue
-        run, synth = out / "gan" / row, out / "synth" / row
-        kind = ["--class", minority] if row == "dcgan" else \
-            ["--conditional", "--alpha", CDCGAN.match(row)["alpha"]]  # type: ignore[index]
+        synth = out / "synth" / row
+        if row in DIFFUSION_ROWS:
+            run, trainer, model = out / "diffusion" / row, "train-diffusion", "diffusion.safetensors"
+            kind = ["--class", minority] if row == "ddpm" else ["--conditional", "--class", minority]
+            steps.append(Step(
+                f"{trainer} {row}", [trainer, str(data / "train"), "--out", str(run), *kind,
+                                     "--steps", str(cfg.diffusion_steps), "--seed", "0", *dev],
+                run, done=lambda run=run: diffusion_done(run, cfg.diffusion_steps), again=["--resume"]))
+        else:
+            run, trainer, model = out / "gan" / row, "train-gan", "generator.safetensors"
+            kind = ["--class", minority] if row == "dcgan" else \
+                ["--conditional", "--alpha", CDCGAN.match(row)["alpha"]]  # type: ignore[index]
+            steps.append(Step(
+                f"{trainer} {row}", [trainer, str(data / "train"), "--out", str(run), *kind,
+                                     "--steps", str(cfg.gan_steps), "--batch-size", str(cfg.gan_batch),
+                                     "--diffaugment", cfg.diffaugment, "--seed", "0", *dev],
+                run, done=lambda run=run: gan_done(run, cfg.gan_steps), again=["--resume"]))
         steps.append(Step(
-            f"train-gan {row}", ["train-gan", str(data / "train"), "--out", str(run), *kind,
-                                 "--steps", str(cfg.gan_steps), "--batch-size", str(cfg.gan_batch),
-                                 "--diffaugment", cfg.diffaugment, "--seed", "0", *dev],
-            run, done=lambda run=run: gan_done(run, cfg.gan_steps), again=["--resume"]))
-        steps.append(Step(
-            f"generate {row}", ["generate", str(run / "generator.safetensors"), "-n", str(need),
+            f"generate {row}", ["generate", str(run / model), "-n", str(need),
                                 "--out", str(synth), "--label", minority, "--seed", "0", "--preview", *dev],
-            synth, deps=[f"train-gan {row}"], done=lambda s=synth: generate_done(s, need)))
+            synth, deps=[f"{trainer} {row}"], done=lambda s=synth: generate_done(s, need)))
         if cfg.audit:
             a = out / "audit" / row
             steps.append(Step(
@@ -271,7 +293,7 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     if not isinstance(rec, dict) or rec.get("kind") != "xraygan-study":
         raise InputError(f"{rec_path}: not a study record written by xraygan study")
     mine, theirs = cfg.settings(), rec.get("settings", {})
-    changed = [k for k in SETTINGS if theirs.get(k) != mine[k]]
+    changed = [k for k in SETTINGS if k in theirs and theirs[k] != mine[k]]  # (settings added later pass)
     if changed:
         k = changed[0]
         raise InputError(f"{rec_path}: this study was run with {k.replace('_', '-')} {theirs.get(k)} "

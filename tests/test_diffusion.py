@@ -1,0 +1,122 @@
+"""train-diffusion and generate on diffusion checkpoints: a tiny U-Net (width 8, 16-32 px), a
+few steps each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_folder
+
+from xraygan.checkpoint import load_checkpoint
+from xraygan.diffusion import (
+    DiffusionNetConfig,
+    TrainDiffusionConfig,
+    alphas_cumprod,
+    cosine_alpha_bar,
+    sample,
+    train_diffusion,
+)
+from xraygan.errors import InputError
+from xraygan.generate import GenerateConfig, generate
+
+TINY = dict(batch_size=8, width=8, layers_per_block=1, sample_steps=3, device="cpu", precision="fp32")
+
+
+def test_schedule_is_the_cosine_closed_form():
+    net = DiffusionNetConfig(timesteps=1000)
+    ab = alphas_cumprod(net).double()
+    t = torch.arange(1, 1001, dtype=torch.float64)  # ᾱ_t of step t = 1..T (diffusers indexes from 0)
+    ref = cosine_alpha_bar(t, 1000)
+    assert torch.allclose(ab[:990], ref[:990], rtol=1e-4, atol=1e-7)  # (the last betas are clipped at 0.999)
+    assert (ab[1:] < ab[:-1]).all() and ab[0] > 0.999 and ab[-1] < 1e-3
+
+
+class Oracle(torch.nn.Module):
+    """A 'network' that knows the planted image x0, so its noise prediction is exact."""
+
+    def __init__(self, x0: torch.Tensor, abar: torch.Tensor):
+        super().__init__()
+        self.x0, self.abar = x0, abar
+
+    def forward(self, x, t, class_labels=None):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return type("Out", (), {"sample": eps})()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_recovers_a_planted_signal(sampler):
+    net = DiffusionNetConfig(image_size=16, timesteps=100)
+    x0 = torch.linspace(-0.8, 0.8, 16 * 16).view(1, 1, 16, 16).repeat(2, 1, 1, 1)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = sample(Oracle(x0, alphas_cumprod(net)), net, noise, None, sampler, steps=10, generators=gens)
+    assert (out - x0).abs().max() < 0.05 < (noise - x0).abs().max()
+
+
+def test_training_reduces_the_denoising_error_on_a_planted_signal(tmp_path, rng):
+    """One image, repeated: a few steps must lower the noise-prediction loss."""
+    from xraygan.images import save_png
+
+    a = (np.add.outer(np.arange(16), np.arange(16)) * 8).clip(0, 255).astype(np.uint8)
+    for i in range(16):
+        save_png(tmp_path / "d" / "pneumonia" / f"{i:03d}.png", a)
+    make_folder(tmp_path / "d", {"normal": 20}, 16, rng)
+    res = train_diffusion(TrainDiffusionConfig(data=tmp_path / "d", out=tmp_path / "run", steps=60, lr=2e-3,
+                                               log_every=10, sample_every=1000, **TINY))
+    loss = [float(r.split(",")[2]) for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert res["label"] == "pneumonia" and np.mean(loss[-10:]) < 0.5 * np.mean(loss[:5])
+
+
+def test_resume_is_bit_exact_and_checkpoints_are_typed(demo_data, tmp_path):
+    common = dict(data=demo_data / "train", save_every=2, sample_every=2, **TINY)
+    train_diffusion(TrainDiffusionConfig(out=tmp_path / "a", steps=4, **common))
+    train_diffusion(TrainDiffusionConfig(out=tmp_path / "b", steps=2, **common))
+    train_diffusion(TrainDiffusionConfig(out=tmp_path / "b", steps=4, resume=True, **common))
+    ta, ma = load_checkpoint(tmp_path / "a" / "diffusion.safetensors", "diffusion-model")
+    tb, mb = load_checkpoint(tmp_path / "b" / "diffusion.safetensors", "diffusion-model")
+    assert ma["step"] == mb["step"] == 4
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert (tmp_path / "a" / "log.csv").read_text() .splitlines()[1:][-1].split(",")[2] == \
+        (tmp_path / "b" / "log.csv").read_text().splitlines()[1:][-1].split(",")[2]
+    # a diffusion checkpoint where a classifier or a generator belongs: one line
+    ckpt = str(tmp_path / "a" / "diffusion.safetensors")
+    for args in (["evaluate", ckpt, str(demo_data / "test")],
+                 ["train-classifier", str(demo_data / "train"), "--val", str(demo_data / "val"),
+                  "--out", str(tmp_path / "clf"), "--weights", ckpt, "--device", "cpu"],
+                 ["gradcam", ckpt, str(demo_data / "test"), "--out", str(tmp_path / "cams")]):
+        r = subprocess.run([sys.executable, "-m", "xraygan", *args], capture_output=True, text=True)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "diffusion-model checkpoint" in last and "Traceback" not in r.stderr
+    assert not (tmp_path / "clf").exists()
+    with pytest.raises(InputError, match="already trained 4 steps"):
+        train_diffusion(TrainDiffusionConfig(out=tmp_path / "b", steps=4, resume=True, **common))
+
+
+def test_generation_is_deterministic_and_conditional(demo_data, tmp_path):
+    run = tmp_path / "cond"
+    train_diffusion(TrainDiffusionConfig(data=demo_data / "train", out=run, steps=2, conditional=True, timesteps=50,
+                                         **TINY))
+    ckpt = run / "diffusion.safetensors"
+    _, meta = load_checkpoint(ckpt, "diffusion-model")
+    assert meta["conditional"] and meta["classes"] == ["normal", "pneumonia"]
+
+    def make(out: str, **kw) -> list[bytes]:
+        generate(GenerateConfig(checkpoint=ckpt, out=tmp_path / out, n=3, sampling_steps=4, device="cpu", **kw))
+        rec = json.loads((tmp_path / out / "generation.json").read_text())
+        steps = 4 if kw.get("sampler", "ddim") == "ddim" else 50  # the DDPM chain: every timestep
+        assert rec["runs"][0]["family"] == "diffusion" and rec["runs"][0]["sampling_steps"] == steps
+        label = rec["runs"][0]["label"]
+        return [p.read_bytes() for p in sorted((tmp_path / out / label).glob("*.png"))]
+
+    a = make("a")
+    assert make("b", batch_size=2) == a  # the same images whatever the batch
+    assert make("c", seed=1) != a
+    assert make("d", guidance=0.0) != a  # guidance changes the images
+    assert make("e", label="normal") != a
+    assert make("f", sampler="ddpm", batch_size=1) == make("g", sampler="ddpm", batch_size=3)

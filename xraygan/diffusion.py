@@ -1,0 +1,420 @@
+"""`xraygan train-diffusion`: a DDPM on one class, or a conditional DDPM on all classes with
+classifier-free guidance.
+
+The network is Hugging Face diffusers' `UNet2DModel` and the samplers are its `DDIMScheduler` and
+`DDPMScheduler`, built here from a config (nothing is downloaded; weights are written as
+xraygan safetensors checkpoints). The training step itself (cosine schedule of Nichol &
+Dhariwal, epsilon prediction, MSE) is a few lines of PyTorch on the schedule's ᾱ_t, so every
+random number comes from xraygan's seeded generators and a resumed run on the CPU is bit-exact.
+The run conventions are train-gan's: config.json, log.csv, sample grids, checkpoints by steps
+and seconds, --resume, the NaN guard, Ctrl-C that saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xraygan import __version__
+from xraygan.checkpoint import (
+    BackgroundWriter,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    snapshot,
+    state_dict_to_tensors,
+    tensors_to_state_dict,
+)
+from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_float, check_int
+from xraygan.fsutil import atomic_write_json, check_out_apart, record_header, write_csv
+from xraygan.gan_models import ema_update
+from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
+from xraygan.runtime import (
+    DEVICES,
+    autocast,
+    autocast_dtype,
+    deferred_interrupt,
+    make_generator,
+    resolve_device,
+)
+
+Progress = Callable[..., None]
+SIZES = (16, 32, 64, 128)
+# channel multipliers per resolution level, down to 8×8 (attention only at the lowest level)
+LEVELS = {16: (1, 2), 32: (1, 2, 4), 64: (1, 2, 4, 4), 128: (1, 2, 2, 4, 4)}
+SAMPLERS = ("ddim", "ddpm")
+LOG_FIELDS = ("step", "epoch", "loss", "seconds")
+
+
+@dataclass(frozen=True)
+class DiffusionNetConfig:
+    image_size: int = 32
+    width: int = 32  # channels of the first level; the others are multiples (LEVELS)
+    layers_per_block: int = 2
+    num_classes: int = 0  # 0: unconditional; else labels 0..n-1, and n means "no label" (guidance)
+    timesteps: int = 1000
+    schedule: str = "squaredcos_cap_v2"  # diffusers' name for the cosine schedule
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_unet(net: DiffusionNetConfig) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    mult = LEVELS[net.image_size]
+    n = len(mult)
+    return UNet2DModel(
+        sample_size=net.image_size, in_channels=1, out_channels=1, layers_per_block=net.layers_per_block,
+        block_out_channels=tuple(net.width * m for m in mult),
+        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        norm_num_groups=math.gcd(32, net.width), attention_head_dim=8,
+        num_class_embeds=net.num_classes + 1 if net.num_classes else None)
+
+
+def alphas_cumprod(net: DiffusionNetConfig) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1, as the diffusers schedulers use them."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule).alphas_cumprod.float()
+
+
+def cosine_alpha_bar(t: torch.Tensor, T: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal's closed form ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)."""
+    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+
+def predict_noise(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                  null: int, guidance: float, amp: torch.dtype | None) -> torch.Tensor:
+    """ε̂(x_t, t); with labels and guidance w > 0, (1 + w)·ε̂(x, label) − w·ε̂(x, no label)."""
+    with autocast(x.device, amp):
+        if labels is None:
+            return unet(x, t).sample.float()
+        if guidance == 0:
+            return unet(x, t, class_labels=labels).sample.float()
+        both = unet(torch.cat([x, x]), torch.cat([t, t]),
+                    class_labels=torch.cat([labels, torch.full_like(labels, null)])).sample.float()
+        cond, uncond = both.chunk(2)
+        return (1 + guidance) * cond - guidance * uncond
+
+
+@torch.no_grad()
+def sample(unet: nn.Module, net: DiffusionNetConfig, noise: torch.Tensor, labels: torch.Tensor | None,
+           sampler: str = "ddim", steps: int = 50, guidance: float = 0.0,
+           generators: list[torch.Generator] | None = None, amp: torch.dtype | None = None) -> torch.Tensor:
+    """Images in [-1, 1] from initial noise x_T. DDIM (η = 0) is a deterministic function of the
+    noise; the DDPM chain draws fresh noise at each step from `generators` (one per image, so an
+    image never depends on the batch it was made in)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    was = unet.training
+    unet.eval()
+    try:
+        if sampler == "ddim":
+            sched = DDIMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True)
+            sched.set_timesteps(steps)
+        else:
+            sched = DDPMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True)
+            sched.set_timesteps(net.timesteps)
+        x = noise
+        for t in sched.timesteps:
+            tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
+            eps = predict_noise(unet, x, tt, labels, net.num_classes, guidance, amp)
+            if sampler == "ddim":
+                x = sched.step(eps, int(t), x, eta=0.0).prev_sample
+            else:
+                x = sched.step(eps, int(t), x, generator=generators).prev_sample
+        return x.clamp(-1, 1)
+    finally:
+        unet.train(was)
+
+
+def image_noise(seed: int, start: int, count: int, size: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T for images start..start+count-1 and each image's own stream for the DDPM chain."""
+    gens = [make_generator(seed * 1_000_003 + start + i) for i in range(count)]
+    return torch.stack([torch.randn(1, size, size, generator=g) for g in gens]), gens
+
+
+def load_diffusion(path: Path, device: torch.device) -> tuple[nn.Module, DiffusionNetConfig, dict]:
+    tensors, meta = load_checkpoint(path, "diffusion-model")
+    try:
+        net = DiffusionNetConfig(**meta["config"])
+        unet = build_unet(net)
+        unet.load_state_dict(tensors)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"{path}: diffusion checkpoint does not match its config ({e})") from None
+    return unet.to(device).eval(), net, meta
+
+
+@dataclass(frozen=True)
+class TrainDiffusionConfig:
+    data: Path
+    out: Path
+    conditional: bool = False
+    cls: str | None = None  # unconditional: the class to learn (default: the minority)
+    steps: int = 10000
+    batch_size: int = 64
+    lr: float = 2e-4
+    width: int = 32
+    layers_per_block: int = 2
+    timesteps: int = 1000
+    p_uncond: float = 0.1  # conditional: share of training labels dropped, so the model also learns "no label"
+    ema: float = 0.999
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    save_every: int = 1000
+    save_seconds: float = 60.0
+    sample_every: int = 1000
+    sample_steps: int = 50  # DDIM steps for the sample grids
+    log_every: int = 20
+    resume: bool = False
+    force: bool = False
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        check_int("--steps", self.steps)
+        check_int("--batch-size", self.batch_size, 2)
+        check_float("--lr", self.lr, 0.0, 1.0)
+        check_int("--width", self.width, 4)
+        if self.width % 4:
+            raise InputError(f"--width {self.width}: must be a multiple of 4")
+        check_int("--layers-per-block", self.layers_per_block)
+        check_int("--timesteps", self.timesteps, 10)
+        check_float("--p-uncond", self.p_uncond, 0.0, 1.0, low_open=False, high_open=True)
+        check_float("--ema", self.ema, 0.0, 1.0, low_open=False, high_open=True)
+        check_int("--save-every", self.save_every)
+        check_float("--save-seconds", self.save_seconds, 0.0)
+        check_int("--sample-every", self.sample_every)
+        check_int("--sample-steps", self.sample_steps)
+        check_int("--log-every", self.log_every)
+        check_choice("--device", self.device, DEVICES)
+        check_choice("--precision", self.precision, ("auto", "fp32", "bf16"))
+        check_out_apart(self.out, data=self.data)
+
+
+RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_block", "timesteps", "p_uncond",
+               "ema", "seed")
+
+
+def _append_log(run: Path, rows: list[dict]) -> None:
+    import csv
+
+    path = run / "log.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _truncate_log(run: Path, step: int) -> None:
+    import csv
+
+    path = run / "log.csv"
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        write_csv(path, LOG_FIELDS, rows)
+
+
+def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None) -> dict:
+    """Train (or resume) a diffusion run; returns a summary dict. A run that fails before its
+    first checkpoint leaves no folder behind."""
+    from xraygan.gan import image_grid, load_training_set, to_model_input
+    from xraygan.images import save_png
+
+    cfg.validate()
+    run = Path(cfg.out)
+    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-diffusion")
+    device = resolve_device(cfg.device)
+    data, classes, label = load_training_set(cfg)  # type: ignore[arg-type]  # same fields as train-gan's
+    if data.size not in SIZES:
+        raise InputError(f"{cfg.data}: images are {data.size} px; the diffusion models support "
+                         f"{', '.join(map(str, SIZES))} px")
+    fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
+    net = DiffusionNetConfig(image_size=data.size, width=cfg.width, layers_per_block=cfg.layers_per_block,
+                             num_classes=len(classes) if cfg.conditional else 0, timesteps=cfg.timesteps)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(net).to(device)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.ema > 0 else None
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    amp = autocast_dtype(device, cfg.precision)
+    abar = alphas_cumprod(net).to(device)
+    x_all = to_model_input(data.images, device, False)
+    y_all = torch.from_numpy(data.labels).to(device)
+    rng_data, rng_noise = make_generator(cfg.seed), make_generator(cfg.seed + 1)
+    n = len(x_all)
+    steps_per_epoch = n // cfg.batch_size
+    meta = {"classes": list(classes), "image_size": data.size, "conditional": cfg.conditional,
+            "default_label": label, "seed": cfg.seed, "run": run.name, "family": "diffusion",
+            "xraygan_version": __version__}
+    grid_noise, _ = image_noise(cfg.seed + 3, 0, 16, data.size)
+    grid_noise = grid_noise.to(device)
+    grid_labels = (torch.arange(16) % len(classes)).to(device) if cfg.conditional else None
+
+    created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data)
+    step, epoch, batch, perm = 0, 0, 0, None
+    if cfg.resume:
+        t, smeta = load_checkpoint(run / "state.safetensors", "diffusion-state")
+        unet.load_state_dict(tensors_to_state_dict("model.", t))
+        if ema is not None:
+            ema.load_state_dict(tensors_to_state_dict("ema.", t))
+        optimizer_from_tensors("opt.", opt, t, smeta["param_groups"])
+        rng_data.set_state(t["rng.data"])
+        rng_noise.set_state(t["rng.noise"])
+        step, epoch, batch = int(smeta["step"]), int(smeta["epoch"]), int(smeta["batch"])
+        perm = t["perm"] if t["perm"].numel() else None
+        _truncate_log(run, step)
+        if step >= cfg.steps:
+            raise InputError(f"{run}: already trained {step} steps; give a larger --steps to continue")
+    checkpointed = cfg.resume
+    writer = BackgroundWriter()
+    pending: list[tuple[int, int, float, torch.Tensor]] = []
+    last_loss = float("nan")
+    t_start = time.perf_counter()
+    images_done = 0
+
+    def flush() -> None:
+        nonlocal last_loss
+        if not pending:
+            return
+        vals = torch.stack([p[3] for p in pending]).float().cpu().numpy()
+        rows = [{"step": s, "epoch": e, "loss": f"{v:.6g}", "seconds": f"{sec:.3f}"}
+                for (s, e, sec, _), v in zip(pending, vals)]
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            k = int(np.argmax(bad))
+            _append_log(run, rows[:k])
+            pending.clear()
+            raise TrainingError(
+                f"step {rows[k]['step']}: loss is not finite; stopped. "
+                + (f"The last good checkpoint is {run / 'diffusion.safetensors'}; " if checkpointed
+                   else "No checkpoint had been written, so the run folder was removed. ")
+                + "Try a lower --lr or --precision fp32")
+        _append_log(run, rows)
+        pending.clear()
+        last_loss = float(vals[-1])
+        if progress:
+            progress("train-diffusion", step, cfg.steps, epoch=f"{epoch + 1}", loss=last_loss,
+                     images=images_done)
+
+    def save() -> None:
+        nonlocal checkpointed, last_save
+        flush()
+        common = dict(meta, epoch=epoch, step=step)
+        t = state_dict_to_tensors("model.", unet.state_dict())
+        if ema is not None:
+            t.update(state_dict_to_tensors("ema.", ema.state_dict()))
+        o, groups = optimizer_to_tensors("opt.", opt)
+        t.update(o)
+        t["rng.data"], t["rng.noise"] = rng_data.get_state(), rng_noise.get_state()
+        t["perm"] = perm if perm is not None else torch.zeros(0, dtype=torch.int64)
+        writer.submit([
+            snapshot(run / "diffusion.safetensors", (ema or unet).state_dict(), "diffusion-model",
+                     net.to_dict(), **common, ema=ema is not None),
+            snapshot(run / "state.safetensors", t, "diffusion-state", net.to_dict(), **common,
+                     batch=batch, param_groups=groups)])
+        checkpointed, last_save = True, time.monotonic()
+
+    def grid() -> None:
+        x = sample(ema or unet, net, grid_noise, grid_labels, "ddim", cfg.sample_steps,
+                   guidance=1.0 if cfg.conditional else 0.0, amp=amp)
+        save_png(run / "samples" / f"step_{step:07d}.png", image_grid(x, nrow=4))
+
+    last_save = time.monotonic()
+    in_step = False
+    try:
+        if not cfg.resume:
+            atomic_write_json(run / "config.json", {
+                **record_header("diffusion-run"), "train": cfg.to_json(), "net": net.to_dict(),
+                "classes": list(classes), "default_label": label, "counts": data.counts(),
+                "data_fingerprint": fingerprint, "device": str(device),
+                "autocast": str(amp) if amp else "fp32", "xraygan_version": __version__,
+                "torch_version": torch.__version__})
+        (run / "samples").mkdir(exist_ok=True)
+        unet.train()
+        with deferred_interrupt() as stop:
+            while step < cfg.steps:
+                if batch >= steps_per_epoch:
+                    epoch, batch, perm = epoch + 1, 0, None
+                if perm is None:
+                    perm = torch.randperm(n, generator=rng_data)
+                idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(device)
+                k = len(idx)
+                # every random number of the step from the seeded CPU stream, moved in one transfer
+                tt = torch.randint(0, net.timesteps, (k,), generator=rng_noise)
+                noise = torch.randn(k, 1, data.size, data.size, generator=rng_noise)
+                drop = torch.rand(k, generator=rng_noise) < cfg.p_uncond if cfg.conditional else None
+                tt, noise = tt.to(device), noise.to(device)
+                in_step = True
+                x0 = x_all[idx]
+                a = abar[tt].view(-1, 1, 1, 1)
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                labels = None
+                if cfg.conditional:
+                    labels = torch.where(drop.to(device), torch.full_like(y_all[idx], net.num_classes), y_all[idx])
+                with autocast(device, amp):
+                    out = unet(xt, tt, class_labels=labels).sample if labels is not None else unet(xt, tt).sample
+                loss = F.mse_loss(out.float(), noise)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if ema is not None:
+                    ema_update(ema, unet, min(cfg.ema, (1 + step) / (10 + step)))
+                step += 1
+                batch += 1
+                in_step = False
+                images_done += k
+                pending.append((step, epoch + 1, time.perf_counter() - t_start, loss.detach()))
+                end = step == cfg.steps
+                if len(pending) >= cfg.log_every or end or stop.requested:
+                    flush()
+                if end or step % cfg.sample_every == 0:
+                    grid()
+                if end or stop.requested or step % cfg.save_every == 0 \
+                        or time.monotonic() - last_save >= cfg.save_seconds:
+                    save()
+                if stop.requested:
+                    raise KeyboardInterrupt
+        writer.wait()
+    except KeyboardInterrupt:
+        writer.wait()
+        if in_step:
+            if not checkpointed:
+                discard_new_run(run, created)
+            raise Interrupted("interrupted inside a step; " + (
+                f"{run} keeps its last checkpoint: continue with --resume" if checkpointed
+                else f"nothing was checkpointed, so {run} was removed")) from None
+        save()
+        writer.wait()
+        raise Interrupted(f"interrupted at step {step}; saved: continue with xraygan train-diffusion ... "
+                          f"--out {run} --resume") from None
+    except BaseException:
+        try:
+            writer.wait()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            checkpointed = False
+        if not checkpointed:
+            discard_new_run(run, created)
+        raise
+    seconds = time.perf_counter() - t_start
+    return {"run": str(run), "steps": step, "epochs": epoch + 1, "classes": list(classes), "label": label,
+            "conditional": cfg.conditional, "loss": last_loss, "seconds": round(seconds, 1),
+            "images_per_s": images_done / seconds if seconds > 0 else None, "device": str(device),
+            "precision": str(amp) if amp else "fp32", "checkpoint": str(run / "diffusion.safetensors"),
+            "samples": str(run / "samples"), "parameters": sum(p.numel() for p in unet.parameters())}
