@@ -476,7 +476,7 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> 
     for label, runs in groups.items():
         row: dict = {"method": label, "runs": len(runs)}
         for k in TABLE_KEYS:
-            vals = [r["metrics"][k] for r in runs if r["metrics"][k] is not None]
+            vals = [r["metrics"][k] for r in runs if r["metrics"].get(k) is not None]  # (older records lack some)
             row[k] = _mean_std(vals) if vals else None
         if cam_groups:
             row["lung_energy"] = _mean_std(cam_groups[label]) if label in cam_groups else None
