@@ -623,7 +623,8 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
         checkpointed, last_save = True, time.monotonic()
 
     def grid() -> None:
-        x = sample(trainer.sampler(), fixed_z, fixed_labels)
+        with autocast(device, trainer.amp):  # the training precision: a grid is a picture, not a result
+            x = sample(trainer.sampler(), fixed_z, fixed_labels)
         divs[trainer.step_count] = diversity(x, real_spread)
         save_png(run / "samples" / f"step_{trainer.step_count:07d}.png", image_grid(x))
 
