@@ -28,9 +28,8 @@ from xraygan.checkpoint import (
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
-from xraygan.distributed import Dist, barrier, broadcast_floats
-from xraygan.distributed import setup as setup_distributed
-from xraygan.distributed import shutdown as shutdown_distributed
+from xraygan.distributed import Dist, broadcast_floats
+from xraygan.distributed import session as distributed_session
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_float, check_int
 from xraygan.fsutil import (
     atomic_write_json,
@@ -259,12 +258,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     validate(cfg)
     out = Path(cfg.out)
     check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-classifier")
-    dist, device = setup_distributed(cfg.device)
-    try:
-        dist.check_batch(cfg.batch_size)
+    with distributed_session(cfg.device, cfg.batch_size) as (dist, device):
         return _run(cfg, out, dist, device, progress if dist.main else None)
-    finally:
-        shutdown_distributed(dist)
 
 
 def _run(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device,
@@ -279,8 +274,7 @@ def _run(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device
     val = read_image_folder(cfg.val, classes=train.classes)
     _check_folder(val, train.size, "validation")
     fingerprint = fingerprint_arrays(train.images, train.labels, val.images, val.labels)
-    barrier(dist)  # every process has checked the folder before rank 0 makes or replaces it
-    created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data) if dist.main or cfg.resume else False
+    created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data, writes=dist.main)
     try:
         return _train(cfg, out, dist, device, train, val, fingerprint, progress)
     except KeyboardInterrupt:

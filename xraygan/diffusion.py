@@ -34,10 +34,19 @@ from xraygan.checkpoint import (
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
-from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_float, check_int
-from xraygan.fsutil import atomic_write_json, check_out_apart, record_header, write_csv
+from xraygan.errors import InputError, Interrupted, check_choice, check_float, check_int
+from xraygan.fsutil import atomic_write_json, check_out_apart, record_header
 from xraygan.gan_models import ema_update
-from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
+from xraygan.runs import (
+    abandon_failed_run,
+    append_log,
+    begin_run,
+    check_run_target,
+    fingerprint_arrays,
+    interrupted_in_step,
+    not_finite,
+    truncate_log,
+)
 from xraygan.runtime import (
     DEVICES,
     autocast,
@@ -210,28 +219,6 @@ RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_bl
                "ema", "seed")
 
 
-def _append_log(run: Path, rows: list[dict]) -> None:
-    import csv
-
-    path = run / "log.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
-def _truncate_log(run: Path, step: int) -> None:
-    import csv
-
-    path = run / "log.csv"
-    if path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        write_csv(path, LOG_FIELDS, rows)
-
-
 def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None) -> dict:
     """Train (or resume) a diffusion run; returns a summary dict. A run that fails before its
     first checkpoint leaves no folder behind."""
@@ -279,7 +266,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
         rng_noise.set_state(t["rng.noise"])
         step, epoch, batch = int(smeta["step"]), int(smeta["epoch"]), int(smeta["batch"])
         perm = t["perm"] if t["perm"].numel() else None
-        _truncate_log(run, step)
+        truncate_log(run, LOG_FIELDS, step)
         if step >= cfg.steps:
             raise InputError(f"{run}: already trained {step} steps; give a larger --steps to continue")
     checkpointed = cfg.resume
@@ -299,14 +286,10 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
         bad = ~np.isfinite(vals)
         if bad.any():
             k = int(np.argmax(bad))
-            _append_log(run, rows[:k])
+            append_log(run, LOG_FIELDS, rows[:k])
             pending.clear()
-            raise TrainingError(
-                f"step {rows[k]['step']}: loss is not finite; stopped. "
-                + (f"The last good checkpoint is {run / 'diffusion.safetensors'}; " if checkpointed
-                   else "No checkpoint had been written, so the run folder was removed. ")
-                + "Try a lower --lr or --precision fp32")
-        _append_log(run, rows)
+            raise not_finite(rows[k]["step"], "", run / "diffusion.safetensors", checkpointed)
+        append_log(run, LOG_FIELDS, rows)
         pending.clear()
         last_loss = float(vals[-1])
         if progress:
@@ -395,22 +378,13 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
     except KeyboardInterrupt:
         writer.wait()
         if in_step:
-            if not checkpointed:
-                discard_new_run(run, created)
-            raise Interrupted("interrupted inside a step; " + (
-                f"{run} keeps its last checkpoint: continue with --resume" if checkpointed
-                else f"nothing was checkpointed, so {run} was removed")) from None
+            raise interrupted_in_step(run, created, checkpointed) from None
         save()
         writer.wait()
         raise Interrupted(f"interrupted at step {step}; saved: continue with xraygan train-diffusion ... "
                           f"--out {run} --resume") from None
     except BaseException:
-        try:
-            writer.wait()
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            checkpointed = False
-        if not checkpointed:
-            discard_new_run(run, created)
+        abandon_failed_run(run, created, writer, checkpointed)
         raise
     seconds = time.perf_counter() - t_start
     return {"run": str(run), "steps": step, "epochs": epoch + 1, "classes": list(classes), "label": label,

@@ -15,7 +15,9 @@ Without torchrun (WORLD_SIZE unset or 1) everything here is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -83,6 +85,20 @@ def setup(device_name: str) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     return Dist(rank, world), device
+
+
+@contextlib.contextmanager
+def session(device_name: str, batch_size: int) -> Iterator[tuple[Dist, torch.device]]:
+    """A trainer's processes, from `setup` to `shutdown`: the whole batch must split evenly, and
+    every process has passed this point (its checks of the run folder come first) before any of
+    them goes on, so rank 0 never makes or replaces a folder another process is still checking."""
+    d, device = setup(device_name)
+    try:
+        d.check_batch(batch_size)
+        barrier(d)
+        yield d, device
+    finally:
+        shutdown(d)
 
 
 def shutdown(d: Dist) -> None:

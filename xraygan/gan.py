@@ -8,7 +8,6 @@ checkpointed with everything else, so an interrupted run resumes exactly where i
 from __future__ import annotations
 
 import copy
-import csv
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -29,13 +28,11 @@ from xraygan.checkpoint import (
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
-from xraygan.distributed import Dist, average_gradients, barrier, broadcast_module, mean_and_flag
-from xraygan.distributed import setup as setup_distributed
-from xraygan.distributed import shutdown as shutdown_distributed
+from xraygan.distributed import Dist, average_gradients, broadcast_module, mean_and_flag
+from xraygan.distributed import session as distributed_session
 from xraygan.errors import (
     InputError,
     Interrupted,
-    TrainingError,
     check_choice,
     check_float,
     check_int,
@@ -45,7 +42,6 @@ from xraygan.fsutil import (
     atomic_write_json,
     check_out_apart,
     record_header,
-    write_csv,
 )
 from xraygan.gan_models import (
     DIFFAUG_POLICIES,
@@ -58,7 +54,16 @@ from xraygan.gan_models import (
     ema_update,
 )
 from xraygan.images import ImageFolder, read_image_folder, save_png
-from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
+from xraygan.runs import (
+    abandon_failed_run,
+    append_log,
+    begin_run,
+    check_run_target,
+    fingerprint_arrays,
+    interrupted_in_step,
+    not_finite,
+    truncate_log,
+)
 from xraygan.runtime import (
     DEVICES,
     autocast,
@@ -478,26 +483,6 @@ def _save(run: Path, trainer: GanTrainer, meta: dict, epoch: int, batch: int,
                  **{**common, **smeta}, batch=batch)])
 
 
-def _append_log(run: Path, rows: list[dict]) -> None:
-    path = run / "log.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
-def _truncate_log(run: Path, step: int) -> None:
-    """On resume, drop log rows written after the checkpoint that is being resumed."""
-    path = run / "log.csv"
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    write_csv(path, LOG_FIELDS, rows)
-
-
 def _warnings(cfg: TrainGanConfig, label: str) -> list[str]:
     out = []
     if cfg.alpha is not None and not cfg.conditional:
@@ -519,12 +504,8 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     cfg.validate()
     run = Path(cfg.out)
     check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-gan")
-    dist, device = setup_distributed(cfg.device)
-    try:
-        dist.check_batch(cfg.batch_size)
+    with distributed_session(cfg.device, cfg.batch_size) as (dist, device):
         return _train_gan(cfg, run, dist, device, progress if dist.main else None)
-    finally:
-        shutdown_distributed(dist)
 
 
 def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
@@ -553,8 +534,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
     fixed_z = torch.randn(64, cfg.nz, generator=fixed).to(device)
     fixed_labels = (torch.arange(64) % len(classes)).to(device) if cfg.conditional else None
 
-    barrier(dist)  # every process has checked the folder before rank 0 makes or replaces it
-    created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data) if dist.main or cfg.resume else False
+    created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data, writes=dist.main)
     epoch, batch, perm = 0, 0, None
     if cfg.resume:
         t, smeta = load_checkpoint(run / "state.safetensors", "gan-state")
@@ -562,7 +542,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
         epoch, batch = int(smeta["epoch"]), int(smeta["batch"])
         perm = t["perm"].to(device) if t["perm"].numel() else None
         if dist.main:
-            _truncate_log(run, trainer.step_count)
+            truncate_log(run, LOG_FIELDS, trainer.step_count)
         if trainer.step_count >= total_steps:
             raise InputError(f"{run}: already trained {trainer.step_count} steps; give a larger "
                              "--steps or --epochs to continue")
@@ -595,16 +575,12 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
         if bad.any():
             k = int(np.argmax(bad))
             if dist.main:
-                _append_log(run, rows[:k])
+                append_log(run, LOG_FIELDS, rows[:k])
             pending.clear()
-            raise TrainingError(
-                f"step {rows[k]['step']}: loss is not finite (loss_d {rows[k]['loss_d']}, "
-                f"loss_g {rows[k]['loss_g']}); stopped. "
-                + (f"The last good checkpoint is {run / 'generator.safetensors'}; "
-                   if checkpointed else "No checkpoint had been written, so the run folder was removed. ")
-                + "Try a lower --lr or --precision fp32")
+            raise not_finite(rows[k]["step"], f" (loss_d {rows[k]['loss_d']}, loss_g {rows[k]['loss_g']})",
+                             run / "generator.safetensors", checkpointed)
         if dist.main:
-            _append_log(run, rows)
+            append_log(run, LOG_FIELDS, rows)
         pending.clear()
         last = dict(zip(STAT_NAMES, map(float, vals[-1])))
         if progress:
@@ -684,23 +660,14 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
         writer.wait()
         if not dist.main:
             raise Interrupted(f"interrupted at step {trainer.step_count}") from None
-        if in_step:  # a second Ctrl-C inside a step: that state is half-updated, keep the last save
-            if not checkpointed:
-                discard_new_run(run, created)
-            raise Interrupted("interrupted inside a step; " + (
-                f"{run} keeps its last checkpoint: continue with --resume" if checkpointed
-                else f"nothing was checkpointed, so {run} was removed")) from None
+        if in_step:
+            raise interrupted_in_step(run, created, checkpointed) from None
         save()
         writer.wait()
         raise Interrupted(f"interrupted at step {trainer.step_count}; saved: continue with "
                           f"xraygan train-gan ... --out {run} --resume") from None
     except BaseException:
-        try:
-            writer.wait()
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            checkpointed = False
-        if not checkpointed and dist.main:
-            discard_new_run(run, created)
+        abandon_failed_run(run, created, writer, checkpointed, writes=dist.main)
         raise
     seconds = time.perf_counter() - t_start
     final_div = divs.get(trainer.step_count)

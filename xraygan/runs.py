@@ -3,18 +3,23 @@ data, and leaving nothing behind when a run fails before its first checkpoint.
 
     check_run_target(...)        before any image is read: free folder, own earlier run, or --resume
     created = begin_run(...)     after the data is read: the data fingerprint, then the folder
-    ... train, checkpointing ...
+    ... train, checkpointing; append_log(...) every few steps ...
     discard_new_run(run, created) when it failed before any checkpoint
+
+and for the step-based trainers (train-gan, train-diffusion): the log file (`append_log`,
+`truncate_log` on resume) and the errors that end a run (`not_finite`, `interrupted_in_step`,
+`abandon_failed_run`).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
 
-from xraygan.errors import InputError
-from xraygan.fsutil import check_output_free, read_json
+from xraygan.errors import InputError, Interrupted, TrainingError
+from xraygan.fsutil import check_output_free, read_json, write_csv
 
 
 def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...],
@@ -64,15 +69,16 @@ def discard_new_run(run: Path, created: bool) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def begin_run(run: Path, resume: bool, force: bool, fingerprint: str, data: Path) -> bool:
+def begin_run(run: Path, resume: bool, force: bool, fingerprint: str, data: Path, writes: bool = True) -> bool:
     """After the training data is read: with --resume it must be the data the run was trained on
-    (its config.json records a fingerprint); then the folder is made (see `start_run_folder`)."""
+    (its config.json records a fingerprint); then the folder is made (see `start_run_folder`) by
+    the process that `writes` it (under torchrun, rank 0 only)."""
     if resume:
         saved = read_json(Path(run) / "config.json").get("data_fingerprint")
         if saved is not None and saved != fingerprint:
             raise InputError(f"{data}: --resume with different training images than {run} was "
                              f"trained on (fingerprint {fingerprint} vs {saved})")
-    return start_run_folder(run, resume, force)
+    return start_run_folder(run, resume, force) if writes else False
 
 
 def fingerprint_arrays(*arrays) -> str:
@@ -84,3 +90,55 @@ def fingerprint_arrays(*arrays) -> str:
         h.update(repr(getattr(a, "shape", None)).encode())
         h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
     return h.hexdigest()[:16]
+
+
+def append_log(run: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
+    """Add rows to RUN/log.csv (the header when the file is new)."""
+    path = Path(run) / "log.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def truncate_log(run: Path, fields: tuple[str, ...], step: int) -> None:
+    """On resume, drop log rows written after the checkpoint that is being resumed."""
+    path = Path(run) / "log.csv"
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    write_csv(path, fields, rows)
+
+
+def not_finite(step, detail: str, checkpoint: Path, checkpointed: bool) -> TrainingError:
+    """The NaN guard's error: which step, and what is left of the run."""
+    return TrainingError(
+        f"step {step}: loss is not finite{detail}; stopped. "
+        + (f"The last good checkpoint is {checkpoint}; " if checkpointed
+           else "No checkpoint had been written, so the run folder was removed. ")
+        + "Try a lower --lr or --precision fp32")
+
+
+def interrupted_in_step(run: Path, created: bool, checkpointed: bool) -> Interrupted:
+    """A second Ctrl-C inside a step: that state is half-updated, so the last save is kept (or,
+    with none, what the run wrote is removed)."""
+    if not checkpointed:
+        discard_new_run(run, created)
+    return Interrupted("interrupted inside a step; " + (
+        f"{run} keeps its last checkpoint: continue with --resume" if checkpointed
+        else f"nothing was checkpointed, so {run} was removed"))
+
+
+def abandon_failed_run(run: Path, created: bool, writer, checkpointed: bool, writes: bool = True) -> None:
+    """After an error: let the background checkpoint writer finish; a run with no checkpoint on
+    disk (or whose last write failed) is removed, so a plain rerun is accepted. `writes`: this
+    process owns the folder (under torchrun, rank 0 only)."""
+    try:
+        writer.wait()
+    except BaseException:  # noqa: BLE001 - the first error is the one to report
+        checkpointed = False
+    if not checkpointed and writes:
+        discard_new_run(run, created)
