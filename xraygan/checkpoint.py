@@ -87,16 +87,20 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: Path, kind: str | tuple[str, ...] | None,
                     tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load an xraygan checkpoint, checking it is one and of the expected kind."""
+    """Load an xraygan checkpoint, checking it is one and of the expected kind. With
+    `tensors=False` only the header is read (a state file is ~100 MB; its metadata a few kB)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise InputError(f"{path}: not a safetensors file (only {len(data)} bytes)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len <= 0 or header_len > len(data) - 8:
-        raise InputError(f"{path}: not a safetensors file, or truncated")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
+        header_len = int.from_bytes(head, "little")
+        if header_len <= 0 or header_len > size - 8:
+            raise InputError(f"{path}: not a safetensors file, or truncated")
+        data = head + f.read() if tensors else head + f.read(header_len)
     try:
         header = json.loads(data[8: 8 + header_len])
         raw_md = header.get("__metadata__") or {}

@@ -124,16 +124,20 @@ class Step:
     inputs: list[tuple[str, Path]] | None = None  # the table: (step, file) pairs it reads, when done
     stage: int = 1
 
-    def command(self) -> list[str]:
-        """The arguments for this attempt: a step that left a partial output gets `again`."""
+    def attempt(self) -> tuple[str, list[str]]:
+        """(state, arguments) now, reading the step's record once: done, run (nothing there yet),
+        resume or redo (an earlier attempt left something: the command gets `again`)."""
         if self.done():
-            return list(self.argv)
-        started = self.out.is_dir() and any(self.out.iterdir())
-        if not started:
-            return list(self.argv)
+            return "done", list(self.argv)
+        if not (self.out.is_dir() and any(self.out.iterdir())):
+            return "run", list(self.argv)
         if self.again == ["--resume"] and not (self.out / "state.safetensors").is_file():
-            return list(self.argv) + ["--force"]  # stopped before its first checkpoint
-        return list(self.argv) + self.again
+            return "redo", list(self.argv) + ["--force"]  # stopped before its first checkpoint
+        return ("resume" if self.again == ["--resume"] else "redo"), list(self.argv) + self.again
+
+    def command(self) -> list[str]:
+        """The arguments for this attempt."""
+        return self.attempt()[1]
 
 
 def _meta(path: Path) -> dict | None:
@@ -306,9 +310,7 @@ def plan_text(steps: list[Step]) -> str:
     """--dry-run: one line per step: its state, stage, name and what it waits for."""
     lines = []
     for s in steps:
-        state = "done" if s.done() else ("always" if s.inputs is not None else
-                                         ("resume" if s.command()[len(s.argv):] == ["--resume"] else
-                                          "redo" if s.command() != s.argv else "run"))
+        state = "always" if s.inputs is not None else s.attempt()[0]
         after = f"  (after {len(s.deps)} steps)" if len(s.deps) > 3 else \
             (f"  (after {', '.join(s.deps)})" if s.deps else "")
         lines.append(f"{state:<7}stage {s.stage}  {s.id}{after}")
@@ -318,7 +320,8 @@ def plan_text(steps: list[Step]) -> str:
 def commands_script(steps: list[Step], program: str) -> str:
     """--print-commands: a bash script, one line per step that is not done, in stage order. Each
     line ends with `# stage K: <step>`; every step of a stage depends only on earlier stages."""
-    todo = [s for s in steps if not s.done()]
+    attempts = {s.id: s.attempt() for s in steps}
+    todo = [s for s in steps if attempts[s.id][0] != "done"]
     stages = sorted({s.stage for s in todo})
     head = [
         "#!/usr/bin/env bash",
@@ -332,7 +335,7 @@ def commands_script(steps: list[Step], program: str) -> str:
     body = []
     for k in stages:
         for s in sorted((s for s in todo if s.stage == k), key=steps.index):
-            body.append(f"{shlex.join([program, *s.command()])}  # stage {k}: {s.id}")
+            body.append(f"{shlex.join([program, *attempts[s.id][1]])}  # stage {k}: {s.id}")
     return "\n".join(head + body) + "\n"
 
 
