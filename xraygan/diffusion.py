@@ -339,7 +339,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
                     perm = torch.randperm(n, generator=rng_data)
                 idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(device)
                 k = len(idx)
-                # every random number of the step from the seeded CPU stream, moved in one transfer
+                # every random number of the step from the seeded CPU streams (bit-exact resume on the CPU)
                 tt = torch.randint(0, net.timesteps, (k,), generator=rng_noise)
                 noise = torch.randn(k, 1, data.size, data.size, generator=rng_noise)
                 drop = torch.rand(k, generator=rng_noise) < cfg.p_uncond if cfg.conditional else None

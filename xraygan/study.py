@@ -428,7 +428,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
         return all(state.get(d) == "done" for d in s.deps)
 
     ids = {s.id: s for s in steps}
-    restore = _stop_on_sigterm()
+    restore = _stop_on_signals()
     try:
         while True:
             for s in todo:
@@ -495,9 +495,11 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
     return res
 
 
-def _stop_on_sigterm() -> Callable[[], None]:
-    """SIGTERM (a scheduler's or `timeout`'s stop) ends the study as Ctrl-C does: the steps
-    running in their own sessions are told to stop and save, rather than left running alone."""
+def _stop_on_signals() -> Callable[[], None]:
+    """Ctrl-C and SIGTERM (a scheduler's or `timeout`'s stop) end the study: the steps running in
+    their own sessions are told to stop and save, rather than left running alone. SIGINT is
+    handled explicitly too, since a study started in the background of a script inherits SIGINT
+    ignored and would otherwise never stop on it."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -506,8 +508,13 @@ def _stop_on_sigterm() -> Callable[[], None]:
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, old)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    return restore
 
 
 def _last_line(log: Path) -> str:
