@@ -6,10 +6,13 @@ bare step   : the same UNet2DModel (built by xraygan's config), ready-made tenso
 train       : `train_diffusion` itself for --steps steps on the real sample's pneumonia images,
               default options (EMA, log rows, the end-of-run grid and checkpoint included).
 bare DDIM   : the diffusers DDIMScheduler loop over the U-Net for --sample-images images, fp32 (as
-              generate samples, so the same seed gives the same images on every machine).
+              generate samples, so the same seed gives the same images on every machine), in
+              generate's batches (64 on the CPU, 256 elsewhere); on the CPU also at batch 256.
 generate    : `generate` on the trained checkpoint, --sampling-steps DDIM steps, PNGs written.
+--also W:L  : the bare step and DDIM loop of another U-Net shape (width W, L blocks per level) in the
+              same run, e.g. 32:2 (the default before the size-based one), to show what the size-based default buys.
 
-    python benchmarks/bench_diffusion.py --size 32 --steps 40 --sample-images 256
+    python benchmarks/bench_diffusion.py --size 32 --steps 40 --sample-images 256 --also 32:2
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from xraygan.diffusion import DiffusionNetConfig, TrainDiffusionConfig, alphas_cumprod, build_unet, sample
+from xraygan.diffusion import (
+    DEFAULT_SHAPE,
+    DiffusionNetConfig,
+    TrainDiffusionConfig,
+    alphas_cumprod,
+    build_unet,
+    sample,
+)
 from xraygan.generate import GenerateConfig, generate
 from xraygan.runtime import autocast, autocast_dtype, resolve_device
 
@@ -54,11 +64,12 @@ def bare_train_rate(net: DiffusionNetConfig, batch: int, steps: int, device, amp
     return batch * steps / (time.perf_counter() - t0)
 
 
-def bare_ddim_rate(net: DiffusionNetConfig, n: int, steps: int, device, amp) -> float:
+def bare_ddim_rate(net: DiffusionNetConfig, n: int, steps: int, device, amp, batch: int = 64) -> float:
     unet = build_unet(net).to(device)
     noise = torch.randn(n, 1, net.image_size, net.image_size, device=device)
     t0 = time.perf_counter()
-    sample(unet, net, noise, None, "ddim", steps, amp=amp)
+    for b in range(0, n, batch):
+        sample(unet, net, noise[b:b + batch], None, "ddim", steps, amp=amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
@@ -73,10 +84,12 @@ def main() -> None:
     ap.add_argument("--sampling-steps", type=int, default=50)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--also", default=None, metavar="W:L", help="another U-Net shape to time bare")
     a = ap.parse_args()
     device = resolve_device(a.device)
     amp = autocast_dtype(device, a.precision)
-    net = DiffusionNetConfig(image_size=a.size)
+    width, layers = DEFAULT_SHAPE[a.size]
+    net = DiffusionNetConfig(image_size=a.size, width=width, layers_per_block=layers)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-m", "xraygan", "prepare", "--sample", "--size", str(a.size),
@@ -86,20 +99,36 @@ def main() -> None:
         bare = bare_train_rate(net, a.batch, a.steps, device, amp)
         res = train_diffusion(TrainDiffusionConfig(data=data / "train", out=Path(tmp) / "run", steps=a.steps,
                                                    batch_size=a.batch, device=a.device, precision=a.precision))
-        ddim = bare_ddim_rate(net, a.sample_images, a.sampling_steps, device, None)  # generate samples in fp32
+        # generate samples in fp32, in batches of 64 on the CPU (256 elsewhere)
+        gen_batch = 64 if device.type == "cpu" else 256
+        ddim = bare_ddim_rate(net, a.sample_images, a.sampling_steps, device, None, gen_batch)
+        ddim256 = bare_ddim_rate(net, 256, a.sampling_steps, device, None, 256) if device.type == "cpu" else None
         t0 = time.perf_counter()
         generate(GenerateConfig(checkpoint=Path(tmp) / "run" / "diffusion.safetensors", out=Path(tmp) / "syn",
                                 n=a.sample_images, sampling_steps=a.sampling_steps, device=a.device))
         gen = a.sample_images / (time.perf_counter() - t0)
+        if a.also:
+            w, L = (int(v) for v in a.also.split(":"))
+            other = DiffusionNetConfig(image_size=a.size, width=w, layers_per_block=L)
+            other_bare = bare_train_rate(other, a.batch, a.steps, device, amp)
+            other_ddim = bare_ddim_rate(other, a.sample_images, a.sampling_steps, device, None)
     params = sum(p.numel() for p in build_unet(net).parameters())
-    print(f"{a.size} px, batch {a.batch}, {device}, {amp or 'fp32'}; U-Net {params:,} parameters")
+    print(f"{a.size} px, batch {a.batch}, {device}, {amp or 'fp32'}; default U-Net: width {width}, "
+          f"{layers} block(s) per level, {params:,} parameters")
     print(f"training : bare step {bare:.1f} img/s; train-diffusion {res['images_per_s']:.1f} img/s "
           f"({res['images_per_s'] / bare:.2f}x; {a.steps} steps, grid and checkpoint included)")
     print(f"sampling : bare DDIM loop {ddim:.1f} img/s; generate {gen:.1f} img/s ({gen / ddim:.2f}x; "
           f"{a.sampling_steps} DDIM steps, PNGs written)")
+    if ddim256:
+        print(f"sampling batch: the bare loop at batch {gen_batch} {ddim:.1f} img/s, at 256 {ddim256:.1f} img/s")
     step_s = a.batch / res["images_per_s"]
     print(f"projection: {step_s:.2f} s per step -> {1800 / step_s:.0f} steps in 30 min; "
           f"805 images in {805 / gen:.0f} s")
+    if a.also:
+        p2 = sum(p.numel() for p in build_unet(other).parameters())
+        print(f"U-Net {a.also} ({p2:,} parameters), bare: step {other_bare:.1f} img/s (default "
+              f"{bare / other_bare:.1f}x faster), DDIM {other_ddim:.1f} img/s (default {ddim / other_ddim:.1f}x "
+              f"faster)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Figures and tables for docs/RESULTS.md from a finished `xraygan study` folder.
 
-    python examples/figures.py DATA STUDY docs/figures
+    python examples/figures.py DATA STUDY docs/figures [--audit NAME=AUDIT_DIR ...]
 
 Writes (small PNGs, to keep the repository small):
-  samples.png   real pneumonia training images beside each GAN's synthetic ones
+  samples.png   real pneumonia training images beside each generator's synthetic ones
   gradcam.png   Grad-CAMs of every row's seed-0 classifier on the same test images
-and prints Markdown tables: the audit figures per GAN, and wall time per stage.
+and prints Markdown tables: the audit figures per generator (the study's GAN and diffusion rows,
+plus any --audit folder made outside the study), and wall time per stage.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from xraygan.classifier import load_classifier, to_input  # noqa: E402
 from xraygan.gradcam import GradCam, resolve_layer, upsample  # noqa: E402
 from xraygan.images import read_image_folder  # noqa: E402
 
-GANS = ("dcgan", "cdcgan_a0.25", "cdcgan_a0.5", "cdcgan_a0.75")
+GENERATORS = ("dcgan", "cdcgan_a0.25", "cdcgan_a0.5", "cdcgan_a0.75", "ddpm", "cddpm")
 
 
 def save_small(fig, path: Path, dpi: int) -> None:
@@ -47,7 +48,7 @@ def save_small(fig, path: Path, dpi: int) -> None:
 def samples_figure(data: Path, study: Path, out: Path, n: int = 12) -> None:
     rng = np.random.default_rng(0)
     rows = [("real pneumonia (train)", read_image_folder(data / "train", only=("pneumonia",)))]
-    rows += [(g, read_image_folder(study / "synth" / g)) for g in GANS if (study / "synth" / g).is_dir()]
+    rows += [(g, read_image_folder(study / "synth" / g)) for g in GENERATORS if (study / "synth" / g).is_dir()]
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.75, len(rows) * 0.85), squeeze=False)
     for r, (name, folder) in enumerate(rows):
         pick = rng.choice(len(folder.images), n, replace=False)
@@ -89,7 +90,7 @@ def gradcam_figure(data: Path, study: Path, out: Path, per_class: int = 3) -> No
 
 
 ORDER = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcgan_a0.25",
-         "cdcgan_a0.5", "cdcgan_a0.75", "smote", "augment")
+         "cdcgan_a0.5", "cdcgan_a0.75", "ddpm", "cddpm", "smote", "augment")
 
 
 def _row_order(name: str) -> int:
@@ -97,18 +98,20 @@ def _row_order(name: str) -> int:
     return ORDER.index(base) if base in ORDER else len(ORDER)
 
 
-def audit_table(study: Path) -> str:
-    lines = ["| GAN | space | FD | KID | precision | recall | density | coverage | near-copies flagged |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for g in GANS:
-        f = study / "audit" / g / "audit.json"
+def audit_table(study: Path, extra: dict[str, Path]) -> str:
+    lines = ["| generator | space | FD | KID ± std | precision | recall | density | coverage | real-vs-synthetic "
+             "AUC | near-copies flagged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    folders = {g: study / "audit" / g for g in GENERATORS} | extra
+    for g, folder in folders.items():
+        f = folder / "audit.json"
         if not f.is_file():
             continue
         d = json.loads(f.read_text())["classes"]["pneumonia"]
         for s, v in d["spaces"].items():
-            lines.append(f"| {g} | {s} | {v['fd']:.4g} | {v['kid']:.4g} | {v['precision']:.3f} | "
+            kid = f"{v['kid']:.4g} ± {v['kid_std']:.2g}" if v.get("kid_std") is not None else f"{v['kid']:.4g}"
+            lines.append(f"| {g} | {s} | {v['fd']:.4g} | {kid} | {v['precision']:.3f} | "
                          f"{v['recall']:.3f} | {v['density']:.3f} | {v['coverage']:.3f} | "
-                         f"{d['memorisation']['flagged']} of {d['synthetic']} |")
+                         f"{v['real_vs_synthetic_auc']:.3f} | {d['memorisation']['flagged']} of {d['synthetic']} |")
     return "\n".join(lines)
 
 
@@ -131,11 +134,19 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("study", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--audit", action="append", default=[], metavar="NAME=AUDIT_DIR",
+                    help="an audit made outside the study, added to the audit table")
     args = ap.parse_args()
+    extra = {}
+    for item in args.audit:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            ap.error(f"--audit {item}: give NAME=AUDIT_DIR")
+        extra[name] = Path(folder)
     args.out.mkdir(parents=True, exist_ok=True)
     samples_figure(args.data, args.study, args.out)
     gradcam_figure(args.data, args.study, args.out)
-    print("## audit\n\n" + audit_table(args.study) + "\n\n## wall time per stage\n\n" + times_table(args.study))
+    print("## audit\n\n" + audit_table(args.study, extra) + "\n\n## wall time per stage\n\n" + times_table(args.study))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ from conftest import make_folder
 
 from xraygan.checkpoint import load_checkpoint
 from xraygan.diffusion import (
+    DEFAULT_SHAPE,
     DiffusionNetConfig,
     TrainDiffusionConfig,
     alphas_cumprod,
+    build_unet,
     cosine_alpha_bar,
     sample,
     train_diffusion,
@@ -37,25 +39,27 @@ def test_schedule_is_the_cosine_closed_form():
 
 
 class Oracle(torch.nn.Module):
-    """A 'network' that knows the planted image x0, so its noise prediction is exact."""
+    """A 'network' that knows the planted image x0, so its prediction (ε or v) is exact."""
 
-    def __init__(self, x0: torch.Tensor, abar: torch.Tensor):
+    def __init__(self, x0: torch.Tensor, abar: torch.Tensor, prediction: str = "epsilon"):
         super().__init__()
-        self.x0, self.abar = x0, abar
+        self.x0, self.abar, self.prediction = x0, abar, prediction
 
     def forward(self, x, t, class_labels=None):
         a = self.abar[t].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
-        return type("Out", (), {"sample": eps})()
+        out = eps if self.prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.x0
+        return type("Out", (), {"sample": out})()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_sampling_recovers_a_planted_signal(sampler):
-    net = DiffusionNetConfig(image_size=16, timesteps=100)
+@pytest.mark.parametrize("sampler,prediction", [("ddim", "epsilon"), ("ddpm", "epsilon"),
+                                                ("ddim", "v_prediction"), ("ddpm", "v_prediction")])
+def test_sampling_recovers_a_planted_signal(sampler, prediction):
+    net = DiffusionNetConfig(image_size=16, timesteps=100, prediction=prediction)
     x0 = torch.linspace(-0.8, 0.8, 16 * 16).view(1, 1, 16, 16).repeat(2, 1, 1, 1)
     noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    out = sample(Oracle(x0, alphas_cumprod(net)), net, noise, None, sampler, steps=10, generators=gens)
+    out = sample(Oracle(x0, alphas_cumprod(net), prediction), net, noise, None, sampler, steps=10, generators=gens)
     assert (out - x0).abs().max() < 0.05 < (noise - x0).abs().max()
 
 
@@ -120,3 +124,20 @@ def test_generation_is_deterministic_and_conditional(demo_data, tmp_path):
     assert make("d", guidance=0.0) != a  # guidance changes the images
     assert make("e", label="normal") != a
     assert make("f", sampler="ddpm", batch_size=1) == make("g", sampler="ddpm", batch_size=3)
+
+
+def test_the_default_unet_is_sized_by_image_size_and_predicts_v(tmp_path, rng):
+    """Up to 32 px the CPU-sized U-Net (16 channels, one block per level); options override it."""
+    make_folder(tmp_path / "d", {"normal": 12, "pneumonia": 8}, 16, rng)
+    common = dict(data=tmp_path / "d", steps=1, batch_size=4, sample_every=1000, sample_steps=2, device="cpu",
+                  precision="fp32")
+    res = train_diffusion(TrainDiffusionConfig(out=tmp_path / "auto", **common))
+    net = json.loads((tmp_path / "auto" / "config.json").read_text())["net"]
+    assert (net["width"], net["layers_per_block"]) == DEFAULT_SHAPE[16] == (16, 1)
+    assert net["prediction"] == "v_prediction"
+    assert res["parameters"] == sum(p.numel() for p in build_unet(DiffusionNetConfig(**net)).parameters())
+    train_diffusion(TrainDiffusionConfig(out=tmp_path / "set", width=8, layers_per_block=2, prediction="eps",
+                                         **common))
+    net = json.loads((tmp_path / "set" / "config.json").read_text())["net"]
+    assert (net["width"], net["layers_per_block"], net["prediction"]) == (8, 2, "epsilon")
+    assert DEFAULT_SHAPE[64] == (32, 2)  # above 32 px, where a GPU is the expected machine: the wider net

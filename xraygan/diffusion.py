@@ -60,7 +60,15 @@ Progress = Callable[..., None]
 SIZES = (16, 32, 64, 128)
 # channel multipliers per resolution level, down to 8×8 (attention only at the lowest level)
 LEVELS = {16: (1, 2), 32: (1, 2, 4), 64: (1, 2, 4, 4), 128: (1, 2, 2, 4, 4)}
+# default (width, layers per block) by image size. At ≤ 32 px the U-Net is sized for two CPU cores:
+# 16/32/64 channels with one block per level (0.69 M parameters) trains ~4,000 steps in 30 min and
+# samples 805 images with 50 DDIM steps in ~1.5 min there; 32 channels with two blocks (3.9 M) was
+# 4.6x slower to train and 4.9x slower to sample (benchmarks/bench_diffusion.py). Larger images,
+# where a GPU is the expected machine, keep the wider net.
+DEFAULT_SHAPE = {16: (16, 1), 32: (16, 1), 64: (32, 2), 128: (32, 2)}
 SAMPLERS = ("ddim", "ddpm")
+# what the U-Net predicts: the noise ε (Ho et al.) or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022)
+PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}  # option value -> diffusers' prediction_type
 LOG_FIELDS = ("step", "epoch", "loss", "seconds")
 
 
@@ -72,6 +80,7 @@ class DiffusionNetConfig:
     num_classes: int = 0  # 0: unconditional; else labels 0..n-1, and n means "no label" (guidance)
     timesteps: int = 1000
     schedule: str = "squaredcos_cap_v2"  # diffusers' name for the cosine schedule
+    prediction: str = "epsilon"  # diffusers' prediction_type (checkpoints before this field: epsilon)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,9 +113,10 @@ def cosine_alpha_bar(t: torch.Tensor, T: int, s: float = 0.008) -> torch.Tensor:
     return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
 
 
-def predict_noise(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
-                  null: int, guidance: float, amp: torch.dtype | None) -> torch.Tensor:
-    """ε̂(x_t, t); with labels and guidance w > 0, (1 + w)·ε̂(x, label) − w·ε̂(x, no label)."""
+def predict(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+            null: int, guidance: float, amp: torch.dtype | None) -> torch.Tensor:
+    """The U-Net's output (ε̂ or v̂) at (x_t, t); with labels and guidance w > 0,
+    (1 + w)·out(x, label) − w·out(x, no label), which is linear, so the same for either target."""
     with autocast(x.device, amp):
         if labels is None:
             return unet(x, t).sample.float()
@@ -131,19 +141,21 @@ def sample(unet: nn.Module, net: DiffusionNetConfig, noise: torch.Tensor, labels
     unet.eval()
     try:
         if sampler == "ddim":
-            sched = DDIMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True)
+            sched = DDIMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True,
+                                  prediction_type=net.prediction)
             sched.set_timesteps(steps)
         else:
-            sched = DDPMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True)
+            sched = DDPMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True,
+                                  prediction_type=net.prediction)
             sched.set_timesteps(net.timesteps)
         x = noise
         for t in sched.timesteps:
             tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-            eps = predict_noise(unet, x, tt, labels, net.num_classes, guidance, amp)
+            out = predict(unet, x, tt, labels, net.num_classes, guidance, amp)
             if sampler == "ddim":
-                x = sched.step(eps, int(t), x, eta=0.0).prev_sample
+                x = sched.step(out, int(t), x, eta=0.0).prev_sample
             else:
-                x = sched.step(eps, int(t), x, generator=generators).prev_sample
+                x = sched.step(out, int(t), x, generator=generators).prev_sample
         return x.clamp(-1, 1)
     finally:
         unet.train(was)
@@ -172,12 +184,13 @@ class TrainDiffusionConfig:
     out: Path
     conditional: bool = False
     cls: str | None = None  # unconditional: the class to learn (default: the minority)
-    steps: int = 10000
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 2e-4
-    width: int = 32
-    layers_per_block: int = 2
+    width: int | None = None  # None: DEFAULT_SHAPE for the image size
+    layers_per_block: int | None = None
     timesteps: int = 1000
+    prediction: str = "v"  # "eps" or "v" (PREDICTIONS)
     p_uncond: float = 0.1  # conditional: share of training labels dropped, so the model also learns "no label"
     ema: float = 0.999
     seed: int = 0
@@ -198,11 +211,14 @@ class TrainDiffusionConfig:
         check_int("--steps", self.steps)
         check_int("--batch-size", self.batch_size, 2)
         check_float("--lr", self.lr, 0.0, 1.0)
-        check_int("--width", self.width, 4)
-        if self.width % 4:
-            raise InputError(f"--width {self.width}: must be a multiple of 4")
-        check_int("--layers-per-block", self.layers_per_block)
+        if self.width is not None:
+            check_int("--width", self.width, 4)
+            if self.width % 4:
+                raise InputError(f"--width {self.width}: must be a multiple of 4")
+        if self.layers_per_block is not None:
+            check_int("--layers-per-block", self.layers_per_block)
         check_int("--timesteps", self.timesteps, 10)
+        check_choice("--prediction", self.prediction, tuple(PREDICTIONS))
         check_float("--p-uncond", self.p_uncond, 0.0, 1.0, low_open=False, high_open=True)
         check_float("--ema", self.ema, 0.0, 1.0, low_open=False, high_open=True)
         check_int("--save-every", self.save_every)
@@ -215,7 +231,8 @@ class TrainDiffusionConfig:
         check_out_apart(self.out, data=self.data)
 
 
-RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_block", "timesteps", "p_uncond",
+RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_block", "timesteps", "prediction",
+               "p_uncond",
                "ema", "seed")
 
 
@@ -234,8 +251,11 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
         raise InputError(f"{cfg.data}: images are {data.size} px; the diffusion models support "
                          f"{', '.join(map(str, SIZES))} px")
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
-    net = DiffusionNetConfig(image_size=data.size, width=cfg.width, layers_per_block=cfg.layers_per_block,
-                             num_classes=len(classes) if cfg.conditional else 0, timesteps=cfg.timesteps)
+    width, layers = DEFAULT_SHAPE[data.size]
+    net = DiffusionNetConfig(image_size=data.size, width=cfg.width or width,
+                             layers_per_block=cfg.layers_per_block or layers,
+                             num_classes=len(classes) if cfg.conditional else 0, timesteps=cfg.timesteps,
+                             prediction=PREDICTIONS[cfg.prediction])
     torch.manual_seed(cfg.seed)
     unet = build_unet(net).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.ema > 0 else None
@@ -353,7 +373,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
                     labels = torch.where(drop.to(device), torch.full_like(y_all[idx], net.num_classes), y_all[idx])
                 with autocast(device, amp):
                     out = unet(xt, tt, class_labels=labels).sample if labels is not None else unet(xt, tt).sample
-                loss = F.mse_loss(out.float(), noise)
+                target = noise if net.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+                loss = F.mse_loss(out.float(), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

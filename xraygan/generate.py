@@ -28,6 +28,9 @@ from xraygan.gan_models import GanNetConfig, Generator
 from xraygan.images import save_png
 from xraygan.runtime import DEVICES, make_generator, resolve_device
 
+# a diffusion U-Net's activations at batch 256 overflow the CPU caches: batches of 64 sample faster
+# (benchmarks/bench_diffusion.py prints both)
+DIFFUSION_CPU_BATCH = 64
 NAME_RE = re.compile(r"^synthetic-(?P<run>.+)-(?P<idx>\d{6,})\.png$")
 
 
@@ -38,7 +41,7 @@ class GenerateConfig:
     n: int
     label: str | None = None
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 256, or DIFFUSION_CPU_BATCH for a diffusion model on the CPU
     device: str = "auto"
     preview: bool = False
     append: bool = False
@@ -194,7 +197,8 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     interrupted generate is never mistaken for a complete one, and --force (which removes only
     the files the record lists) can always clean up."""
     check_int("-n", cfg.n)
-    check_int("--batch-size", cfg.batch_size)
+    if cfg.batch_size is not None:
+        check_int("--batch-size", cfg.batch_size)
     check_choice("--device", cfg.device, DEVICES)
     check_choice("--sampler", cfg.sampler, ("ddim", "ddpm"))
     check_int("--sampling-steps", cfg.sampling_steps)
@@ -206,6 +210,8 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     rec = read_record(out)
     device = resolve_device(cfg.device)
     meta, make, how = load_sampler(cfg, device)
+    batch = cfg.batch_size or (DIFFUSION_CPU_BATCH if how["family"] == "diffusion" and device.type == "cpu"
+                               else 256)
     classes = meta["classes"]
     label = (cfg.label or meta["default_label"]).lower()
     if label not in classes:
@@ -235,8 +241,8 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     preview = []
     try:
         with torch.no_grad():
-            for b in range(0, cfg.n, cfg.batch_size):
-                k = min(cfg.batch_size, cfg.n - b)
+            for b in range(0, cfg.n, batch):
+                k = min(batch, cfg.n - b)
                 x = make(start + b, k, label_idx)
                 imgs = ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
                 for i, a in enumerate(imgs):

@@ -69,7 +69,7 @@ class StudyConfig:
     clf_epochs: int = 20
     patience: int = 5
     small_stem: str = "auto"
-    diffusion_steps: int = 10000
+    diffusion_steps: int = 4000
     audit: bool = True
     device: str = "auto"
     jobs: int | None = None  # None: default_jobs
