@@ -99,8 +99,8 @@ def _row_order(name: str) -> int:
 
 
 def audit_table(study: Path, extra: dict[str, Path]) -> str:
-    lines = ["| generator | space | FD | KID ± std | precision | recall | density | coverage | real-vs-synthetic "
-             "AUC | near-copies flagged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| generator | space | FD | of which mean | spread | KID ± std | precision | recall | density | "
+             "coverage | real-vs-synthetic AUC | near-copies flagged |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     folders = {g: study / "audit" / g for g in GENERATORS} | extra
     for g, folder in folders.items():
         f = folder / "audit.json"
@@ -109,7 +109,8 @@ def audit_table(study: Path, extra: dict[str, Path]) -> str:
         d = json.loads(f.read_text())["classes"]["pneumonia"]
         for s, v in d["spaces"].items():
             kid = f"{v['kid']:.4g} ± {v['kid_std']:.2g}" if v.get("kid_std") is not None else f"{v['kid']:.4g}"
-            lines.append(f"| {g} | {s} | {v['fd']:.4g} | {kid} | {v['precision']:.3f} | "
+            parts = " | ".join(f"{v[k]:.3g}" if v.get(k) is not None else "n/a" for k in ("fd_mean_term", "spread_ratio"))
+            lines.append(f"| {g} | {s} | {v['fd']:.4g} | {parts} | {kid} | {v['precision']:.3f} | "
                          f"{v['recall']:.3f} | {v['density']:.3f} | {v['coverage']:.3f} | "
                          f"{v['real_vs_synthetic_auc']:.3f} | {d['memorisation']['flagged']} of {d['synthetic']} |")
     return "\n".join(lines)

@@ -6,7 +6,16 @@ import pytest
 import torch
 from conftest import xray_like
 
-from xraygan.audit import AuditConfig, audit, frechet_distance, kid, nearest_correlation, prdc, score_review
+from xraygan.audit import (
+    AuditConfig,
+    audit,
+    fd_parts,
+    frechet_distance,
+    kid,
+    nearest_correlation,
+    prdc,
+    score_review,
+)
 from xraygan.checkpoint import save_checkpoint
 from xraygan.errors import InputError
 from xraygan.images import save_png
@@ -19,6 +28,12 @@ def test_frechet_distance_matches_closed_form():
     # N(0, I) vs N(m, 4I) in 3 dims: |m|² + 3 * (1 + 4 - 2 * 2) = |m|² + 3
     b = rng.normal(0, 2, (20000, 3)) + np.array([1.0, 2.0, 0.0])
     assert frechet_distance(a, b) == pytest.approx(5 + 3, rel=0.05)
+    # of those 8: the mean term |m|² = 5, and b is 4x as spread as a
+    mean_term, spread = fd_parts(a, b)
+    assert mean_term == pytest.approx(5, rel=0.02) and spread == pytest.approx(4, rel=0.05)
+    c = a - a.mean(0)
+    mean_term, spread = fd_parts(c, 0.5 * c)  # a narrower set in the same place: no mean term
+    assert mean_term == pytest.approx(0, abs=1e-9) and spread == pytest.approx(0.25)
 
 
 def test_kid_and_prdc_separate_same_from_different():

@@ -97,6 +97,18 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * tr)
 
 
+def fd_parts(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    """What FD is made of: the mean term ||μr − μf||² (its share of FD says whether the sets are
+    displaced or differently spread) and the spread ratio Tr Σf / Tr Σr (below 1: less varied
+    than the real set, e.g. a collapsing generator; above 1: more)."""
+    r, f = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if len(r) < 2 or len(f) < 2:
+        return float("nan"), float("nan")
+    mu = r.mean(0) - f.mean(0)
+    tr_r = float(np.var(r, axis=0, ddof=1).sum())
+    return float(mu @ mu), float(np.var(f, axis=0, ddof=1).sum()) / tr_r if tr_r > 0 else float("nan")
+
+
 def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, rng: np.random.Generator
         ) -> tuple[float, float]:
     """Unbiased MMD² with k(x, y) = (x·y / d + 1)³, mean and std over random subsets.
@@ -451,7 +463,9 @@ def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
                            **space_feats}
         for name, (fr, fs) in space_feats.items():
             k_mean, k_std = kid(fr, fs, cfg.kid_subsets, cfg.kid_subset_size, rng)
+            mean_term, spread = fd_parts(fr, fs)
             spaces[name] = {"dims": int(fr.shape[1]), "fd": _r(frechet_distance(fr, fs)),
+                            "fd_mean_term": _r(mean_term), "spread_ratio": _r(spread),
                             "kid": _r(k_mean), "kid_std": _r(k_std),
                             **{k: _r(v) for k, v in prdc(fr, fs, cfg.k).items()},
                             # a GAN's artefacts are a source too: can a linear model spot them?
@@ -697,10 +711,11 @@ def audit_markdown(rec: dict, plots: dict) -> str:
     for c, d in rec["classes"].items():
         m = d["memorisation"]
         lines += [f"## {c}: {d['real']} real, {d['synthetic']} synthetic", "",
-                  "| space | dims | FD | KID | precision | recall | density | coverage |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| space | dims | FD | of which mean | spread | KID | precision | recall | density | coverage |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for s, v in d["spaces"].items():
-            lines.append(f"| {s} | {v['dims']} | {_f(v['fd'])} | {_f(v['kid'])} ± {_f(v['kid_std'])} | "
+            lines.append(f"| {s} | {v['dims']} | {_f(v['fd'])} | {_f(v.get('fd_mean_term'))} | "
+                         f"{_f(v.get('spread_ratio'))} | {_f(v['kid'])} ± {_f(v['kid_std'])} | "
                          f"{_f(v['precision'])} | {_f(v['recall'])} | {_f(v['density'])} | {_f(v['coverage'])} |")
         nr, rr = m["nearest_real_correlation"], m["real_to_real_correlation"]
         lines += ["", f"Memorisation: median correlation of a synthetic image with its nearest training "
@@ -717,6 +732,10 @@ def audit_markdown(rec: dict, plots: dict) -> str:
     lines += ["## Caveats", "",
               "- FD is biased upwards for small sets and depends on the feature space: compare figures "
               "only between audits with the same real folder, space and similar set sizes.",
+              "- FD = mean term + covariance term. \"Of which mean\" is ||μ_real − μ_synthetic||²: a large "
+              "share means the synthetic set is displaced (e.g. more extreme along what the classifier "
+              "sees) rather than too narrow; \"spread\" is Tr Σ_synthetic / Tr Σ_real, below 1 for a set "
+              "less varied than the real one.",
               "- The classifier space sees what a classifier trained on these classes finds useful; it can "
               "miss defects that do not affect the diagnosis. The PCA space sees global intensity structure, "
               "not fine texture. Neither replaces a radiologist's review.",

@@ -61,9 +61,9 @@ SIZES = (16, 32, 64, 128)
 # channel multipliers per resolution level, down to 8×8 (attention only at the lowest level)
 LEVELS = {16: (1, 2), 32: (1, 2, 4), 64: (1, 2, 4, 4), 128: (1, 2, 2, 4, 4)}
 # default (width, layers per block) by image size. At ≤ 32 px the U-Net is sized for two CPU cores:
-# 16/32/64 channels with one block per level (0.69 M parameters) trains ~4,000 steps in 30 min and
-# samples 805 images with 50 DDIM steps in ~1.5 min there; 32 channels with two blocks (3.9 M) was
-# 4.6x slower to train and 4.9x slower to sample (benchmarks/bench_diffusion.py). Larger images,
+# 16/32/64 channels with one block per level (0.69 M parameters) trained 4,000 steps in 26 min and
+# sampled 805 images with 50 DDIM steps in 108 s there; 32 channels with two blocks (3.9 M) was
+# 3.9x slower to train and 4.0x slower to sample (benchmarks/bench_diffusion.py --also 32:2). Larger images,
 # where a GPU is the expected machine, keep the wider net.
 DEFAULT_SHAPE = {16: (16, 1), 32: (16, 1), 64: (32, 2), 128: (32, 2)}
 SAMPLERS = ("ddim", "ddpm")
