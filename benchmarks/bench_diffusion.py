@@ -2,7 +2,7 @@
 `generate`, on the same data, in one run.
 
 bare step   : the same UNet2DModel (built by xraygan's config), ready-made tensors on the device,
-              random timesteps and noise, MSE on the noise, AdamW; same precision as xraygan's.
+              random timesteps and noise, MSE on the default target (v), AdamW; same precision as xraygan's.
 train       : `train_diffusion` itself for --steps steps on the real sample's pneumonia images,
               default options (EMA, log rows, the end-of-run grid and checkpoint included).
 bare DDIM   : the diffusers DDIMScheduler loop over the U-Net for --sample-images images, fp32 (as
@@ -29,13 +29,14 @@ import torch.nn.functional as F
 
 from xraygan.diffusion import (
     DEFAULT_SHAPE,
+    PREDICTIONS,
     DiffusionNetConfig,
     TrainDiffusionConfig,
     alphas_cumprod,
     build_unet,
     sample,
 )
-from xraygan.generate import GenerateConfig, generate
+from xraygan.generate import GenerateConfig, default_batch, generate
 from xraygan.runtime import autocast, autocast_dtype, resolve_device
 
 
@@ -55,7 +56,8 @@ def bare_train_rate(net: DiffusionNetConfig, batch: int, steps: int, device, amp
         a = abar[t].view(-1, 1, 1, 1)
         with autocast(device, amp):
             out = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample
-        loss = F.mse_loss(out.float(), noise)
+        target = noise if net.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(out.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -64,7 +66,7 @@ def bare_train_rate(net: DiffusionNetConfig, batch: int, steps: int, device, amp
     return batch * steps / (time.perf_counter() - t0)
 
 
-def bare_ddim_rate(net: DiffusionNetConfig, n: int, steps: int, device, amp, batch: int = 64) -> float:
+def bare_ddim_rate(net: DiffusionNetConfig, n: int, steps: int, device, amp, batch: int) -> float:
     unet = build_unet(net).to(device)
     noise = torch.randn(n, 1, net.image_size, net.image_size, device=device)
     t0 = time.perf_counter()
@@ -89,7 +91,8 @@ def main() -> None:
     device = resolve_device(a.device)
     amp = autocast_dtype(device, a.precision)
     width, layers = DEFAULT_SHAPE[a.size]
-    net = DiffusionNetConfig(image_size=a.size, width=width, layers_per_block=layers)
+    net = DiffusionNetConfig(image_size=a.size, width=width, layers_per_block=layers,
+                             prediction=PREDICTIONS[TrainDiffusionConfig.prediction])
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-m", "xraygan", "prepare", "--sample", "--size", str(a.size),
@@ -99,8 +102,8 @@ def main() -> None:
         bare = bare_train_rate(net, a.batch, a.steps, device, amp)
         res = train_diffusion(TrainDiffusionConfig(data=data / "train", out=Path(tmp) / "run", steps=a.steps,
                                                    batch_size=a.batch, device=a.device, precision=a.precision))
-        # generate samples in fp32, in batches of 64 on the CPU (256 elsewhere)
-        gen_batch = 64 if device.type == "cpu" else 256
+        # generate samples in fp32, in its default batches
+        gen_batch = default_batch("diffusion", device)
         ddim = bare_ddim_rate(net, a.sample_images, a.sampling_steps, device, None, gen_batch)
         ddim256 = bare_ddim_rate(net, 256, a.sampling_steps, device, None, 256) if device.type == "cpu" else None
         t0 = time.perf_counter()
@@ -109,9 +112,9 @@ def main() -> None:
         gen = a.sample_images / (time.perf_counter() - t0)
         if a.also:
             w, L = (int(v) for v in a.also.split(":"))
-            other = DiffusionNetConfig(image_size=a.size, width=w, layers_per_block=L)
+            other = DiffusionNetConfig(image_size=a.size, width=w, layers_per_block=L, prediction=net.prediction)
             other_bare = bare_train_rate(other, a.batch, a.steps, device, amp)
-            other_ddim = bare_ddim_rate(other, a.sample_images, a.sampling_steps, device, None)
+            other_ddim = bare_ddim_rate(other, a.sample_images, a.sampling_steps, device, None, gen_batch)
     params = sum(p.numel() for p in build_unet(net).parameters())
     print(f"{a.size} px, batch {a.batch}, {device}, {amp or 'fp32'}; default U-Net: width {width}, "
           f"{layers} block(s) per level, {params:,} parameters")

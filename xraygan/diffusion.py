@@ -63,7 +63,7 @@ LEVELS = {16: (1, 2), 32: (1, 2, 4), 64: (1, 2, 4, 4), 128: (1, 2, 2, 4, 4)}
 # default (width, layers per block) by image size. At ≤ 32 px the U-Net is sized for two CPU cores:
 # 16/32/64 channels with one block per level (0.69 M parameters) trained 4,000 steps in 26 min and
 # sampled 805 images with 50 DDIM steps in 108 s there; 32 channels with two blocks (3.9 M) was
-# 3.9x slower to train and 4.0x slower to sample (benchmarks/bench_diffusion.py --also 32:2). Larger images,
+# 3.5x slower to train and 3.8x slower to sample (benchmarks/bench_diffusion.py --also 32:2). Larger images,
 # where a GPU is the expected machine, keep the wider net.
 DEFAULT_SHAPE = {16: (16, 1), 32: (16, 1), 64: (32, 2), 128: (32, 2)}
 SAMPLERS = ("ddim", "ddpm")
@@ -100,11 +100,19 @@ def build_unet(net: DiffusionNetConfig) -> nn.Module:
         num_class_embeds=net.num_classes + 1 if net.num_classes else None)
 
 
+def scheduler(net: DiffusionNetConfig, sampler: str = "ddpm"):
+    """The diffusers scheduler for this net's schedule and target: DDIM, or the DDPM chain.
+    Predicted images are clipped to [-1, 1] at each step, the range the net was trained on."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    return (DDIMScheduler if sampler == "ddim" else DDPMScheduler)(
+        num_train_timesteps=net.timesteps, beta_schedule=net.schedule, prediction_type=net.prediction,
+        clip_sample=True)
+
+
 def alphas_cumprod(net: DiffusionNetConfig) -> torch.Tensor:
     """ᾱ_t for t = 0..T-1, as the diffusers schedulers use them."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule).alphas_cumprod.float()
+    return scheduler(net).alphas_cumprod.float()
 
 
 def cosine_alpha_bar(t: torch.Tensor, T: int, s: float = 0.008) -> torch.Tensor:
@@ -135,19 +143,11 @@ def sample(unet: nn.Module, net: DiffusionNetConfig, noise: torch.Tensor, labels
     """Images in [-1, 1] from initial noise x_T. DDIM (η = 0) is a deterministic function of the
     noise; the DDPM chain draws fresh noise at each step from `generators` (one per image, so an
     image never depends on the batch it was made in)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
     was = unet.training
     unet.eval()
     try:
-        if sampler == "ddim":
-            sched = DDIMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True,
-                                  prediction_type=net.prediction)
-            sched.set_timesteps(steps)
-        else:
-            sched = DDPMScheduler(num_train_timesteps=net.timesteps, beta_schedule=net.schedule, clip_sample=True,
-                                  prediction_type=net.prediction)
-            sched.set_timesteps(net.timesteps)
+        sched = scheduler(net, sampler)
+        sched.set_timesteps(steps if sampler == "ddim" else net.timesteps)
         x = noise
         for t in sched.timesteps:
             tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
@@ -232,8 +232,7 @@ class TrainDiffusionConfig:
 
 
 RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_block", "timesteps", "prediction",
-               "p_uncond",
-               "ema", "seed")
+               "p_uncond", "ema", "seed")
 
 
 def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None) -> dict:
@@ -367,13 +366,14 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
                 in_step = True
                 x0 = x_all[idx]
                 a = abar[tt].view(-1, 1, 1, 1)
-                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                signal, spread = a.sqrt(), (1 - a).sqrt()
+                xt = signal * x0 + spread * noise
                 labels = None
                 if cfg.conditional:
                     labels = torch.where(drop.to(device), torch.full_like(y_all[idx], net.num_classes), y_all[idx])
                 with autocast(device, amp):
                     out = unet(xt, tt, class_labels=labels).sample if labels is not None else unet(xt, tt).sample
-                target = noise if net.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+                target = noise if net.prediction == "epsilon" else signal * noise - spread * x0
                 loss = F.mse_loss(out.float(), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

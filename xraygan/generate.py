@@ -51,6 +51,11 @@ class GenerateConfig:
     guidance: float = 1.0  # conditional diffusion: classifier-free guidance weight w (0 = none)
 
 
+def default_batch(family: str, device: torch.device) -> int:
+    """Images per batch when --batch-size is not given."""
+    return DIFFUSION_CPU_BATCH if family == "diffusion" and device.type == "cpu" else 256
+
+
 def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict]:
     tensors, meta = load_checkpoint(path, "generator")
     try:
@@ -210,8 +215,7 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     rec = read_record(out)
     device = resolve_device(cfg.device)
     meta, make, how = load_sampler(cfg, device)
-    batch = cfg.batch_size or (DIFFUSION_CPU_BATCH if how["family"] == "diffusion" and device.type == "cpu"
-                               else 256)
+    batch = cfg.batch_size or default_batch(how["family"], device)
     classes = meta["classes"]
     label = (cfg.label or meta["default_label"]).lower()
     if label not in classes:
