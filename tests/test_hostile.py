@@ -383,3 +383,70 @@ def test_records_of_xraygan_0_1_are_still_read(world, tmp_path):
     r = runner.invoke(app, ["generate", str(world["G"]), "-n", "1", "--out", str(out), "--force"])
     assert r.exit_code == 0, r.stderr
     assert [p.name for p in (out / "pneumonia").iterdir()] == ["synthetic-gan-000001.png"]
+
+
+class _FullDisk:
+    """A file object on a full disk: every write fails as the kernel would say it."""
+
+    def __init__(self, fd, *a, **k):
+        import os
+
+        os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_keeps_the_earlier_file_and_says_which(tmp_path, monkeypatch):
+    import xraygan.fsutil as fsutil
+    from xraygan.errors import WriteError
+
+    target = tmp_path / "metrics.json"
+    target.write_text("earlier\n")
+    monkeypatch.setattr(fsutil.os, "fdopen", _FullDisk)
+    with pytest.raises(WriteError) as e:
+        fsutil.atomic_write_text(target, "new\n")
+    assert str(e.value).startswith(f"{target}: could not write it (no space left on device)")
+    assert target.read_text() == "earlier\n" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_full_disk_is_one_error_line_not_an_internal_error(world, tmp_path, monkeypatch):
+    import xraygan.fsutil as fsutil
+
+    monkeypatch.setattr(fsutil.os, "fdopen", _FullDisk)
+    r = runner.invoke(app, ["evaluate", str(world["C"]), str(world["data"] / "test"),
+                            "--report", str(tmp_path / "r"), "--bootstrap", "0"])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("error:") and "no space left on device" in last, last
+    assert not any(tmp_path.iterdir()), sorted(tmp_path.rglob("*"))
+
+
+def test_refused_file_operation_is_the_users_to_fix(world, tmp_path, monkeypatch):
+    """An OSError the machine raises outside our own writers (here: a permission denied while
+    copying images) names the file, with no crash log."""
+    import errno
+
+    import xraygan.rebalance
+
+    def denied(src, dst, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+
+    def cross_device(src, dst, *a, **k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+
+    monkeypatch.setattr(xraygan.rebalance.os, "link", cross_device)
+    monkeypatch.setattr(xraygan.rebalance.shutil, "copyfile", denied)
+    r = runner.invoke(app, shlex.split(RB.format(tmp=tmp_path, **world)) + ["--method", "oversample"])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.exit_code == 1 and "please report" not in last, r.stderr
+    assert last.startswith("error:") and "permission denied" in last and str(tmp_path) in last, last
+    assert not any(tmp_path.iterdir()), sorted(tmp_path.rglob("*"))

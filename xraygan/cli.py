@@ -137,11 +137,26 @@ def _run(fn: Callable[..., T], *args, progress: bool = False, **kwargs) -> T:
                   highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except Exception as e:  # noqa: BLE001 - the promise: never a traceback on the terminal
+        if _machine_refused(e):
+            why = (e.strerror or type(e).__name__).lower()
+            err.print(f"[bold red]error:[/] {e.filename}: {why}; outputs are written whole or not at "
+                      "all, so nothing half-written was kept", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         log = _crash_log(e)
         what = str(e).splitlines()[0] if str(e) else ""
         err.print(f"[bold red]internal error:[/] {type(e).__name__}{': ' + what if what else ''} "
                   f"— please report; details in {log}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _machine_refused(e: BaseException) -> bool:
+    """A file operation the machine refused (disk full, quota, permissions, read-only): the
+    user's to fix, not a bug to report. Outputs are staged and renamed into place, so such a
+    failure leaves nothing half-written."""
+    import errno
+
+    return isinstance(e, OSError) and e.filename is not None and e.errno in (
+        errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _crash_log(e: BaseException) -> str:

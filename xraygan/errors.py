@@ -25,6 +25,13 @@ class TrainingError(XrayganError):
     exit_code = 1
 
 
+class WriteError(XrayganError):
+    """An output could not be written (disk full, no permission, read-only folder); the
+    previous version of the file, if any, is kept."""
+
+    exit_code = 1
+
+
 class Interrupted(XrayganError):
     """Ctrl-C: the message says what was kept and how to continue."""
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from xraygan.errors import InputError
+from xraygan.errors import InputError, WriteError
 
 
 def _umask() -> int:
@@ -26,17 +26,30 @@ FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hi
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
+
+
+def write_error(path: Path, e: OSError) -> WriteError:
+    """One line for a write the machine refused (a full disk is the common case: a classifier's
+    resume state is 180 MB): which file, why, and that nothing half-written was kept."""
+    why = (e.strerror or type(e).__name__).lower()
+    return WriteError(f"{path}: could not write it ({why}); nothing half-written was kept, "
+                      "and any earlier version of it is unchanged")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
