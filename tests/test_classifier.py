@@ -147,3 +147,31 @@ def test_resume_after_interrupt_matches_uninterrupted_run(split, tmp_path):
         train_classifier(TrainClassifierConfig(out=tmp_path / "b", resume=True, **{**kw, "lr": 0.1}))
     with pytest.raises(InputError, match="nothing to resume"):
         train_classifier(TrainClassifierConfig(out=tmp_path / "c", resume=True, **kw))
+
+
+@pytest.mark.parametrize("small_stem", [True, False])
+def test_own_resnet18_is_torchvisions_network_and_seeded_weights(small_stem):
+    """xraygan's ResNet-18 has torchvision's parameter names and shapes (its weights and old
+    checkpoints load), draws the same initial weights from a seed as the torchvision-based model
+    of earlier versions did, and computes the same outputs."""
+    from torchvision.models import resnet18
+
+    from xraygan.classifier import ClassifierNetConfig, build_resnet18
+
+    torch.manual_seed(7)
+    ref = resnet18(weights=None, num_classes=2)
+    if small_stem:
+        ref.conv1 = torch.nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        ref.maxpool = torch.nn.Identity()
+    else:
+        ref.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    torch.manual_seed(7)
+    own = build_resnet18(ClassifierNetConfig(num_classes=2, image_size=32, small_stem=small_stem))
+    a, b = ref.state_dict(), own.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(3, 1, 32, 32)
+    ref.train(), own.train()
+    assert torch.allclose(ref(x), own(x), atol=1e-5)
+    ref.eval(), own.eval()
+    assert torch.allclose(ref(x), own(x), atol=1e-5)

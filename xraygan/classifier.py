@@ -61,15 +61,9 @@ class ClassifierNetConfig:
 
 
 def build_resnet18(cfg: ClassifierNetConfig) -> nn.Module:
-    from torchvision.models import resnet18
+    from xraygan.resnet import ResNet18
 
-    m = resnet18(weights=None, num_classes=cfg.num_classes)
-    if cfg.small_stem:
-        m.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        m.maxpool = nn.Identity()
-    else:
-        m.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return m
+    return ResNet18(cfg.num_classes, cfg.small_stem)
 
 
 def load_pretrained(model: nn.Module, path: Path) -> list[str]:
