@@ -7,6 +7,11 @@ every process gets cores/N threads (torchrun sets OMP_NUM_THREADS=1; this sets i
 both sides use all the cores).
 
     python benchmarks/bench_distributed.py --size 32 --nproc 2 --gan-steps 120
+
+Two ways to scale: the same whole batch split N ways (`--batch-size B`: the run a single
+process would make), and each process with its own batch of B (`--batch-size N*B`: N times the
+images per step, as DDP's own examples count batches). Both are measured against one process
+at batch B.
 """
 
 from __future__ import annotations
@@ -47,24 +52,29 @@ def main() -> None:
         subprocess.run(py + ["xraygan", "prepare", "--sample", "--size", str(a.size), "--out", str(data)],
                        check=True, capture_output=True)
         rows = []
-        for procs, cmd in launch.items():
+        for procs, batch in ((1, a.batch_size), (a.nproc, a.batch_size), (a.nproc, a.batch_size * a.nproc)):
+            cmd = launch[procs]
             threads = max(1, cores // procs) if a.device == "cpu" else 1
-            gan = run(cmd + ["train-gan", str(data / "train"), "--out", f"{tmp}/gan{procs}", "--steps",
-                             str(a.gan_steps), "--batch-size", str(a.batch_size), "--device", a.device,
+            tag = f"{procs}-{batch}"
+            gan = run(cmd + ["train-gan", str(data / "train"), "--out", f"{tmp}/gan{tag}", "--steps",
+                             str(a.gan_steps), "--batch-size", str(batch), "--device", a.device,
                              "--json"], threads)
             clf = run(cmd + ["train-classifier", str(data / "train"), "--val", str(data / "val"), "--out",
-                             f"{tmp}/clf{procs}", "--epochs", str(a.clf_epochs), "--patience", "0",
-                             "--batch-size", str(a.batch_size), "--device", a.device, "--json"], threads)
-            rows.append((procs, threads, gan["images_per_s"], clf["images_per_s"]))
-    print(f"{a.size} px, batch {a.batch_size} (whole), {a.device}, {cores} cores; GAN {a.gan_steps} steps on "
-          f"the sample's pneumonia images, classifier {a.clf_epochs} epochs")
-    print("| processes | threads each | train-gan img/s | train-classifier img/s |")
-    print("|---|---|---|---|")
-    for procs, threads, g, c in rows:
-        print(f"| {procs} | {threads} | {g:.0f} | {c:.0f} |")
+                             f"{tmp}/clf{tag}", "--epochs", str(a.clf_epochs), "--patience", "0",
+                             "--batch-size", str(batch), "--device", a.device, "--json"], threads)
+            rows.append((procs, batch, threads, gan["images_per_s"], clf["images_per_s"]))
+    print(f"{a.size} px, {a.device}, {cores} cores; GAN {a.gan_steps} steps on the sample's pneumonia "
+          f"images, classifier {a.clf_epochs} epochs")
+    print("| processes | --batch-size (each process's share) | threads each | train-gan img/s | "
+          "train-classifier img/s |")
+    print("|---|---|---|---|---|")
+    for procs, batch, threads, g, c in rows:
+        print(f"| {procs} | {batch} ({batch // procs}) | {threads} | {g:.0f} | {c:.0f} |")
     base = rows[0]
-    for procs, _, g, c in rows[1:]:
-        print(f"{procs} processes / 1: train-gan {g / base[2]:.2f}x, train-classifier {c / base[3]:.2f}x")
+    for procs, batch, _, g, c in rows[1:]:
+        how = "same whole batch" if batch == a.batch_size else "a batch of %d each" % (batch // procs)
+        print(f"{procs} processes ({how}) / 1: train-gan {g / base[3]:.2f}x, "
+              f"train-classifier {c / base[4]:.2f}x")
 
 
 if __name__ == "__main__":

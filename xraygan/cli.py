@@ -329,7 +329,8 @@ def train_gan(
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 25,
     steps: Annotated[Optional[int], typer.Option(help="Total training steps (overrides --epochs).")] = None,
     batch_size: Annotated[int, typer.Option(
-        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N.")] = 64,
+        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N "
+             "(for a batch of B per process, as DDP examples count, give N×B).")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate (both networks).")] = 2e-4,
     nz: Annotated[int, typer.Option(help="Noise dimensions.")] = 100,
     width: Annotated[int, typer.Option(help="Filters of the widest-resolution layer (ngf = ndf).")] = 64,
@@ -538,7 +539,8 @@ def train_classifier(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = ...,
     epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 20,
     batch_size: Annotated[int, typer.Option(
-        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N.")] = 64,
+        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N "
+             "(for a batch of B per process, as DDP examples count, give N×B).")] = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
     class_weights: Annotated[str, typer.Option(
         help="'balanced' weighs the loss by n/(classes*count), the study's class-weights row; "
