@@ -197,6 +197,15 @@ CASES = [
     (DM.replace("--size 16", "--size 20"), 2, "--size 20"),
     (DM.replace("--count 40", "--count 0"), 2, "--count 0"),
     (DM.replace("{tmp}/d", "{parent}") + " --force", 2, "not an output of xraygan demo"),
+    # a name longer than the file system allows, as output and as input
+    (EV.replace("{tmp}/r", "{tmp}/" + "a" * 300), 1, "file name too long"),
+    (EV.replace("{data}/test", "{root}/" + "a" * 300), 1, "file name too long"),
+    # an output folder under a file: `--out results.csv/run`
+    *[(c.replace("{tmp}/", "{root}/afile/"), 2, "afile is a file, not a folder")
+      for c in (P, TG, TC, EV, GC, RB + " --method oversample", DM,
+                "generate {G} -n 2 --out {tmp}/s --device cpu",
+                "audit --real {data}/train --synthetic {synth} --out {tmp}/a --classifier none",
+                "study {data} --out {tmp}/st --rows baseline --seeds 0 --clf-epochs 1 --device cpu")],
 ]
 
 

@@ -150,13 +150,14 @@ def _run(fn: Callable[..., T], *args, progress: bool = False, **kwargs) -> T:
 
 
 def _machine_refused(e: BaseException) -> bool:
-    """A file operation the machine refused (disk full, quota, permissions, read-only): the
-    user's to fix, not a bug to report. Outputs are staged and renamed into place, so such a
-    failure leaves nothing half-written."""
+    """A file operation the machine refused (disk full, quota, permissions, read-only, a name
+    too long, a symlink loop): the user's to fix, not a bug to report. Outputs are staged and
+    renamed into place, so such a failure leaves nothing half-written."""
     import errno
 
     return isinstance(e, OSError) and e.filename is not None and e.errno in (
-        errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+        errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
+        errno.ELOOP)
 
 
 def _crash_log(e: BaseException) -> str:

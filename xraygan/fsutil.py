@@ -26,8 +26,8 @@ FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hi
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
+    make_dirs(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise write_error(path, e) from None
@@ -42,6 +42,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(e, OSError):
             raise write_error(path, e) from None
         raise
+
+
+def make_dirs(folder: Path) -> None:
+    """`mkdir -p` for an output folder, with one clear line when a file stands where a folder
+    must be (`--out results.csv/run`) instead of FileExistsError's traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise InputError(f"{folder}: cannot be made, {blocker} is a file, not a folder") from None
+    except OSError as e:
+        raise write_error(folder, e) from None
 
 
 def write_error(path: Path, e: OSError) -> WriteError:
@@ -166,7 +179,7 @@ def staged_dir(out: Path, force: bool = False, command: str | None = None) -> It
     """
     out = Path(out).absolute()
     check_output_free(out, force, command)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -22,7 +22,7 @@ import torch
 from xraygan import __version__
 from xraygan.checkpoint import load_checkpoint
 from xraygan.errors import InputError, check_choice, check_float, check_int
-from xraygan.fsutil import atomic_write_json, check_out_apart, read_json, record_header
+from xraygan.fsutil import atomic_write_json, check_out_apart, make_dirs, read_json, record_header
 from xraygan.gan import image_grid
 from xraygan.gan_models import GanNetConfig, Generator
 from xraygan.images import save_png
@@ -235,7 +235,7 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
             raise InputError(f"{out}: already holds {n_old} synthetic images from xraygan generate "
                              "(use --append to add more, or --force to replace them)")
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     for stale in out.glob(".generate.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
     stage = out / f".generate.partial-{os.getpid()}"

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from xraygan.errors import InputError, Interrupted, TrainingError
-from xraygan.fsutil import check_output_free, read_json, write_csv
+from xraygan.fsutil import check_output_free, make_dirs, read_json, write_csv
 
 
 def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...],
@@ -54,7 +54,7 @@ def start_run_folder(run: Path, resume: bool, force: bool) -> bool:
         os.replace(run, old)
         shutil.rmtree(old, ignore_errors=True)
     existed = run.is_dir()
-    run.mkdir(parents=True, exist_ok=True)
+    make_dirs(run)
     return not existed
 
 

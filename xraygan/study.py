@@ -24,7 +24,7 @@ from pathlib import Path
 
 from xraygan import __version__
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_int, require
-from xraygan.fsutil import atomic_write_json, check_out_apart, read_json, record_header, write_csv
+from xraygan.fsutil import atomic_write_json, check_out_apart, make_dirs, read_json, record_header, write_csv
 from xraygan.runtime import DEVICES
 
 ROWS = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcgan_a0.25", "cdcgan_a0.5",
@@ -362,7 +362,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
         jobs = cfg.jobs
     threads = max(1, cores // jobs)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     (out / "logs").mkdir(exist_ok=True)
     record = {**record_header("study"), "settings": cfg.settings(), **info,
               "rows": list(dict.fromkeys([*(earlier or {}).get("rows", []), *cfg.rows])),
