@@ -478,7 +478,8 @@ def generate(
     sampling_steps: Annotated[int, typer.Option(help="Diffusion models: DDIM steps.")] = 50,
     guidance: Annotated[float, typer.Option(
         help="Conditional diffusion models: classifier-free guidance weight w "
-             "((1+w)·ε(x, label) − w·ε(x); 0 = none).")] = 1.0,
+             "((1+w)·ε(x, label) − w·ε(x)). 0 = none, the conditional model alone: at w = 1 "
+             "its pneumonia images were caricatures of the class (README).")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Write N synthetic images from a GAN generator or a diffusion model into OUT/<label>/.

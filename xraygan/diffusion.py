@@ -335,7 +335,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
 
     def grid() -> None:
         x = sample(ema or unet, net, grid_noise, grid_labels, "ddim", cfg.sample_steps,
-                   guidance=1.0 if cfg.conditional else 0.0, amp=amp)
+                   guidance=0.0, amp=amp)
         save_png(run / "samples" / f"step_{step:07d}.png", image_grid(x, nrow=4))
 
     last_save = time.monotonic()

@@ -48,7 +48,9 @@ class GenerateConfig:
     force: bool = False
     sampler: str = "ddim"  # diffusion checkpoints: ddim (deterministic, --sampling-steps) or ddpm (full chain)
     sampling_steps: int = 50
-    guidance: float = 1.0  # conditional diffusion: classifier-free guidance weight w (0 = none)
+    # conditional diffusion: classifier-free guidance weight w. 0 = the conditional model alone: at 32 px
+    # w = 1 drew caricatures of pneumonia (classifier-space FD 525 vs 13; docs/RESULTS.md)
+    guidance: float = 0.0
 
 
 def default_batch(family: str, device: torch.device) -> int:

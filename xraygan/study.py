@@ -32,7 +32,7 @@ ROWS = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcg
 METHODS = {"baseline": "none", "class_weights": "none", "undersample": "undersample",
            "oversample": "oversample", "smote": "smote", "augment": "augment"}
 CDCGAN = re.compile(r"^cdcgan_a(?P<alpha>[0-9]*\.?[0-9]+)$")
-DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditional one with guidance
+DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditional one on all classes
 RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
