@@ -152,3 +152,17 @@ def test_diffusion_rows_in_the_plan(demo_data, tmp_path):
     gen = by["generate cddpm"]
     assert gen.deps == ["train-diffusion cddpm"] and gen.argv[1].endswith("cddpm/diffusion.safetensors")
     assert by["rebalance ddpm seed 0"].deps == ["generate ddpm"] and "audit ddpm" in by
+
+
+def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):
+    """Adding a generator row to a finished study: its training and then its generation have
+    nothing beside them, so they are found from the plan (not from timing) and get all cores."""
+    from xraygan.study import alone_steps
+
+    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("oversample", "ddpm"), seeds=(0, 1))
+    steps, _ = build_plan(cfg)
+    assert alone_steps(steps, {s.id for s in steps}) == set()  # the oversample row runs beside them
+    row = {s.id for s in steps if "ddpm" in s.id or s.inputs is not None}
+    assert alone_steps(steps, row) == {"train-diffusion ddpm", "generate ddpm"}
+    one_run = {"train-classifier oversample seed 0", "evaluate oversample seed 0", "gradcam oversample seed 0"}
+    assert alone_steps(steps, one_run) == {"train-classifier oversample seed 0"}

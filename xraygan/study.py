@@ -140,6 +140,26 @@ class Step:
         return self.attempt()[1]
 
 
+def alone_steps(steps: list[Step], todo: set[str]) -> set[str]:
+    """The steps of `todo` that can never run beside another step of `todo`: every other one
+    depends on them or they on it (adding a generator row to a finished study: its training,
+    then its generation, run with nothing else possible). They get all the cores, not cores/jobs.
+    Decided from the plan and the study folder when the study starts, never from which steps
+    happen to be running at the time, so the thread count (on which CPU results depend in
+    their last bits) does not vary with timing."""
+    by = {s.id: s for s in steps}
+    ancestors: dict[str, set[str]] = {}
+
+    def up(sid: str) -> set[str]:
+        if sid not in ancestors:
+            ancestors[sid] = set()
+            for d in by[sid].deps:
+                ancestors[sid] |= {d} | up(d)
+        return ancestors[sid]
+
+    return {a for a in todo if all(b == a or a in up(b) or b in up(a) for b in todo)}
+
+
 def _meta(path: Path) -> dict | None:
     from xraygan.checkpoint import read_metadata
 
@@ -383,10 +403,14 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
             state[s.id] = "done"
     skipped = len(state)
     todo = [s for s in steps if s.id not in state]
+    lone = alone_steps(steps, {s.id for s in todo}) if threads < cores else set()
     say(f"study: {len(steps)} steps, {skipped} already done, {len(todo)} to run; {jobs} at a time, "
-        f"{threads} CPU thread{'s' if threads > 1 else ''} each")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONUNBUFFERED="1")
+        f"{threads} CPU thread{'s' if threads > 1 else ''} each"
+        + (f" ({len(lone)} that can only run alone: {cores})" if lone else ""))
+
+    def env_for(n: int) -> dict[str, str]:
+        return dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), PYTHONUNBUFFERED="1")
+
     running: dict[str, tuple[subprocess.Popen, float, Path, list[str]]] = {}
     failed: list[tuple[str, Path]] = []
     t_start = time.perf_counter()
@@ -394,7 +418,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
 
     def record_time(s_id: str, status: str, seconds: float, log: Path | None, argv: list[str]) -> None:
         times.append({"step": s_id, "status": status, "seconds": f"{seconds:.1f}", "jobs": jobs,
-                      "threads": threads, "log": str(log) if log else "",
+                      "threads": cores if s_id in lone else threads, "log": str(log) if log else "",
                       "command": shlex.join([cfg.program, *argv])})
         write_csv(times_path, fields, times)
 
@@ -412,7 +436,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
             f.write(f"$ {shlex.join([cfg.program, *argv])}\n")
             f.flush()
             p = subprocess.Popen([sys.executable, "-m", "xraygan", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env,
+                                 stdin=subprocess.DEVNULL, env=env_for(cores if s.id in lone else threads),
                                  start_new_session=True)  # Ctrl-C reaches the study, which passes it on once
         running[s.id] = (p, time.perf_counter(), log, argv)
         state[s.id] = "running"
