@@ -28,17 +28,18 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5
     precision = _safe(tp, tp + fp)
     recall = _safe(tp, tp + fn)
     specificity = _safe(tn, tn + fp)
-    both = 0 < y.sum() < len(y)
-    roc, ap = resample_aucs(y, np.asarray(score, dtype=np.float64), np.ones((1, len(y)))) if both else (
-        [None], [None])
+    roc = ap = None
+    if 0 < y.sum() < len(y):
+        r, a = resample_aucs(y, np.asarray(score, dtype=np.float64), np.ones((1, len(y))))
+        roc, ap = float(r[0]), float(a[0])
     return {
         "threshold": float(threshold), "n": int(len(y)), "positives": int(y.sum()),
         "precision": precision, "recall": recall, "specificity": specificity,
         "f1": _safe(2 * precision * recall, precision + recall),
         "accuracy": _safe(tp + tn, len(y)),
         "balanced_accuracy": (recall + specificity) / 2,
-        "roc_auc": float(roc[0]) if both else None,
-        "pr_auc": float(ap[0]) if both else None,
+        "roc_auc": roc,
+        "pr_auc": ap,
         "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
     }
 
