@@ -138,8 +138,9 @@ def _run(fn: Callable[..., T], *args, progress: bool = False, **kwargs) -> T:
         raise typer.Exit(1) from None
     except Exception as e:  # noqa: BLE001 - the promise: never a traceback on the terminal
         if _machine_refused(e):
-            why = (e.strerror or type(e).__name__).lower()
-            err.print(f"[bold red]error:[/] {e.filename}: {why}; outputs are written whole or not at "
+            from xraygan.fsutil import os_reason
+
+            err.print(f"[bold red]error:[/] {e.filename}: {os_reason(e)}; outputs are written whole or not at "
                       "all, so nothing half-written was kept", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         log = _crash_log(e)

@@ -334,8 +334,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
         checkpointed, last_save = True, time.monotonic()
 
     def grid() -> None:
-        x = sample(ema or unet, net, grid_noise, grid_labels, "ddim", cfg.sample_steps,
-                   guidance=0.0, amp=amp)
+        x = sample(ema or unet, net, grid_noise, grid_labels, "ddim", cfg.sample_steps, amp=amp)
         save_png(run / "samples" / f"step_{step:07d}.png", image_grid(x, nrow=4))
 
     last_save = time.monotonic()

@@ -35,7 +35,7 @@ from xraygan.fsutil import (
     write_csv,
 )
 from xraygan.images import ImageFolder, read_image_folder
-from xraygan.metrics import binary_metrics, ranking_curves, resample_aucs, roc_auc
+from xraygan.metrics import binary_metrics, point_aucs, ranking_curves, resample_aucs, threshold_counts
 from xraygan.provenance import file_sources
 from xraygan.runtime import DEVICES
 
@@ -86,13 +86,8 @@ def tune_threshold(y: np.ndarray, score: np.ndarray, rule: str) -> float:
     y = np.asarray(y, dtype=bool)
     if y.all() or not y.any():
         raise InputError("threshold tuning needs both classes in the validation folder")
-    order = np.argsort(-score, kind="stable")
-    s, t = score[order], y[order]
-    tp = np.cumsum(t)
-    fp = np.cumsum(~t)
-    last = np.r_[s[1:] != s[:-1], True]  # predict positive for every score >= s[i]
-    tp, fp, s = tp[last], fp[last], s[last]
-    P, N = t.sum(), (~t).sum()
+    s, tp, fp = threshold_counts(y, score)  # predict positive for every score >= s[i]
+    P, N = y.sum(), (~y).sum()
     if rule == "f1":
         crit = 2 * tp / (tp + fp + P)
     else:
@@ -180,7 +175,7 @@ def by_source(sources: np.ndarray, y: np.ndarray, score: np.ndarray, threshold: 
             e["specificity"] = float((~ps[~ys]).mean())
             e["specificity_ci"] = _proportion_ci((~ps[~ys]).astype(float), n, seed)
         if ys.any() and (~ys).any():
-            e["roc_auc"] = roc_auc(ys, ss)
+            e["roc_auc"] = point_aucs(ys, ss)[0]
         out[src] = e
     warnings = []
     for metric, cls in (("specificity", negative), ("recall", positive)):

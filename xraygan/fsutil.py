@@ -57,11 +57,15 @@ def make_dirs(folder: Path) -> None:
         raise write_error(folder, e) from None
 
 
+def os_reason(e: OSError) -> str:
+    """The system's words for a refused file operation: 'no space left on device'."""
+    return (e.strerror or type(e).__name__).lower()
+
+
 def write_error(path: Path, e: OSError) -> WriteError:
     """One line for a write the machine refused (a full disk is the common case: a classifier's
     resume state is 180 MB): which file, why, and that nothing half-written was kept."""
-    why = (e.strerror or type(e).__name__).lower()
-    return WriteError(f"{path}: could not write it ({why}); nothing half-written was kept, "
+    return WriteError(f"{path}: could not write it ({os_reason(e)}); nothing half-written was kept, "
                       "and any earlier version of it is unchanged")
 
 

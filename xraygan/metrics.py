@@ -28,10 +28,7 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5
     precision = _safe(tp, tp + fp)
     recall = _safe(tp, tp + fn)
     specificity = _safe(tn, tn + fp)
-    roc = ap = None
-    if 0 < y.sum() < len(y):
-        r, a = resample_aucs(y, np.asarray(score, dtype=np.float64), np.ones((1, len(y))))
-        roc, ap = float(r[0]), float(a[0])
+    roc, ap = point_aucs(y, score) if 0 < y.sum() < len(y) else (None, None)
     return {
         "threshold": float(threshold), "n": int(len(y)), "positives": int(y.sum()),
         "precision": precision, "recall": recall, "specificity": specificity,
@@ -71,10 +68,22 @@ def resample_aucs(y: np.ndarray, score: np.ndarray, counts: np.ndarray) -> tuple
     return roc, ap
 
 
-def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC-AUC of one set (both classes present)."""
+def point_aucs(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """ROC-AUC and average precision of one set (both classes present): the one-resample case."""
     y = np.asarray(y, dtype=bool)
-    return float(resample_aucs(y, np.asarray(score, dtype=np.float64), np.ones((1, len(y))))[0][0])
+    roc, ap = resample_aucs(y, np.asarray(score, dtype=np.float64), np.ones((1, len(y))))
+    return float(roc[0]), float(ap[0])
+
+
+def threshold_counts(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, true positives, false positives) when every score >= threshold is called
+    positive, for each distinct score, highest first (tied scores fall on the same side)."""
+    y = np.asarray(y, dtype=bool)
+    score = np.asarray(score)
+    order = np.argsort(-score, kind="stable")
+    s, t = score[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the end of each group of tied scores
+    return s[last], np.cumsum(t)[last], np.cumsum(~t)[last]
 
 
 def ranking_curves(y: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
@@ -82,10 +91,8 @@ def ranking_curves(y: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
     first, as scikit-learn's roc_curve (without dropping collinear points) and
     precision_recall_curve draw them: ROC starts at (0, 0), PR ends at (recall 0, precision 1)."""
     y = np.asarray(y, dtype=bool)
-    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="stable")
-    s, t = np.asarray(score)[order], y[order]
-    last = np.r_[s[1:] != s[:-1], True]  # the end of each group of tied scores
-    tp, fp = np.cumsum(t)[last].astype(float), np.cumsum(~t)[last].astype(float)
-    P, N = max(t.sum(), 1), max((~t).sum(), 1)
+    _, tp, fp = threshold_counts(y, score)
+    tp, fp = tp.astype(float), fp.astype(float)
+    P, N = max(y.sum(), 1), max((~y).sum(), 1)
     return {"fpr": np.r_[0.0, fp / N], "tpr": np.r_[0.0, tp / P],
             "precision": np.r_[(tp / (tp + fp))[::-1], 1.0], "recall": np.r_[(tp / P)[::-1], 0.0]}

@@ -408,8 +408,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
         f"{threads} CPU thread{'s' if threads > 1 else ''} each"
         + (f" ({len(lone)} that can only run alone: {cores})" if lone else ""))
 
-    def env_for(n: int) -> dict[str, str]:
-        return dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), PYTHONUNBUFFERED="1")
+    def threads_for(s_id: str) -> int:
+        return cores if s_id in lone else threads
 
     running: dict[str, tuple[subprocess.Popen, float, Path, list[str]]] = {}
     failed: list[tuple[str, Path]] = []
@@ -418,7 +418,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
 
     def record_time(s_id: str, status: str, seconds: float, log: Path | None, argv: list[str]) -> None:
         times.append({"step": s_id, "status": status, "seconds": f"{seconds:.1f}", "jobs": jobs,
-                      "threads": cores if s_id in lone else threads, "log": str(log) if log else "",
+                      "threads": threads_for(s_id), "log": str(log) if log else "",
                       "command": shlex.join([cfg.program, *argv])})
         write_csv(times_path, fields, times)
 
@@ -432,11 +432,12 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
                 return
             argv = ["evaluate", "--compare", *keep, "--out", str(s.out), "--force"]
         log = out / "logs" / f"{_slug(s.id)}.log"
+        n = str(threads_for(s.id))
         with open(log, "w") as f:
             f.write(f"$ {shlex.join([cfg.program, *argv])}\n")
             f.flush()
             p = subprocess.Popen([sys.executable, "-m", "xraygan", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env_for(cores if s.id in lone else threads),
+                                 stdin=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, PYTHONUNBUFFERED="1"),
                                  start_new_session=True)  # Ctrl-C reaches the study, which passes it on once
         running[s.id] = (p, time.perf_counter(), log, argv)
         state[s.id] = "running"
