@@ -82,6 +82,43 @@ def test_evaluate_report_and_files(trained, tmp_path):
     assert tuned["threshold_tuning"]["on"] == str(trained / "val") and tuned["ci95"] == {}
 
 
+
+def test_evaluate_both_operating_points_in_one_run(trained, tmp_path):
+    """--untuned-report: the report at 0.5 written beside the tuned one, each the same as the
+    separate run would write (one scoring of the test set instead of two processes)."""
+    ckpt = trained / "run-seed3" / "classifier.safetensors"
+    both = evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val",
+                                   report=tmp_path / "tuned", untuned_report=tmp_path / "half",
+                                   bootstrap=50, device="cpu"))
+    half = evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", report=tmp_path / "half-alone",
+                                   bootstrap=50, device="cpu"))
+    tuned = evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val",
+                                    report=tmp_path / "tuned-alone", bootstrap=50, device="cpu"))
+    for a, b in (("half", "half-alone"), ("tuned", "tuned-alone")):
+        ra, rb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in (a, b))
+        assert ra == rb, (a, b)
+        assert (tmp_path / a / "predictions.csv").read_text() == (tmp_path / b / "predictions.csv").read_text()
+        assert (tmp_path / a / "roc.png").is_file()
+    assert both["untuned"]["threshold"] == 0.5 and both["untuned"]["metrics"] == half["metrics"]
+    assert both["metrics"] == tuned["metrics"] and both["threshold"] == tuned["threshold"] != 0.5
+    # an explicit untuned threshold, and the ways to get it wrong (refused before any file is written)
+    t3 = evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val",
+                                 threshold=0.3, untuned_report=tmp_path / "t3", bootstrap=0, device="cpu"))
+    assert t3["untuned"]["threshold"] == 0.3
+    assert json.loads((tmp_path / "t3" / "metrics.json").read_text())["threshold"] == 0.3
+    with pytest.raises(InputError, match="--untuned-report needs --tune-on"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", untuned_report=tmp_path / "x"))
+    with pytest.raises(InputError, match="apart from --report"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val",
+                                report=tmp_path / "y", untuned_report=tmp_path / "y" / "half"))
+    with pytest.raises(InputError, match="already exists"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val",
+                                report=tmp_path / "z", untuned_report=tmp_path / "half"))
+    with pytest.raises(InputError, match="either --threshold or --tune-on"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val", threshold=0.3))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
 def test_evaluate_errors(trained, tmp_path):
     ckpt = trained / "run-seed3" / "classifier.safetensors"
     save_checkpoint(tmp_path / "g.safetensors", {"w": torch.zeros(1)}, "generator", {})

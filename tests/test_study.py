@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,8 @@ def test_plan_for_a_row_subset(demo_data, tmp_path):
     ids = [s.id for s in steps]
     assert ids[:3] == ["train-gan cdcgan_a0.3", "generate cdcgan_a0.3", "audit cdcgan_a0.3"]  # GANs first
     assert ids.count("compare table") == 1 and ids[-2:] == ["compare table", "compare table-tuned"]
-    # 1 GAN × 3 + 2 rows × 2 seeds × 5 + 2 tables
-    assert len(steps) == 3 + 2 * 2 * 5 + 2
+    # 1 GAN × 3 + 2 rows × 2 seeds × 4 (rebalance, train, evaluate at both thresholds, gradcam) + 2 tables
+    assert len(steps) == 3 + 2 * 2 * 4 + 2
     by = {s.id: s for s in steps}
     assert by["rebalance oversample seed 4"].deps == [] and by["rebalance oversample seed 4"].stage == 1
     assert by["rebalance cdcgan_a0.3 seed 0"].deps == ["generate cdcgan_a0.3"]
@@ -52,6 +53,13 @@ def test_plan_for_a_row_subset(demo_data, tmp_path):
     text = plan_text(steps)
     assert "done   stage 1  rebalance oversample seed 0\n" in text
     assert "redo   stage 2  train-classifier oversample seed 4" in text  # no state file: --force
+    # evaluate writes two reports: either one there already means an earlier attempt (redo, --force)
+    rep = tmp_path / "s" / "runs" / "oversample-seed0" / "report"
+    rep.mkdir(parents=True)
+    (rep / "metrics.json").write_text("{}")
+    assert "redo   stage 3  evaluate oversample seed 0  (after" in plan_text(steps)
+    assert by["evaluate oversample seed 0"].command()[-1] == "--force"
+    shutil.rmtree(rep)
     script = commands_script(steps, "xraygan")
     assert "rebalance oversample seed 0\n" not in script and "# stage 1: rebalance oversample seed 4\n" in script
     assert script.count("\n") == 5 + len(steps) - 1
@@ -98,7 +106,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
                ["threshold_tuning"] for row in ("baseline", "dcgan") for s in (0, 1))
     assert (out / "audit" / "dcgan" / "audit.json").is_file()
     times = (out / "times.csv").read_text().splitlines()
-    assert len(times) == 1 + 3 + 2 * 2 * 5 + 2 and all(",done," in t for t in times[1:])
+    assert len(times) == 1 + 3 + 2 * 2 * 4 + 2 and all(",done," in t for t in times[1:])
     assert r.stdout.count("| baseline | 2 |") == 2  # both tables printed
 
     # an interrupted GAN (fewer steps than asked) is resumed, not restarted
@@ -115,7 +123,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     last = r.stderr.strip().splitlines()[-1]
     assert "1 step failed (rebalance oversample seed 0)" in last and str(out / "logs") in last
     assert (bad / "keep-me.txt").read_text() == "not xraygan's"
-    assert "23 already done" in r.stderr
+    assert "19 already done" in r.stderr
     log = (out / "logs" / "rebalance-oversample-seed-0.log").read_text()
     assert "not an output of xraygan rebalance" in log and "Traceback" not in log
     table = (out / "table" / "table.md").read_text()
@@ -131,7 +139,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     lines = [ln for ln in r.stdout.splitlines() if ln and not ln.startswith(("#", "set "))]
     assert [ln.rsplit("# ", 1)[1] for ln in lines] == [
         "stage 1: rebalance oversample seed 0", "stage 2: train-classifier oversample seed 0",
-        "stage 3: evaluate oversample seed 0", "stage 3: evaluate oversample seed 0 tuned",
+        "stage 3: evaluate oversample seed 0",
         "stage 3: gradcam oversample seed 0", "stage 6: compare table", "stage 6: compare table-tuned"]
     script = tmp_path / "rest.sh"
     script.write_text(r.stdout)
@@ -140,7 +148,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| oversample | 2 |" in (out / "table" / "table.md").read_text()
     r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--dry-run", cwd=tmp_path)
-    assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 3 + 3 * 2 * 5
+    assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 3 + 3 * 2 * 4
 
 
 def test_diffusion_rows_in_the_plan(demo_data, tmp_path):

@@ -605,6 +605,10 @@ def evaluate(
     tune_on: Annotated[Optional[Path], typer.Option(
         "--tune-on", help="Tune the threshold on this validation folder instead (see --tune-for).")] = None,
     tune_for: Annotated[str, typer.Option(help="Tuning criterion: f1 or youden (J = sens + spec - 1).")] = "f1",
+    untuned_report: Annotated[Optional[Path], typer.Option(
+        "--untuned-report", help="With --tune-on: also write the report at the untuned threshold "
+                                 "(--threshold, default 0.5) here, from the same scores: both operating "
+                                 "points in one run.")] = None,
     positive: Annotated[Optional[str], typer.Option(
         help="Positive class (default: the one recorded in the checkpoint).")] = None,
     label: Annotated[Optional[str], typer.Option(
@@ -651,7 +655,8 @@ def evaluate(
     if report is not None and str(report) == BESIDE:
         report = inputs[0].parent / "report"
     cfg = EvaluateConfig(checkpoint=inputs[0], data=inputs[1], report=report, threshold=threshold,
-                         tune_on=tune_on, tune_for=tune_for, positive=positive, label=label,
+                         tune_on=tune_on, tune_for=tune_for, untuned_report=untuned_report,
+                         positive=positive, label=label,
                          bootstrap=bootstrap, seed=seed, device=device, force=force)
     rec = _run_with_progress(run_evaluate, cfg)
     from rich.table import Table
@@ -668,6 +673,12 @@ def evaluate(
     c = rec["metrics"]["confusion"]
     err.print(f"confusion: TP {c['tp']}  FN {c['fn']}  FP {c['fp']}  TN {c['tn']}"
               + (f"; report: {rec['report']}/report.md" if report else ""), highlight=False)
+    if "untuned" in rec:
+        u = rec["untuned"]
+        err.print(f"at threshold {u['threshold']:.3f}: " + ", ".join(
+            f"{k} {'n/a' if u['metrics'][k] is None else format(u['metrics'][k], '.3f')}"
+            for k in ("precision", "recall", "specificity", "f1")) + f"; report: {u['report']}/report.md",
+            highlight=False)
     for src, e in (rec.get("by_source") or {}).items():
         parts = [f"{m} {e[m]:.3f} [{e[m + '_ci'][0]:.3f}, {e[m + '_ci'][1]:.3f}]" if e.get(m + "_ci")
                  else f"{m} {e[m]:.3f}" for m in ("recall", "specificity") if m in e]

@@ -54,6 +54,9 @@ class EvaluateConfig:
     threshold: float | None = None  # None: 0.5, or tuned on `tune_on`
     tune_on: Path | None = None  # a validation folder to tune the threshold on
     tune_for: str = "f1"  # f1 | youden
+    # with tune_on: also the report at the untuned threshold (`threshold`, default 0.5), from the
+    # same scores, so both operating points cost one process
+    untuned_report: Path | None = None
     positive: str | None = None  # default: the one recorded in the checkpoint
     label: str | None = None  # method label for --compare; default from the run folder name
     bootstrap: int = 1000
@@ -208,11 +211,23 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     check_choice("--device", cfg.device, DEVICES)
     if cfg.threshold is not None:
         check_float("--threshold", cfg.threshold, 0.0, 1.0, low_open=False)
+    if cfg.untuned_report is not None:
+        if cfg.tune_on is None:
+            raise InputError("--untuned-report needs --tune-on: without tuning there is one threshold "
+                             "and one report (--report)")
+        check_out_apart(cfg.untuned_report, checkpoint=cfg.checkpoint, data=cfg.data, tune_on=cfg.tune_on)
+        if cfg.report is not None:
+            a, b = Path(cfg.untuned_report).resolve(), Path(cfg.report).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise InputError(f"--untuned-report {cfg.untuned_report}: give it a folder apart from "
+                                 f"--report {cfg.report} (one report in each)")
+        check_output_free(Path(cfg.untuned_report), cfg.force, "evaluate")
     if cfg.report is not None:  # refuse before any work, not after it
         check_out_apart(cfg.report, checkpoint=cfg.checkpoint, data=cfg.data, tune_on=cfg.tune_on)
         check_output_free(Path(cfg.report), cfg.force, "evaluate")
-    if cfg.threshold is not None and cfg.tune_on is not None:
-        raise InputError("give either --threshold or --tune-on, not both")
+    if cfg.threshold is not None and cfg.tune_on is not None and cfg.untuned_report is None:
+        raise InputError("give either --threshold or --tune-on, not both (or add --untuned-report DIR "
+                         "for a report at each)")
     device = resolve_device(cfg.device)
     model, meta = load_classifier(cfg.checkpoint, device)
     classes = tuple(meta["classes"])
@@ -225,7 +240,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         progress("evaluate", 0, 3)
     score = _scores(model, test, pos, device, cfg.batch_size)
     y = test.labels == pos
-    threshold, tuned = 0.5 if cfg.threshold is None else cfg.threshold, None
+    fixed = 0.5 if cfg.threshold is None else cfg.threshold
+    threshold, tuned = fixed, None
     if cfg.tune_on is not None:
         val = read_for_model(cfg.tune_on, classes, int(meta["image_size"]), "validation")
         threshold = tune_threshold(val.labels == pos, _scores(model, val, pos, device, cfg.batch_size),
@@ -233,36 +249,50 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         tuned = {"on": str(cfg.tune_on), "for": cfg.tune_for, "n": len(val.labels)}
     if progress:
         progress("evaluate", 1, 3)
-    m = binary_metrics(y, score, threshold)
-    ci = bootstrap_ci(y, score, threshold, cfg.bootstrap, cfg.seed)
     src_map = file_sources(cfg.data)
-    per_source, source_warnings = None, []
-    if src_map:
-        tags = np.array([src_map.get(f"{test.classes[c]}/{f.name}", "unknown")
-                         for f, c in zip(test.files, test.labels)])
-        negative = next((c for c in classes if c != positive), positive)
-        per_source, source_warnings = by_source(tags, y, score, threshold, cfg.bootstrap, cfg.seed,
-                                                positive, negative)
+    tags = None if not src_map else np.array([src_map.get(f"{test.classes[c]}/{f.name}", "unknown")
+                                              for f, c in zip(test.files, test.labels)])
+
+    def record(threshold: float, tuned: dict | None) -> dict:
+        """The metrics record at one operating point."""
+        m = binary_metrics(y, score, threshold)
+        per_source, source_warnings = None, []
+        if tags is not None:
+            negative = next((c for c in classes if c != positive), positive)
+            per_source, source_warnings = by_source(tags, y, score, threshold, cfg.bootstrap, cfg.seed,
+                                                    positive, negative)
+        return {
+            **record_header("metrics"),
+            "label": cfg.label or run_label(cfg.checkpoint),
+            "checkpoint": str(cfg.checkpoint), "test": str(cfg.data),
+            "test_fingerprint": folder_fingerprint(test), "test_counts": test.counts(),
+            "classes": list(classes), "positive": positive, "threshold": threshold,
+            "threshold_tuning": tuned, "metrics": m,
+            "ci95": bootstrap_ci(y, score, threshold, cfg.bootstrap, cfg.seed),
+            "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "method": "percentile"},
+            "by_source": per_source, "warnings": source_warnings,
+            "train_source": meta.get("train_source"), "seed": meta.get("seed"),
+            "epoch": meta.get("epoch"), "xraygan_version": __version__,
+        }
+
+    def write(folder: Path, rec: dict) -> None:
+        with staged_dir(Path(folder), cfg.force, "evaluate") as tmp:
+            atomic_write_json(tmp / "metrics.json", rec)
+            _write_predictions(tmp / "predictions.csv", test, y, score, rec["threshold"])
+            plots = write_plots(tmp, y, score, rec["threshold"], rec["metrics"], positive, rec["label"])
+            atomic_write_text(tmp / "report.md", report_markdown(rec, plots))
+
+    rec = record(threshold, tuned)
     if progress:
         progress("evaluate", 2, 3)
-    rec = {
-        **record_header("metrics"),
-        "label": cfg.label or run_label(cfg.checkpoint),
-        "checkpoint": str(cfg.checkpoint), "test": str(cfg.data),
-        "test_fingerprint": folder_fingerprint(test), "test_counts": test.counts(),
-        "classes": list(classes), "positive": positive, "threshold": threshold,
-        "threshold_tuning": tuned, "metrics": m,
-        "ci95": ci, "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "method": "percentile"},
-        "by_source": per_source, "warnings": source_warnings,
-        "train_source": meta.get("train_source"), "seed": meta.get("seed"),
-        "epoch": meta.get("epoch"), "xraygan_version": __version__,
-    }
     if cfg.report is not None:
-        with staged_dir(Path(cfg.report), cfg.force, "evaluate") as tmp:
-            atomic_write_json(tmp / "metrics.json", rec)
-            _write_predictions(tmp / "predictions.csv", test, y, score, threshold)
-            plots = write_plots(tmp, y, score, threshold, m, positive, rec["label"])
-            atomic_write_text(tmp / "report.md", report_markdown(rec, plots))
+        write(cfg.report, rec)
+    if cfg.untuned_report is not None:  # its own metrics.json, the same as a separate run would write
+        untuned = record(fixed, None)
+        write(cfg.untuned_report, untuned)
+        rec["untuned"] = {"threshold": fixed, "metrics": untuned["metrics"], "ci95": untuned["ci95"],
+                          "report": str(cfg.untuned_report)}
+    if cfg.report is not None:
         rec["report"] = str(cfg.report)
     if progress:
         progress("evaluate", 3, 3)

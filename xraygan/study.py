@@ -2,8 +2,8 @@
 
 The grid is a plan of steps, each one ordinary xraygan command (so every result can be remade
 from the shell): per GAN row train-gan → generate → audit; per row and seed rebalance →
-train-classifier → evaluate (threshold 0.5, and tuned on the validation split) and gradcam;
-the two tables last. Up to `--jobs` steps run at once as subprocesses, each with its share of
+train-classifier → evaluate (at threshold 0.5 and tuned on the validation split, in one
+process) and gradcam; the two tables last. Up to `--jobs` steps run at once as subprocesses, each with its share of
 the CPU threads, sharing one GPU. A step is done when the record its command writes says so
 (the GAN's and classifier's state files, generation.json, metrics.json, ...), so a rerun skips
 it; an interrupted GAN or classifier resumes with --resume.
@@ -122,6 +122,7 @@ class Step:
     again: list[str] = field(default_factory=lambda: ["--force"])
     exclusive: str | None = None  # steps of one group never run at the same time
     inputs: list[tuple[str, Path]] | None = None  # the table: (step, file) pairs it reads, when done
+    also: tuple[Path, ...] = ()  # further folders the command writes besides `out`
     stage: int = 1
 
     def attempt(self) -> tuple[str, list[str]]:
@@ -129,7 +130,7 @@ class Step:
         resume or redo (an earlier attempt left something: the command gets `again`)."""
         if self.done():
             return "done", list(self.argv)
-        if not (self.out.is_dir() and any(self.out.iterdir())):
+        if not any(p.is_dir() and any(p.iterdir()) for p in (self.out, *self.also)):
             return "run", list(self.argv)
         if self.again == ["--resume"] and not (self.out / "state.safetensors").is_file():
             return "redo", list(self.argv) + ["--force"]  # stopped before its first checkpoint
@@ -274,15 +275,17 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                 run, deps=[f"rebalance {name}"], again=["--resume"],
                 done=lambda r=run: classifier_done(r, cfg.clf_epochs, cfg.patience)))
             ckpt = str(run / "classifier.safetensors")
-            for table, report, tune in (("table", "report", []),
-                                        ("table-tuned", "report-tuned", ["--tune-on", str(data / "val")])):
-                rep = run / report
-                sid = f"evaluate {name}" + (" tuned" if tune else "")
-                steps.append(Step(
-                    sid, ["evaluate", ckpt, str(data / "test"), "--report", str(rep), "--label", row,
-                          *tune, *dev],
-                    rep, deps=[f"train-classifier {name}"], done=lambda r=rep: record_done(r, "metrics.json")))
-                tables[table].append((sid, rep / "metrics.json"))
+            # both operating points from one scoring of the test set: one process, not two (on the
+            # 64 px GPU grid, evaluations were half of all step time, mostly process start-up)
+            rep, rep_tuned = run / "report", run / "report-tuned"
+            sid = f"evaluate {name}"
+            steps.append(Step(
+                sid, ["evaluate", ckpt, str(data / "test"), "--report", str(rep_tuned), "--tune-on",
+                      str(data / "val"), "--untuned-report", str(rep), "--label", row, *dev],
+                rep_tuned, deps=[f"train-classifier {name}"], also=(rep,),
+                done=lambda a=rep, b=rep_tuned: record_done(a, "metrics.json") and record_done(b, "metrics.json")))
+            tables["table"].append((sid, rep / "metrics.json"))
+            tables["table-tuned"].append((sid, rep_tuned / "metrics.json"))
             cams = run / "cams"
             steps.append(Step(
                 f"gradcam {name}", ["gradcam", ckpt, str(data / "test"), "--out", str(cams), "--label", row,
