@@ -5,12 +5,15 @@
 #   bash benchmarks/bench_commands.sh CLF_DIR DATA/test [OLD_REV] [ROUNDS]
 # e.g. bash benchmarks/bench_commands.sh study32/runs/augment-seed0 kermany32/test 05432dc 3
 set -euo pipefail
-CLF=$1 TEST=$2 OLD=${3:-HEAD~1} ROUNDS=${4:-3}
+CLF=$(realpath "$1") TEST=$(realpath "$2") OLD=${3:-HEAD~1} ROUNDS=${4:-3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-$REPO/.venv/bin/python}
+PY=$(realpath -s "${PYTHON:-$REPO/.venv/bin/python}")  # -s: keep the venv's link
 TMP=$(mktemp -d)
 trap 'git -C "$REPO" worktree remove --force "$TMP/old" >/dev/null 2>&1 || true; rm -rf "$TMP"' EXIT
 git -C "$REPO" worktree add -q --detach "$TMP/old" "$OLD"
+# run from a folder without xraygan/ in it: `python -m` puts the working folder ahead of
+# PYTHONPATH, so started from the repository both trees would run the checkout's code
+cd "$TMP"
 for _ in $(seq "$ROUNDS"); do
     for tree in "$TMP/old" "$REPO"; do
         for cmd in evaluate gradcam; do

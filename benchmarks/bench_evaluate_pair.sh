@@ -6,7 +6,7 @@
 #   bash benchmarks/bench_evaluate_pair.sh CLF_DIR DATA [ROUNDS]
 # e.g. bash benchmarks/bench_evaluate_pair.sh study32/runs/augment-seed0 kermany32 5
 set -euo pipefail
-CLF=$1 DATA=$2 ROUNDS=${3:-3}
+CLF=$(realpath "$1") DATA=$(realpath "$2") ROUNDS=${3:-3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 TMP=$(mktemp -d)

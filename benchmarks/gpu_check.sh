@@ -21,7 +21,7 @@ set -u
 DATA=$1 DEST=$2
 DEVICE=${DEVICE:-cuda} JOBS=${JOBS:-8} PY=${PYTHON:-python3}
 GAN_STEPS=${GAN_STEPS:-3000} CLF_EPOCHS=${CLF_EPOCHS:-20} SEEDS=${SEEDS:-0 1 2}
-BENCH_STEPS=${BENCH_STEPS:-100} E2E_STEPS=${E2E_STEPS:-600}
+BENCH_STEPS=${BENCH_STEPS:-100} E2E_STEPS=${E2E_STEPS:-600 3000}  # 600: as in session 3; 3,000: the issue's run
 mkdir -p "$DEST"
 exec > >(tee "$DEST/log.txt") 2>&1
 WORK=$(mktemp -d)
@@ -33,10 +33,12 @@ if command -v nvidia-smi > /dev/null; then
     MON=$!
 fi
 
-echo "== issue 12: bare step vs train-gan end to end, 32 and 64 px, batch 64"
-timeout -s INT "${BENCH_LIMIT:-150}" "$PY" benchmarks/bench_gan.py --device "$DEVICE" --sizes 32 64 \
-    --steps "$BENCH_STEPS" --rounds 1 --e2e-steps "$E2E_STEPS" | tee "$DEST/bench_gan.txt"
-echo "bench_gan exit ${PIPESTATUS[0]}"
+for E2E in $E2E_STEPS; do
+    echo "== issue 12: bare step vs train-gan end to end over $E2E steps, 32 and 64 px, batch 64"
+    timeout -s INT "${BENCH_LIMIT:-150}" "$PY" benchmarks/bench_gan.py --device "$DEVICE" --sizes 32 64 \
+        --steps "$BENCH_STEPS" --rounds 1 --e2e-steps "$E2E" | tee -a "$DEST/bench_gan.txt"
+    echo "bench_gan exit ${PIPESTATUS[0]}"
+done
 
 echo "== issue 11: the 64 px grid, seeds $SEEDS, $GAN_STEPS GAN steps, $CLF_EPOCHS epochs, --jobs $JOBS"
 /usr/bin/time -f "study wall %e s" timeout -s INT "${STUDY_LIMIT:-380}" "$PY" -m xraygan study "$DATA" \
