@@ -171,6 +171,10 @@ CASES = [
     ("evaluate {G} {data}/test", 2, "generator checkpoint"),
     ("evaluate {C} {root}/missing", 2, "not found"),
     ("evaluate --compare", 2, "--compare needs"),
+    ("evaluate --compare {tmp} --report {tmp}/r", 2, "--report is for evaluating a checkpoint"),
+    (EV + " --untuned-report {tmp}/u", 2, "--untuned-report needs --tune-on"),
+    (EV + " --tune-on {data}/val --untuned-report {tmp}/r/u", 2, "apart from --report"),
+    (EV + " --tune-on {data}/val --untuned-report {data}/val/u", 2, "inside the input"),
     # gradcam
     (GC + " --layer fc", 2, "not a feature map"),
     (GC + " --layer ''", 2, "--layer ''"),

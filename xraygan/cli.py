@@ -637,6 +637,11 @@ def evaluate(
     if compare:
         if not inputs:
             raise typer.BadParameter("--compare needs metrics.json files or folders")
+        for opt, given in (("--report", report), ("--threshold", threshold), ("--tune-on", tune_on),
+                           ("--untuned-report", untuned_report)):
+            if given is not None:
+                raise typer.BadParameter(f"{opt} is for evaluating a checkpoint; --compare only reads "
+                                         "metrics.json files (its output is --out)")
         res = _run(run_compare, inputs, out, force)
         sys.stderr.write(res["markdown"])
         for w in res["warnings"]:
@@ -678,7 +683,7 @@ def evaluate(
         err.print(f"at threshold {u['threshold']:.3f}: " + ", ".join(
             f"{k} {'n/a' if u['metrics'][k] is None else format(u['metrics'][k], '.3f')}"
             for k in ("precision", "recall", "specificity", "f1")) + f"; report: {u['report']}/report.md",
-            highlight=False)
+            highlight=False, soft_wrap=True)
     for src, e in (rec.get("by_source") or {}).items():
         parts = [f"{m} {e[m]:.3f} [{e[m + '_ci'][0]:.3f}, {e[m + '_ci'][1]:.3f}]" if e.get(m + "_ci")
                  else f"{m} {e[m]:.3f}" for m in ("recall", "specificity") if m in e]
