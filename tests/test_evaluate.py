@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -134,6 +135,10 @@ def test_evaluate_errors(trained, tmp_path):
         evaluate(EvaluateConfig(checkpoint=ckpt, data=tmp_path / "t32"))
     with pytest.raises(InputError, match="--positive covid"):
         evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", positive="covid"))
+    # tuning the threshold on the test images themselves, by the same path or a copy
+    shutil.copytree(trained / "test", tmp_path / "test-copy")
+    with pytest.raises(InputError, match="holds the same files as the test folder"):
+        evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=tmp_path / "test-copy"))
 
 
 def _metrics_file(path, label, f1, recall, fp="abc"):

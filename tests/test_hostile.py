@@ -175,6 +175,8 @@ CASES = [
     (EV + " --untuned-report {tmp}/u", 2, "--untuned-report needs --tune-on"),
     (EV + " --tune-on {data}/val --untuned-report {tmp}/r/u", 2, "apart from --report"),
     (EV + " --tune-on {data}/val --untuned-report {data}/val/u", 2, "inside the input"),
+    (EV + " --tune-on {data}/test", 2, "that is the test folder itself"),
+    (EV + " --tune-on {data}/../data/test/", 2, "that is the test folder itself"),
     # gradcam
     (GC + " --layer fc", 2, "not a feature map"),
     (GC + " --layer ''", 2, "--layer ''"),

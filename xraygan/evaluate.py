@@ -211,6 +211,9 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     check_choice("--device", cfg.device, DEVICES)
     if cfg.threshold is not None:
         check_float("--threshold", cfg.threshold, 0.0, 1.0, low_open=False)
+    if cfg.tune_on is not None and Path(cfg.tune_on).resolve() == Path(cfg.data).resolve():
+        raise InputError(f"--tune-on {cfg.tune_on}: that is the test folder itself; a threshold tuned on "
+                         "the images it is measured on makes every metric optimistic (tune on DATA/val)")
     if cfg.untuned_report is not None:
         if cfg.tune_on is None:
             raise InputError("--untuned-report needs --tune-on: without tuning there is one threshold "
@@ -244,6 +247,10 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     threshold, tuned = fixed, None
     if cfg.tune_on is not None:
         val = read_for_model(cfg.tune_on, classes, int(meta["image_size"]), "validation")
+        if folder_fingerprint(val) == folder_fingerprint(test):
+            raise InputError(f"--tune-on {cfg.tune_on}: holds the same files as the test folder {cfg.data}; "
+                             "a threshold tuned on the test images makes every metric optimistic "
+                             "(tune on DATA/val)")
         threshold = tune_threshold(val.labels == pos, _scores(model, val, pos, device, cfg.batch_size),
                                    cfg.tune_for)
         tuned = {"on": str(cfg.tune_on), "for": cfg.tune_for, "n": len(val.labels)}
