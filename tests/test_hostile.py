@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
              train_labels=np.array([0, 1]))
     (root / "junk.npz").write_bytes(b"not a zip")
     (root / "afile").write_text("x")
+    (root / "copies").mkdir()  # real training images passed off as synthetic ones
+    shutil.copytree(data / "train" / "pneumonia", root / "copies" / "pneumonia")
     rev = root / "audit"
     (rev / "review").mkdir(parents=True)
     (rev / "review_key.json").write_text(json.dumps(
@@ -147,6 +150,9 @@ CASES = [
     (RB + " --method oversample --ratio 0", 2, "--ratio 0"),
     (RB + " --method oversample --ratio nan", 2, "--ratio nan"),
     (RB + " --method gan", 2, "needs --synthetic"),
+    (RB + " --method gan --synthetic {data}/train", 2, "overlaps the training folder"),
+    (RB + " --method gan --synthetic {data}", 2, "overlaps the training folder"),
+    (RB + " --method gan --synthetic {root}/copies", 2, "the same file as the training image"),
     (RB.replace("{tmp}/b", "{data}/train/b") + " --method none", 2, "inside the input"),
     (RB + " --method smote --smote-k 0", 2, "--smote-k 0"),
     (RB.replace("{tmp}/b", "{parent}") + " --method none --force", 2, "not an output of xraygan rebalance"),

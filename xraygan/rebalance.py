@@ -9,6 +9,7 @@ the filesystem allows (else copied); `rebalance.json` counts every file by origi
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from collections import Counter
@@ -51,20 +52,34 @@ def _link(src: Path, dst: Path) -> str:
         return "copy"
 
 
-def synthetic_files(folders: tuple[Path, ...], label: str, size: int) -> list[list[Path]]:
-    """Per folder, the synthetic images of `label` (DIR/<label>/*.png or DIR/*.png)."""
+def synthetic_files(folders: tuple[Path, ...], label: str, size: int,
+                    real: Path | None = None) -> list[list[Path]]:
+    """Per folder, the synthetic images of `label` (DIR/<label>/*.png or DIR/*.png). Real training
+    images given as synthetic ones (the training folder, a folder inside it, or copies of its
+    files) are refused: the record would call them synthetic."""
     out = []
     for d in folders:
         d = Path(d)
         sub = d / label if (d / label).is_dir() else d
         if not sub.is_dir():
             raise InputError(f"{d}: synthetic folder not found")
+        if real is not None:
+            a, b = sub.resolve(), Path(real).resolve()
+            if a == b or b in a.parents or a in b.parents:
+                raise InputError(f"{d}: overlaps the training folder {real}; those are real images, not "
+                                 "synthetic ones (give the output of xraygan generate)")
         from xraygan.generate import check_complete
 
         check_complete(d if sub != d else d.parent)  # an interrupted generate is not a data set
         files = sorted(p for p in sub.glob("*.png") if not p.name.startswith("."))
         if not files:
             raise InputError(f"{sub}: no synthetic {label} images (expected {d}/{label}/*.png)")
+        if real is not None:
+            for f in files:
+                twin = Path(real) / label / f.name
+                if twin.is_file() and filecmp.cmp(f, twin, shallow=False):
+                    raise InputError(f"{f}: the same file as the training image {twin}; real images "
+                                     "cannot be added as synthetic ones (give the output of xraygan generate)")
         with Image.open(files[0]) as im:
             if im.size != (size, size):
                 raise InputError(f"{files[0]}: synthetic image is {im.size[0]} px, the training "
@@ -179,7 +194,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                                                                                   default_source)
                 origins[c]["duplicated"] = need
             elif cfg.method == "gan":
-                pools = synthetic_files(cfg.synthetic, c, size)
+                pools = synthetic_files(cfg.synthetic, c, size, cfg.data)
                 have = sum(len(p) for p in pools)
                 if have < need:
                     raise InputError(f"{', '.join(map(str, cfg.synthetic))}: {have} synthetic {c} "
