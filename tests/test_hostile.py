@@ -213,6 +213,11 @@ CASES = [
     # a name longer than the file system allows, as output and as input
     (EV.replace("{tmp}/r", "{tmp}/" + "a" * 300), 1, "file name too long"),
     (EV.replace("{data}/test", "{root}/" + "a" * 300), 1, "file name too long"),
+    # an output inside an image folder xraygan made would be read as one more class of it
+    ("generate {G} -n 2 --out {data}/train/synthetic --device cpu", 2, "an image folder written by xraygan prepare"),
+    (RB.replace("{tmp}/b", "{data}/val/b") + " --method none", 2, "an image folder written by xraygan prepare"),
+    (EV.replace("{tmp}/r", "{synth}/report"), 2, "an image folder written by xraygan generate"),
+    (TC.replace("{tmp}/c", "{synth}/pneumonia/c"), 2, "an image folder written by xraygan generate"),
     # an output folder under a file: `--out results.csv/run`
     *[(c.replace("{tmp}/", "{root}/afile/"), 2, "afile is a file, not a folder")
       for c in (P, TG, TC, EV, GC, RB + " --method oversample", DM,

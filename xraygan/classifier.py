@@ -242,9 +242,6 @@ def validate(cfg: TrainClassifierConfig) -> None:
     check_choice("--device", cfg.device, DEVICES)
     check_choice("--precision", cfg.precision, ("auto", "fp32", "bf16"))
     check_out_apart(cfg.out, data=cfg.data, val=cfg.val, weights=cfg.weights)
-    if Path(cfg.val).resolve() == Path(cfg.data).resolve():
-        raise InputError(f"--val {cfg.val}: that is the training folder itself; the best epoch would be "
-                         "chosen on the images the model learns from (give DATA/val)")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise InputError(f"{cfg.weights}: weights file not found")
 
@@ -270,9 +267,6 @@ def _run(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device
                          f"(found: {', '.join(train.classes)})")
     val = read_image_folder(cfg.val, classes=train.classes)
     _check_folder(val, train.size, "validation")
-    if val.images.shape == train.images.shape and np.array_equal(val.images, train.images):
-        raise InputError(f"--val {cfg.val}: holds the same images as the training folder {cfg.data}; the "
-                         "best epoch would be chosen on the images the model learns from (give DATA/val)")
     fingerprint = fingerprint_arrays(train.images, train.labels, val.images, val.labels)
     created = begin_run(out, cfg.resume, cfg.force, fingerprint, cfg.data, writes=dist.main)
     try:

@@ -577,6 +577,9 @@ def train_classifier(
     from xraygan.classifier import train_classifier as run_train
     from xraygan.console import err
 
+    if val.resolve() == data.resolve():  # (the audit's feature classifier does this on purpose)
+        raise typer.BadParameter(f"--val {val}: that is the training folder itself; the best epoch would be "
+                                 "chosen on the images the model learns from (give DATA/val)")
     cfg = TrainClassifierConfig(data=data, val=val, out=out, epochs=epochs, batch_size=batch_size,
                                 lr=lr, class_weights=class_weights, augment=augment, select=select,
                                 patience=patience, positive=positive.lower(), small_stem=small_stem,

@@ -125,10 +125,33 @@ def xraygan_record(folder: Path) -> Path | None:
     return None
 
 
+def image_folder_around(out: Path) -> tuple[Path, str] | None:
+    """The xraygan image folder that `out` would lie inside, and the command that made it: a split
+    of a prepared dataset, a rebalanced set or a generated set. A folder made there would be
+    read as one more class of it (`--out data/train/synthetic`)."""
+    for a in Path(out).absolute().parents:
+        if a.name in OUTPUTS["prepare"][1] and (a.parent / "dataset.json").is_file():
+            return a, "prepare"
+        for record, command in (("rebalance.json", "rebalance"), ("generation.json", "generate")):
+            if (a / record).is_file():
+                return a, command
+    return None
+
+
+def check_not_in_image_folder(out: Path) -> None:
+    around = image_folder_around(out)
+    if around is not None:
+        where = around[0] if Path(out).is_absolute() else os.path.relpath(around[0])  # as the user wrote it
+        raise InputError(f"{out}: lies inside {where}, an image folder written by xraygan {around[1]}; "
+                         "a folder there would be read as one more class of it: choose a folder outside it")
+
+
 def check_output_free(out: Path, force: bool, command: str | None = None) -> None:
     """Refuse to replace an existing, non-empty output unless --force was given, and with --force
-    unless the folder is what `command` itself wrote (its record, and nothing else)."""
+    unless the folder is what `command` itself wrote (its record, and nothing else). Never inside
+    an image folder xraygan made (see image_folder_around)."""
     out = Path(out)
+    check_not_in_image_folder(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     if not (out.is_dir() and any(out.iterdir())):
@@ -172,6 +195,7 @@ def check_out_apart(out: Path, **inputs: Path | None) -> None:
         if o in i.parents:
             raise InputError(f"{out}: the output folder contains the input {p} ({opt}); "
                              "choose a folder beside it")
+    check_not_in_image_folder(out)  # after the inputs: "inside the input" says more when it applies
 
 
 @contextlib.contextmanager
