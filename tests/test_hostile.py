@@ -325,6 +325,19 @@ def test_generate_force_never_deletes_real_images(world, tmp_path):
     assert (synth / "pneumonia" / "mine.png").read_bytes() == b"user's file"
 
 
+def test_only_xraygan_image_folders_refuse_outputs_inside_them(world, tmp_path):
+    """data/train/x is refused (a new class of the training set); the same shape under another
+    tool's dataset.json (nnU-Net writes one) is the user's own folder and stays usable."""
+    from xraygan.fsutil import image_folder_around
+
+    assert image_folder_around(world["data"] / "train" / "x" / "y") == (world["data"] / "train", "prepare")
+    assert image_folder_around(world["synth"] / "pneumonia" / "x") == (world["synth"], "generate")
+    assert image_folder_around(world["data"] / "runs") is None  # beside the splits is fine
+    (tmp_path / "proj" / "train").mkdir(parents=True)
+    (tmp_path / "proj" / "dataset.json").write_text('{"name": "another tool"}')
+    assert image_folder_around(tmp_path / "proj" / "train" / "runs") is None
+
+
 def test_prepare_force_never_deletes_the_source_or_its_parent(world, tmp_path):
     import shutil
 

@@ -129,11 +129,17 @@ def image_folder_around(out: Path) -> tuple[Path, str] | None:
     """The xraygan image folder that `out` would lie inside, and the command that made it: a split
     of a prepared dataset, a rebalanced set or a generated set. A folder made there would be
     read as one more class of it (`--out data/train/synthetic`)."""
+    def ours(record: Path) -> bool:  # another tool's dataset.json is not a reason to refuse
+        try:
+            return record.is_file() and "xraygan_version" in json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
+
     for a in Path(out).absolute().parents:
-        if a.name in OUTPUTS["prepare"][1] and (a.parent / "dataset.json").is_file():
+        if a.name in OUTPUTS["prepare"][1] and ours(a.parent / "dataset.json"):
             return a, "prepare"
         for record, command in (("rebalance.json", "rebalance"), ("generation.json", "generate")):
-            if (a / record).is_file():
+            if ours(a / record):
                 return a, command
     return None
 
