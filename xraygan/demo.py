@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from xraygan.errors import Interrupted, check_choice, check_int, require
-from xraygan.fsutil import atomic_write_json, check_output_free, record_header
+from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header
 from xraygan.images import save_png
 from xraygan.runtime import DEVICES
 
@@ -87,6 +87,7 @@ def demo(cfg: DemoConfig, progress=None) -> dict:
     check_int("--clf-epochs", cfg.clf_epochs)
     check_choice("--device", cfg.device, DEVICES)
     out = Path(cfg.out)
+    check_out_apart(out)  # no inputs but the packaged sample: never inside an image folder
     check_output_free(out, cfg.force, "demo")
     if cfg.force and out.is_dir():
         shutil.rmtree(out)  # checked above: an earlier demo's folder and nothing else

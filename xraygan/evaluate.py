@@ -29,6 +29,7 @@ from xraygan.fsutil import (
     check_out_apart,
     check_output_free,
     csv_text,
+    overlapping,
     read_json,
     record_header,
     staged_dir,
@@ -219,11 +220,9 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             raise InputError("--untuned-report needs --tune-on: without tuning there is one threshold "
                              "and one report (--report)")
         check_out_apart(cfg.untuned_report, checkpoint=cfg.checkpoint, data=cfg.data, tune_on=cfg.tune_on)
-        if cfg.report is not None:
-            a, b = Path(cfg.untuned_report).resolve(), Path(cfg.report).resolve()
-            if a == b or a in b.parents or b in a.parents:
-                raise InputError(f"--untuned-report {cfg.untuned_report}: give it a folder apart from "
-                                 f"--report {cfg.report} (one report in each)")
+        if cfg.report is not None and overlapping(cfg.untuned_report, cfg.report):
+            raise InputError(f"--untuned-report {cfg.untuned_report}: give it a folder apart from "
+                             f"--report {cfg.report} (one report in each)")
         check_output_free(Path(cfg.untuned_report), cfg.force, "evaluate")
     if cfg.report is not None:  # refuse before any work, not after it
         check_out_apart(cfg.report, checkpoint=cfg.checkpoint, data=cfg.data, tune_on=cfg.tune_on)
@@ -243,11 +242,12 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         progress("evaluate", 0, 3)
     score = _scores(model, test, pos, device, cfg.batch_size)
     y = test.labels == pos
+    test_fingerprint = folder_fingerprint(test)
     fixed = 0.5 if cfg.threshold is None else cfg.threshold
     threshold, tuned = fixed, None
     if cfg.tune_on is not None:
         val = read_for_model(cfg.tune_on, classes, int(meta["image_size"]), "validation")
-        if folder_fingerprint(val) == folder_fingerprint(test):
+        if folder_fingerprint(val) == test_fingerprint:
             raise InputError(f"--tune-on {cfg.tune_on}: holds the same files as the test folder {cfg.data}; "
                              "a threshold tuned on the test images makes every metric optimistic "
                              "(tune on DATA/val)")
@@ -272,7 +272,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             **record_header("metrics"),
             "label": cfg.label or run_label(cfg.checkpoint),
             "checkpoint": str(cfg.checkpoint), "test": str(cfg.data),
-            "test_fingerprint": folder_fingerprint(test), "test_counts": test.counts(),
+            "test_fingerprint": test_fingerprint, "test_counts": test.counts(),
             "classes": list(classes), "positive": positive, "threshold": threshold,
             "threshold_tuning": tuned, "metrics": m,
             "ci95": bootstrap_ci(y, score, threshold, cfg.bootstrap, cfg.seed),
@@ -294,13 +294,12 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         progress("evaluate", 2, 3)
     if cfg.report is not None:
         write(cfg.report, rec)
+        rec["report"] = str(cfg.report)
     if cfg.untuned_report is not None:  # its own metrics.json, the same as a separate run would write
         untuned = record(fixed, None)
         write(cfg.untuned_report, untuned)
         rec["untuned"] = {"threshold": fixed, "metrics": untuned["metrics"], "ci95": untuned["ci95"],
                           "report": str(cfg.untuned_report)}
-    if cfg.report is not None:
-        rec["report"] = str(cfg.report)
     if progress:
         progress("evaluate", 3, 3)
     rec["seconds"] = round(time.perf_counter() - t0, 2)

@@ -154,10 +154,8 @@ def check_not_in_image_folder(out: Path) -> None:
 
 def check_output_free(out: Path, force: bool, command: str | None = None) -> None:
     """Refuse to replace an existing, non-empty output unless --force was given, and with --force
-    unless the folder is what `command` itself wrote (its record, and nothing else). Never inside
-    an image folder xraygan made (see image_folder_around)."""
+    unless the folder is what `command` itself wrote (its record, and nothing else)."""
     out = Path(out)
-    check_not_in_image_folder(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     if not (out.is_dir() and any(out.iterdir())):
@@ -184,9 +182,16 @@ def check_output_free(out: Path, force: bool, command: str | None = None) -> Non
                          f"which xraygan {command} did not write; --force will not remove it")
 
 
+def overlapping(a: Path, b: Path) -> bool:
+    """The same folder, or one inside the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def check_out_apart(out: Path, **inputs: Path | None) -> None:
     """An output folder is never an input, inside one, or above one (so --force can never
-    remove, and a later run never reads, the data it was made from)."""
+    remove, and a later run never reads, the data it was made from), and never inside an image
+    folder xraygan made (see image_folder_around). Every command checks its outputs here."""
     o = Path(out).resolve()
     for name, p in inputs.items():
         if p is None:

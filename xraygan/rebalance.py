@@ -22,7 +22,14 @@ from PIL import Image
 
 from xraygan import __version__
 from xraygan.errors import InputError, check_float, check_int
-from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
+from xraygan.fsutil import (
+    atomic_write_json,
+    check_out_apart,
+    check_output_free,
+    overlapping,
+    record_header,
+    staged_dir,
+)
 from xraygan.images import encode_png, list_image_folder, read_image_folder
 from xraygan.provenance import file_sources, single_source
 
@@ -63,11 +70,9 @@ def synthetic_files(folders: tuple[Path, ...], label: str, size: int,
         sub = d / label if (d / label).is_dir() else d
         if not sub.is_dir():
             raise InputError(f"{d}: synthetic folder not found")
-        if real is not None:
-            a, b = sub.resolve(), Path(real).resolve()
-            if a == b or b in a.parents or a in b.parents:
-                raise InputError(f"{d}: overlaps the training folder {real}; those are real images, not "
-                                 "synthetic ones (give the output of xraygan generate)")
+        if real is not None and overlapping(sub, real):
+            raise InputError(f"{d}: overlaps the training folder {real}; those are real images, not "
+                             "synthetic ones (give the output of xraygan generate)")
         from xraygan.generate import check_complete
 
         check_complete(d if sub != d else d.parent)  # an interrupted generate is not a data set

@@ -3,8 +3,8 @@
 The grid is a plan of steps, each one ordinary xraygan command (so every result can be remade
 from the shell): per GAN row train-gan → generate → audit; per row and seed rebalance →
 train-classifier → evaluate (at threshold 0.5 and tuned on the validation split, in one
-process) and gradcam; the two tables last. Up to `--jobs` steps run at once as subprocesses, each with its share of
-the CPU threads, sharing one GPU. A step is done when the record its command writes says so
+process) and gradcam; the two tables last. Up to `--jobs` steps run at once as subprocesses,
+each with its share of the CPU threads, sharing one GPU. A step is done when the record its command writes says so
 (the GAN's and classifier's state files, generation.json, metrics.json, ...), so a rerun skips
 it; an interrupted GAN or classifier resumes with --resume.
 """
@@ -283,7 +283,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                 sid, ["evaluate", ckpt, str(data / "test"), "--report", str(rep_tuned), "--tune-on",
                       str(data / "val"), "--untuned-report", str(rep), "--label", row, *dev],
                 rep_tuned, deps=[f"train-classifier {name}"], also=(rep,),
-                done=lambda a=rep, b=rep_tuned: record_done(a, "metrics.json") and record_done(b, "metrics.json")))
+                done=lambda rs=(rep, rep_tuned): all(record_done(r, "metrics.json") for r in rs)))
             tables["table"].append((sid, rep / "metrics.json"))
             tables["table-tuned"].append((sid, rep_tuned / "metrics.json"))
             cams = run / "cams"
