@@ -264,8 +264,42 @@ def prepare(
     val_fraction: Annotated[float, typer.Option(
         help="Share of train carved out (by patient) as val when the source has no val split.")] = 0.1,
     classes: Annotated[Optional[str], typer.Option(
-        help="Comma-separated class names for MedMNIST labels 0,1,... "
-             "(default normal,pneumonia for two labels).")] = None,
+        help="With --labels: which label values mean which class, CLASS=VALUE[|VALUE...] separated "
+             "by ';' (\"pneumonia=Pneumonia;normal=No Finding\", \"pneumonia=1;normal=0|(blank)\"). "
+             "With MedMNIST: comma-separated names for labels 0,1,... (default normal,pneumonia).")] = None,
+    labels: Annotated[list[Path], typer.Option(
+        help="A CSV that labels the images below SRC (repeatable: CheXpert's train.csv and "
+             "valid.csv). See --path-column, --label-column, --classes, or --preset.")] = [],  # noqa: B006
+    preset: Annotated[Optional[str], typer.Option(
+        help="The column layout of a public release: rsna (stage_2_train_labels.csv), nih "
+             "(Data_Entry_2017.csv, with test_list.txt as the test split), chexpert (train.csv, "
+             "valid.csv). Found beside SRC or in its parent unless --labels is given; any column "
+             "option overrides the preset's.")] = None,
+    path_column: Annotated[Optional[str], typer.Option(
+        help="CSV column naming the image: a path below SRC, a file name, or a name without extension.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="CSV column holding the label.")] = None,
+    patient_column: Annotated[Optional[str], typer.Option(
+        help="CSV column holding the patient id (default: DICOM PatientID, else the path or file name).")] = None,
+    split_column: Annotated[Optional[str], typer.Option(
+        help="CSV column holding train/val/test (default: split by patient).")] = None,
+    view_column: Annotated[Optional[str], typer.Option(
+        help="CSV column holding the view (PA, AP, LATERAL, Frontal/Lateral); DICOMs use ViewPosition.")] = None,
+    test_list: Annotated[Optional[Path], typer.Option(
+        help="File of image names, one a line, that form the test split (NIH's test_list.txt); "
+             "the other images are train, and val is carved from train by patient.")] = None,
+    uncertain: Annotated[str, typer.Option(
+        help="Label -1 (CheXpert's uncertain): ignore (drop the image), positive (read as 1) or "
+             "negative (read as 0): the paper's U-Ignore, U-Ones, U-Zeros.")] = "ignore",
+    other: Annotated[Optional[str], typer.Option(
+        help="A class name for images whose label matches no class (other findings); default: "
+             "left out, and counted in dataset.json.")] = None,
+    views: Annotated[Optional[str], typer.Option(
+        help="Keep only these views, e.g. PA,AP (images without a view are then left out too); "
+             "default: all but lateral views, which are counted in dataset.json.")] = None,
+    salt: Annotated[str, typer.Option(
+        envvar="XRAYGAN_SALT", show_default=False,
+        help="A secret mixed into the hashed DICOM patient and image names (never written); give the "
+             "same one to link exports of the same patients.")] = "",
     seed: Annotated[int, typer.Option(help="Seed for splits, imbalance and demo data.")] = 0,
     workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per CPU core).")] = 0,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of "
@@ -275,13 +309,25 @@ def prepare(
 ) -> None:
     """Turn raw chest X-rays into OUT/{train,val,test}/{normal,pneumonia}/*.png + dataset.json.
 
+    SRC may hold images or DICOM files (.dcm, or no extension), in class folders or labelled by a
+    CSV. DICOM file names and header values never reach the output (names are salted hashes).
+
     Example: xraygan prepare chest_xray/ --out data --size 64 --imbalance 3
+             xraygan prepare rsna/stage_2_train_images --preset rsna --out data --size 224
              xraygan prepare --sample --out data --size 32
     """
     from xraygan.console import counts_table, err
+    from xraygan.labels import LabelSpec
     from xraygan.prepare import PrepareConfig
     from xraygan.prepare import prepare as run_prepare
 
+    spec = None
+    if labels or preset or any(v is not None for v in (path_column, label_column, patient_column, split_column,
+                                                       view_column, test_list, other)):
+        spec = LabelSpec(csv=tuple(labels), preset=preset.lower() if preset else None, path_column=path_column,
+                         label_column=label_column, classes=classes, patient_column=patient_column,
+                         split_column=split_column, view_column=view_column, uncertain=uncertain.lower(),
+                         other=other.lower() if other else None, test_list=test_list)
     cfg = PrepareConfig(out=out, src=src, medmnist=medmnist, demo=demo, demo_count=demo_count, sample=sample,
                         size=size, square=square, keep=_parse_keep(keep), imbalance=imbalance,
                         minority=minority.lower(), extra_normal=extra_normal,
@@ -289,15 +335,26 @@ def prepare(
                         extra_normal_splits=tuple(x.strip() for x in extra_normal_splits.split(",") if x.strip()),
                         split=_parse_fractions(split),
                         val_fraction=val_fraction, seed=seed, workers=workers, strict=strict,
-                        force=force,
-                        class_names=tuple(c.strip() for c in classes.split(",")) if classes else None)
+                        force=force, labels=spec, salt=salt,
+                        views=tuple(v.strip().upper() for v in views.split(",") if v.strip()) if views else None,
+                        class_names=tuple(c.strip() for c in classes.split(",")) if classes and not spec else None)
     rec = _run_with_progress(run_prepare, cfg)
-    for s in rec["skipped"][:20]:
+    local = rec.pop("skipped_local")
+    for s in local[:20]:
         err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
     if rec["skipped_count"] > 20:
         err.print(f"[yellow]... and {rec['skipped_count'] - 20} more skipped (see dataset.json)")
     for w in rec["warnings"]:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if rec["views_skipped"]:
+        err.print("views left out: " + ", ".join(f"{n} {v}" for v, n in rec["views_skipped"].items()))
+    lab = rec["labels"]
+    if lab:
+        err.print(f"labels: {lab['images']} images from {lab['rows']} rows; "
+                  f"{lab['missing_count']} named but not found, {lab['not_in_csv_count']} on disk but not in "
+                  f"the CSV, {lab['unmatched_rows']} rows matching no class (left out"
+                  f"{'' if not lab['other'] else ' → ' + lab['other']}), {lab['uncertain_rows']} uncertain, "
+                  f"{lab['conflicting_images']} with conflicting rows", highlight=False)
     d = rec["duplicates"]
     err.print(f"duplicates: {d['images']} images in {d['groups']} groups of identical pixels "
               f"(kept together in one split; {d['dropped_across_splits']} dropped across splits)")

@@ -1,28 +1,38 @@
 """`xraygan prepare`: raw data → `OUT/{train,val,test}/<class>/*.png` + `OUT/dataset.json`.
 
-Steps: scan the source(s) → decode every image to size×size gray in worker processes → find
-exact duplicates → group images by patient and duplicate → keep the source's splits, carving
-val (and test, for unsplit sources) by group → cut the training split to the requested
-imbalance → write into a staging folder renamed into place at the end.
+Steps: scan the source(s) → decode every image to size×size gray in worker processes, each
+written at once as a PNG into the staging folder (memory stays bounded: only a 16-byte pixel
+digest per image comes back) → find exact duplicates → group images by patient and duplicate →
+keep the source's splits, carving val (and test, for unsplit sources) by group → cut the
+training split to the requested imbalance → rename each PNG to its split and class, and the
+staging folder into place at the end. An interrupted run leaves only the hidden staging
+folder, removed by the next run.
+
+DICOM sources: file names and header values never reach an output. A DICOM image is named
+`<patient hash>-<image hash>`, both salted with a digest of every SOPInstanceUID (or path) in
+the source plus `--salt`, which nobody holding only the outputs can recompute; the same source
+gives the same names again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xraygan import __version__
+from xraygan.dicom import DicomSkip, read_dicom
 from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import SQUARE_MODES, encode_png, load_gray, make_square, resize_gray
+from xraygan.labels import LabelSpec, scan_labelled
 from xraygan.phantom import DEMO_NOTE
 from xraygan.sample import SHA256 as SAMPLE_SHA256
 from xraygan.sources import (
@@ -59,6 +69,9 @@ class PrepareConfig:
     val_fraction: float = 0.1  # carved from train when the source has no usable val split
     min_val: int = 50  # a source val split smaller than this is folded into train
     class_names: tuple[str, ...] | None = None  # for MedMNIST labels
+    labels: LabelSpec | None = None  # SRC's images labelled by a CSV (--labels / --preset)
+    views: tuple[str, ...] | None = None  # keep only these views (None: all but lateral)
+    salt: str = ""  # mixed into the DICOM name hashes (--salt / XRAYGAN_SALT)
     seed: int = 0
     workers: int = 0  # 0 = one per CPU core
     strict: bool = False
@@ -94,57 +107,139 @@ class PrepareConfig:
             raise InputError(f"--workers {self.workers}: must be 0 (one per core) or more")
         if any(n < 0 for _, n in self.keep):
             raise InputError("--keep: counts must not be negative")
+        if self.labels is not None:
+            lab = self.labels
+            if not lab.csv and lab.preset is None:
+                given = [o for o, v in (("--path-column", lab.path_column), ("--label-column", lab.label_column),
+                                        ("--patient-column", lab.patient_column),
+                                        ("--split-column", lab.split_column), ("--view-column", lab.view_column),
+                                        ("--test-list", lab.test_list), ("--other", lab.other)) if v is not None]
+                raise InputError(f"{', '.join(given)}: describe a label CSV; give --labels FILE.csv or --preset")
+            if self.src is None or self.src.suffix == ".npz":
+                raise InputError("--labels/--preset label the images of a folder: give that folder as SRC")
+        if self.views is not None and (not self.views or any(not v.isalnum() for v in self.views)):
+            raise InputError(f"--views {','.join(self.views)}: a comma list of view positions, e.g. PA,AP")
         # before anything is read: the output is never the source, inside it or above it, and
         # --force replaces only an earlier prepare output
-        check_out_apart(self.out, src=self.src, medmnist=self.medmnist, extra_normal=self.extra_normal)
+        csvs = self.labels.csv if self.labels is not None else ()
+        check_out_apart(self.out, src=self.src, medmnist=self.medmnist, extra_normal=self.extra_normal,
+                        **{f"labels{i or ''}": p for i, p in enumerate(csvs)})
         check_output_free(self.out, self.force, "prepare")
 
 
-def _decode_one(args: tuple[Path, int, str]) -> tuple[np.ndarray | None, str | None]:
-    path, size, square = args
+def _decode_job(job: tuple) -> tuple:
+    """Decode one file and write its PNG as `dest`: (digest, reason, skipped view, patient, key).
+    Decoding problems are the file's (a reason); a refused write is the machine's and is raised."""
+    path, dicom, size, square, views, dest = job
+    patient = key = None
     try:
-        return load_gray(path, size, square), None
+        if dicom:
+            d = read_dicom(path, size, square, views)
+            a, patient, key = d.pixels, d.patient, d.key
+        else:
+            a = load_gray(path, size, square)
+    except DicomSkip as e:
+        return None, None, e.view, None, None
     except ValueError as e:
-        return None, str(e)
+        return None, str(e), None, None, None
     except OSError as e:  # vanished or unreadable on disk
-        return None, e.strerror or str(e)
+        return None, (e.strerror or str(e)), None, None, None
+    Path(dest).write_bytes(encode_png(a))
+    return hashlib.blake2b(a.tobytes(), digest_size=16).digest(), None, None, patient, key
 
 
-def decode_items(items: list[Item], cfg: PrepareConfig, progress: Progress | None = None
-                 ) -> tuple[list[Item], list[np.ndarray], list[dict]]:
-    """Decode every item; returns the readable items, their arrays and the skipped list."""
-    jobs = [(it.path, cfg.size, cfg.square) for it in items if it.path is not None]
-    workers = cfg.workers or os.cpu_count() or 1
-    results: list[tuple[np.ndarray | None, str | None]] = []
+@dataclass
+class Decoded:
+    """What decoding left: the readable items with their PNGs in `work`, digests, the rest."""
+
+    items: list[Item]
+    pngs: list[Path]
+    hashes: list[bytes]
+    keys: list[str]  # DICOM SOPInstanceUIDs (salt material), "" for other items
+    skipped: list[tuple[Item, str]]
+    views_skipped: Counter
+
+
+def decode_items(items: list[Item], cfg: PrepareConfig, work: Path, progress: Progress | None = None
+                 ) -> Decoded:
+    """Decode every item into `work/NNNNNNN.png`, files in worker processes fed lazily (a
+    100,000-image source is never a list of arrays or of pending futures)."""
+    views = tuple(v.upper() for v in cfg.views) if cfg.views is not None else None
     total = len(items)
-    if jobs:
-        if workers > 1 and len(jobs) >= 64:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                chunk = max(8, min(64, len(jobs) // (workers * 8)))
-                for r in pool.map(_decode_one, jobs, chunksize=chunk):
-                    results.append(r)
-                    if progress and len(results) % 32 == 0:
-                        progress("decode", len(results), total)
+    jobs = [(i, it) for i, it in enumerate(items) if it.path is not None]
+    results: dict[int, tuple] = {}
+    done = 0
+
+    def tick() -> None:
+        if progress and (done % 32 == 0 or done == total):
+            progress("decode", done, total, images=done)
+
+    for i, it in enumerate(items):  # in-memory sources (MedMNIST, sample, phantoms)
+        if it.path is None:
+            a = resize_gray(make_square(it.array, cfg.square), cfg.size)
+            (work / f"{i:07d}.png").write_bytes(encode_png(a))
+            results[i] = (hashlib.blake2b(a.tobytes(), digest_size=16).digest(), None, None, None, None)
+            done += 1
+            tick()
+    args = ((it.path, it.dicom, cfg.size, cfg.square, views, work / f"{i:07d}.png") for i, it in jobs)
+    workers = cfg.workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) >= 64:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            chunk = max(4, min(64, len(jobs) // (workers * 16)))
+            for (i, _), r in zip(jobs, pool.imap(_decode_job, args, chunksize=chunk)):
+                results[i] = r
+                done += 1
+                tick()
+    else:
+        for (i, _), job in zip(jobs, args):
+            results[i] = _decode_job(job)
+            done += 1
+            tick()
+    out = Decoded([], [], [], [], [], Counter())
+    for i, it in enumerate(items):
+        digest, reason, view, patient, key = results[i]
+        if view is not None:
+            out.views_skipped[view] += 1
+        elif digest is None:
+            out.skipped.append((it, reason))
         else:
-            for j in jobs:
-                results.append(_decode_one(j))
-                if progress and len(results) % 32 == 0:
-                    progress("decode", len(results), total)
-    it_results = iter(results)
-    kept, arrays, skipped = [], [], []
-    for it in items:
-        if it.path is not None:
-            a, reason = next(it_results)
-        else:
-            a, reason = resize_gray(make_square(it.array, cfg.square), cfg.size), None
-        if a is None:
-            skipped.append({"file": it.ident, "reason": reason})
-        else:
-            kept.append(it)
-            arrays.append(a)
+            if it.dicom and it.patient is None:  # a CSV's patient column wins over the header
+                it.patient = patient or it.path.stem  # no PatientID: the file is its own patient
+            out.items.append(it)
+            out.pngs.append(work / f"{i:07d}.png")
+            out.hashes.append(digest)
+            out.keys.append(key or "")
     if progress:
-        progress("decode", total, total)
-    return kept, arrays, skipped
+        progress("decode", total, total, images=total)
+    return out
+
+
+def _salted(salt: bytes, value: str) -> str:
+    return hashlib.blake2b(value.encode("utf-8"), digest_size=5, key=salt).hexdigest()
+
+
+def dicom_salt(items: list[Item], keys: list[str], user_salt: str) -> bytes:
+    """A key for the DICOM name hashes that only the source can give: a digest of every image's
+    SOPInstanceUID (or path), plus the user's --salt. Same source, same names."""
+    h = hashlib.blake2b(digest_size=32)
+    for k in sorted(k or str(it.path) for it, k in zip(items, keys) if it.dicom):
+        h.update(k.encode("utf-8") + b"\n")
+    h.update(user_salt.encode("utf-8"))
+    return h.digest()
+
+
+def public_names(items: list[Item], keys: list[str], skipped: list[Item], user_salt: str) -> None:
+    """Give DICOM items hashed output names and idents (in place); other items keep theirs."""
+    if not any(it.dicom for it in items) and not any(it.dicom for it in skipped):
+        return
+    salt = dicom_salt(items, keys, user_salt)
+    for it, k in zip(items, keys):
+        if it.dicom:
+            it.name = f"{_salted(salt, 'patient:' + str(it.patient))}-{_salted(salt, 'image:' + (k or str(it.path)))}"
+            it.ident = f"dicom:{it.name}"
+    for it in skipped:
+        if it.dicom:
+            it.ident = f"dicom:file-{_salted(salt, 'file:' + str(it.path))}"
 
 
 class _UnionFind:
@@ -164,11 +259,6 @@ class _UnionFind:
 
 
 _SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
-
-
-def pixel_hashes(arrays: list[np.ndarray]) -> list[bytes]:
-    """One digest per image: equal digests mean identical pixels after resizing."""
-    return [hashlib.blake2b(a.tobytes(), digest_size=16).digest() for a in arrays]
 
 
 def find_duplicates(items: list[Item], hashes: list[bytes]) -> tuple[list[int], dict]:
@@ -237,11 +327,9 @@ def split_groups(idx: list[int], items: list[Item], groups: list[int],
     return out
 
 
-def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
-    """Run the whole preparation; returns the `dataset.json` record."""
-    cfg.validate()
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
+def _scan(cfg: PrepareConfig, rng: np.random.Generator) -> tuple[list[Scan], list[dict], dict | None]:
+    """The source(s) as Items, their descriptions for the record, and the label-CSV report."""
+    labels = None
     if cfg.sample:
         scan, info = scan_sample()
         src_desc = {"kind": "sample", "name": "kermany_sample_64", "sha256": SAMPLE_SHA256,
@@ -249,45 +337,29 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
     elif cfg.demo:
         scan = scan_demo(cfg.demo_count, cfg.seed)
         src_desc = {"kind": "demo", "count_per_class": cfg.demo_count}
-    elif cfg.medmnist is not None:
-        scan = scan_medmnist(cfg.medmnist, cfg.class_names)
-        src_desc = {"kind": "medmnist", "path": str(cfg.medmnist)}
+    elif cfg.medmnist is not None or cfg.src.suffix == ".npz" and cfg.src.is_file():
+        path = cfg.medmnist or cfg.src
+        scan = scan_medmnist(path, cfg.class_names)
+        src_desc = {"kind": "medmnist", "path": str(path)}
+    elif cfg.labels is not None:
+        scan, labels = scan_labelled(cfg.src, cfg.labels, cfg.views)
+        src_desc = {"kind": labels["preset"] or "csv", "path": str(cfg.src)}
     else:
-        if cfg.src.is_file() and cfg.src.suffix == ".npz":
-            scan = scan_medmnist(cfg.src, cfg.class_names)
-            src_desc = {"kind": "medmnist", "path": str(cfg.src)}
-        else:
-            scan = scan_folder_source(cfg.src)
-            src_desc = {"kind": scan.layout, "path": str(cfg.src)}
+        scan = scan_folder_source(cfg.src)
+        src_desc = {"kind": scan.layout, "path": str(cfg.src)}
     scans: list[Scan] = [scan]
     sources = [src_desc]
     if cfg.extra_normal is not None:
         extra = scan_extra_normal(cfg.extra_normal, cfg.extra_normal_count, rng)
         scans.append(extra)
-        sources.append({"kind": "extra-normal", "path": str(cfg.extra_normal),
-                        "count": len(extra.items)})
-    items = [it for s in scans for it in s.items]
-    skipped = [x for s in scans for x in s.skipped]
-    ignored = sum(s.ignored for s in scans)
+        sources.append({"kind": "extra-normal", "path": str(cfg.extra_normal), "count": len(extra.items)})
+    return scans, sources, labels
 
-    items, arrays, bad = decode_items(items, cfg, progress)
-    skipped += bad
-    if skipped and cfg.strict:
-        first = skipped[0]
-        raise InputError(f"{first['file']}: {first['reason']} "
-                         f"({len(skipped)} unreadable file(s); drop --strict to skip them)")
-    classes = sorted({it.cls for it in items})
-    for c in sorted({it.cls for s in scans for it in s.items} - set(classes)):
-        raise InputError(f"{cfg.src or cfg.medmnist}: class '{c}' has no readable images")
 
-    hashes = pixel_hashes(arrays)
-    drop, dup_report = find_duplicates(items, hashes)
-    dropped = set(drop)
-    kept = [i for i in range(len(items)) if i not in dropped]
-    items, arrays, hashes = ([xs[i] for i in kept] for xs in (items, arrays, hashes))
-    groups = group_items(items, hashes)
-
-    # --- splits ---
+def _assign_splits(cfg: PrepareConfig, items: list[Item], groups: list[int], rng: np.random.Generator
+                   ) -> tuple[list[str | None], bool, list[str]]:
+    """Each item's split: the source's where it has them, val carved from train by patient when
+    the source has none worth keeping, the rest split by patient by fractions."""
     notes: list[str] = []
     split_of: list[str | None] = [it.split for it in items]
     main_given = {it.split for it in items if it.source != "extra-normal"} - {None}
@@ -324,8 +396,12 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
         for s, idx in split_groups(unsplit, items, groups, fr, rng).items():
             for i in idx:
                 split_of[i] = s
+    return split_of, val_carved, notes
 
-    # --- imbalance in the training split only ---
+
+def _cut_imbalance(cfg: PrepareConfig, items: list[Item], split_of: list[str | None], classes: list[str],
+                   rng: np.random.Generator) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Mark training images removed to make the requested imbalance (in place in `split_of`)."""
     train_by_class: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(split_of):
         if s == "train":
@@ -347,39 +423,97 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
         for i in cut:
             split_of[i] = "removed"
         removed[c] = sorted(items[i].ident for i in cut)
+    return keep, removed
 
-    # --- write ---
+
+def _place(cfg: PrepareConfig, tmp: Path, dec: Decoded, split_of: list[str | None], classes: list[str],
+           progress: Progress | None) -> tuple[dict, dict[str, Counter], dict[str, str]]:
+    """Rename each decoded PNG to SPLIT/CLASS/NAME.png; the PNGs of images left out are deleted."""
     counts = {s: {c: 0 for c in classes} for s in SPLITS}
     composition: dict[str, Counter] = defaultdict(Counter)
+    file_sources: dict[str, str] = {}
+    used: set[tuple[str, str, str]] = set()
+    for s in SPLITS:
+        for c in classes:
+            (tmp / s / c).mkdir(parents=True)
     total_out = sum(1 for s in split_of if s in SPLITS)
+    written = 0
+    for it, png, s in zip(dec.items, dec.pngs, split_of):
+        if s not in SPLITS:
+            png.unlink()
+            continue
+        name = it.name
+        n = 1
+        while (s, it.cls, name) in used:
+            n += 1
+            name = f"{it.name}-{n}"
+        used.add((s, it.cls, name))
+        os.replace(png, tmp / s / it.cls / f"{name}.png")
+        file_sources[f"{s}/{it.cls}/{name}.png"] = it.source
+        counts[s][it.cls] += 1
+        composition[it.cls][it.source] += 1
+        written += 1
+        if progress and written % 256 == 0:
+            progress("write", written, total_out)
+    for s in SPLITS:
+        for c in classes:
+            if counts[s][c] == 0:
+                raise InputError(f"{cfg.src or cfg.medmnist or ('sample' if cfg.sample else 'demo')}: the {s} "
+                                 f"split would have no {c} images (too few images or patients)")
+    return counts, composition, file_sources
+
+
+def _jsonable(v):
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
+    """Run the whole preparation; returns the `dataset.json` record, plus (not written) the
+    local paths of skipped files under `skipped_local`, for the terminal."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    scans, sources, labels = _scan(cfg, rng)
+    items = [it for s in scans for it in s.items]
+    scan_skipped = [x for s in scans for x in s.skipped]
+    ignored = sum(s.ignored for s in scans)
     with staged_dir(cfg.out, cfg.force, "prepare") as tmp:
-        used: set[tuple[str, str, str]] = set()
-        file_sources: dict[str, str] = {}
-        for s in SPLITS:
-            for c in classes:
-                (tmp / s / c).mkdir(parents=True)
-        written = 0
-        for it, a, s in zip(items, arrays, split_of):
-            if s not in SPLITS:
-                continue
-            name = it.name
-            n = 1
-            while (s, it.cls, name) in used:
-                n += 1
-                name = f"{it.name}-{n}"
-            used.add((s, it.cls, name))
-            (tmp / s / it.cls / f"{name}.png").write_bytes(encode_png(a))
-            file_sources[f"{s}/{it.cls}/{name}.png"] = it.source
-            counts[s][it.cls] += 1
-            composition[it.cls][it.source] += 1
-            written += 1
-            if progress and written % 256 == 0:
-                progress("write", written, total_out)
-        for s in SPLITS:
-            for c in classes:
-                if counts[s][c] == 0:
-                    raise InputError(f"{cfg.src or cfg.medmnist or ('sample' if cfg.sample else 'demo')}: the {s} split would "
-                                     f"have no {c} images (too few images or patients)")
+        work = tmp / ".decoded"
+        work.mkdir()
+        dec = decode_items(items, cfg, work, progress)
+        views_skipped = Counter(dec.views_skipped)
+        for s in scans:
+            views_skipped.update(s.views_skipped)
+        bad = [it for it, _ in dec.skipped]
+        public_names(dec.items, dec.keys, bad, cfg.salt)
+        private = any(it.dicom for it in items)
+        skipped_local = scan_skipped + [{"file": str(it.path), "reason": r} for it, r in dec.skipped]
+        skipped = ([{"file": f"file-{_salted(dicom_salt(dec.items, dec.keys, cfg.salt), x['file'])}",
+                     "reason": x["reason"]} for x in scan_skipped] if private else scan_skipped)
+        skipped += [{"file": it.ident, "reason": r} for it, r in dec.skipped]
+        if skipped and cfg.strict:
+            raise InputError(f"{skipped_local[0]['file']}: {skipped_local[0]['reason']} "
+                             f"({len(skipped)} unreadable file(s); drop --strict to skip them)")
+        classes = sorted({it.cls for it in dec.items})
+        for c in sorted({it.cls for s in scans for it in s.items} - set(classes)):
+            raise InputError(f"{cfg.src or cfg.medmnist}: class '{c}' has no readable images")
+        drop, dup_report = find_duplicates(dec.items, dec.hashes)
+        for i in drop:
+            dec.pngs[i].unlink()
+        dropped = set(drop)
+        kept = [i for i in range(len(dec.items)) if i not in dropped]
+        dec.items, dec.pngs, dec.hashes = ([xs[i] for i in kept] for xs in (dec.items, dec.pngs, dec.hashes))
+        groups = group_items(dec.items, dec.hashes)
+        split_of, val_carved, notes = _assign_splits(cfg, dec.items, groups, rng)
+        keep, removed = _cut_imbalance(cfg, dec.items, split_of, classes, rng)
+        counts, composition, file_sources = _place(cfg, tmp, dec, split_of, classes, progress)
+        work.rmdir()
         warnings = list(notes)
         confound = None
         src_sets = {c: set(v) for c, v in composition.items()}
@@ -388,9 +522,12 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
             warnings.append("classes come from different sources ("
                             + "; ".join(f"{c}: {', '.join(sorted(v))}" for c, v in sorted(src_sets.items()))
                             + "): a classifier may learn the source rather than the disease")
-        small = [it.array.shape[0] for it in items if it.array is not None and it.array.shape[0] < cfg.size]
+        small = [it.array.shape[0] for it in dec.items if it.array is not None and it.array.shape[0] < cfg.size]
         if small:
             warnings.append(f"source images of {min(small)} px were upsampled to {cfg.size} px")
+        config = _jsonable(asdict(cfg))
+        if private:
+            config["salt"] = "(given)" if cfg.salt else ""  # a secret: never written
         record = {
             **record_header("dataset"), "created_by": f"xraygan {__version__} prepare",
             "sources": sources,
@@ -405,16 +542,22 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
             "val_carved_from_train": val_carved,
             "duplicates": dup_report,
             "skipped": skipped, "skipped_count": len(skipped), "ignored_count": ignored,
+            "views_skipped": dict(sorted(views_skipped.items())),
+            "dicom": {"images": sum(1 for it in dec.items if it.dicom),
+                      "names": "salted hashes of the patient id and the image; no header value is written"}
+                     if private else None,
+            "labels": labels,
             "source_composition": {c: dict(v) for c, v in composition.items()},
             "source_confound": confound,
             # every file's source, when there is more than one: evaluate breaks results down by it
             "file_sources": file_sources if len(set(file_sources.values())) > 1 else None,
             "warnings": warnings,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "config": config,
             "seconds": None,
         }
         record["seconds"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(tmp / "dataset.json", record)
     if progress:
+        total_out = sum(sum(v.values()) for v in counts.values())
         progress("write", total_out, total_out)
-    return record
+    return {**record, "skipped_local": skipped_local}

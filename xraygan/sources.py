@@ -5,6 +5,9 @@ Layouts understood:
   deeper, as the Kaggle archive is), class folder names matched case-insensitively;
 - folder: `SRC/<class>/...`, unsplit;
 - MedMNIST `.npz` (`train_images`, `train_labels`, ... at any size);
+- any of these folder layouts holding DICOM files (`.dcm`, or no extension and the DICM
+  preamble) as well as or instead of image files;
+- images anywhere under a folder, labelled by a CSV (`xraygan.labels`);
 - an extra-normal folder (NIH ChestX-ray8), optionally with its `Data_Entry_2017.csv`;
 - the procedural demo phantoms.
 """
@@ -14,11 +17,12 @@ from __future__ import annotations
 import csv
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from xraygan.dicom import is_dicom_file
 from xraygan.errors import InputError
 from xraygan.fsutil import RECORD_NAMES, xraygan_record
 from xraygan.images import is_ignored, is_image_name
@@ -56,6 +60,20 @@ class Item:
     ident: str  # how reports name it (a path, or `train[12]` for arrays)
     path: Path | None = None
     array: np.ndarray | None = None
+    dicom: bool = False  # read with pydicom; its file name and header stay out of every output
+
+
+def is_data_file(path: Path) -> bool:
+    return is_image_name(path) or is_dicom_file(path)
+
+
+def file_item(path: Path, cls: str | None, source: str, split: str | None,
+              patient: str | None = None) -> Item:
+    """An Item for a file on disk. A DICOM's patient comes from its header when it is decoded."""
+    dicom = not is_image_name(path) and is_dicom_file(path)
+    return Item(cls=cls, source=source, split=split,
+                patient=patient if patient is not None or dicom else patient_id(path.stem),
+                name=path.stem, ident=str(path), path=path, dicom=dicom)
 
 
 @dataclass
@@ -64,9 +82,10 @@ class Scan:
     ignored: int  # OS litter and other non-data files passed over silently
     skipped: list[dict]  # files that look like data but are not images
     layout: str
+    views_skipped: dict[str, int] = field(default_factory=dict)  # view → images left out for it
 
 
-def _files(root: Path) -> tuple[list[Path], int, list[dict]]:
+def list_files(root: Path) -> tuple[list[Path], int, list[dict]]:
     """Image files below root (recursive, sorted), ignored count, skipped non-images. Folders
     that hold an xraygan record (an earlier prepare, generate, ...) are passed over whole."""
     files, ignored, skipped = [], 0, []
@@ -83,7 +102,7 @@ def _files(root: Path) -> tuple[list[Path], int, list[dict]]:
             continue
         if is_ignored(p.relative_to(root)):
             ignored += 1
-        elif is_image_name(p):
+        elif is_data_file(p):
             files.append(p)
         elif p.suffix.lower() in (".csv", ".txt", ".md", ".json", ".pdf", ".xlsx"):
             ignored += 1  # metadata that travels with a download
@@ -125,7 +144,7 @@ def find_layout(src: Path) -> tuple[str, Path]:
                 return "split", d
         level = [c for d in level for c in _subdirs(d)]
     classes = _subdirs(src)
-    if classes and any(is_image_name(f) for c in classes for f in c.rglob("*")):
+    if classes and any(is_data_file(f) for c in classes for f in c.rglob("*")):
         return "folder", src
     raise InputError(f"{src}: unknown layout (expected SRC/train/<class>/ and SRC/test/<class>/ "
                      "image folders, or SRC/<class>/ image folders)")
@@ -162,15 +181,12 @@ def scan_folder_source(src: Path) -> Scan:
         splits = {None: cdirs}
     for s, cdirs in splits.items():
         for c, d in sorted(cdirs.items()):
-            files, ign, skip = _files(d)
+            files, ign, skip = list_files(d)
             ignored += ign
             skipped += skip
             if not files:
                 raise InputError(f"{d}: class folder holds no images")
-            for f in files:
-                items.append(Item(cls=c, source="kermany" if kind == "split" else "folder",
-                                  split=s, patient=patient_id(f.stem), name=f.stem,
-                                  ident=str(f), path=f))
+            items += [file_item(f, c, "kermany" if kind == "split" else "folder", s) for f in files]
     return Scan(items, ignored, skipped, kind)
 
 
@@ -228,7 +244,7 @@ def scan_extra_normal(src: Path, count: int | None, rng: np.random.Generator,
     src = Path(src)
     if not src.is_dir():
         raise InputError(f"{src}: extra-normal folder not found")
-    files, ignored, skipped = _files(src)
+    files, ignored, skipped = list_files(src)
     if csv_path is None:
         for cand in (src / "Data_Entry_2017.csv", src.parent / "Data_Entry_2017.csv"):
             if cand.is_file():

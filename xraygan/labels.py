@@ -1,0 +1,348 @@
+"""Images labelled by a CSV: `prepare IMAGES --labels FILE.csv` (and the public layouts' presets).
+
+One option set covers the public chest X-ray releases and a hospital's own sheet:
+
+- `--path-column`: the image, as a path relative to IMAGES (leading folders the CSV has and
+  IMAGES lacks are dropped: CheXpert's `CheXpert-v1.0-small/train/...`), a file name found
+  anywhere below IMAGES (NIH's `00000013_005.png` in `images_001/images/`), or a name without
+  its extension (RSNA's `patientId` for `<patientId>.dcm`).
+- `--label-column` and `--classes "pneumonia=Pneumonia;normal=No Finding"`: a class is given by
+  the values that mean it, `|`-separated (`normal=0|(blank)`); a label cell is split on `|` as
+  NIH writes several findings, and a class matches when one of its values is among them.
+  Numbers compare as numbers (`1` = `1.0`). `(blank)` is an empty cell.
+- `--uncertain ignore|positive|negative` for `-1` cells (CheXpert): drop the row (U-Ignore),
+  read it as 1 (U-Ones) or as 0 (U-Zeros), as in the CheXpert paper.
+- A row that matches no class (another finding) is left out by default: as `normal` it would
+  teach the classifier that, say, an effusion is healthy, and as a class of its own it changes
+  the question; `--other NAME` makes it a class of its own when that is the question.
+- Several rows for one image (RSNA writes one per box) are one image; rows that disagree on its
+  class drop it, counted.
+- `--patient-column` (else the DICOM header's PatientID, else the patient in the path or file
+  name), `--split-column` (train/val/test values), `--test-list FILE` (the official NIH
+  `test_list.txt`: those images are the test split, the rest train), `--view-column`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from xraygan.dicom import normalise_view, view_allowed
+from xraygan.errors import InputError
+from xraygan.sources import SPLIT_NAMES, Item, Scan, file_item, list_files
+
+UNCERTAIN = ("ignore", "positive", "negative")
+BLANK = "(blank)"
+PATH_SPLIT = "(path)"  # split_column value: the split is a folder of the path (CheXpert's train/valid)
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    csv: tuple[Path, ...] = ()
+    path_column: str | None = None
+    label_column: str | None = None
+    classes: str | None = None  # "pneumonia=1;normal=0"
+    patient_column: str | None = None
+    split_column: str | None = None
+    view_column: str | None = None
+    uncertain: str = "ignore"
+    other: str | None = None  # class for rows that match none (default: left out)
+    test_list: Path | None = None
+    preset: str | None = None
+
+
+# The public layouts, as their releases write them. `csv` names the file looked for beside
+# IMAGES (and in its parent) when --labels is not given; `test_list` likewise.
+PRESETS: dict[str, dict] = {
+    "rsna": dict(csv=("stage_2_train_labels.csv",), path_column="patientId", label_column="Target",
+                 patient_column="patientId", classes="pneumonia=1;normal=0"),
+    "nih": dict(csv=("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"), path_column="Image Index",
+                label_column="Finding Labels", patient_column="Patient ID", view_column="View Position",
+                classes="pneumonia=Pneumonia;normal=No Finding", test_list="test_list.txt"),
+    "chexpert": dict(csv=("train.csv", "valid.csv"), path_column="Path", label_column="Pneumonia",
+                     split_column=PATH_SPLIT, view_column="Frontal/Lateral",
+                     classes=f"pneumonia=1;normal=0|{BLANK}"),
+}
+
+
+def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
+    """Fill what the user left out from the preset, find its files, and check the options."""
+    images = Path(images)
+    if spec.preset is not None:
+        if spec.preset not in PRESETS:
+            raise InputError(f"--preset {spec.preset}: must be one of {', '.join(PRESETS)}")
+        p = PRESETS[spec.preset]
+        fill = {k: v for k, v in p.items() if k not in ("csv", "test_list") and getattr(spec, k) is None}
+        spec = replace(spec, **fill)
+        places = (images, images.parent)
+        if not spec.csv:
+            found = tuple(d / n for n in p["csv"] for d in places if (d / n).is_file())
+            if spec.preset == "nih":
+                found = found[:1]  # the 2020 file replaces the 2017 one
+            if not found:
+                raise InputError(f"{images}: no {' or '.join(p['csv'])} here or in its parent "
+                                 f"(give the label file with --labels)")
+            spec = replace(spec, csv=found)
+        if spec.test_list is None and p.get("test_list"):
+            where = [d / p["test_list"] for d in (spec.csv[0].parent, *places)]
+            spec = replace(spec, test_list=next((w for w in where if w.is_file()), None))
+    if not spec.csv:
+        raise InputError("--labels FILE.csv is needed (or --preset rsna|nih|chexpert)")
+    for f in spec.csv:
+        if f.is_dir():
+            raise InputError(f"{f}: is a folder, not a CSV file (--labels)")
+        if not f.is_file():
+            raise InputError(f"{f}: label file not found (--labels)")
+    for opt, v in (("--path-column", spec.path_column), ("--label-column", spec.label_column),
+                   ("--classes", spec.classes)):
+        if not v:
+            raise InputError(f"{opt} is needed with --labels (or --preset rsna|nih|chexpert)")
+    if spec.uncertain not in UNCERTAIN:
+        raise InputError(f"--uncertain {spec.uncertain}: must be one of {', '.join(UNCERTAIN)}")
+    if spec.test_list is not None and not Path(spec.test_list).is_file():
+        raise InputError(f"{spec.test_list}: test list not found (--test-list)")
+    parse_classes(spec.classes)
+    return spec
+
+
+def norm_value(v: str) -> str:
+    """How label values compare: trimmed, case-folded, numbers as numbers ("1.0" = "1")."""
+    v = v.strip()
+    if not v:
+        return BLANK
+    try:
+        f = float(v)
+    except ValueError:
+        return v.casefold()
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def parse_classes(text: str) -> dict[str, frozenset[str]]:
+    """`"pneumonia=1;normal=0|(blank)"` → {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}."""
+    out: dict[str, frozenset[str]] = {}
+    for part in (p for p in text.split(";") if p.strip()):
+        cls, sep, values = part.partition("=")
+        cls = cls.strip().lower()
+        if not sep or not cls or not values.strip() or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", cls):
+            raise InputError(f"--classes {text!r}: expected CLASS=VALUE[|VALUE...] separated by ';', "
+                             "e.g. 'pneumonia=Pneumonia;normal=No Finding' (class names: letters, digits, - or _)")
+        if cls in out:
+            raise InputError(f"--classes {text!r}: class {cls} given twice")
+        out[cls] = frozenset(norm_value(v) if v.strip() != BLANK else BLANK for v in values.split("|"))
+    if len(out) < 2:
+        raise InputError(f"--classes {text!r}: need at least two classes")
+    seen: dict[str, str] = {}
+    for c, vals in out.items():
+        for v in vals:
+            if v in seen:
+                raise InputError(f"--classes {text!r}: value {v!r} means both {seen[v]} and {c}")
+            seen[v] = c
+    return out
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A label sheet as header + rows: UTF-8 (with or without BOM) or UTF-16 with BOM (Excel's
+    "Unicode text"), comma, semicolon or tab separated."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({(e.strerror or type(e).__name__).lower()})") from None
+    try:
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); "
+                         "save it as UTF-8 CSV") from None
+    first = text.split("\n", 1)[0]
+    delim = max(",;\t", key=first.count)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise InputError(f"{path}: not a readable CSV file ({e})") from None
+    header = [h for h in (reader.fieldnames or []) if h is not None]
+    if not header:
+        raise InputError(f"{path}: empty CSV file (no header row)")
+    return header, rows
+
+
+class _FileIndex:
+    """Find a CSV's path value among the files below IMAGES (see the module docstring)."""
+
+    def __init__(self, root: Path, files: list[Path]):
+        self.rel = {f.relative_to(root).as_posix(): f for f in files}
+        self.by_name: dict[str, list[Path]] = defaultdict(list)
+        self.by_stem: dict[str, list[Path]] = defaultdict(list)
+        for f in files:
+            self.by_name[f.name].append(f)
+            self.by_stem[f.stem].append(f)
+
+    def find(self, value: str) -> tuple[Path | None, str | None]:
+        v = value.strip().replace("\\", "/").lstrip("./")
+        parts = [p for p in v.split("/") if p]
+        for k in range(len(parts)):
+            hit = self.rel.get("/".join(parts[k:]))
+            if hit is not None:
+                return hit, None
+        if not parts:
+            return None, "empty path"
+        for index, key in ((self.by_name, parts[-1]), (self.by_stem, parts[-1])):
+            hits = index.get(key, [])
+            if len(hits) == 1:
+                return hits[0], None
+            if len(hits) > 1:
+                return None, f"{len(hits)} files are named {key}"
+        return None, None
+
+
+_PATH_PATIENT = (re.compile(r"^(patient\d+)$", re.IGNORECASE), re.compile(r"^(p\d{8})$"))  # CheXpert, MIMIC
+
+
+def _path_patient(value: str) -> str | None:
+    for part in value.replace("\\", "/").split("/")[:-1]:
+        for pat in _PATH_PATIENT:
+            m = pat.match(part)
+            if m:
+                return m.group(1).lower()
+    return None
+
+
+def _path_split(value: str) -> str | None:
+    for part in value.replace("\\", "/").split("/")[:-1]:
+        s = SPLIT_NAMES.get(part.lower())
+        if s is not None:
+            return s
+    return None
+
+
+def _column(path: Path, header: list[str], name: str | None, opt: str) -> str | None:
+    if name is None or name == PATH_SPLIT:
+        return name
+    if name in header:
+        return name
+    folded = {h.strip().casefold(): h for h in header}
+    if name.strip().casefold() in folded:
+        return folded[name.strip().casefold()]
+    raise InputError(f"{path}: no column '{name}' ({opt}); its columns are {', '.join(header[:12])}"
+                     + (" …" if len(header) > 12 else ""))
+
+
+def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) -> tuple[Scan, dict]:
+    """Items for the labelled images below IMAGES, and the `labels` report for dataset.json."""
+    images = Path(images)
+    if not images.is_dir():
+        raise InputError(f"{images}: image folder not found" if not images.exists() else
+                         f"{images}: not a folder (give the folder that holds the images)")
+    spec = resolve_spec(images, spec)
+    classes = parse_classes(spec.classes)
+    value_class = {v: c for c, vals in classes.items() for v in vals}
+    files, ignored, skipped = list_files(images)
+    index = _FileIndex(images, files)
+    test_names = None
+    if spec.test_list is not None:
+        test_names = {ln.strip() for ln in Path(spec.test_list).read_text(encoding="utf-8-sig").splitlines()
+                      if ln.strip()}
+    # one entry per image: the classes its rows say, and the first row's patient/split/view
+    per_file: dict[Path, dict] = {}
+    counts: Counter = Counter()
+    unmatched: Counter = Counter()
+    missing: list[str] = []
+    rows_total = 0
+    for csv_path in spec.csv:
+        header, rows = read_csv_rows(csv_path)
+        cols = {k: _column(csv_path, header, getattr(spec, k), "--" + k.replace("_", "-"))
+                for k in ("path_column", "label_column", "patient_column", "split_column", "view_column")}
+        rows_total += len(rows)
+        for r in rows:
+            pv = (r.get(cols["path_column"]) or "").strip()
+            f, why = index.find(pv)
+            if f is None:
+                counts["ambiguous_path" if why else "missing_file"] += 1
+                missing.append(pv + (f" ({why})" if why else ""))
+                continue
+            cell = r.get(cols["label_column"]) or ""
+            tokens = {norm_value(t) for t in cell.split("|")} if cell.strip() else {BLANK}
+            if "-1" in tokens:
+                counts["uncertain"] += 1
+                if spec.uncertain == "ignore":
+                    counts["uncertain_dropped"] += 1
+                    continue
+                tokens = (tokens - {"-1"}) | {"1" if spec.uncertain == "positive" else "0"}
+            hit = {value_class[t] for t in tokens if t in value_class}
+            if not hit:
+                unmatched[cell.strip() or BLANK] += 1
+                if spec.other is None:
+                    continue
+                hit = {spec.other}
+            entry = per_file.setdefault(f, {"classes": set(), "row": r, "cols": cols, "value": pv})
+            entry["classes"] |= hit
+    if not per_file:
+        seen = Counter()
+        for csv_path in spec.csv:
+            header, rows = read_csv_rows(csv_path)
+            col = _column(csv_path, header, spec.label_column, "--label-column")
+            seen.update((r.get(col) or "").strip() or BLANK for r in rows[:100000])
+        common = ", ".join(f"{v!r}" for v, _ in seen.most_common(8))
+        if counts["missing_file"] + counts["ambiguous_path"] == rows_total and rows_total:
+            raise InputError(f"{spec.csv[0]}: none of its {rows_total} rows names an image found below {images} "
+                             f"(first: {missing[0]!r}; --path-column {spec.path_column})")
+        raise InputError(f"--classes {spec.classes!r}: matches no row of {spec.csv[0]} "
+                         f"(values in '{spec.label_column}': {common or 'none'})")
+    items: list[Item] = []
+    views_skipped: Counter = Counter()
+    source = spec.preset or "csv"
+    for f in files:
+        e = per_file.get(f)
+        if e is None:
+            continue
+        if len(e["classes"]) > 1:
+            counts["conflicting"] += 1
+            continue
+        r, cols = e["row"], e["cols"]
+        if cols["view_column"]:
+            view = normalise_view(r.get(cols["view_column"]))
+            if not view_allowed(view, views):
+                views_skipped[view or "none"] += 1
+                continue
+        split = None
+        if cols["split_column"] == PATH_SPLIT:
+            split = _path_split(e["value"])
+        elif cols["split_column"]:
+            sv = (r.get(cols["split_column"]) or "").strip().lower()
+            split = SPLIT_NAMES.get(sv)
+            if sv and split is None:
+                raise InputError(f"{spec.csv[0]}: split value {sv!r} in '{cols['split_column']}' is not "
+                                 "train, val or test")
+        if test_names is not None:
+            split = "test" if f.name in test_names else "train"
+        patient = (r.get(cols["patient_column"]) or "").strip() if cols["patient_column"] else ""
+        patient = patient or _path_patient(e["value"]) or None
+        it = file_item(f, next(iter(e["classes"])), source, split, patient)
+        items.append(it)
+    not_in_csv = [f for f in files if f not in per_file]
+    if not items:
+        raise InputError(f"{images}: no labelled image is left (views skipped: "
+                         f"{dict(views_skipped) or 'none'}; conflicting labels: {counts['conflicting']})")
+    private = any(it.dicom for it in items)
+    report = {
+        "files": [str(f) for f in spec.csv], "preset": spec.preset, "classes": spec.classes,
+        "columns": {k: getattr(spec, k) for k in ("path_column", "label_column", "patient_column",
+                                                   "split_column", "view_column")},
+        "uncertain": spec.uncertain, "other": spec.other,
+        "test_list": str(spec.test_list) if spec.test_list else None,
+        "rows": rows_total, "images": len(items),
+        "missing_count": counts["missing_file"], "ambiguous_path_count": counts["ambiguous_path"],
+        "not_in_csv_count": len(not_in_csv),
+        "uncertain_rows": counts["uncertain"], "uncertain_dropped": counts["uncertain_dropped"],
+        "conflicting_images": counts["conflicting"],
+        "unmatched_rows": sum(unmatched.values()),
+        "unmatched_values": dict(unmatched.most_common(10)) if not private else None,
+        # names from the sheet and the disk, so a user can find them; not with DICOM, whose
+        # file names are often the patient id (RSNA)
+        "missing_examples": missing[:20] if not private else None,
+        "not_in_csv_examples": [str(f.relative_to(images)) for f in not_in_csv[:20]] if not private else None,
+    }
+    return Scan(items, ignored, skipped, "labels", dict(views_skipped)), report
