@@ -68,7 +68,15 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (rev / "review" / "dup.csv").write_text("id,guess,quality,comment\nr01,real,3,\nr01,synthetic,3,\n")
     (rev / "review" / "bom.csv").write_bytes("\ufeffid,guess,quality,comment\nr01,real,4,\nr02,synthetic,2,\n"
                                              .encode("utf-8"))
-    return {"root": root, "raw": raw, "parent": root / "parent", "data": data, "gan": gan,
+    lab = root / "lab"  # images labelled by a sheet
+    rows = []
+    for c, v in (("normal", 0), ("pneumonia", 1)):
+        for i in range(6):
+            write_img(lab / "imgs" / f"{c}{i}.png", xray_like(rng, 40))
+            rows.append(f"{c}{i}.png,{v},Hôpital\n")
+    (lab / "labels.csv").write_text("file,dx,site\n" + "".join(rows), encoding="utf-8")
+    (lab / "cp1252.csv").write_bytes(("file,dx,site\n" + "".join(rows)).encode("cp1252"))
+    return {"root": root, "raw": raw, "parent": root / "parent", "data": data, "gan": gan, "lab": lab,
             "G": gan / "generator.safetensors", "D": gan / "discriminator.safetensors", "synth": synth,
             "clf": clf, "C": clf / "classifier.safetensors", "rev": rev}
 
@@ -80,6 +88,8 @@ EV = "evaluate {C} {data}/test --report {tmp}/r"
 GC = "gradcam {C} {data}/test --out {tmp}/cams"
 RB = "rebalance {data}/train --out {tmp}/b"
 SR = "audit --score-review {rev}/review/"
+L = ("prepare {lab}/imgs --labels {lab}/labels.csv --path-column file --label-column dx "
+     "--classes 'pneumonia=1;normal=0' --size 16 --out {tmp}/o")
 DM = "demo --out {tmp}/d --count 40 --size 16 --gan-steps 1 --clf-epochs 1 --device cpu"
 
 # (command line, exit code, what the last line must say)
@@ -106,6 +116,22 @@ CASES = [
     (P + " --workers -1", 2, "--workers"),
     ("prepare --demo --size 16 --out {root}/afile", 2, "not a folder"),
     ("prepare --demo --size 16 --out {parent} --force", 2, "not an output of xraygan prepare"),
+    # prepare with a label sheet
+    (L.replace("labels.csv", "cp1252.csv"), 2, "cp1252.csv: not UTF-8 text (byte 0xf4"),
+    (L.replace("--label-column dx", "--label-column diagnosis"), 2, "labels.csv: no column 'diagnosis'"),
+    (L.replace("pneumonia=1;normal=0", "pneumonia=yes;normal=no"), 2, "matches no row of"),
+    (L.replace("{lab}/labels.csv", "{lab}/imgs"), 2, "is a folder, not a CSV file"),
+    (L.replace("{lab}/labels.csv", "{lab}/none.csv"), 2, "label file not found"),
+    (L.replace("--path-column file", "--path-column site"), 2, "none of its 12 rows names an image"),
+    (L.replace("pneumonia=1;normal=0", "pneumonia=1"), 2, "need at least two classes"),
+    (L.replace("pneumonia=1;normal=0", "pneumonia"), 2, "expected CLASS=VALUE"),
+    (L + " --uncertain maybe", 2, "--uncertain maybe"),
+    (L + " --views 'P A'", 2, "--views P A"),
+    (L + " --out {lab}/imgs/o", 2, "lies inside the input"),
+    ("prepare {lab}/imgs --preset mimic --out {tmp}/o", 2, "--preset mimic: must be one of rsna, nih, chexpert"),
+    ("prepare {lab}/imgs --preset nih --out {tmp}/o", 2, "no Data_Entry_2017_v2020.csv or Data_Entry_2017.csv"),
+    ("prepare {lab}/imgs --path-column file --out {tmp}/o", 2, "--path-column: describe a label CSV"),
+    ("prepare --medmnist {root}/junk.npz --labels {lab}/labels.csv --out {tmp}/o", 2, "label the images of a folder"),
     # train-gan
     (TG.replace("--width 4", "--width 0"), 2, "--width 0"),
     (TG.replace("--nz 8", "--nz 0"), 2, "--nz 0"),

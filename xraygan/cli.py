@@ -347,14 +347,15 @@ def prepare(
     for w in rec["warnings"]:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if rec["views_skipped"]:
-        err.print("views left out: " + ", ".join(f"{n} {v}" for v, n in rec["views_skipped"].items()))
+        err.print("views left out: " + ", ".join(f"{n} {v}" for v, n in rec["views_skipped"].items()),
+                  highlight=False, soft_wrap=True)
     lab = rec["labels"]
     if lab:
         err.print(f"labels: {lab['images']} images from {lab['rows']} rows; "
                   f"{lab['missing_count']} named but not found, {lab['not_in_csv_count']} on disk but not in "
                   f"the CSV, {lab['unmatched_rows']} rows matching no class (left out"
                   f"{'' if not lab['other'] else ' → ' + lab['other']}), {lab['uncertain_rows']} uncertain, "
-                  f"{lab['conflicting_images']} with conflicting rows", highlight=False)
+                  f"{lab['conflicting_images']} with conflicting rows", highlight=False, soft_wrap=True)
     d = rec["duplicates"]
     err.print(f"duplicates: {d['images']} images in {d['groups']} groups of identical pixels "
               f"(kept together in one split; {d['dropped_across_splits']} dropped across splits)")

@@ -247,6 +247,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
                       if ln.strip()}
     # one entry per image: the classes its rows say, and the first row's patient/split/view
     per_file: dict[Path, dict] = {}
+    named: set[Path] = set()  # every file some row names, labelled or not
     counts: Counter = Counter()
     unmatched: Counter = Counter()
     missing: list[str] = []
@@ -263,6 +264,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
                 counts["ambiguous_path" if why else "missing_file"] += 1
                 missing.append(pv + (f" ({why})" if why else ""))
                 continue
+            named.add(f)
             cell = r.get(cols["label_column"]) or ""
             tokens = {norm_value(t) for t in cell.split("|")} if cell.strip() else {BLANK}
             if "-1" in tokens:
@@ -321,8 +323,10 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         patient = (r.get(cols["patient_column"]) or "").strip() if cols["patient_column"] else ""
         patient = patient or _path_patient(e["value"]) or None
         it = file_item(f, next(iter(e["classes"])), source, split, patient)
+        if len(index.by_stem[f.stem]) > 1:  # CheXpert's view1_frontal.jpg in every study folder
+            it.name = "_".join(f.relative_to(images).with_suffix("").parts)
         items.append(it)
-    not_in_csv = [f for f in files if f not in per_file]
+    not_in_csv = [f for f in files if f not in named]
     if not items:
         raise InputError(f"{images}: no labelled image is left (views skipped: "
                          f"{dict(views_skipped) or 'none'}; conflicting labels: {counts['conflicting']})")

@@ -363,6 +363,14 @@ def _assign_splits(cfg: PrepareConfig, items: list[Item], groups: list[int], rng
     notes: list[str] = []
     split_of: list[str | None] = [it.split for it in items]
     main_given = {it.split for it in items if it.source != "extra-normal"} - {None}
+    if main_given and "test" not in main_given:  # CheXpert: train and valid only (its test set is private)
+        notes.append("the source has no test split: test carved from train by patient "
+                     f"({cfg.split[2]:.0%}, --split)")
+        carved = split_groups([i for i, s in enumerate(split_of) if s == "train"], items, groups,
+                              {"train": 1 - cfg.split[2], "test": cfg.split[2]}, rng)
+        for i in carved["test"]:
+            split_of[i] = "test"
+        main_given.add("test")
     val_count = sum(1 for s in split_of if s == "val")
     val_carved = bool(main_given) and val_count < cfg.min_val
     if val_carved:

@@ -1,0 +1,168 @@
+"""Label CSVs: the RSNA, NIH and CheXpert layouts as published, and a sheet of one's own."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_img
+from dicomfix import real_images, write_dicom
+
+from xraygan.errors import InputError
+from xraygan.labels import LabelSpec, norm_value, parse_classes
+from xraygan.prepare import PrepareConfig, prepare
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def run(tmp_path, src, name="out", val_fraction=0.3, min_val=50, **spec):
+    return prepare(PrepareConfig(out=tmp_path / name, src=src, size=32, workers=1, labels=LabelSpec(**spec),
+                                 split=(0.6, 0.2, 0.2), val_fraction=val_fraction, min_val=min_val))
+
+
+def make_rsna(root: Path) -> Path:
+    """stage_2_train_images/<patientId>.dcm + stage_2_train_labels.csv (one row per box)."""
+    rows = []
+    for label in (0, 1):
+        for i, a in enumerate(real_images(24, label)):
+            pid = f"{label}{i:03d}c1f-5a4e-4d1f-b0a2-{i:012d}"
+            write_dicom(root / "stage_2_train_images" / f"{pid}.dcm", a, patient=pid, view="AP" if i % 2 else "PA")
+            boxes = 2 if label else 1  # pneumonia rows come once per box
+            rows += [[pid, "264" if label else "", "152" if label else "", "213" if label else "",
+                      "379" if label else "", label]] * boxes
+    return write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
+
+
+def test_rsna_preset_collapses_box_rows_and_keeps_ids_private(tmp_path):
+    make_rsna(tmp_path / "rsna")
+    rec = run(tmp_path, tmp_path / "rsna" / "stage_2_train_images", preset="rsna")
+    total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in rec["classes"]}
+    assert total == {"normal": 24, "pneumonia": 24}  # 72 rows, 48 images
+    assert rec["labels"]["rows"] == 72 and rec["labels"]["images"] == 48
+    assert rec["sources"][0]["kind"] == "rsna"
+    text = (tmp_path / "out" / "dataset.json").read_text()
+    names = " ".join(p.name for p in (tmp_path / "out").rglob("*.png"))
+    assert "c1f-5a4e" not in text and "c1f-5a4e" not in names  # the patientId is the file name here
+
+
+def make_nih(root: Path) -> Path:
+    """images_00N/images/<patient>_<follow-up>.png, Data_Entry_2017.csv, test_list.txt."""
+    rows, test = [], []
+    findings = ["No Finding", "Pneumonia", "Infiltration|Pneumonia", "Effusion", "No Finding", "Pneumonia"]
+    normal, pneu = real_images(40, 0), real_images(40, 1)
+    for i in range(60):
+        f = findings[i % len(findings)]
+        a = pneu[i % 40] if "Pneumonia" in f else normal[i % 40]
+        pid = i // 3 + 1
+        name = f"{pid:08d}_{i % 3:03d}.png"
+        write_img(root / f"images_{i // 30 + 1:03d}" / "images" / name, a)
+        view = "LL" if i == 7 else ("PA" if i % 2 else "AP")
+        rows.append([name, f, i % 3, pid, 40, "M", view, 2500, 2048, 0.168, 0.168])
+        if pid > 16:
+            test.append(name)
+    write_img(root / "images_001" / "images" / "99999999_000.png", normal[0])  # on disk, not in the CSV
+    rows.append(["00000077_000.png", "No Finding", 0, 77, 40, "F", "PA", 2500, 2048, 0.168, 0.168])  # missing
+    (root / "test_list.txt").write_text("\n".join(test) + "\n")
+    return write_csv(root / "Data_Entry_2017.csv",
+                     ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+                      "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+                      "OriginalImagePixelSpacing[x", "y]"], rows)
+
+
+def test_nih_preset_findings_official_test_list_and_reports(tmp_path):
+    make_nih(tmp_path / "nih")
+    rec = run(tmp_path, tmp_path / "nih", preset="nih")
+    lab = rec["labels"]
+    assert lab["missing_count"] == 1 and lab["missing_examples"] == ["00000077_000.png"]
+    assert lab["not_in_csv_count"] == 1 and lab["not_in_csv_examples"] == ["images_001/images/99999999_000.png"]
+    assert lab["unmatched_values"] == {"Effusion": 10}  # other findings: left out by default
+    assert rec["views_skipped"] == {"LATERAL": 1}
+    out = tmp_path / "out"
+    test_names = set((tmp_path / "nih" / "test_list.txt").read_text().split())
+    got_test = {p.name for p in (out / "test").rglob("*.png")}
+    assert got_test and got_test <= {n for n in test_names}
+    assert not {p.name for p in (out / "train").rglob("*.png")} & test_names
+    assert "00000003_002.png" in {p.name for p in (out / "train" / "pneumonia").glob("*.png")} | \
+        {p.name for p in (out / "val" / "pneumonia").glob("*.png")}  # Infiltration|Pneumonia
+    # --other keeps them as a class of their own
+    rec2 = run(tmp_path, tmp_path / "nih", "out2", preset="nih", other="other")
+    assert rec2["classes"] == ["normal", "other", "pneumonia"]
+
+
+def make_chexpert(root: Path) -> Path:
+    """CheXpert-v1.0-small/{train,valid}/patientNNNNN/studyN/viewN_frontal.jpg + train.csv/valid.csv."""
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Pneumonia"]
+    normal, pneu = real_images(52, 0), real_images(52, 1)
+    values = ["1.0", "0.0", "", "-1.0"]
+    for split, n, off in (("train", 40, 0), ("valid", 12, 40)):
+        rows = []
+        for i in range(n):
+            v = values[i % 4]
+            a = pneu[off + i] if v in ("1.0", "-1.0") else normal[off + i]
+            rel = f"CheXpert-v1.0-small/{split}/patient{i // 2 + (0 if split == 'train' else 500):05d}/study1/view{i % 2 + 1}_frontal.jpg"
+            write_img(root / rel, a, "JPEG")
+            rows.append([rel, "Female", 50, "Frontal", "AP", "", v])
+        write_csv(root / "CheXpert-v1.0-small" / f"{split}.csv", header, rows)
+    return root / "CheXpert-v1.0-small"
+
+
+@pytest.mark.parametrize("uncertain,pneumonia", [("ignore", 13), ("positive", 26), ("negative", 13)])
+def test_chexpert_preset_uncertain_policies(tmp_path, uncertain, pneumonia):
+    src = make_chexpert(tmp_path / "cx")
+    rec = run(tmp_path, src, preset="chexpert", uncertain=uncertain)
+    total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in rec["classes"]}
+    assert total["pneumonia"] == pneumonia
+    assert total["normal"] == (26 if uncertain != "negative" else 39)
+    assert rec["labels"]["uncertain_rows"] == 13
+    assert rec["labels"]["files"][1].endswith("valid.csv")
+    # the split comes from the path; valid/ is too small to keep (< 50) so it joins train, and the
+    # test split (private in CheXpert) is carved by patient
+    assert any("no test split" in w for w in rec["warnings"]) and rec["val_carved_from_train"]
+    names = [p.name for p in (tmp_path / "out").rglob("*.png")]
+    assert len(set(names)) == len(names) == sum(sum(c.values()) for c in rec["counts"].values())
+    assert all(n.startswith(("train_patient", "valid_patient")) for n in names)  # named by path: unique
+
+
+def test_own_sheet_with_split_column_and_numeric_values(tmp_path):
+    src = tmp_path / "imgs"
+    rows = []
+    for i, a in enumerate(real_images(30, 0)):
+        write_img(src / f"n{i}.png", a)
+        rows.append([f"n{i}.png", "0.0", f"pt{i}", ["train", "val", "test"][i % 3]])
+    for i, a in enumerate(real_images(30, 1)):
+        write_img(src / f"p{i}.png", a)
+        rows.append([f"p{i}", "1", f"pt{100 + i}", ["train", "validation", "test"][i % 3]])  # no extension
+    sheet = write_csv(tmp_path / "labels.csv", ["file", "dx", "pt", "fold"], rows)
+    rec = run(tmp_path, src, csv=(sheet,), path_column="file", label_column="DX", patient_column="pt",
+              split_column="fold", classes="pneumonia=1;normal=0", min_val=10)
+    assert rec["counts"]["test"] == {"normal": 10, "pneumonia": 10}
+    assert rec["counts"]["val"] == {"normal": 10, "pneumonia": 10}
+
+
+def test_class_values_parse_and_compare():
+    assert parse_classes("pneumonia=1;normal=0|(blank)") == {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}
+    assert norm_value(" 1.0 ") == "1" and norm_value("No Finding") == "no finding" and norm_value("") == "(blank)"
+    for bad in ("pneumonia", "pneumonia=1", "a=1;b=1", "a=1;a=2"):
+        with pytest.raises(InputError):
+            parse_classes(bad)
+
+
+def test_cli_reports_labels(tmp_path):
+    from typer.testing import CliRunner
+
+    from xraygan.cli import app
+
+    make_nih(tmp_path / "nih")
+    r = CliRunner().invoke(app, ["prepare", str(tmp_path / "nih"), "--preset", "nih", "--out",
+                                 str(tmp_path / "o"), "--size", "32", "--workers", "1", "--val-fraction", "0.3"])
+    assert r.exit_code == 0, r.output
+    assert "1 named but not found, 1 on disk but not in the CSV" in r.output
+    assert "views left out: 1 LATERAL" in r.output
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["labels"]["preset"] == "nih"
