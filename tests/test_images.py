@@ -2,6 +2,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import make_folder
 from PIL import Image
 
 from xraygan.errors import InputError
@@ -105,3 +106,25 @@ def test_read_image_folder_errors(tmp_path):
         read_image_folder(tmp_path, classes=("normal",))
     with pytest.raises(InputError, match="folder not found"):
         read_image_folder(tmp_path / "nope")
+
+
+def test_big_folder_goes_to_a_memory_map_with_the_same_pixels(tmp_path, rng, monkeypatch):
+    import xraygan.images as images
+
+    make_folder(tmp_path / "d", {"normal": 700, "pneumonia": 400}, 16, rng)
+    in_ram = read_image_folder(tmp_path / "d")
+    assert type(in_ram.images) is np.ndarray
+    monkeypatch.setattr(images, "MEMMAP_OVER", 1000)
+    mapped = read_image_folder(tmp_path / "d")
+    assert isinstance(mapped.images, np.memmap)
+    assert np.array_equal(mapped.images, in_ram.images) and np.array_equal(mapped.labels, in_ram.labels)
+    assert mapped.files == in_ram.files and mapped.labels[699] == 0 and mapped.labels[700] == 1
+    # read in chunks on threads, in file order: each image where its file is
+    assert np.array_equal(in_ram.images[1000], np.asarray(Image.open(in_ram.files[1000])))
+
+
+def test_odd_sized_image_in_a_big_folder_is_named(tmp_path, rng):
+    make_folder(tmp_path / "d", {"normal": 600, "pneumonia": 600}, 16, rng)
+    save_png(tmp_path / "d" / "pneumonia" / "pneumonia-550.png", np.zeros((20, 20), np.uint8))
+    with pytest.raises(InputError, match="pneumonia-550.png: image is 20 px, the others are 16 px"):
+        read_image_folder(tmp_path / "d")

@@ -653,6 +653,54 @@ def train_classifier(
         _emit_json(res)
 
 
+def _print_compare(res: dict, out: Path | None, as_json: bool) -> None:
+    from xraygan.console import err
+
+    sys.stderr.write(res["markdown"])
+    for w in res["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if out:
+        err.print(f"wrote {out}/table.md, table.csv, table.json{', paired.csv' if res['paired']['comparisons'] else ''} "
+                  f"({res['runs']} runs)", highlight=False)
+    if as_json:
+        _emit_json({k: res[k] for k in ("rows", "columns", "warnings", "runs", "paired")})
+    else:
+        sys.stdout.write(res["markdown"])
+
+
+@app.command("compare")
+def compare_cmd(
+    inputs: Annotated[list[Path], typer.Argument(
+        help="metrics.json files, or folders holding them (searched recursively, with gradcam.json).",
+        show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write table.md, table.csv, paired.csv and table.json here.")] = None,
+    reference: Annotated[Optional[str], typer.Option(
+        help="Rows every other row is tested against, comma-separated, or none (default: baseline and "
+             "oversample, the count-matched control, where present).")] = None,
+    resamples: Annotated[int, typer.Option(help="Two-level bootstrap resamples (images and seeds).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    power: Annotated[float, typer.Option(
+        help="The difference to plan for: how many seeds per row would detect it with 80% power.")] = 0.02,
+    force: Annotated[bool, typer.Option(help="Replace an existing table folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The study's table (mean ± std per method), then each row's paired difference to the baseline
+    and to over-sampling: 95% interval over test images and seeds, Holm-corrected p, a verdict, the
+    smallest difference the study could detect, and DeLong's AUC test per seed.
+
+    Example: xraygan compare study/runs/*/report --out study/table
+             xraygan compare runs/ --reference baseline --power 0.02
+    """
+    from xraygan.evaluate import compare as run_compare
+
+    refs = None
+    if reference is not None:
+        refs = () if reference.strip().lower() == "none" else tuple(
+            r.strip() for r in reference.split(",") if r.strip())
+    _print_compare(_run(run_compare, inputs, out, force, refs, resamples, seed, power), out, as_json)
+
+
 @app.command()
 def evaluate(
     inputs: Annotated[list[Path], typer.Argument(
@@ -677,8 +725,7 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0 = none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     compare: Annotated[bool, typer.Option(
-        "--compare", help="Tabulate runs instead: one row per method label, mean ± std over its "
-                          "runs (seeds).")] = False,
+        "--compare", help="The old spelling of `xraygan compare` (still works): tabulate runs instead.")] = False,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="--compare: write table.md, table.csv and table.json here.")] = None,
     device: DeviceOpt = "auto",
@@ -688,7 +735,7 @@ def evaluate(
     """Measure a classifier on a test folder, or compare runs (--compare) in the study's table.
 
     Example: xraygan evaluate runs/clf/classifier.safetensors data/test --report
-             xraygan evaluate --compare runs/ --out results/
+             xraygan compare runs/ --out results/      (was: evaluate --compare)
     """
     from xraygan.console import err
     from xraygan.evaluate import CI_KEYS, EvaluateConfig
@@ -703,16 +750,9 @@ def evaluate(
             if given is not None:
                 raise typer.BadParameter(f"{opt} is for evaluating a checkpoint; --compare only reads "
                                          "metrics.json files (its output is --out)")
-        res = _run(run_compare, inputs, out, force)
-        sys.stderr.write(res["markdown"])
-        for w in res["warnings"]:
-            err.print(f"[yellow]warning:[/] {w}", highlight=False)
-        if out:
-            err.print(f"wrote {out}/table.md, table.csv, table.json ({res['runs']} runs)", highlight=False)
-        if as_json:
-            _emit_json({k: res[k] for k in ("rows", "columns", "warnings", "runs")})
-        else:
-            sys.stdout.write(res["markdown"])
+        err.print("[yellow]note:[/] `evaluate --compare` is now `xraygan compare` (same inputs and --out; "
+                  "it also takes --reference, --resamples, --power)", highlight=False, soft_wrap=True)
+        _print_compare(_run(run_compare, inputs, out, force), out, as_json)
         return
     if len(inputs) != 2:
         raise typer.BadParameter("expected CHECKPOINT TEST_FOLDER (or --compare PATHS...)")

@@ -37,6 +37,7 @@ from xraygan.fsutil import (
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics, point_aucs, ranking_curves, resample_aucs, threshold_counts
+from xraygan.paired import PAIRED_CSV, paired_markdown, paired_rows
 from xraygan.provenance import file_sources
 from xraygan.runtime import DEVICES
 
@@ -456,8 +457,19 @@ def _mean_std(v: list[float]) -> tuple[float, float | None]:
     return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
 
 
-def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> dict:
-    """The study's table: one row per method label, mean ± std over its runs."""
+DEFAULT_REFERENCES = ("baseline", "oversample")
+
+
+def compare(paths: list[Path], out: Path | None = None, force: bool = False,
+            references: tuple[str, ...] | None = None, resamples: int = 1000, seed: int = 0,
+            power: float = 0.02) -> dict:
+    """The study's table: one row per method label, mean ± std over its runs; then every row's
+    paired difference to each reference row (default: baseline and oversample, where present;
+    `references=()` for none), with the test of `xraygan.paired`."""
+    from xraygan.errors import check_float, check_int
+
+    check_int("--resamples", resamples, 100)
+    check_float("--power", power, 0.0, 1.0)
     if out is not None:
         check_out_apart(out, **{f"input{i}": p for i, p in enumerate(paths)})
         check_output_free(Path(out), force, "compare")
@@ -500,16 +512,43 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False) -> 
                         "data and the others did not; their rows are not comparable")
     elif len(thr) > 1:
         warnings.append(f"the runs used {len(thr)} different thresholds")
-    res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics),
-           "markdown": table_markdown(rows, keys), "csv": table_csv(rows, keys)}
+    paired = _paired(metrics, groups, references, resamples, seed, power)
+    res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics), "paired": paired,
+           "markdown": table_markdown(rows, keys) + paired_markdown(paired), "csv": table_csv(rows, keys)}
     if out is not None:
         with staged_dir(Path(out), force, "compare") as tmp:
             atomic_write_text(tmp / "table.md", res["markdown"])
             atomic_write_text(tmp / "table.csv", res["csv"])
-            atomic_write_json(tmp / "table.json", {**record_header("table"),
-                                                     **{k: res[k] for k in ("rows", "columns", "warnings", "runs")}})
+            if paired["comparisons"]:
+                write_csv(tmp / "paired.csv", PAIRED_CSV, paired_rows(paired))
+            atomic_write_json(tmp / "table.json", {**record_header("table"), **{
+                k: res[k] for k in ("rows", "columns", "warnings", "runs", "paired")}})
         res["out"] = str(out)
     return res
+
+
+def _paired(metrics: list[tuple[Path, dict]], groups: dict[str, list[dict]], references: tuple[str, ...] | None,
+            resamples: int, seed: int, power: float) -> dict:
+    """The paired comparisons of the table's rows (see xraygan.paired)."""
+    from xraygan.paired import paired_comparison, read_run
+
+    asked = references is not None
+    refs = tuple(references) if asked else DEFAULT_REFERENCES
+    for r in refs:
+        if asked and r not in groups:
+            raise InputError(f"--reference {r}: no such row (rows: {', '.join(groups)})")
+    if not [r for r in refs if r in groups] or len(groups) < 2:
+        return {"references": [], "comparisons": [], "resamples": resamples}
+    fps = {d["test_fingerprint"] for _, d in metrics}
+    if len(fps) > 1:
+        by_fp = {}
+        for f, d in metrics:
+            by_fp.setdefault(d["test_fingerprint"], f)
+        a, b = list(by_fp.values())[:2]
+        raise InputError(f"{b}: scored on another test set than {a} (test fingerprints differ); a paired "
+                         "comparison needs one test set (give --reference none for the mean ± std table only)")
+    runs = [read_run(f, d) for f, d in metrics]
+    return paired_comparison(runs, refs, resamples, seed, power)
 
 
 def _cell(v: tuple[float, float | None] | None) -> str:

@@ -441,10 +441,27 @@ class GanTrainer:
                 g.manual_seed(self.cfg.seed * 1_000_003 + self.step_count * 7 + k)
 
 
-def to_model_input(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (N, H, W) → float (N, 1, H, W) in [-1, 1], once for the whole set."""
-    x = torch.from_numpy(images).to(device).unsqueeze(1).float().div_(127.5).sub_(1.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+class ModelInput:
+    """The training set as the trainers index it: `x[idx]` is float (B, 1, H, W) in [-1, 1].
+
+    The set stays uint8 on the device and each batch is converted as it is drawn (the same
+    values as converting the whole set once): a 50,000-image set at 128 px holds 0.8 GB, not
+    the 3.3 GB of a float copy."""
+
+    def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool):
+        self.u8 = torch.from_numpy(images).to(device)
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return len(self.u8)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        x = self.u8[idx].unsqueeze(1).float().div_(127.5).sub_(1.0)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def to_model_input(images: np.ndarray, device: torch.device, channels_last: bool) -> ModelInput:
+    return ModelInput(images, device, channels_last)
 
 
 def image_grid(x: torch.Tensor, nrow: int = 8) -> np.ndarray:

@@ -5,8 +5,11 @@ An image folder is `DIR/<class>/*.png`, classes sorted by name (DESIGN.md).
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,27 +209,54 @@ def read_image_folder(root: Path, classes: tuple[str, ...] | None = None,
         raise InputError(f"{root}: unknown class folder(s) {', '.join(unknown)} "
                          f"(expected {', '.join(names)})")
     keep = only or names
-    files: list[Path] = []
-    labels: list[int] = []
-    arrays: list[np.ndarray] = []
-    size = None
-    for i, c in enumerate(names):
-        if c not in keep or c not in listing:
-            continue
-        for f in listing[c]:
-            try:
-                with Image.open(f) as img:
-                    a = to_gray8(img)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise InputError(f"{f}: cannot read image ({_reason(e)})") from None
-            if a.shape[0] != a.shape[1]:
-                raise InputError(f"{f}: image is {a.shape[1]}x{a.shape[0]}, expected square images")
-            if size is None:
-                size = a.shape[0]
-            elif a.shape[0] != size:
-                raise InputError(f"{f}: image is {a.shape[0]} px, the others are {size} px")
-            files.append(f)
-            labels.append(i)
-            arrays.append(a)
-    return ImageFolder(Path(root), names, tuple(files), np.stack(arrays),
-                       np.asarray(labels, dtype=np.int64))
+    files = [f for c in names if c in keep for f in listing[c]]
+    labels = np.asarray([i for i, c in enumerate(names) if c in keep for _ in listing[c]], dtype=np.int64)
+    first = _read_gray(files[0])
+    images = _image_array(len(files), first.shape[0])
+    fill = functools.partial(_fill, images, files, first.shape[0])
+    # PNG decoding releases the GIL: threads use every core without copying arrays between
+    # processes (50,000 images at 128 px in ~1/cores of the one-thread time)
+    workers = min(os.cpu_count() or 1, 8)
+    chunks = [range(s, min(s + 512, len(files))) for s in range(0, len(files), 512)]
+    if workers > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, chunks))
+    else:
+        for ch in chunks:
+            fill(ch)
+    return ImageFolder(Path(root), names, tuple(files), images, labels)
+
+
+# Above this many bytes an image folder is decoded into a memory-mapped temporary file instead
+# of anonymous memory: the pages are the page cache's, so a 100,000-image set at 224 px (5 GB)
+# does not count against the process, and is read back at memory speed once cached.
+MEMMAP_OVER = 2 << 30
+
+
+def _image_array(n: int, size: int) -> np.ndarray:
+    if n * size * size <= MEMMAP_OVER:
+        return np.empty((n, size, size), dtype=np.uint8)
+    import tempfile
+
+    with tempfile.TemporaryFile(prefix="xraygan-images-") as f:  # unlinked: nothing is left behind
+        f.truncate(n * size * size)
+        return np.memmap(f, dtype=np.uint8, mode="r+", shape=(n, size, size))
+
+
+def _read_gray(f: Path) -> np.ndarray:
+    try:
+        with Image.open(f) as img:
+            a = to_gray8(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{f}: cannot read image ({_reason(e)})") from None
+    if a.shape[0] != a.shape[1]:
+        raise InputError(f"{f}: image is {a.shape[1]}x{a.shape[0]}, expected square images")
+    return a
+
+
+def _fill(images: np.ndarray, files: list[Path], size: int, idx: range) -> None:
+    for i in idx:
+        a = _read_gray(files[i])
+        if a.shape[0] != size:
+            raise InputError(f"{files[i]}: image is {a.shape[0]} px, the others are {size} px")
+        images[i] = a

@@ -295,7 +295,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                 tables[table].append((f"gradcam {name}", cams / "gradcam.json"))
     for table, inputs in tables.items():
         t = out / table
-        steps.append(Step(f"compare {table}", ["evaluate", "--compare", *[str(p) for _, p in inputs],
+        steps.append(Step(f"compare {table}", ["compare", *[str(p) for _, p in inputs],
                                                "--out", str(t), "--force"],
                           t, deps=sorted({s for s, _ in inputs}), inputs=inputs, again=[]))
     ids = {s.id: s for s in steps}
@@ -433,7 +433,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
                 state[s.id] = "blocked"
                 record_time(s.id, "blocked", 0.0, None, argv)
                 return
-            argv = ["evaluate", "--compare", *keep, "--out", str(s.out), "--force"]
+            argv = ["compare", *keep, "--out", str(s.out), "--force"]
         log = out / "logs" / f"{_slug(s.id)}.log"
         n = str(threads_for(s.id))
         with open(log, "w") as f:
