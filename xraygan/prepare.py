@@ -123,6 +123,7 @@ class PrepareConfig:
         # --force replaces only an earlier prepare output
         csvs = self.labels.csv if self.labels is not None else ()
         check_out_apart(self.out, src=self.src, medmnist=self.medmnist, extra_normal=self.extra_normal,
+                        test_list=self.labels.test_list if self.labels is not None else None,
                         **{f"labels{i or ''}": p for i, p in enumerate(csvs)})
         check_output_free(self.out, self.force, "prepare")
 
