@@ -7,7 +7,7 @@ Half of the train NORMAL patients stay as they are; the other half become the "o
 a different contrast curve (gamma 0.6) and a black 6% border, written as PNG with their original
 names (so patients stay grouped). Then, with the ordinary commands:
 prepare --extra-normal OTHER --extra-normal-splits train,val,test; train-classifier per seed;
-evaluate --report (per-source figures); audit --sources; evaluate --compare. Prints each command.
+evaluate --report (per-source figures); audit --sources; compare. Prints each command.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
                 "--epochs", str(a.epochs), "--small-stem", "no", "--seed", str(seed), "--force")
             run("evaluate", str(r / "classifier.safetensors"), str(data / "test"), "--report", "--force")
     run("audit", "--sources", str(data / "train"))
-    run("evaluate", "--compare", str(a.out / "runs"))
+    run("compare", str(a.out / "runs"))
 
 
 if __name__ == "__main__":

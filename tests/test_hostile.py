@@ -132,6 +132,13 @@ CASES = [
     ("prepare {lab}/imgs --preset nih --out {tmp}/o", 2, "no Data_Entry_2017_v2020.csv or Data_Entry_2017.csv"),
     ("prepare {lab}/imgs --path-column file --out {tmp}/o", 2, "--path-column: describe a label CSV"),
     ("prepare --medmnist {root}/junk.npz --labels {lab}/labels.csv --out {tmp}/o", 2, "label the images of a folder"),
+    # review: the reader page
+    ("review {rev} --port 0", 2, "no review/images/"),
+    ("review {tmp}/none --port 0", 2, "no review/images/"),
+    ("review {rev} --reader ../etc --port 0", 2, "--reader '../etc'"),
+    ("review {rev} --reader review --port 0", 2, "not 'review'"),
+    ("review {rev} --port 70000", 2, "--port 70000"),
+    ("audit --score-review {rev}/review/latin1.csv --score-review {rev}/review/latin1.csv", 2, "not UTF-8"),
     # train-gan
     (TG.replace("--width 4", "--width 0"), 2, "--width 0"),
     (TG.replace("--nz 8", "--nz 0"), 2, "--nz 0"),

@@ -631,22 +631,23 @@ def _contact_sheet(items: list, ids: list[str]) -> bytes:
     return fig_png(fig)
 
 
-def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
-    """Turn a filled review.csv into a visual Turing test: can the reviewer tell synthetic from
-    real better than chance (two-sided binomial test against 0.5)?"""
-    from scipy.stats import binomtest
-
-    csv_path = Path(csv_path)
-    key_path = Path(key_path) if key_path else csv_path.parent.parent / "review_key.json"
-    if not csv_path.is_file():
-        raise InputError(f"{csv_path}: review sheet not found")
+def _read_key(csv_path: Path, key_path: Path | None) -> tuple[Path, dict]:
+    key_path = Path(key_path) if key_path else Path(csv_path).parent.parent / "review_key.json"
     key = read_json(key_path)
     if not isinstance(key, dict) or key.get("kind") != "xraygan-review-key":
         raise InputError(f"{key_path}: not a review key written by xraygan audit")
-    items = key["items"]
-    aliases = {"real": "real", "r": "real", "synthetic": "synthetic", "synth": "synthetic",
-               "s": "synthetic", "fake": "synthetic", "f": "synthetic"}
-    answered, blank, qualities = [], 0, {"real": [], "synthetic": []}
+    return key_path, key["items"]
+
+
+_GUESS = {"real": "real", "r": "real", "synthetic": "synthetic", "synth": "synthetic",
+          "s": "synthetic", "fake": "synthetic", "f": "synthetic"}
+
+
+def read_sheet(csv_path: Path, items: dict, key_path: Path) -> tuple[dict[str, tuple[str, float | None]], int]:
+    """A filled review sheet: id → (guess, quality or None) for the answered rows, and the blank count."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: review sheet not found")
     try:  # utf-8-sig: a sheet saved by Excel starts with a byte-order mark
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -654,10 +655,12 @@ def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
                          "CSV UTF-8") from None
     if "\0" in text:
         raise InputError(f"{csv_path}: not a text file")
-    seen: set[str] = set()
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames or "id" not in reader.fieldnames or "guess" not in reader.fieldnames:
         raise InputError(f"{csv_path}: expected columns id, guess, quality, comment")
+    out: dict[str, tuple[str, float | None]] = {}
+    seen: set[str] = set()
+    blank = 0
     for line, row in enumerate(reader, 2):
         rid = (row.get("id") or "").strip()
         if rid not in items:
@@ -669,11 +672,10 @@ def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
         if not g:
             blank += 1
             continue
-        if g not in aliases:
+        if g not in _GUESS:
             raise InputError(f"{csv_path}:{line}: guess '{g}' must be real or synthetic")
-        truth = items[rid]["truth"]
-        answered.append((truth, aliases[g]))
         q = (row.get("quality") or "").strip()
+        qv = None
         if q:
             try:
                 qv = float(q)
@@ -681,25 +683,147 @@ def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
                 raise InputError(f"{csv_path}:{line}: quality '{q}' is not a number") from None
             if not 1 <= qv <= 5:
                 raise InputError(f"{csv_path}:{line}: quality {q} must be between 1 and 5")
-            qualities[truth].append(qv)
-    if not answered:
-        raise InputError(f"{csv_path}: no guesses filled in yet")
-    correct = sum(t == g for t, g in answered)
-    n = len(answered)
-    syn = [(t, g) for t, g in answered if t == "synthetic"]
-    rea = [(t, g) for t, g in answered if t == "real"]
+        out[rid] = (_GUESS[g], qv)
+    return out, blank
+
+
+def _score(answers: list[tuple[str, str, float | None]]) -> dict:
+    """(truth, guess, quality) triples → the visual Turing test's figures."""
+    from scipy.stats import binomtest
+
+    n = len(answers)
+    correct = sum(t == g for t, g, _ in answers)
+    syn = [g for t, g, _ in answers if t == "synthetic"]
+    rea = [g for t, g, _ in answers if t == "real"]
     p = binomtest(correct, n, 0.5).pvalue
-    res = {
-        "answered": n, "blank": blank, "accuracy": round(correct / n, 4), "p_value": round(float(p), 5),
-        "synthetic_spotted": round(sum(g == "synthetic" for _, g in syn) / len(syn), 4) if syn else None,
-        "real_recognised": round(sum(g == "real" for _, g in rea) / len(rea), 4) if rea else None,
-        "mean_quality": {t: (round(float(np.mean(v)), 3) if v else None) for t, v in qualities.items()},
-        "verdict": ("the reviewer told synthetic from real better than chance (p < 0.05)" if p < 0.05
-                    else "no evidence the reviewer could tell synthetic from real (p >= 0.05)"),
+    quality = {t: [q for tt, _, q in answers if tt == t and q is not None] for t in ("real", "synthetic")}
+    return {
+        "answered": n, "accuracy": round(correct / n, 4), "p_value": round(float(p), 5),
+        "synthetic_spotted": round(sum(g == "synthetic" for g in syn) / len(syn), 4) if syn else None,
+        "real_recognised": round(sum(g == "real" for g in rea) / len(rea), 4) if rea else None,
+        "mean_quality": {t: (round(float(np.mean(v)), 3) if v else None) for t, v in quality.items()},
+        "verdict": "better than chance (p < 0.05)" if p < 0.05 else "not better than chance (p >= 0.05)",
     }
+
+
+def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
+    """Turn a filled review.csv into a visual Turing test: can the reviewer tell synthetic from
+    real better than chance (two-sided binomial test against 0.5)?"""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: review sheet not found")
+    key_path, items = _read_key(csv_path, key_path)
+    answers, blank = read_sheet(csv_path, items, key_path)
+    if not answers:
+        raise InputError(f"{csv_path}: no guesses filled in yet")
+    res = {**_score([(items[r]["truth"], g, q) for r, (g, q) in answers.items()]), "blank": blank}
+    res["verdict"] = ("the reviewer told synthetic from real better than chance (p < 0.05)" if res["p_value"] < 0.05
+                      else "no evidence the reviewer could tell synthetic from real (p >= 0.05)")
     atomic_write_json(csv_path.with_name("review_score.json"), res)
     res["written"] = str(csv_path.with_name("review_score.json"))
     return res
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float | None:
+    """Cohen's κ of two readers' labels on the same items (None when chance agreement is total)."""
+    n = len(a)
+    cats = sorted(set(a) | set(b))
+    po = sum(x == y for x, y in zip(a, b)) / n
+    pe = sum((a.count(c) / n) * (b.count(c) / n) for c in cats)
+    return None if pe >= 1 else (po - pe) / (1 - pe)
+
+
+def fleiss_kappa(labels: list[list[str]]) -> float | None:
+    """Fleiss' κ: `labels[i]` are the m readers' labels of item i (m ≥ 2, the same m for all)."""
+    m, n = len(labels[0]), len(labels)
+    cats = sorted({c for row in labels for c in row})
+    counts = np.array([[row.count(c) for c in cats] for row in labels], dtype=float)
+    p_item = ((counts ** 2).sum(1) - m) / (m * (m - 1))
+    p_cat = counts.sum(0) / (n * m)
+    pe = float((p_cat ** 2).sum())
+    return None if pe >= 1 else float((p_item.mean() - pe) / (1 - pe))
+
+
+def score_readers(csv_paths: list[Path], key_path: Path | None = None) -> dict:
+    """Several readers' sheets (`xraygan review` writes `review/<reader>.csv`): each scored, all
+    pooled, and their agreement on real/synthetic (Cohen's κ for two, Fleiss' κ for more, over the
+    images every reader answered). The table goes into the audit's report.md."""
+    paths = []
+    for p in map(Path, csv_paths):
+        if p.is_dir():  # a review/ folder: every reader's sheet in it, not the blank one
+            found = sorted(f for f in p.glob("*.csv") if f.name != "review.csv")
+            if not found:
+                raise InputError(f"{p}: no reader sheets (<reader>.csv) in this folder")
+            paths += found
+        else:
+            paths.append(p)
+    if not paths:
+        raise InputError("--score-review: give a filled sheet, or the review/ folder")
+    key_path, items = _read_key(paths[0], key_path)
+    sheets = {}
+    for p in paths:
+        answers, blank = read_sheet(p, items, key_path)
+        if not answers:
+            raise InputError(f"{p}: no guesses filled in yet")
+        name = p.stem if p.stem != "review" else p.parent.parent.name
+        if name in sheets:
+            raise InputError(f"{p}: a second sheet for reader {name}")
+        sheets[name] = (answers, blank, p)
+    readers = {n: {**_score([(items[r]["truth"], g, q) for r, (g, q) in a.items()]), "blank": b, "sheet": str(p)}
+               for n, (a, b, p) in sheets.items()}
+    pooled = _score([(items[r]["truth"], g, q) for a, _, _ in sheets.values() for r, (g, q) in a.items()])
+    common = sorted(set.intersection(*(set(a) for a, _, _ in sheets.values())))
+    agreement = None
+    if len(sheets) >= 2 and common:
+        rows = [[a[r][0] for a, _, _ in sheets.values()] for r in common]
+        kappa = (cohen_kappa([x[0] for x in rows], [x[1] for x in rows]) if len(sheets) == 2
+                 else fleiss_kappa(rows))
+        agreement = {"statistic": "cohen_kappa" if len(sheets) == 2 else "fleiss_kappa",
+                     "kappa": None if kappa is None else round(kappa, 4), "images": len(common)}
+    res = {**record_header("review-score"), "readers": readers, "pooled": pooled, "agreement": agreement,
+           "key": str(key_path)}
+    audit_dir = key_path.parent
+    atomic_write_json(audit_dir / "review" / "readers_score.json", res)
+    report = audit_dir / "report.md"
+    if report.is_file():
+        atomic_write_text(report, _with_reader_section(report.read_text(encoding="utf-8"), readers_markdown(res)))
+    res["written"] = str(audit_dir / "review" / "readers_score.json")
+    return res
+
+
+def readers_markdown(res: dict) -> str:
+    lines = ["## Reader study", "",
+             "| reader | answered | accuracy | p (vs chance) | synthetic spotted | real recognised | "
+             "realism, real | realism, synthetic |", "|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str, s: dict) -> str:
+        q = s["mean_quality"]
+        f = (lambda v: "n/a" if v is None else f"{v:.2f}")
+        return (f"| {name} | {s['answered']} | {s['accuracy']:.3f} | {s['p_value']:.3g} | {f(s['synthetic_spotted'])} | "
+                f"{f(s['real_recognised'])} | {f(q['real'])} | {f(q['synthetic'])} |")
+
+    lines += [row(n, s) for n, s in res["readers"].items()]
+    if len(res["readers"]) > 1:
+        lines.append(row("**pooled**", res["pooled"]))
+    ag = res["agreement"]
+    lines += [""]
+    if ag:
+        name = "Cohen's κ" if ag["statistic"] == "cohen_kappa" else "Fleiss' κ"
+        kappa = "n/a" if ag["kappa"] is None else f"{ag['kappa']:.3f}"
+        lines.append(f"Agreement on real/synthetic: {name} = {kappa} over the {ag['images']} images every "
+                     "reader answered.")
+    lines += ["The pooled p-value treats every answer as independent; readers are not, so read it "
+              "with the per-reader rows.", ""]
+    return "\n".join(lines)
+
+
+def _with_reader_section(text: str, section: str) -> str:
+    """report.md with its reader-study section replaced (or added at the end)."""
+    start = text.find("## Reader study")
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    nxt = text.find("\n## ", start + 1)
+    return text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -909,8 +909,10 @@ def audit(
     copy_threshold: Annotated[Optional[float], typer.Option(
         help="Flag at this absolute pixel correlation instead.")] = None,
     review: Annotated[int, typer.Option(help="Images in the blinded review sheet (0 = none).")] = 40,
-    score_review: Annotated[Optional[Path], typer.Option(
-        "--score-review", help="Score a filled AUDIT/review/review.csv instead of auditing.")] = None,
+    score_review: Annotated[list[Path], typer.Option(
+        "--score-review", help="Score filled review sheets instead of auditing: AUDIT/review/review.csv, "
+                               "the <reader>.csv files `xraygan review` writes (repeatable), or the review/ "
+                               "folder for all of them: per reader, pooled, and Cohen's or Fleiss' κ.")] = [],  # noqa: B006
     key: Annotated[Optional[Path], typer.Option(
         help="--score-review: the answer key (default AUDIT/review_key.json).")] = None,
     sources: Annotated[Optional[Path], typer.Option(
@@ -918,7 +920,7 @@ def audit(
                           "--extra-normal, or a rebalanced set): within each class, can a linear "
                           "model tell the sources apart? Held-out ROC-AUC and a verdict.")] = None,
     cache: Annotated[Optional[Path], typer.Option(
-        help="Feature cache folder (default $XRAYGAN_CACHE or ~/.cache/xraygan).")] = None,
+        help="Feature cache folder (default $XRAYGAN_CACHE; without either, nothing is cached).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for KID subsets and the review sample.")] = 0,
     device: DeviceOpt = "auto",
     force: Annotated[bool, typer.Option(help="Replace an existing audit folder.")] = False,
@@ -950,12 +952,20 @@ def audit(
         if as_json:
             _emit_json(res)
         return
-    if score_review is not None:
-        res = _run(run_score, score_review, key)
+    if len(score_review) == 1 and score_review[0].is_file() and score_review[0].name == "review.csv":
+        res = _run(run_score, score_review[0], key)
         err.print(f"{res['answered']} answered ({res['blank']} blank): accuracy {res['accuracy']:.2f}, "
                   f"synthetic spotted {res['synthetic_spotted']}, real recognised {res['real_recognised']}, "
                   f"p = {res['p_value']:.3g}: {res['verdict']}; mean quality {res['mean_quality']}",
                   highlight=False)
+        if as_json:
+            _emit_json(res)
+        return
+    if score_review:
+        from xraygan.audit import readers_markdown, score_readers
+
+        res = _run(score_readers, score_review, key)
+        sys.stderr.write(readers_markdown(res))
         if as_json:
             _emit_json(res)
         return
@@ -983,6 +993,42 @@ def audit(
               f"{out}/review/sheet.html", highlight=False)
     if as_json:
         _emit_json(rec)
+
+
+@app.command()
+def review(
+    audit_dir: Annotated[Path, typer.Argument(
+        metavar="AUDIT", help="An audit folder with a blinded review sheet (xraygan audit --review N).",
+        show_default=False)],
+    reader: Annotated[str, typer.Option(help="The reader's name: their answers go to AUDIT/review/<reader>.csv "
+                                             "and their order is shuffled by it.")] = "reader1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    host: Annotated[Optional[str], typer.Option(
+        help="Address to listen on (default 127.0.0.1, this machine only). Any other address lets "
+             "other machines see the images.")] = None,
+) -> None:
+    """Serve the blinded real-vs-synthetic reading as a local web page: one image at a time, dark
+    background, zoom and window/level, R / S, realism 1-5, a note; every answer saved at once to
+    AUDIT/review/<reader>.csv (resumes where the reader stopped). Score with
+    `xraygan audit --score-review AUDIT/review/`.
+
+    Example: xraygan review audit --reader smith      (then open http://127.0.0.1:8000/)
+    """
+    from xraygan.console import err
+    from xraygan.review import ReviewConfig, is_loopback, serve
+
+    cfg = ReviewConfig(audit=audit_dir, reader=reader, host=host or "127.0.0.1", port=port,
+                       host_given=host is not None)
+
+    def ready(url: str, answered: int, total: int) -> None:
+        if not is_loopback(cfg.host):
+            err.print(f"[bold yellow]warning:[/] serving on {cfg.host}: the review images leave this machine's "
+                      "loopback; anyone who can reach it can see them", highlight=False, soft_wrap=True)
+        err.print(f"reader {reader}: {answered} of {total} answered; open {url} (Ctrl-C stops; answers are "
+                  "saved after every image)", highlight=False, soft_wrap=True)
+
+    res = _run(serve, cfg, ready)
+    err.print(f"{res['answered']} of {res['total']} answered, in {res['answers']}", highlight=False)
 
 
 @app.command()
