@@ -952,7 +952,7 @@ def audit(
         if as_json:
             _emit_json(res)
         return
-    if len(score_review) == 1 and score_review[0].is_file() and score_review[0].name == "review.csv":
+    if len(score_review) == 1 and not score_review[0].is_dir():  # one sheet: scored as it always was
         res = _run(run_score, score_review[0], key)
         err.print(f"{res['answered']} answered ({res['blank']} blank): accuracy {res['accuracy']:.2f}, "
                   f"synthetic spotted {res['synthetic_spotted']}, real recognised {res['real_recognised']}, "
