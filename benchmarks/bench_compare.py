@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xraygan.evaluate import compare
+from xraygan.evaluate import compare, write_predictions
 from xraygan.metrics import binary_metrics
 
 
@@ -32,11 +32,9 @@ def write_study(root: Path, rows: int, seeds: int, rng: np.random.Generator) -> 
             score = np.clip(0.55 + (y - 0.5) * (0.3 + 0.01 * r) + rng.normal(0, 0.25, len(y)), 0, 1)
             d = root / f"{label}-seed{s}" / "report"
             d.mkdir(parents=True)
-            lines = ["file,class,score,predicted_positive,correct"]
-            for i, (t, p) in enumerate(zip(y, score)):
-                c = "pneumonia" if t else "normal"
-                lines.append(f"{c}/{i:04d}.png,{c},{p:.5f},{int(p >= 0.5)},{int((p >= 0.5) == t)}")
-            (d / "predictions.csv").write_text("\n".join(lines) + "\n")
+            classes = ["pneumonia" if t else "normal" for t in y]
+            write_predictions(d / "predictions.csv", [f"{c}/{i:04d}.png" for i, c in enumerate(classes)], classes,
+                              y, score, 0.5)
             (d / "metrics.json").write_text(json.dumps({
                 "kind": "xraygan-metrics", "label": label, "seed": s, "positive": "pneumonia", "threshold": 0.5,
                 "test_fingerprint": "bench", "metrics": binary_metrics(y, np.round(score, 5), 0.5)}))

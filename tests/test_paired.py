@@ -146,14 +146,13 @@ def write_report(folder: Path, label: str, seed: int, y: np.ndarray, score: np.n
     """A report folder as evaluate writes it: metrics.json and predictions.csv."""
     import json
 
+    from xraygan.evaluate import write_predictions
     from xraygan.metrics import binary_metrics
 
     folder.mkdir(parents=True, exist_ok=True)
-    lines = ["file,class,score,predicted_positive,correct"]
-    for i, (t, s) in enumerate(zip(y, score)):
-        cls = "pneumonia" if t else "normal"
-        lines.append(f"{cls}/{i:04d}.png,{cls},{s:.5f},{int(s >= 0.5)},{int((s >= 0.5) == t)}")
-    (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+    classes = ["pneumonia" if t else "normal" for t in y]
+    write_predictions(folder / "predictions.csv", [f"{c}/{i:04d}.png" for i, c in enumerate(classes)], classes,
+                      y, score, 0.5)
     (folder / "metrics.json").write_text(json.dumps({
         "kind": "xraygan-metrics", "label": label, "seed": seed, "positive": "pneumonia", "threshold": 0.5,
         "test_fingerprint": fp, "metrics": binary_metrics(y, np.round(score, 5), 0.5)}))

@@ -286,7 +286,9 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     def write(folder: Path, rec: dict) -> None:
         with staged_dir(Path(folder), cfg.force, "evaluate") as tmp:
             atomic_write_json(tmp / "metrics.json", rec)
-            _write_predictions(tmp / "predictions.csv", test, y, score, rec["threshold"])
+            names = [test.classes[c] for c in test.labels]
+            write_predictions(tmp / "predictions.csv", [f"{c}/{f.name}" for c, f in zip(names, test.files)], names,
+                              y, score, rec["threshold"])
             plots = write_plots(tmp, y, score, rec["threshold"], rec["metrics"], positive, rec["label"])
             atomic_write_text(tmp / "report.md", report_markdown(rec, plots))
 
@@ -321,12 +323,13 @@ def read_for_model(folder: Path, classes: tuple[str, ...], size: int, what: str)
     return data
 
 
-def _write_predictions(path: Path, test: ImageFolder, y: np.ndarray, score: np.ndarray,
-                       threshold: float) -> None:
+def write_predictions(path: Path, files: list[str], classes: list[str], y: np.ndarray, score: np.ndarray,
+                      threshold: float) -> None:
+    """predictions.csv: per test image (`class/file`) its class, score and call; what `compare`
+    pairs runs by."""
     pred = score >= threshold
     write_csv(path, ["file", "class", "score", "predicted_positive", "correct"],
-              ([f"{test.classes[c]}/{f.name}", test.classes[c], f"{s:.5f}", int(p), int(p == bool(t))]
-               for f, c, t, s, p in zip(test.files, test.labels, y, score, pred)))
+              ([f, c, f"{s:.5f}", int(p), int(p == bool(t))] for f, c, t, s, p in zip(files, classes, y, score, pred)))
 
 
 def write_plots(out: Path, y: np.ndarray, score: np.ndarray, threshold: float, m: dict,
