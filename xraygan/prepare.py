@@ -229,11 +229,8 @@ def dicom_salt(items: list[Item], keys: list[str], user_salt: str) -> bytes:
     return h.digest()
 
 
-def public_names(items: list[Item], keys: list[str], skipped: list[Item], user_salt: str) -> None:
+def public_names(items: list[Item], keys: list[str], skipped: list[Item], salt: bytes) -> None:
     """Give DICOM items hashed output names and idents (in place); other items keep theirs."""
-    if not any(it.dicom for it in items) and not any(it.dicom for it in skipped):
-        return
-    salt = dicom_salt(items, keys, user_salt)
     for it, k in zip(items, keys):
         if it.dicom:
             it.name = f"{_salted(salt, 'patient:' + str(it.patient))}-{_salted(salt, 'image:' + (k or str(it.path)))}"
@@ -499,12 +496,13 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
         views_skipped = Counter(dec.views_skipped)
         for s in scans:
             views_skipped.update(s.views_skipped)
-        bad = [it for it, _ in dec.skipped]
-        public_names(dec.items, dec.keys, bad, cfg.salt)
         private = any(it.dicom for it in items)
         skipped_local = scan_skipped + [{"file": str(it.path), "reason": r} for it, r in dec.skipped]
-        skipped = ([{"file": f"file-{_salted(dicom_salt(dec.items, dec.keys, cfg.salt), x['file'])}",
-                     "reason": x["reason"]} for x in scan_skipped] if private else scan_skipped)
+        skipped = scan_skipped
+        if private:  # no path of a DICOM source reaches the record: they often carry the patient
+            salt = dicom_salt(dec.items, dec.keys, cfg.salt)
+            public_names(dec.items, dec.keys, [it for it, _ in dec.skipped], salt)
+            skipped = [{"file": f"file-{_salted(salt, x['file'])}", "reason": x["reason"]} for x in scan_skipped]
         skipped += [{"file": it.ident, "reason": r} for it, r in dec.skipped]
         if skipped and cfg.strict:
             raise InputError(f"{skipped_local[0]['file']}: {skipped_local[0]['reason']} "
