@@ -238,7 +238,7 @@ def staged_dir(out: Path, force: bool = False, command: str | None = None) -> It
 
 
 def record_header(kind: str) -> dict:
-    """The one header every JSON record starts with (DESIGN.md): kind, format_version,
+    """The one header every JSON record starts with: kind, format_version,
     xraygan_version."""
     from xraygan import __version__
 

@@ -1,6 +1,6 @@
 """Images on disk: decoding any real-world file to 8-bit grayscale, and image folders.
 
-An image folder is `DIR/<class>/*.png`, classes sorted by name (DESIGN.md).
+An image folder is `DIR/<class>/*.png`, classes sorted by name (normal = 0, pneumonia = 1).
 """
 
 from __future__ import annotations

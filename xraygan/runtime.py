@@ -1,11 +1,9 @@
-"""Devices, seeds, precision and RNG state: one place for each (STYLE.md §4)."""
+"""Devices, seeds, precision and RNG state: one place for each; generators are passed explicitly."""
 
 from __future__ import annotations
 
 import contextlib
-import random
 
-import numpy as np
 import torch
 
 from xraygan.errors import InputError
@@ -28,12 +26,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise InputError("--device mps: no MPS device is available on this machine")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def cpu_has_fast_bf16() -> bool:
