@@ -732,7 +732,7 @@ def evaluate(
     force: Annotated[bool, typer.Option(help="Replace an existing report or table folder.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure a classifier on a test folder, or compare runs (--compare) in the study's table.
+    """Measure a classifier on a test folder: metrics with 95% intervals, and a report (`xraygan compare` tabulates runs).
 
     Example: xraygan evaluate runs/clf/classifier.safetensors data/test --report
              xraygan compare runs/ --out results/      (was: evaluate --compare)

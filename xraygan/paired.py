@@ -285,11 +285,17 @@ def paired_markdown(res: dict) -> str:
                                                               else "more test images needed")
                 lines.append(f"| {c['method']} | {NAMES[k]} | {m['difference']:+.3f} [{m['ci95'][0]:+.3f}, "
                              f"{m['ci95'][1]:+.3f}] | {m['p_holm']:.3f} | {m['verdict']} | {det} | {seeds} |")
-        dl = [(c["method"], d) for c in res["comparisons"] if c["reference"] == ref for d in c["delong"]]
-        if dl:
-            lines += ["", f"DeLong's test of ROC-AUC against {ref}, per seed (same images, no correction): "
-                      + "; ".join(f"{m} seed {d['seed']}: {d['auc_a']:.3f} vs {d['auc_b']:.3f}, p {d['p']:.3f}"
-                                  for m, d in dl) + "."]
+        rows = [c for c in res["comparisons"] if c["reference"] == ref and c["delong"]]
+        if rows:
+            seeds = sorted({d["seed"] for c in rows for d in c["delong"]}, key=lambda x: (x is None, x))
+            lines += ["", f"DeLong's test of each seed's ROC-AUC against {ref}'s of the same seed (same images; "
+                      "training noise not included, no correction): AUC vs AUC, p", "",
+                      "| Method | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
+            for c in rows:
+                by = {d["seed"]: d for d in c["delong"]}
+                lines.append(f"| {c['method']} | " + " | ".join(
+                    f"{by[x]['auc_a']:.3f} vs {by[x]['auc_b']:.3f}, {by[x]['p']:.3f}" if x in by else "" for x in seeds)
+                    + " |")
     lines += ["", f"Two-level bootstrap ({res['resamples']} resamples of the {res['images']} test images, the "
               "same draw for both rows, and of each row's seeds); p-values by interval inversion, Holm-corrected "
               "per reference and metric over the rows; detectable = 2.80 × bootstrap SE.", ""]
