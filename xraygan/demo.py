@@ -179,7 +179,9 @@ def _demo(cfg: DemoConfig, out: Path, progress) -> dict:
         "collapsed": collapsed, "figure": str(figure), "data": "phantom" if cfg.phantom else "sample",
         "reports": {r: f"{runs[r]}/report/report.md" for r in ROWS},
         "gradcam_grids": {r: f"{runs[r]}/cams/grid.png" for r in ROWS},
-        "table": str(out / "table" / "table.md"), "markdown": table["markdown"],
+        # the mean table and each paired test's answer; table.md has the paired tables themselves
+        "table": str(out / "table" / "table.md"),
+        "markdown": table["table_markdown"] + "".join(f"\n{a}\n" for a in table["answers"]),
         "seconds": times, "total_seconds": round(sum(times.values()), 1),
         "note": rec.get("note"),
     }

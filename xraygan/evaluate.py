@@ -37,7 +37,7 @@ from xraygan.fsutil import (
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics, point_aucs, ranking_curves, resample_aucs, threshold_counts
-from xraygan.paired import PAIRED_CSV, paired_markdown, paired_rows
+from xraygan.paired import PAIRED_CSV, paired_markdown, paired_rows, summary_line
 from xraygan.provenance import file_sources
 from xraygan.runtime import DEVICES
 
@@ -516,8 +516,10 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False,
     elif len(thr) > 1:
         warnings.append(f"the runs used {len(thr)} different thresholds")
     paired = _paired(metrics, groups, references, resamples, seed, power)
+    table = table_markdown(rows, keys)
     res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics), "paired": paired,
-           "markdown": table_markdown(rows, keys) + paired_markdown(paired), "csv": table_csv(rows, keys)}
+           "table_markdown": table, "answers": [summary_line(paired, r) for r in paired["references"]],
+           "markdown": table + paired_markdown(paired), "csv": table_csv(rows, keys)}
     if out is not None:
         with staged_dir(Path(out), force, "compare") as tmp:
             atomic_write_text(tmp / "table.md", res["markdown"])
