@@ -2,6 +2,9 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+from conftest import write_img, xray_like
+from PIL import Image
 from typer.testing import CliRunner
 
 from xraygan.cli import app
@@ -115,3 +118,33 @@ def test_demo_on_phantoms(tmp_path):
                             "--gan-steps", "2", "--clf-epochs", "1", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["data"] == "phantom" and "not medical images" in r.stderr
+
+
+def test_a_224_px_set_flows_through_every_command(tmp_path):
+    """prepare --size 224 → train-gan → generate → rebalance → train-classifier → evaluate → gradcam,
+    one step or epoch each with tiny widths: the size the field's classifiers use."""
+    rng = np.random.default_rng(0)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for i in range(12):
+            write_img(tmp_path / "src" / cls / f"{cls.lower()}{i:02d}.png",
+                      xray_like(rng, 240, bright=cls == "PNEUMONIA"))
+
+    def ok(*args):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, (args[0], r.output[-1500:])
+        return r
+
+    data = tmp_path / "data"
+    ok("prepare", tmp_path / "src", "--out", data, "--size", "224", "--split", "0.5,0.25,0.25", "--workers", "1")
+    ok("train-gan", data / "train", "--out", tmp_path / "gan", "--class", "pneumonia", "--steps", "1",
+       "--batch-size", "4", "--width", "4", "--nz", "8", "--device", "cpu")
+    ok("generate", tmp_path / "gan" / "generator.safetensors", "-n", "3", "--out", tmp_path / "synth", "--device", "cpu")
+    synth = sorted((tmp_path / "synth" / "pneumonia").glob("*.png"))
+    assert len(synth) == 3 and Image.open(synth[0]).size == (224, 224)  # generate makes the training size
+    ok("rebalance", data / "train", "--method", "gan", "--synthetic", tmp_path / "synth", "--out", tmp_path / "bal")
+    ok("train-classifier", tmp_path / "bal", "--val", data / "val", "--out", tmp_path / "clf", "--epochs", "1",
+       "--batch-size", "4", "--device", "cpu")
+    ckpt = tmp_path / "clf" / "classifier.safetensors"
+    ok("evaluate", ckpt, data / "test", "--report", tmp_path / "rep", "--bootstrap", "20")
+    r = ok("gradcam", ckpt, data / "test", "--out", tmp_path / "cams", "-n", "1", "--json")
+    assert json.loads(r.stdout)["layer"] == "layer4"  # 7×7 at 224 px

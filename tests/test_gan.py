@@ -13,10 +13,11 @@ from conftest import make_folder
 from PIL import Image
 from safetensors.torch import load_file
 
+from xraygan import gan
 from xraygan.checkpoint import load_checkpoint, save_checkpoint
 from xraygan.errors import InputError, Interrupted, TrainingError
 from xraygan.gan import GanTrainer, TrainGanConfig, fake_label_probs, resolve_diffaugment, train_gan
-from xraygan.gan_models import Discriminator, GanNetConfig, Generator, diff_augment
+from xraygan.gan_models import Discriminator, GanNetConfig, Generator, base_and_doublings, diff_augment
 from xraygan.generate import GenerateConfig, generate
 from xraygan.images import read_image_folder, save_png
 
@@ -32,7 +33,7 @@ def folder16(tmp_path, rng):
     return make_folder(tmp_path / "train", {"normal": 24, "pneumonia": 12}, 16, rng)
 
 
-@pytest.mark.parametrize("size", [16, 32, 64, 128])
+@pytest.mark.parametrize("size", [16, 24, 32, 64, 128, 160, 224])
 @pytest.mark.parametrize("classes", [0, 2])
 def test_architectures_every_size(size, classes):
     cfg = GanNetConfig(image_size=size, nz=8, ngf=4, ndf=4, num_classes=classes)
@@ -42,14 +43,21 @@ def test_architectures_every_size(size, classes):
     assert x.shape == (3, 1, size, size) and x.abs().max() <= 1
     assert D(x, labels).shape == (3,)
     convs = [m for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
-    assert len(convs) == int(np.log2(size)) - 1  # depth follows the size
+    base, k = base_and_doublings(size)
+    assert len(convs) == k + 1 and convs[0].kernel_size == (base, base)  # depth follows the size
+    if size in (16, 32, 64, 128):  # powers of two: the 4×4-base networks, log2(size) − 1 deep
+        assert base == 4 and len(convs) == int(np.log2(size)) - 1
     w = convs[0].weight
     assert abs(w.std().item() - 0.02) < 0.005  # DCGAN init N(0, 0.02)
 
 
 def test_unsupported_size_is_rejected():
-    with pytest.raises(ValueError, match="not supported"):
-        GanNetConfig(image_size=28)
+    assert base_and_doublings(224) == (7, 5) and base_and_doublings(160) == (5, 5) and base_and_doublings(28) == (7, 2)
+    with pytest.raises(ValueError, match="nearest to 100 are 96, 112"):
+        GanNetConfig(image_size=100)
+    for size in (18, 12, 600):
+        with pytest.raises(ValueError, match="the DCGAN models make 16-512 px images"):
+            GanNetConfig(image_size=size)
 
 
 def test_conditional_generator_uses_label():
@@ -203,8 +211,8 @@ def test_input_errors_before_training(folder16, tmp_path, rng):
     odd = tmp_path / "odd"
     for c in ("normal", "pneumonia"):
         for i in range(10):
-            save_png(odd / c / f"{i}.png", rng.integers(0, 255, (28, 28), dtype=np.uint8))
-    with pytest.raises(InputError, match="images are 28 px"):
+            save_png(odd / c / f"{i}.png", rng.integers(0, 255, (36, 36), dtype=np.uint8))
+    with pytest.raises(InputError, match="images are 36 px; the DCGAN models make .* nearest to 36 are 32, 40"):
         train_gan(tiny(odd, tmp_path / "r"))
     train_gan(tiny(folder16, tmp_path / "r"))
     with pytest.raises(InputError, match="already exists"):
@@ -331,6 +339,9 @@ def test_collapse_warning(folder16, tmp_path, monkeypatch):
     assert res["diversity"] > 0.5 and not any("collapsed" in w for w in res["warnings"])
     monkeypatch.setattr(Generator, "forward", lambda self, z, labels=None:
                         real_forward(self, torch.zeros_like(z), labels))
+    res = train_gan(tiny(folder16, tmp_path / "short", steps=4, batch_size=4))
+    assert res["diversity"] < 0.01 and not any("collapsed" in w for w in res["warnings"])  # 4 steps: too early
+    monkeypatch.setattr(gan, "COLLAPSE_MIN_STEPS", 2)  # as if 2 steps were a long run
     res = train_gan(tiny(folder16, tmp_path / "bad", steps=2, batch_size=4))
     assert res["diversity"] < 0.01 and any("the generator has collapsed" in w for w in res["warnings"])
     rows = list(csv.DictReader(open(tmp_path / "bad" / "log.csv")))

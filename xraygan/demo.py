@@ -78,11 +78,10 @@ def _size(f: Path) -> int:
 
 
 def demo(cfg: DemoConfig, progress=None) -> dict:
-    from xraygan.gan_models import SUPPORTED_SIZES
+    from xraygan.gan_models import size_problem
 
     check_int("--count", cfg.count, 20)
-    require(cfg.size in SUPPORTED_SIZES, f"--size {cfg.size}: must be one of "
-            f"{', '.join(map(str, SUPPORTED_SIZES))}")
+    require(size_problem(cfg.size) is None, f"--size {cfg.size}: {size_problem(cfg.size)}")
     check_int("--gan-steps", cfg.gan_steps)
     check_int("--clf-epochs", cfg.clf_epochs)
     check_choice("--device", cfg.device, DEVICES)

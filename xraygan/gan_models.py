@@ -1,21 +1,46 @@
-"""DCGAN and conditional DCGAN networks (Radford et al. 2016), grayscale, sizes 16-256.
+"""DCGAN and conditional DCGAN networks (Radford et al. 2016), grayscale, sizes 16-512.
 
-Depth follows the image size: the generator grows a 4×4 map by strided transposed
-convolutions until it reaches the size; the discriminator mirrors it. A conditional model
+Depth follows the image size: size = base · 2^k with a base map of 4 to 7 (16 = 4·2², 28 = 7·2²,
+160 = 5·2⁵, 224 = 7·2⁵, 256 = 4·2⁶); the generator makes the base map from the noise and
+doubles it k times by strided transposed convolutions; the discriminator mirrors it. At the
+powers of two the networks are those of a 4×4 base, as before. A conditional model
 (`num_classes > 0`) gives the generator a one-hot label beside the noise and the discriminator
 one-hot label planes beside the image.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_SIZES = (16, 32, 64, 128, 256)
+MIN_SIZE, MAX_SIZE = 16, 512
+MAX_DOUBLING = 5  # channels stop doubling past ngf·2⁵ (sizes above 256): 512 px would need ngf·64
+
+
+def base_and_doublings(size: int) -> tuple[int, int] | None:
+    """(base, k) with size = base · 2^k, base 4..7 and k ≥ 2, or None when there is none."""
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        return None
+    base, k = size, 0
+    while base % 2 == 0 and base // 2 >= 4:
+        base //= 2
+        k += 1
+    return (base, k) if 4 <= base <= 7 and k >= 2 else None
+
+
+SUPPORTED_SIZES = tuple(s for s in range(MIN_SIZE, MAX_SIZE + 1) if base_and_doublings(s))
+
+
+def size_problem(size: int) -> str | None:
+    """Why the DCGAN cannot make `size` px images (None when it can), naming the nearest sizes."""
+    if size in SUPPORTED_SIZES:
+        return None
+    near = sorted(SUPPORTED_SIZES, key=lambda s: (abs(s - size), s))[:2]
+    return (f"the DCGAN models make 16-512 px images of 4 to 7 times a power of two "
+            f"(16, 20, 24, 28, 32, 40, ..., 224, 256, ...); the nearest to {size} are {', '.join(map(str, sorted(near)))}")
 
 
 @dataclass(frozen=True)
@@ -28,13 +53,21 @@ class GanNetConfig:
     num_classes: int = 0  # 0 = unconditional
 
     def __post_init__(self):
-        if self.image_size not in SUPPORTED_SIZES:
-            raise ValueError(f"image size {self.image_size} is not supported by the DCGAN models "
-                             f"(supported: {', '.join(map(str, SUPPORTED_SIZES))})")
+        problem = size_problem(self.image_size)
+        if problem:
+            raise ValueError(f"image size {self.image_size}: {problem}")
+
+    @property
+    def base(self) -> int:
+        return base_and_doublings(self.image_size)[0]
 
     @property
     def n_up(self) -> int:
-        return int(math.log2(self.image_size)) - 2  # 4×4 → size
+        return base_and_doublings(self.image_size)[1]  # base × base → size
+
+    @property
+    def top_channels(self) -> int:
+        return self.ngf * 2 ** min(self.n_up - 1, MAX_DOUBLING)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,14 +86,15 @@ class Generator(nn.Module):
     def __init__(self, cfg: GanNetConfig):
         super().__init__()
         self.cfg = cfg
-        ch = cfg.ngf * 2 ** (cfg.n_up - 1)
-        layers: list[nn.Module] = [  # (nz + classes) x 1 x 1 → ch x 4 x 4
-            nn.ConvTranspose2d(cfg.nz + cfg.num_classes, ch, 4, 1, 0, bias=False),
+        ch = cfg.top_channels
+        layers: list[nn.Module] = [  # (nz + classes) x 1 x 1 → ch x base x base
+            nn.ConvTranspose2d(cfg.nz + cfg.num_classes, ch, cfg.base, 1, 0, bias=False),
             nn.BatchNorm2d(ch), nn.ReLU(True)]
-        for _ in range(cfg.n_up - 1):  # ch x s x s → ch/2 x 2s x 2s
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
-            ch //= 2
+        for i in range(cfg.n_up - 1):  # ch x s x s → ch/2 x 2s x 2s (ch kept while above the cap)
+            out = ch // 2 if cfg.n_up - 1 - i <= MAX_DOUBLING else ch
+            layers += [nn.ConvTranspose2d(ch, out, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(out), nn.ReLU(True)]
+            ch = out
         layers += [nn.ConvTranspose2d(ch, cfg.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)  # → channels x size x size, in [-1, 1]
         self.apply(init_dcgan_weights)
@@ -79,11 +113,12 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = [  # (channels + classes) x size x size → ndf x size/2
             nn.Conv2d(cfg.channels + cfg.num_classes, ch, 4, 2, 1, bias=False),
             nn.LeakyReLU(0.2, inplace=True)]
-        for _ in range(cfg.n_up - 1):  # ch x s x s → 2ch x s/2 x s/2, down to 4 x 4
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch * 2),
+        for i in range(cfg.n_up - 1):  # ch x s x s → 2ch x s/2 x s/2, down to base x base
+            out = ch * 2 if i < MAX_DOUBLING else ch
+            layers += [nn.Conv2d(ch, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out),
                        nn.LeakyReLU(0.2, inplace=True)]
-            ch *= 2
-        layers += [nn.Conv2d(ch, 1, 4, 1, 0, bias=False)]  # → 1 x 1 x 1 logit
+            ch = out
+        layers += [nn.Conv2d(ch, 1, cfg.base, 1, 0, bias=False)]  # → 1 x 1 x 1 logit
         self.net = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)
 
