@@ -1,4 +1,5 @@
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -7,6 +8,10 @@ from safetensors.torch import save_file
 
 from xraygan.checkpoint import load_checkpoint
 from xraygan.classifier import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MEAN,
+    STD,
     ClassifierNetConfig,
     TrainClassifierConfig,
     augment_batch,
@@ -63,8 +68,16 @@ def test_small_stem_keeps_resolution_and_pretrained_conversion(tmp_path):
     save_file({k: v.contiguous() for k, v in rgb.items()}, tmp_path / "r18.safetensors")
     big = build_resnet18(ClassifierNetConfig(image_size=128, small_stem=False))
     skipped = load_pretrained(big, tmp_path / "r18.safetensors")
-    assert torch.allclose(big.conv1.weight, rgb["conv1.weight"].sum(1, keepdim=True))
     assert "fc.weight" in skipped and "conv1.weight" not in skipped  # 1000-class head not used
+    # the folded conv1 on our normalised gray input = the RGB conv1 on the gray image replicated and
+    # ImageNet-normalised, up to one constant per output channel (removed by the batch norm after it)
+    g = torch.rand(2, 1, 64, 64)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ref = torch.nn.functional.conv2d((g.expand(-1, 3, -1, -1) - mean) / std, rgb["conv1.weight"], stride=2, padding=3)
+    ours = big.conv1((g - MEAN) / STD)
+    diff = (ours - ref)[:, :, 2:-2, 2:-2]  # away from the zero padding
+    assert torch.allclose(diff, diff.mean(dim=(0, 2, 3), keepdim=True).expand_as(diff), atol=1e-4)
+    assert diff.abs().max() > 1e-2  # (the constant is real: the check above is not vacuous)
     with pytest.raises(InputError, match="not look like ResNet-18"):
         save_file({"x": torch.zeros(1)}, tmp_path / "junk.safetensors")
         load_pretrained(big, tmp_path / "junk.safetensors")
@@ -100,6 +113,19 @@ def test_train_classifier_outputs_and_selection(split, tmp_path):
     assert meta["classes"] == ["normal", "pneumonia"] and meta["config"]["small_stem"]
     model, _ = load_classifier(tmp_path / "clf" / "classifier.safetensors", torch.device("cpu"))
     assert model(torch.randn(1, 1, 16, 16)).shape == (1, 2)
+
+
+def test_pretrained_weights_keep_the_standard_stem_at_small_sizes(split, tmp_path):
+    from torchvision.models import resnet18
+
+    save_file({k: v.contiguous() for k, v in resnet18(weights=None).state_dict().items()}, tmp_path / "r18.safetensors")
+    res = train_classifier(TrainClassifierConfig(
+        data=split / "train", val=split / "val", out=tmp_path / "pre", epochs=1, batch_size=16, device="cpu",
+        weights=tmp_path / "r18.safetensors"))
+    _, meta = load_checkpoint(tmp_path / "pre" / "classifier.safetensors", "classifier")
+    assert not meta["config"]["small_stem"]  # 16 px, --small-stem auto: the stem the weights were made for
+    rec = json.loads((tmp_path / "pre" / "config.json").read_text())
+    assert res["best_epoch"] == 1 and "conv1.weight" not in rec["pretrained_layers_not_loaded"]
 
 
 def test_train_classifier_errors(split, tmp_path, rng):

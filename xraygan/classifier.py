@@ -43,6 +43,7 @@ from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerpri
 from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
 
 MEAN, STD = 0.5, 0.25  # fixed intensity normalisation of 8-bit X-rays to about zero mean
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, per RGB channel
 # `--small-stem auto` keeps the resolution (3×3 stride-1 stem, no max-pool) up to this size. Measured
 # on the real Kermany data at 3:1 (README, "Choosing the stem"): at 32 px the small stem ranked
 # better (test ROC-AUC 0.937 vs 0.918), at 64 px the standard stem did (0.940 ± 0.005 vs
@@ -68,8 +69,13 @@ def build_resnet18(cfg: ClassifierNetConfig) -> nn.Module:
 
 def load_pretrained(model: nn.Module, path: Path) -> list[str]:
     """Load local ImageNet-style ResNet-18 weights (.safetensors, or a torchvision .pth read
-    with weights_only). The RGB first layer is summed to one channel; layers whose shape does
-    not fit (the classifier head, a small stem) are left as initialised and returned."""
+    with weights_only). Layers whose shape does not fit (the classifier head, a small stem) are
+    left as initialised and returned.
+
+    The RGB first layer is folded into one channel so that the network sees a gray X-ray as the
+    pretrained one sees it replicated to RGB under the ImageNet normalisation: with g in [0, 1]
+    and our input x = (g − MEAN) / STD, Σ_c W_c·(g − m_c)/s_c = (STD·Σ_c W_c/s_c)·x + a constant
+    per output channel, which the batch norm after conv1 removes (tested)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: weights file not found")
@@ -90,7 +96,8 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
         raise InputError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
     if "conv1.weight" in sd and sd["conv1.weight"].shape[1] == 3:
-        sd["conv1.weight"] = sd["conv1.weight"].sum(dim=1, keepdim=True)
+        std = torch.tensor(IMAGENET_STD, dtype=sd["conv1.weight"].dtype).view(1, 3, 1, 1)
+        sd["conv1.weight"] = (sd["conv1.weight"] / std).sum(dim=1, keepdim=True) * STD
     own = model.state_dict()
     skipped = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
     missing = [k for k in own if k not in sd]
@@ -292,7 +299,9 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
 
     Under torchrun the model is wrapped in DistributedDataParallel and each process trains on its
     share of every batch; rank 0 validates, decides (best epoch, early stop) for all, and writes."""
-    small = {"auto": train.size <= SMALL_STEM_UP_TO, "yes": True, "no": False}[cfg.small_stem]  # checked in validate
+    # auto: the small stem at ≤ 32 px, but never under pretrained weights, whose conv1 is the 7×7/2 stem
+    small = {"auto": train.size <= SMALL_STEM_UP_TO and cfg.weights is None, "yes": True,
+             "no": False}[cfg.small_stem]  # checked in validate
     net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
     torch.manual_seed(cfg.seed)
     model = build_resnet18(net)
