@@ -174,3 +174,14 @@ def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):
     assert alone_steps(steps, row) == {"train-diffusion ddpm", "generate ddpm"}
     one_run = {"train-classifier oversample seed 0", "evaluate oversample seed 0", "gradcam oversample seed 0"}
     assert alone_steps(steps, one_run) == {"train-classifier oversample seed 0"}
+
+
+def test_weights_go_to_every_classifier(demo_data, tmp_path):
+    w = tmp_path / "r18.safetensors"
+    w.write_bytes(b"placeholder: only the path is planned here")
+    steps, _ = build_plan(StudyConfig(data=demo_data, out=tmp_path / "s", rows=("baseline", "class_weights"),
+                                      seeds=(0,), weights=w))
+    trains = [s.argv for s in steps if s.id.startswith("train-classifier")]
+    assert len(trains) == 2 and all(a[a.index("--weights") + 1] == str(w.absolute()) for a in trains)
+    with pytest.raises(InputError, match="weights file not found"):
+        StudyConfig(data=demo_data, out=tmp_path / "t", weights=tmp_path / "none.safetensors").validate()

@@ -1049,6 +1049,9 @@ def study(
     clf_epochs: Annotated[int, typer.Option(help="Classifier epochs (early stopping may end sooner).")] = 20,
     patience: Annotated[int, typer.Option(help="Classifier epochs without improvement before stopping.")] = 5,
     small_stem: Annotated[str, typer.Option(help="Classifier stem: auto, yes or no (see train-classifier).")] = "auto",
+    weights: Annotated[Optional[Path], typer.Option(
+        help="Local pretrained ResNet-18 weights (e.g. torchvision's ImageNet file) for every row's "
+             "classifier (see train-classifier --weights).")] = None,
     audit: Annotated[bool, typer.Option(help="Audit each GAN's images against the real training set.")] = True,
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", help="Steps run at once, each with cores/N CPU threads, sharing one GPU "
@@ -1089,8 +1092,8 @@ def study(
         raise typer.BadParameter(f"'{' '.join(seeds)}': seeds are whole numbers, e.g. --seeds 0 1 2") from None
     cfg = StudyConfig(data=data, out=out, rows=tuple(split(rows)) or ROWS, seeds=seed_list,
                       gan_steps=gan_steps, gan_batch=gan_batch, diffaugment=diffaugment,
-                      clf_epochs=clf_epochs, patience=patience, small_stem=small_stem, audit=audit,
-                      diffusion_steps=diffusion_steps,
+                      clf_epochs=clf_epochs, patience=patience, small_stem=small_stem, weights=weights,
+                      audit=audit, diffusion_steps=diffusion_steps,
                       device=device, jobs=jobs)
     if dry_run or print_commands:
         def plan() -> list:

@@ -69,6 +69,7 @@ class StudyConfig:
     clf_epochs: int = 20
     patience: int = 5
     small_stem: str = "auto"
+    weights: Path | None = None  # local pretrained ResNet-18 weights for every row's classifier
     diffusion_steps: int = 4000
     audit: bool = True
     device: str = "auto"
@@ -94,6 +95,7 @@ class StudyConfig:
         check_int("--diffusion-steps", self.diffusion_steps)
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
+        require(self.weights is None or Path(self.weights).is_file(), f"{self.weights}: weights file not found")
         check_choice("--device", self.device, DEVICES)
         if self.jobs is not None:
             check_int("--jobs", self.jobs)
@@ -267,6 +269,8 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                 bal, deps=[f"generate {row}"] if is_gan_row(row) else [],
                 done=lambda b=bal: record_done(b, "rebalance.json")))
             weights = ["--class-weights", "balanced"] if row == "class_weights" else []
+            if cfg.weights is not None:  # the same pretrained start for every row
+                weights += ["--weights", str(Path(cfg.weights).absolute())]
             steps.append(Step(
                 f"train-classifier {name}",
                 ["train-classifier", str(bal), "--val", str(data / "val"), "--out", str(run),
