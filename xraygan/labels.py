@@ -281,13 +281,8 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
                 hit = {spec.other}
             entry = per_file.setdefault(f, {"classes": set(), "row": r, "cols": cols, "value": pv})
             entry["classes"] |= hit
-    if not per_file:
-        seen = Counter()
-        for csv_path in spec.csv:
-            header, rows = read_csv_rows(csv_path)
-            col = _column(csv_path, header, spec.label_column, "--label-column")
-            seen.update((r.get(col) or "").strip() or BLANK for r in rows[:100000])
-        common = ", ".join(f"{v!r}" for v, _ in seen.most_common(8))
+    if not per_file:  # every row that names an image matched no class: `unmatched` holds their values
+        common = ", ".join(f"{v!r}" for v, _ in unmatched.most_common(8))
         if counts["missing_file"] + counts["ambiguous_path"] == rows_total and rows_total:
             raise InputError(f"{spec.csv[0]}: none of its {rows_total} rows names an image found below {images} "
                              f"(first: {missing[0]!r}; --path-column {spec.path_column})")

@@ -69,8 +69,10 @@ def is_data_file(path: Path) -> bool:
 
 def file_item(path: Path, cls: str | None, source: str, split: str | None,
               patient: str | None = None) -> Item:
-    """An Item for a file on disk. A DICOM's patient comes from its header when it is decoded."""
-    dicom = not is_image_name(path) and is_dicom_file(path)
+    """An Item for a data file `list_files` found (an image or a DICOM, so a file that is not an
+    image is a DICOM: its preamble is not read again). A DICOM's patient comes from its header
+    when it is decoded."""
+    dicom = not is_image_name(path)
     return Item(cls=cls, source=source, split=split,
                 patient=patient if patient is not None or dicom else patient_id(path.stem),
                 name=path.stem, ident=str(path), path=path, dicom=dicom)
