@@ -166,3 +166,10 @@ def test_cli_reports_labels(tmp_path):
     assert "1 named but not found, 1 on disk but not in the CSV" in r.output
     assert "views left out: 1 LATERAL" in r.output
     assert json.loads((tmp_path / "o" / "dataset.json").read_text())["labels"]["preset"] == "nih"
+
+
+def test_views_compare_in_upper_case_for_sheets_as_for_dicom(tmp_path):
+    make_nih(tmp_path / "nih")
+    rec = prepare(PrepareConfig(out=tmp_path / "o", src=tmp_path / "nih", size=32, workers=1, val_fraction=0.3,
+                                labels=LabelSpec(preset="nih"), views=("pa",)))
+    assert set(rec["views_skipped"]) == {"AP", "LATERAL"}  # "pa" kept the PA rows, as PA would

@@ -336,7 +336,7 @@ def prepare(
                         split=_parse_fractions(split),
                         val_fraction=val_fraction, seed=seed, workers=workers, strict=strict,
                         force=force, labels=spec, salt=salt,
-                        views=tuple(v.strip().upper() for v in views.split(",") if v.strip()) if views else None,
+                        views=tuple(v.strip() for v in views.split(",") if v.strip()) if views else None,
                         class_names=tuple(c.strip() for c in classes.split(",")) if classes and not spec else None)
     rec = _run_with_progress(run_prepare, cfg)
     local = rec.pop("skipped_local")

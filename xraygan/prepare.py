@@ -128,6 +128,11 @@ class PrepareConfig:
         check_output_free(self.out, self.force, "prepare")
 
 
+def wanted_views(cfg: PrepareConfig) -> tuple[str, ...] | None:
+    """--views as the DICOM header and the label sheets are compared with it (upper case)."""
+    return tuple(v.upper() for v in cfg.views) if cfg.views is not None else None
+
+
 def _decode_job(job: tuple) -> tuple:
     """Decode one file and write its PNG as `dest`: (digest, reason, skipped view, patient, key).
     Decoding problems are the file's (a reason); a refused write is the machine's and is raised."""
@@ -165,7 +170,7 @@ def decode_items(items: list[Item], cfg: PrepareConfig, work: Path, progress: Pr
                  ) -> Decoded:
     """Decode every item into `work/NNNNNNN.png`, files in worker processes fed lazily (a
     100,000-image source is never a list of arrays or of pending futures)."""
-    views = tuple(v.upper() for v in cfg.views) if cfg.views is not None else None
+    views = wanted_views(cfg)
     total = len(items)
     jobs = [(i, it) for i, it in enumerate(items) if it.path is not None]
     results: dict[int, tuple] = {}
@@ -340,7 +345,7 @@ def _scan(cfg: PrepareConfig, rng: np.random.Generator) -> tuple[list[Scan], lis
         scan = scan_medmnist(path, cfg.class_names)
         src_desc = {"kind": "medmnist", "path": str(path)}
     elif cfg.labels is not None:
-        scan, labels = scan_labelled(cfg.src, cfg.labels, cfg.views)
+        scan, labels = scan_labelled(cfg.src, cfg.labels, wanted_views(cfg))
         src_desc = {"kind": labels["preset"] or "csv", "path": str(cfg.src)}
     else:
         scan = scan_folder_source(cfg.src)
