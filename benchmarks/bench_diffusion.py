@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from xraygan.diffusion import (
-    DEFAULT_SHAPE,
     PREDICTIONS,
     DiffusionNetConfig,
     TrainDiffusionConfig,
     alphas_cumprod,
     build_unet,
+    default_shape,
     sample,
 )
 from xraygan.generate import GenerateConfig, default_batch, generate
@@ -90,7 +90,7 @@ def main() -> None:
     a = ap.parse_args()
     device = resolve_device(a.device)
     amp = autocast_dtype(device, a.precision)
-    width, layers = DEFAULT_SHAPE[a.size]
+    width, layers = default_shape(a.size)
     net = DiffusionNetConfig(image_size=a.size, width=width, layers_per_block=layers,
                              prediction=PREDICTIONS[TrainDiffusionConfig.prediction])
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,14 +14,15 @@ from conftest import make_folder
 
 from xraygan.checkpoint import load_checkpoint
 from xraygan.diffusion import (
-    DEFAULT_SHAPE,
     DiffusionNetConfig,
     TrainDiffusionConfig,
     alphas_cumprod,
     build_unet,
     cosine_alpha_bar,
+    default_shape,
     sample,
     train_diffusion,
+    unet_levels,
 )
 from xraygan.errors import InputError
 from xraygan.generate import GenerateConfig, generate
@@ -133,11 +134,49 @@ def test_the_default_unet_is_sized_by_image_size_and_predicts_v(tmp_path, rng):
                   precision="fp32")
     res = train_diffusion(TrainDiffusionConfig(out=tmp_path / "auto", **common))
     net = json.loads((tmp_path / "auto" / "config.json").read_text())["net"]
-    assert (net["width"], net["layers_per_block"]) == DEFAULT_SHAPE[16] == (16, 1)
+    assert (net["width"], net["layers_per_block"]) == default_shape(16) == (16, 1)
     assert net["prediction"] == "v_prediction"
     assert res["parameters"] == sum(p.numel() for p in build_unet(DiffusionNetConfig(**net)).parameters())
     train_diffusion(TrainDiffusionConfig(out=tmp_path / "set", width=8, layers_per_block=2, prediction="eps",
                                          **common))
     net = json.loads((tmp_path / "set" / "config.json").read_text())["net"]
     assert (net["width"], net["layers_per_block"], net["prediction"]) == (8, 2, "epsilon")
-    assert DEFAULT_SHAPE[64] == (32, 2)  # above 32 px, where a GPU is the expected machine: the wider net
+    assert default_shape(64) == (32, 2)  # above 32 px, where a GPU is the expected machine: the wider net
+
+
+@pytest.mark.parametrize("size", [16, 24, 32, 64, 128, 160, 224])
+def test_unet_levels_follow_the_size(size):
+    """Each level halves the map down to 4-8 px; the four first-tuned sizes keep their nets."""
+    mult = unet_levels(size)
+    lowest = size // 2 ** (len(mult) - 1)
+    assert size % 2 ** (len(mult) - 1) == 0 and 4 <= lowest <= 8
+    assert mult[-1] == max(mult) and list(mult) == sorted(mult)
+    unet = build_unet(DiffusionNetConfig(image_size=size, width=8, layers_per_block=1, num_classes=2))
+    x = torch.randn(2, 1, size, size)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([3, 500]), class_labels=torch.tensor([0, 2])).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_diffusion_sizes_agree_with_the_dcgan_and_odd_ones_are_refused(tmp_path, rng):
+    from xraygan.gan_models import SUPPORTED_SIZES
+
+    assert [s for s in range(8, 600) if unet_levels(s)] == list(SUPPORTED_SIZES)
+    assert unet_levels(224) == (1, 1, 2, 2, 4, 4) and unet_levels(160) == (1, 1, 2, 2, 4, 4)
+    assert unet_levels(64) == (1, 2, 4, 4) and unet_levels(24) == (1, 2, 4)  # 24 → 6×6 lowest
+    make_folder(tmp_path / "d", {"normal": 4, "pneumonia": 4}, 18, rng)
+    with pytest.raises(InputError, match=r"images are 18 px; the generators make .* nearest to 18 are 16, 20"):
+        train_diffusion(TrainDiffusionConfig(data=tmp_path / "d", out=tmp_path / "r", steps=1, device="cpu"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_224_px_diffusion_model_trains_and_generates_224_px_images(tmp_path, rng):
+    make_folder(tmp_path / "d", {"normal": 3, "pneumonia": 3}, 224, rng)
+    train_diffusion(TrainDiffusionConfig(data=tmp_path / "d", out=tmp_path / "r", steps=1, batch_size=2, width=8,
+                                         layers_per_block=1, sample_every=1000, sample_steps=2, device="cpu",
+                                         precision="fp32", cls="pneumonia"))
+    generate(GenerateConfig(checkpoint=tmp_path / "r" / "diffusion.safetensors", out=tmp_path / "g", n=2,
+                            sampling_steps=2, device="cpu"))
+    from PIL import Image
+    sizes = {Image.open(p).size for p in (tmp_path / "g").rglob("*.png")}
+    assert sizes == {(224, 224)}

@@ -56,7 +56,7 @@ def test_unsupported_size_is_rejected():
     with pytest.raises(ValueError, match="nearest to 100 are 96, 112"):
         GanNetConfig(image_size=100)
     for size in (18, 12, 600):
-        with pytest.raises(ValueError, match="the DCGAN models make 16-512 px images"):
+        with pytest.raises(ValueError, match="the generators make 16-512 px images"):
             GanNetConfig(image_size=size)
 
 
@@ -212,7 +212,7 @@ def test_input_errors_before_training(folder16, tmp_path, rng):
     for c in ("normal", "pneumonia"):
         for i in range(10):
             save_png(odd / c / f"{i}.png", rng.integers(0, 255, (36, 36), dtype=np.uint8))
-    with pytest.raises(InputError, match="images are 36 px; the DCGAN models make .* nearest to 36 are 32, 40"):
+    with pytest.raises(InputError, match="images are 36 px; the generators make .* nearest to 36 are 32, 40"):
         train_gan(tiny(odd, tmp_path / "r"))
     train_gan(tiny(folder16, tmp_path / "r"))
     with pytest.raises(InputError, match="already exists"):

@@ -240,7 +240,7 @@ CASES = [
     # demo
     (DM.replace("--gan-steps 1", "--gan-steps 0"), 2, "--gan-steps 0"),
     (DM.replace("--clf-epochs 1", "--clf-epochs 0"), 2, "--clf-epochs 0"),
-    (DM.replace("--size 16", "--size 18"), 2, "--size 18: the DCGAN models make 16-512 px images"),
+    (DM.replace("--size 16", "--size 18"), 2, "--size 18: the generators make 16-512 px images"),
     (DM.replace("--count 40", "--count 0"), 2, "--count 0"),
     (DM.replace("{tmp}/d", "{parent}") + " --force", 2, "not an output of xraygan demo"),
     # a name longer than the file system allows, as output and as input

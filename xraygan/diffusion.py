@@ -36,7 +36,7 @@ from xraygan.checkpoint import (
 )
 from xraygan.errors import InputError, Interrupted, check_choice, check_float, check_int
 from xraygan.fsutil import atomic_write_json, check_out_apart, record_header
-from xraygan.gan_models import ema_update
+from xraygan.gan_models import base_and_doublings, ema_update, size_problem
 from xraygan.runs import (
     abandon_failed_run,
     append_log,
@@ -57,15 +57,39 @@ from xraygan.runtime import (
 )
 
 Progress = Callable[..., None]
-SIZES = (16, 32, 64, 128)
-# channel multipliers per resolution level, down to 8×8 (attention only at the lowest level)
-LEVELS = {16: (1, 2), 32: (1, 2, 4), 64: (1, 2, 4, 4), 128: (1, 2, 2, 4, 4)}
+# channel multipliers per resolution level at the four sizes the U-Net was first tuned at (attention only
+# at the lowest level, 8×8); `unet_levels` extends the pattern to every other size
+_LEVELS = {16: (1, 2), 32: (1, 2, 4), 64: (1, 2, 4, 4), 128: (1, 2, 2, 4, 4)}
 # default (width, layers per block) by image size. At ≤ 32 px the U-Net is sized for two CPU cores:
 # 16/32/64 channels with one block per level (0.69 M parameters) trained 4,000 steps in 26 min and
 # sampled 805 images with 50 DDIM steps in 108 s there; 32 channels with two blocks (3.9 M) was
 # 3.5x slower to train and 3.8x slower to sample (benchmarks/bench_diffusion.py --also 32:2). Larger images,
 # where a GPU is the expected machine, keep the wider net.
-DEFAULT_SHAPE = {16: (16, 1), 32: (16, 1), 64: (32, 2), 128: (32, 2)}
+SMALL_SHAPE, WIDE_SHAPE = (16, 1), (32, 2)
+
+
+def unet_levels(size: int) -> tuple[int, ...] | None:
+    """The U-Net's channel multipliers, one per resolution level, for `size` px images; None when
+    the size cannot be made. The same sizes as the DCGAN's (16-512 px, 4 to 7 times a power of
+    two): each level halves the map, down to a lowest map of 4-8 px (8 for sizes 4·2^k, else the
+    base itself: 7×7 at 224 px, 5×5 at 160), where the attention block works on at most 64 tokens.
+    Multipliers double up to 4 and then stay, with extra levels added at width 1 in front."""
+    if size in _LEVELS:
+        return _LEVELS[size]
+    bk = base_and_doublings(size)
+    if bk is None:
+        return None
+    base, k = bk
+    n = k if base == 4 else k + 1  # levels: the lowest map is size / 2^(n-1)
+    tail = {1: (1,), 2: (1, 2), 3: (1, 2, 4), 4: (1, 2, 4, 4)}.get(n, (1, 2, 2, 4, 4))
+    return (1,) * (n - len(tail)) + tail
+
+
+def default_shape(size: int) -> tuple[int, int]:
+    """(width, layers per block) of the U-Net when the user gives neither."""
+    return SMALL_SHAPE if size <= 32 else WIDE_SHAPE
+
+
 SAMPLERS = ("ddim", "ddpm")
 # what the U-Net predicts: the noise ε (Ho et al.) or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022)
 PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}  # option value -> diffusers' prediction_type
@@ -75,7 +99,7 @@ LOG_FIELDS = ("step", "epoch", "loss", "seconds")
 @dataclass(frozen=True)
 class DiffusionNetConfig:
     image_size: int = 32
-    width: int = 32  # channels of the first level; the others are multiples (LEVELS)
+    width: int = 32  # channels of the first level; the others are multiples (unet_levels)
     layers_per_block: int = 2
     num_classes: int = 0  # 0: unconditional; else labels 0..n-1, and n means "no label" (guidance)
     timesteps: int = 1000
@@ -89,7 +113,9 @@ class DiffusionNetConfig:
 def build_unet(net: DiffusionNetConfig) -> nn.Module:
     from diffusers import UNet2DModel
 
-    mult = LEVELS[net.image_size]
+    mult = unet_levels(net.image_size)
+    if mult is None:
+        raise ValueError(size_problem(net.image_size))
     n = len(mult)
     return UNet2DModel(
         sample_size=net.image_size, in_channels=1, out_channels=1, layers_per_block=net.layers_per_block,
@@ -187,7 +213,7 @@ class TrainDiffusionConfig:
     steps: int = 4000
     batch_size: int = 64
     lr: float = 2e-4
-    width: int | None = None  # None: DEFAULT_SHAPE for the image size
+    width: int | None = None  # None: default_shape(image size)
     layers_per_block: int | None = None
     timesteps: int = 1000
     prediction: str = "v"  # "eps" or "v" (PREDICTIONS)
@@ -245,12 +271,10 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
     run = Path(cfg.out)
     check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-diffusion")
     device = resolve_device(cfg.device)
-    data, classes, label = load_training_set(cfg)  # type: ignore[arg-type]  # same fields as train-gan's
-    if data.size not in SIZES:
-        raise InputError(f"{cfg.data}: images are {data.size} px; the diffusion models support "
-                         f"{', '.join(map(str, SIZES))} px")
+    # same fields as train-gan's; refuses the sizes no generator makes
+    data, classes, label = load_training_set(cfg)  # type: ignore[arg-type]
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
-    width, layers = DEFAULT_SHAPE[data.size]
+    width, layers = default_shape(data.size)
     net = DiffusionNetConfig(image_size=data.size, width=cfg.width or width,
                              layers_per_block=cfg.layers_per_block or layers,
                              num_classes=len(classes) if cfg.conditional else 0, timesteps=cfg.timesteps,

@@ -35,11 +35,12 @@ SUPPORTED_SIZES = tuple(s for s in range(MIN_SIZE, MAX_SIZE + 1) if base_and_dou
 
 
 def size_problem(size: int) -> str | None:
-    """Why the DCGAN cannot make `size` px images (None when it can), naming the nearest sizes."""
+    """Why the generators (DCGAN and diffusion U-Net alike) cannot make `size` px images (None when
+    they can), naming the nearest sizes."""
     if size in SUPPORTED_SIZES:
         return None
     near = sorted(SUPPORTED_SIZES, key=lambda s: (abs(s - size), s))[:2]
-    return (f"the DCGAN models make 16-512 px images of 4 to 7 times a power of two "
+    return (f"the generators make 16-512 px images of 4 to 7 times a power of two "
             f"(16, 20, 24, 28, 32, 40, ..., 224, 256, ...); the nearest to {size} are {', '.join(map(str, sorted(near)))}")
 
 
