@@ -38,6 +38,7 @@ from xraygan.fsutil import (
     write_csv,
 )
 from xraygan.images import ImageFolder, read_image_folder
+from xraygan.memory import check_batch, classifier_footprint
 from xraygan.metrics import binary_metrics
 from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
 from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
@@ -303,6 +304,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     small = {"auto": train.size <= SMALL_STEM_UP_TO and cfg.weights is None, "yes": True,
              "no": False}[cfg.small_stem]  # checked in validate
     net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
+    check_batch("classifier", *classifier_footprint(net), -(-cfg.batch_size // dist.world), device,
+                str(cfg.data), train.size)
     torch.manual_seed(cfg.seed)
     model = build_resnet18(net)
     not_loaded = load_pretrained(model, cfg.weights) if cfg.weights else []

@@ -37,6 +37,7 @@ from xraygan.checkpoint import (
 from xraygan.errors import InputError, Interrupted, check_choice, check_float, check_int
 from xraygan.fsutil import atomic_write_json, check_out_apart, record_header
 from xraygan.gan_models import base_and_doublings, ema_update, size_problem
+from xraygan.memory import check_batch, diffusion_footprint
 from xraygan.runs import (
     abandon_failed_run,
     append_log,
@@ -279,6 +280,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
                              layers_per_block=cfg.layers_per_block or layers,
                              num_classes=len(classes) if cfg.conditional else 0, timesteps=cfg.timesteps,
                              prediction=PREDICTIONS[cfg.prediction])
+    check_batch("diffusion", *diffusion_footprint(net), cfg.batch_size, device, str(cfg.data), data.size)
     torch.manual_seed(cfg.seed)
     unet = build_unet(net).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.ema > 0 else None
@@ -313,7 +315,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
         if step >= cfg.steps:
             raise InputError(f"{run}: already trained {step} steps; give a larger --steps to continue")
     checkpointed = cfg.resume
-    writer = BackgroundWriter()
+    writer = BackgroundWriter(background=device.type != "cpu")
     pending: list[tuple[int, int, float, torch.Tensor]] = []
     last_loss = float("nan")
     t_start = time.perf_counter()
@@ -352,8 +354,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
         t["perm"] = perm if perm is not None else torch.zeros(0, dtype=torch.int64)
         writer.submit([
             snapshot(run / "diffusion.safetensors", (ema or unet).state_dict(), "diffusion-model",
-                     net.to_dict(), **common, ema=ema is not None),
-            snapshot(run / "state.safetensors", t, "diffusion-state", net.to_dict(), **common,
+                     net.to_dict(), writer.copies, **common, ema=ema is not None),
+            snapshot(run / "state.safetensors", t, "diffusion-state", net.to_dict(), writer.copies, **common,
                      batch=batch, param_groups=groups)])
         checkpointed, last_save = True, time.monotonic()
 

@@ -54,6 +54,7 @@ from xraygan.gan_models import (
     size_problem,
 )
 from xraygan.images import ImageFolder, read_image_folder, save_png
+from xraygan.memory import check_batch, gan_footprint
 from xraygan.runs import (
     abandon_failed_run,
     append_log,
@@ -498,10 +499,10 @@ def _save(run: Path, trainer: GanTrainer, meta: dict, epoch: int, batch: int,
     t["perm"] = perm
     writer.submit([
         snapshot(run / "generator.safetensors", trainer.sampler().state_dict(), "generator",
-                 trainer.net.to_dict(), **common, ema=trainer.G_ema is not None),
+                 trainer.net.to_dict(), writer.copies, **common, ema=trainer.G_ema is not None),
         snapshot(run / "discriminator.safetensors", trainer.D.state_dict(), "discriminator",
-                 trainer.net.to_dict(), **common),
-        snapshot(run / "state.safetensors", t, "gan-state", trainer.net.to_dict(),
+                 trainer.net.to_dict(), writer.copies, **common),
+        snapshot(run / "state.safetensors", t, "gan-state", trainer.net.to_dict(), writer.copies,
                  **{**common, **smeta}, batch=batch)])
 
 
@@ -541,6 +542,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
     net = GanNetConfig(image_size=data.size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
                        num_classes=len(classes) if cfg.conditional else 0)
+    check_batch("gan", *gan_footprint(net), -(-cfg.batch_size // dist.world), device, str(cfg.data), data.size)
     trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs, dist=dist)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")
     by_class = [torch.nonzero(torch.from_numpy(data.labels) == c).flatten().to(trainer.rng_device)
@@ -628,7 +630,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
 
     last_save = time.monotonic()
     in_step = False
-    writer = BackgroundWriter()
+    writer = BackgroundWriter(background=device.type != "cpu")
     try:
         if not cfg.resume and dist.main:
             atomic_write_json(run / "config.json", {

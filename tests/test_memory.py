@@ -1,0 +1,104 @@
+"""The batch check: a batch whose estimated peak does not fit the free memory is refused with one
+line before any step runs, naming the largest batch that fits; XRAYGAN_MEMORY_LIMIT simulates a
+smaller machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_folder
+
+from xraygan.classifier import ClassifierNetConfig, TrainClassifierConfig, train_classifier
+from xraygan.diffusion import DiffusionNetConfig
+from xraygan.errors import InputError
+from xraygan.gan import TrainGanConfig, train_gan
+from xraygan.gan_models import GanNetConfig
+from xraygan.memory import (
+    ENV,
+    _resident_bytes,
+    classifier_footprint,
+    diffusion_footprint,
+    free_bytes,
+    gan_footprint,
+    parse_bytes,
+    training_bytes,
+)
+
+
+def test_parse_bytes():
+    assert parse_bytes("6G") == 6 * 2**30 and parse_bytes("512M") == 512 * 2**20
+    assert parse_bytes("1.5GB") == int(1.5 * 2**30) and parse_bytes("2gib") == 2 * 2**30
+    assert parse_bytes("1000") == 1000
+    with pytest.raises(InputError, match=f"{ENV}='lots': not a size"):
+        parse_bytes("lots")
+
+
+def test_footprints_grow_with_the_image_and_match_the_real_parameter_counts():
+    from xraygan.classifier import build_resnet18
+    from xraygan.gan_models import Discriminator, Generator
+
+    g64, g128 = GanNetConfig(image_size=64), GanNetConfig(image_size=128)
+    (e64, p64), (e128, _) = gan_footprint(g64), gan_footprint(g128)
+    assert 3.5 < e128 / e64 < 4.5  # activations follow the pixels: 4x from 64 to 128 px
+    assert p64 == sum(p.numel() for m in (Generator(g64), Discriminator(g64)) for p in m.parameters())
+    c = ClassifierNetConfig(num_classes=2, image_size=64, small_stem=False)
+    assert classifier_footprint(c)[1] == sum(p.numel() for p in build_resnet18(c).parameters())
+    d32, d64 = (diffusion_footprint(DiffusionNetConfig(image_size=s, width=8, layers_per_block=1))[0] for s in (32, 64))
+    assert d64 > 3 * d32
+    assert training_bytes("gan", e64, 128, p64) > 2 * training_bytes("gan", e64, 32, p64) - 16 * p64
+
+
+def test_free_memory_follows_the_limit(monkeypatch):
+    monkeypatch.setenv(ENV, "64G")
+    free, source = free_bytes(torch.device("cpu"))
+    assert source == f"{ENV}=64G" and 0 < 64 * 2**30 - free <= _resident_bytes() + 2**20
+    monkeypatch.delenv(ENV)
+    free, source = free_bytes(torch.device("cpu"))
+    assert source == "available memory" and free > 0
+
+
+def limit_for(extra: int) -> str:
+    """A limit that leaves this process `extra` bytes beyond what it holds now."""
+    return str(_resident_bytes() + 256 * 2**20 + extra)
+
+
+def test_a_gan_batch_too_large_is_refused_before_any_step_and_one_that_fits_runs(tmp_path, rng, monkeypatch):
+    data = make_folder(tmp_path / "d", {"normal": 8, "pneumonia": 72}, 64, rng)
+    net = GanNetConfig(image_size=64, nz=8, ngf=8, ndf=8)
+    per, params = gan_footprint(net)
+    # room for about 20 images beyond today's use (+ the 256 MB the data and step will take)
+    monkeypatch.setenv(ENV, limit_for(training_bytes("gan", per, 20, params) - 256 * 2**20))
+    cfg = dict(data=data, cls="pneumonia", steps=1, nz=8, ngf=8, ndf=8, device="cpu", sample_every=1000)
+    with pytest.raises(InputError, match=r"a batch of 64 at 64 px needs about .* GiB and cpu has .* GiB "
+                                         rf"\({ENV}=[0-9]+\); give --batch-size [0-9]+ or less") as e:
+        train_gan(TrainGanConfig(out=tmp_path / "big", batch_size=64, **cfg))
+    assert str(data) in str(e.value) and not (tmp_path / "big").exists()
+    fits = int(str(e.value).split("--batch-size ")[1].split()[0])
+    assert 5 <= fits < 64
+    monkeypatch.setenv(ENV, "64G")
+    train_gan(TrainGanConfig(out=tmp_path / "small", batch_size=8, **cfg))
+    assert (tmp_path / "small" / "generator.safetensors").is_file()
+
+
+def test_a_classifier_batch_too_large_is_refused_and_leaves_no_run(tmp_path, rng, monkeypatch):
+    train = make_folder(tmp_path / "train", {"normal": 8, "pneumonia": 8}, 32, rng)
+    val = make_folder(tmp_path / "val", {"normal": 4, "pneumonia": 4}, 32, rng)
+    monkeypatch.setenv(ENV, limit_for(0))  # the ResNet-18's weights and Adam alone need ~180 MB more
+    with pytest.raises(InputError, match=r"a batch of 512 at 32 px needs about .*(give --batch-size|no batch fits)"):
+        train_classifier(TrainClassifierConfig(data=train, val=val, out=tmp_path / "clf", batch_size=512,
+                                               epochs=1, device="cpu"))
+    assert not (tmp_path / "clf").exists()
+
+
+def test_the_cli_refusal_is_one_line(tmp_path, rng):
+    data = make_folder(tmp_path / "d", {"normal": 4, "pneumonia": 8}, 32, rng)
+    p = subprocess.run([sys.executable, "-m", "xraygan", "train-gan", str(data), "--out", str(tmp_path / "g"),
+                        "--class", "pneumonia", "--steps", "1", "--batch-size", "8", "--device", "cpu"],
+                       capture_output=True, text=True, env={**__import__("os").environ, ENV: "300M"})
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert "Traceback" not in p.stderr and lines[-1].startswith("error: ")
+    assert "a batch of 8 at 32 px needs about" in lines[-1] and str(data) in lines[-1]

@@ -1,0 +1,174 @@
+"""Will a training batch fit? Peak memory estimated from the networks' activations and checked
+against what the device has free, before any step runs, so that a batch too large is refused
+with one line that names the largest batch that fits, instead of ending in the out-of-memory
+killer (CPU) or an allocator traceback (GPU) minutes later.
+
+The estimate: the elements every layer outputs for one image (counted by a forward pass on the
+`meta` device, which allocates nothing), times the batch, times bytes per element measured for
+each family (`BYTES_PER_ELEMENT`), plus four copies of the parameters (weights, gradients and
+Adam's two moments). `XRAYGAN_MEMORY_LIMIT` (e.g. `6G`) caps the memory counted as free: for a
+shared node, a container whose limit the kernel does not show, or a test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xraygan.errors import InputError
+
+ENV = "XRAYGAN_MEMORY_LIMIT"
+# Peak bytes per activation element of one training step, from peak resident memory at two batch
+# sizes (the difference divided by the difference in elements), on the CPU with bf16 autocast:
+# benchmarks/bench_memory.py --calibrate. The GPU holds less per element (no allocator slack
+# between steps), so the CPU figures are the conservative ones and are used everywhere.
+BYTES_PER_ELEMENT = {"gan": 4.4, "diffusion": 5.6, "classifier": 3.5}
+HEADROOM = 0.9  # refuse above 90 % of the free memory: the estimate is measured, not exact
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'6G', '512M', '1.5GB', '2GiB' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not m:
+        raise InputError(f"{ENV}={text!r}: not a size (give e.g. 6G, 512M or a number of bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _resident_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cpu_free() -> int | None:
+    """MemAvailable, lowered to the cgroup's limit where one is set (containers, SLURM)."""
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            room = int(limit) - used
+            free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def free_bytes(device: torch.device) -> tuple[int | None, str]:
+    """(bytes this process may still take, what they are), None when the device does not say."""
+    env = os.environ.get(ENV)
+    if env:
+        limit = parse_bytes(env)
+        used = torch.cuda.memory_allocated(device) if device.type == "cuda" else _resident_bytes()
+        return max(limit - used, 0), f"{ENV}={env}"
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], "free GPU memory"
+    if device.type == "mps":
+        try:
+            return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()), "free GPU memory"
+        except (AttributeError, RuntimeError):
+            return None, ""
+    return _cpu_free(), "available memory"
+
+
+def activation_elements(build: Callable[[], nn.Module], forward: Callable[[nn.Module], object]) -> int:
+    """Elements output by every leaf module in `forward(model)`, counted on the meta device; 0
+    when the model cannot run there (an op without a meta kernel): then nothing is checked."""
+    total = 0
+
+    def hook(_m, _inputs, out) -> None:
+        nonlocal total
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel()
+
+    with torch.device("meta"):
+        model = build().eval()  # same shapes; batch norm takes a batch of one in eval mode
+        handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+        try:
+            forward(model)
+        except (RuntimeError, NotImplementedError):
+            return 0
+        finally:
+            for h in handles:
+                h.remove()
+    return total
+
+
+def parameter_count(build: Callable[[], nn.Module]) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def training_bytes(family: str, elements_per_image: int, batch: int, parameters: int) -> int:
+    return int(BYTES_PER_ELEMENT[family] * elements_per_image * batch + 16 * parameters)
+
+
+def check_batch(family: str, elements_per_image: int, parameters: int, batch: int, device: torch.device,
+                what: str, size: int) -> None:
+    """Refuse a batch whose estimated peak does not fit in the free memory, with the largest that does."""
+    free, source = free_bytes(device)
+    if free is None or elements_per_image == 0:
+        return
+    need = training_bytes(family, elements_per_image, batch, parameters)
+    if need <= HEADROOM * free:
+        return
+    per = BYTES_PER_ELEMENT[family] * elements_per_image
+    fits = int((HEADROOM * free - 16 * parameters) // per)
+    gib = 2**30
+    hint = (f"give --batch-size {max(fits, 1)} or less" if fits >= 1 else
+            "no batch fits: free memory or use a smaller --width")
+    raise InputError(f"{what}: a batch of {batch} at {size} px needs about {need / gib:.1f} GiB and "
+                     f"{device.type} has {free / gib:.1f} GiB ({source}); {hint}")
+
+
+def gan_footprint(net) -> tuple[int, int]:
+    """(activation elements per image, parameters) of a DCGAN step: G once, D on real and fake."""
+    from xraygan.gan_models import Discriminator, Generator
+
+    labels = (lambda: torch.zeros(1, dtype=torch.long)) if net.num_classes else (lambda: None)
+    g = activation_elements(lambda: Generator(net), lambda m: m(torch.zeros(1, net.nz), labels()))
+    d = activation_elements(lambda: Discriminator(net),
+                            lambda m: m(torch.zeros(1, net.channels, net.image_size, net.image_size), labels()))
+    return g + 2 * d, parameter_count(lambda: Generator(net)) + parameter_count(lambda: Discriminator(net))
+
+
+def diffusion_footprint(net) -> tuple[int, int]:
+    """(activation elements per image, parameters) of a U-Net training step."""
+    from xraygan.diffusion import build_unet
+
+    s = net.image_size
+
+    def forward(m):
+        labels = torch.zeros(1, dtype=torch.long) if net.num_classes else None
+        return m(torch.zeros(1, 1, s, s), torch.zeros(1, dtype=torch.long), class_labels=labels)
+
+    return activation_elements(lambda: build_unet(net), forward), parameter_count(lambda: build_unet(net))
+
+
+def classifier_footprint(net) -> tuple[int, int]:
+    """(activation elements per image, parameters) of a ResNet-18 training step."""
+    from xraygan.classifier import build_resnet18
+
+    s = net.image_size
+    return (activation_elements(lambda: build_resnet18(net), lambda m: m(torch.zeros(1, 1, s, s))),
+            parameter_count(lambda: build_resnet18(net)))
