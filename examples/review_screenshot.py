@@ -1,4 +1,4 @@
-"""The README's screenshot of `xraygan review`: the page in headless Chromium, one answer given.
+"""The screenshot in docs/commands/review.md of `xraygan review`: the page in headless Chromium, one answer given.
 
     python examples/review_screenshot.py AUDIT docs/figures/review_page.png
 

@@ -46,7 +46,7 @@ from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
 MEAN, STD = 0.5, 0.25  # fixed intensity normalisation of 8-bit X-rays to about zero mean
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, per RGB channel
 # `--small-stem auto` keeps the resolution (3×3 stride-1 stem, no max-pool) up to this size. Measured
-# on the real Kermany data at 3:1 (README, "Choosing the stem"): at 32 px the small stem ranked
+# on the real Kermany data at 3:1 (docs/commands/train-classifier.md, "Choosing the stem"): at 32 px the small stem ranked
 # better (test ROC-AUC 0.937 vs 0.918), at 64 px the standard stem did (0.940 ± 0.005 vs
 # 0.927 ± 0.017, 3 seeds) while training 4x faster.
 SMALL_STEM_UP_TO = 32

@@ -538,7 +538,7 @@ def generate(
     guidance: Annotated[float, typer.Option(
         help="Conditional diffusion models: classifier-free guidance weight w "
              "((1+w)·ε(x, label) − w·ε(x)). 0 = none, the conditional model alone: at w = 1 "
-             "its pneumonia images were caricatures of the class (README).")] = 0.0,
+             "its pneumonia images were caricatures of the class (docs/RESULTS.md).")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Write N synthetic images from a GAN generator or a diffusion model into OUT/<label>/.
@@ -1055,7 +1055,7 @@ def study(
     audit: Annotated[bool, typer.Option(help="Audit each GAN's images against the real training set.")] = True,
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", help="Steps run at once, each with cores/N CPU threads, sharing one GPU "
-                             "(default: one per core up to 8; with a GPU min(8, cores/2); see the README).")] = None,
+                             "(default: one per core up to 8; with a GPU min(8, cores/2); see docs/commands/study.md).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what is done, what would run) "
                                           "and exit.")] = False,
     print_commands: Annotated[bool, typer.Option(

@@ -45,7 +45,7 @@ def is_gan_row(row: str) -> bool:
 
 
 def default_jobs(cores: int, cuda: bool) -> int:
-    """Steps at once, each with cores/jobs CPU threads. Measured (README, `xraygan study`): on two
+    """Steps at once, each with cores/jobs CPU threads. Measured (docs/commands/study.md): on two
     CPU cores two steps at once with one thread each finished a grid 1.4-1.7x sooner than one
     at a time with two threads (every step has a serial part: starting Python and torch, reading
     images, writing files, which the other step overlaps); without the thread split the same
