@@ -105,7 +105,9 @@ def test_demo_runs_the_whole_pipeline_on_the_real_sample(tmp_path):
     assert res["train_counts"] == {"normal": 900, "pneumonia": 300} and res["synthetic_images"] == 600
     assert len(list((out / "synth" / "dcgan" / "pneumonia").glob("synthetic-*.png"))) == 600
     a = res["synthetic_audit"]
-    assert a["space"] == "classifier" and 0 <= a["recall"] <= 1 and 0 <= a["coverage"] <= 1
+    audit = json.loads((out / "audit" / "dcgan" / "audit.json").read_text())["classes"]["pneumonia"]["spaces"]
+    assert a["space"] == "classifier" and all(a[k] == audit["classifier"][k] for k in ("recall", "coverage", "fd"))
+    assert f"recall {a['recall']:.2f}, coverage {a['coverage']:.2f}" in r.stderr
     assert isinstance(res["collapsed"], bool) and Path(res["figure"]).is_file()
     assert "Synthetic pneumonia images (600, DCGAN, 2 steps)" in r.stderr
     assert "Kermany et al. (2018), CC BY 4.0" in r.stderr

@@ -107,6 +107,14 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return load_checkpoint(path, None, tensors=False)[1]
 
 
+def metadata_or_none(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's metadata, or None when the file is absent or not a readable checkpoint."""
+    try:
+        return read_metadata(path) if Path(path).is_file() else None
+    except InputError:
+        return None
+
+
 def load_checkpoint(path: Path, kind: str | tuple[str, ...] | None,
                     tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load an xraygan checkpoint, checking it is one and of the expected kind. With

@@ -237,6 +237,17 @@ def _read_log(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def is_done(run: Path, epochs: int, patience: int) -> bool:
+    """Whether the train-classifier run in `run` has finished: `epochs` epochs, or stopped early
+    after `patience` epochs without improvement (what its own state file records)."""
+    from xraygan.checkpoint import metadata_or_none
+
+    m = metadata_or_none(Path(run) / "state.safetensors")
+    if m is None or not (Path(run) / "classifier.safetensors").is_file():
+        return False
+    return int(m["epoch"]) >= epochs or (patience > 0 and int(m["stale"]) >= patience)
+
+
 def validate(cfg: TrainClassifierConfig) -> None:
     """Every option checked before any folder is made or any image read."""
     check_choice("--select", cfg.select, ("f1", "auc"))

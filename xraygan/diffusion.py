@@ -262,6 +262,14 @@ RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_bl
                "p_uncond", "ema", "seed")
 
 
+def is_done(run: Path, steps: int) -> bool:
+    """Whether the train-diffusion run in `run` has trained at least `steps` steps and kept its model."""
+    from xraygan.checkpoint import metadata_or_none
+
+    m = metadata_or_none(Path(run) / "state.safetensors")
+    return m is not None and int(m.get("step", 0)) >= steps and (Path(run) / "diffusion.safetensors").is_file()
+
+
 def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None) -> dict:
     """Train (or resume) a diffusion run; returns a summary dict. A run that fails before its
     first checkpoint leaves no folder behind."""

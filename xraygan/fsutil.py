@@ -243,6 +243,16 @@ def staged_dir(out: Path, force: bool = False, command: str | None = None) -> It
         shutil.rmtree(old, ignore_errors=True)
 
 
+def has_record(folder: Path, command: str) -> bool:
+    """Whether `folder` holds the finished record of `command` (its OUTPUTS record file, a JSON
+    object that does not say it is still running)."""
+    try:
+        rec = read_json(Path(folder) / OUTPUTS[command][0])
+    except (InputError, OSError):
+        return False
+    return isinstance(rec, dict) and rec.get("status", "done") == "done"
+
+
 def record_header(kind: str) -> dict:
     """The one header every JSON record starts with: kind, format_version,
     xraygan_version."""

@@ -516,6 +516,14 @@ def _warnings(cfg: TrainGanConfig, label: str) -> list[str]:
     return out
 
 
+def is_done(run: Path, steps: int) -> bool:
+    """Whether the train-gan run in `run` has trained at least `steps` steps and kept its generator."""
+    from xraygan.checkpoint import metadata_or_none
+
+    m = metadata_or_none(Path(run) / "state.safetensors")
+    return m is not None and int(m.get("step", 0)) >= steps and (Path(run) / "generator.safetensors").is_file()
+
+
 def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     """Train (or resume) a GAN run; returns a summary dict.
 

@@ -165,6 +165,15 @@ def read_record(out: Path) -> dict | None:
     return rec
 
 
+def is_done(folder: Path, n: int) -> bool:
+    """Whether `folder` holds a finished generate of at least `n` images."""
+    try:
+        rec = check_complete(folder)
+    except InputError:
+        return False
+    return rec is not None and int(rec.get("total", 0)) >= n
+
+
 def check_complete(folder: Path, rec: dict | None = None) -> dict | None:
     """For readers (rebalance, --append): the record of a finished generate, or None for a folder
     without one (synthetic images made elsewhere). An interrupted generate is refused."""

@@ -125,6 +125,7 @@ class Step:
     exclusive: str | None = None  # steps of one group never run at the same time
     inputs: list[tuple[str, Path]] | None = None  # the table: (step, file) pairs it reads, when done
     also: tuple[Path, ...] = ()  # further folders the command writes besides `out`
+    config: object = None  # the command's config the arguments were made from (None: typed here)
     stage: int = 1
 
     def attempt(self) -> tuple[str, list[str]]:
@@ -163,57 +164,31 @@ def alone_steps(steps: list[Step], todo: set[str]) -> set[str]:
     return {a for a in todo if all(b == a or a in up(b) or b in up(a) for b in todo)}
 
 
-def _meta(path: Path) -> dict | None:
-    from xraygan.checkpoint import read_metadata
-
-    try:
-        return read_metadata(path) if path.is_file() else None
-    except InputError:
-        return None
-
-
-def gan_done(run: Path, steps: int) -> bool:
-    m = _meta(run / "state.safetensors")
-    return m is not None and int(m.get("step", 0)) >= steps and (run / "generator.safetensors").is_file()
-
-
-def diffusion_done(run: Path, steps: int) -> bool:
-    m = _meta(run / "state.safetensors")
-    return m is not None and int(m.get("step", 0)) >= steps and (run / "diffusion.safetensors").is_file()
-
-
-def classifier_done(run: Path, epochs: int, patience: int) -> bool:
-    m = _meta(run / "state.safetensors")
-    if m is None or not (run / "classifier.safetensors").is_file():
-        return False
-    return int(m["epoch"]) >= epochs or (patience > 0 and int(m["stale"]) >= patience)
-
-
-def generate_done(folder: Path, n: int) -> bool:
-    from xraygan.generate import check_complete
-
-    try:
-        rec = check_complete(folder)
-    except InputError:
-        return False
-    return rec is not None and int(rec.get("total", 0)) >= n
-
-
-def record_done(folder: Path, name: str) -> bool:
-    try:
-        return isinstance(read_json(folder / name), dict)
-    except (InputError, OSError):
-        return False
-
-
 def class_counts(train: Path) -> dict[str, int]:
     from xraygan.images import list_image_folder
 
     return {c: len(f) for c, f in list_image_folder(train).items()}
 
 
+def command_step(sid: str, command: str, config, out: Path, **kw) -> Step:
+    """A step that runs `command` with `config`, its command line made from the config itself."""
+    from xraygan.contract import to_argv
+
+    return Step(sid, [command, *to_argv(command, config)], out, config=config, **kw)
+
+
 def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
-    """The steps in the order they are started (GANs first: they take longest)."""
+    """The steps in the order they are started (GANs first: they take longest). Each step is a
+    command's config; its command line comes from `to_argv`, and whether it is done from the
+    command's own `is_done` or record."""
+    from xraygan import classifier, diffusion, gan, generate
+    from xraygan.audit import AuditConfig
+    from xraygan.classifier import TrainClassifierConfig
+    from xraygan.evaluate import EvaluateConfig
+    from xraygan.fsutil import has_record
+    from xraygan.gradcam import GradcamConfig
+    from xraygan.rebalance import RebalanceConfig
+
     data, out = Path(cfg.data), Path(cfg.out)
     counts = class_counts(data / "train")
     require(len(counts) == 2, f"{data / 'train'}: the study needs two classes, found "
@@ -223,7 +198,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
     if any(is_gan_row(r) for r in cfg.rows):
         require(need > 0, f"{data / 'train'}: the classes are balanced ({counts}); there is nothing "
                           "for a GAN to add (drop the GAN rows)")
-    dev = ["--device", cfg.device]
+    dev, train = cfg.device, data / "train"
     steps: list[Step] = []
     for row in cfg.rows:
         if not is_gan_row(row):
@@ -231,70 +206,63 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
         synth = out / "synth" / row
         if row in DIFFUSION_ROWS:
             run, trainer, model = out / "diffusion" / row, "train-diffusion", "diffusion.safetensors"
-            kind = ["--class", minority] if row == "ddpm" else ["--conditional", "--class", minority]
-            steps.append(Step(
-                f"{trainer} {row}", [trainer, str(data / "train"), "--out", str(run), *kind,
-                                     "--steps", str(cfg.diffusion_steps), "--seed", "0", *dev],
-                run, done=lambda run=run: diffusion_done(run, cfg.diffusion_steps), again=["--resume"]))
+            c = diffusion.TrainDiffusionConfig(data=train, out=run, conditional=row == "cddpm", cls=minority,
+                                               steps=cfg.diffusion_steps, seed=0, device=dev)
+            steps.append(command_step(f"{trainer} {row}", trainer, c, run, again=["--resume"],
+                                      done=lambda run=run: diffusion.is_done(run, cfg.diffusion_steps)))
         else:
             run, trainer, model = out / "gan" / row, "train-gan", "generator.safetensors"
-            kind = ["--class", minority] if row == "dcgan" else \
-                ["--conditional", "--alpha", CDCGAN.match(row)["alpha"]]  # type: ignore[index]
-            steps.append(Step(
-                f"{trainer} {row}", [trainer, str(data / "train"), "--out", str(run), *kind,
-                                     "--steps", str(cfg.gan_steps), "--batch-size", str(cfg.gan_batch),
-                                     "--diffaugment", cfg.diffaugment, "--seed", "0", *dev],
-                run, done=lambda run=run: gan_done(run, cfg.gan_steps), again=["--resume"]))
-        steps.append(Step(
-            f"generate {row}", ["generate", str(run / model), "-n", str(need),
-                                "--out", str(synth), "--label", minority, "--seed", "0", "--preview", *dev],
-            synth, deps=[f"{trainer} {row}"], done=lambda s=synth: generate_done(s, need)))
+            alpha = CDCGAN.match(row)
+            c = gan.TrainGanConfig(data=train, out=run, conditional=alpha is not None,
+                                   cls=None if alpha else minority, alpha=float(alpha["alpha"]) if alpha else None,
+                                   steps=cfg.gan_steps, batch_size=cfg.gan_batch,
+                                   diffaugment="" if cfg.diffaugment == "none" else cfg.diffaugment, seed=0,
+                                   device=dev)
+            steps.append(command_step(f"{trainer} {row}", trainer, c, run, again=["--resume"],
+                                      done=lambda run=run: gan.is_done(run, cfg.gan_steps)))
+        c = generate.GenerateConfig(checkpoint=run / model, out=synth, n=need, label=minority, seed=0,
+                                    preview=True, device=dev)
+        steps.append(command_step(f"generate {row}", "generate", c, synth, deps=[f"{trainer} {row}"],
+                                  done=lambda s=synth: generate.is_done(s, need)))
         if cfg.audit:
             a = out / "audit" / row
-            steps.append(Step(
-                f"audit {row}", ["audit", "--real", str(data / "train"), "--synthetic", str(synth),
-                                 "--out", str(a), "--cache", str(out / "cache"), *dev],
-                a, deps=[f"generate {row}"], done=lambda a=a: record_done(a, "audit.json"),
-                exclusive="audit"))  # the first audit trains the cached feature classifier; the rest reuse it
+            c = AuditConfig(real=train, synthetic=synth, out=a, cache=out / "cache", device=dev)
+            steps.append(command_step(f"audit {row}", "audit", c, a, deps=[f"generate {row}"],
+                                      done=lambda a=a: has_record(a, "audit"),
+                                      exclusive="audit"))  # the first audit trains the cached feature classifier
     tables: dict[str, list[tuple[str, Path]]] = {"table": [], "table-tuned": []}
+    weights = Path(cfg.weights).absolute() if cfg.weights is not None else None  # one pretrained start for all
     for row in cfg.rows:
         for seed in cfg.seeds:
             name = f"{row} seed {seed}"
             bal, run = out / "balanced" / f"{row}-seed{seed}", out / "runs" / f"{row}-seed{seed}"
-            method = ["--method", "gan", "--synthetic", str(out / "synth" / row)] if is_gan_row(row) \
-                else ["--method", METHODS[row]]
-            steps.append(Step(
-                f"rebalance {name}", ["rebalance", str(data / "train"), *method, "--out", str(bal),
-                                      "--seed", str(seed)],
-                bal, deps=[f"generate {row}"] if is_gan_row(row) else [],
-                done=lambda b=bal: record_done(b, "rebalance.json")))
-            weights = ["--class-weights", "balanced"] if row == "class_weights" else []
-            if cfg.weights is not None:  # the same pretrained start for every row
-                weights += ["--weights", str(Path(cfg.weights).absolute())]
-            steps.append(Step(
-                f"train-classifier {name}",
-                ["train-classifier", str(bal), "--val", str(data / "val"), "--out", str(run),
-                 "--epochs", str(cfg.clf_epochs), "--patience", str(cfg.patience),
-                 "--small-stem", cfg.small_stem, "--seed", str(seed), *weights, *dev],
-                run, deps=[f"rebalance {name}"], again=["--resume"],
-                done=lambda r=run: classifier_done(r, cfg.clf_epochs, cfg.patience)))
-            ckpt = str(run / "classifier.safetensors")
+            c = RebalanceConfig(data=train, out=bal, method="gan" if is_gan_row(row) else METHODS[row],
+                                synthetic=(out / "synth" / row,) if is_gan_row(row) else (), seed=seed)
+            steps.append(command_step(f"rebalance {name}", "rebalance", c, bal,
+                                      deps=[f"generate {row}"] if is_gan_row(row) else [],
+                                      done=lambda b=bal: has_record(b, "rebalance")))
+            c = TrainClassifierConfig(data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs,
+                                      patience=cfg.patience, small_stem=cfg.small_stem, seed=seed,
+                                      class_weights="balanced" if row == "class_weights" else "none",
+                                      weights=weights, device=dev)
+            steps.append(command_step(f"train-classifier {name}", "train-classifier", c, run,
+                                      deps=[f"rebalance {name}"], again=["--resume"],
+                                      done=lambda r=run: classifier.is_done(r, cfg.clf_epochs, cfg.patience)))
+            ckpt = run / "classifier.safetensors"
             # both operating points from one scoring of the test set: one process, not two (on the
             # 64 px GPU grid, evaluations were half of all step time, mostly process start-up)
             rep, rep_tuned = run / "report", run / "report-tuned"
             sid = f"evaluate {name}"
-            steps.append(Step(
-                sid, ["evaluate", ckpt, str(data / "test"), "--report", str(rep_tuned), "--tune-on",
-                      str(data / "val"), "--untuned-report", str(rep), "--label", row, *dev],
-                rep_tuned, deps=[f"train-classifier {name}"], also=(rep,),
-                done=lambda rs=(rep, rep_tuned): all(record_done(r, "metrics.json") for r in rs)))
+            c = EvaluateConfig(checkpoint=ckpt, data=data / "test", report=rep_tuned, tune_on=data / "val",
+                               untuned_report=rep, label=row, device=dev)
+            steps.append(command_step(sid, "evaluate", c, rep_tuned, deps=[f"train-classifier {name}"], also=(rep,),
+                                      done=lambda rs=(rep, rep_tuned): all(has_record(r, "evaluate") for r in rs)))
             tables["table"].append((sid, rep / "metrics.json"))
             tables["table-tuned"].append((sid, rep_tuned / "metrics.json"))
             cams = run / "cams"
-            steps.append(Step(
-                f"gradcam {name}", ["gradcam", ckpt, str(data / "test"), "--out", str(cams), "--label", row,
-                                    "-n", "8", *dev],
-                cams, deps=[f"train-classifier {name}"], done=lambda c=cams: record_done(c, "gradcam.json")))
+            c = GradcamConfig(checkpoint=ckpt, data=data / "test", out=cams, label=row, n=8, device=dev)
+            steps.append(command_step(f"gradcam {name}", "gradcam", c, cams, deps=[f"train-classifier {name}"],
+                                      done=lambda c=cams: has_record(c, "gradcam")))
             for table in tables:
                 tables[table].append((f"gradcam {name}", cams / "gradcam.json"))
     for table, inputs in tables.items():

@@ -1,0 +1,85 @@
+"""A command's config as its command line, so a plan of configs (the study's) gets every shell
+command from the command-line definition itself, never from hand-typed flags.
+
+`to_argv("train-gan", TrainGanConfig(...))` walks the command's own options: each option reads
+the config field of its name (or the reader in `READERS` where the option and the field differ,
+e.g. `--width` sets both `ngf` and `ndf`), and is written only when it differs from the
+option's default. tests/test_contract.py parses every command line of a full study plan back
+through the command-line layer and checks it rebuilds the same config, so a renamed flag fails
+a test instead of a study.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+
+def _one_width(c) -> int:
+    if c.ngf != c.ndf:
+        raise ValueError(f"train-gan takes one --width for both networks (ngf {c.ngf}, ndf {c.ndf})")
+    return c.ngf
+
+
+# option (its Python name in cli.py) -> its value, read from the command's config
+READERS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "train-gan": {"width": _one_width, "diffaugment": lambda c: c.diffaugment or "none"},
+    "evaluate": {"inputs": lambda c: [c.checkpoint, c.data], "compare": lambda c: False,
+                 "out": lambda c: None},
+    # audit's other modes (scoring readers, probing sources) are not an AuditConfig
+    "audit": {"score_review": lambda c: (), "key": lambda c: None, "sources": lambda c: None},
+}
+# options that are not part of any config: how output is shown
+SHOWN_ONLY = {"as_json"}
+
+
+def _command(name: str):
+    import typer
+
+    from xraygan.cli import app
+
+    return typer.main.get_command(app).commands[name]
+
+
+def _text(v: Any) -> str:
+    return str(v) if not isinstance(v, float) else repr(v)
+
+
+def to_argv(command: str, cfg: Any) -> list[str]:
+    """The arguments (after `xraygan COMMAND`) that make `cfg`; options at their default are left out."""
+    have = {f.name for f in fields(cfg)}
+    readers = READERS.get(command, {})
+    args: list[str] = []
+    opts: list[str] = []
+    for p in _command(command).params:
+        if p.name == "help" or p.name in SHOWN_ONLY:
+            continue
+        if p.name in readers:
+            value = readers[p.name](cfg)
+        elif p.name in have:
+            value = getattr(cfg, p.name)
+        else:
+            raise ValueError(f"{command}: option {p.name} has no field in {type(cfg).__name__} and no reader")
+        if p.param_type_name == "argument":
+            args += [_text(v) for v in value] if isinstance(value, (list, tuple)) else [_text(value)]
+            continue
+        default = p.default
+        if isinstance(value, Path) and default is not None and not isinstance(default, Path):
+            default = Path(default)
+        if value is None or value == default or (isinstance(value, tuple) and list(value) == list(default or [])):
+            continue
+        if isinstance(value, bool):
+            if value:
+                opts.append(p.opts[0])
+            elif p.secondary_opts:
+                opts.append(p.secondary_opts[0])
+            continue
+        flag = p.opts[0]  # as cli.py declares it first (-n for generate, --out elsewhere)
+        if getattr(p, "multiple", False):
+            for v in value:
+                opts += [flag, _text(v)]
+        else:
+            opts += [flag, _text(value)]
+    return args + opts
