@@ -12,7 +12,7 @@ table      : train-gan (3 steps), train-diffusion (2 steps), train-classifier (1
              `xraygan.memory`) is the bytes per element the batch check uses.
 
     python benchmarks/bench_memory.py --src ../shared/data/chest_xray_224 --sizes 128 256
-    python benchmarks/bench_memory.py --src ../shared/data/chest_xray_224 --sizes 128 --calibrate
+    python benchmarks/bench_memory.py --src ../shared/data/chest_xray_224 --sizes 128 --calibrate --precision fp32
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def table(data: Path, size: int, root: Path, device: str) -> list[tuple[str, flo
     return rows
 
 
-def calibrate(data: Path, size: int, root: Path, device: str) -> dict[str, float]:
+def calibrate(data: Path, size: int, root: Path, device: str, precision: str) -> dict[str, float]:
     from xraygan.classifier import ClassifierNetConfig
     from xraygan.diffusion import DiffusionNetConfig, default_shape
     from xraygan.gan_models import GanNetConfig
@@ -92,7 +92,7 @@ def calibrate(data: Path, size: int, root: Path, device: str) -> dict[str, float
     dev = ["--device", device]
 
     def cmd(family: str, b: int) -> list[str]:
-        out = ["--out", f"{r}/{family}{b}", "--batch-size", str(b), *dev]
+        out = ["--out", f"{r}/{family}{b}-{precision}", "--batch-size", str(b), "--precision", precision, *dev]
         if family == "gan":
             return ["train-gan", f"{data}/train", "--class", "pneumonia", "--steps", "2", "--sample-every",
                     "100000", *out]
@@ -105,7 +105,7 @@ def calibrate(data: Path, size: int, root: Path, device: str) -> dict[str, float
     for family, (b1, b2) in {"gan": (8, 64), "diffusion": (4, 32), "classifier": (8, 64)}.items():
         (m1, _), (m2, _) = peak(XRAYGAN + cmd(family, b1)), peak(XRAYGAN + cmd(family, b2))
         found[family] = (m2 - m1) * 2**30 / ((b2 - b1) * per[family])
-        print(f"{size:4d} px  {family:10s} batch {b1}: {m1:.2f} GiB, batch {b2}: {m2:.2f} GiB, "
+        print(f"{size:4d} px  {precision:5s} {family:10s} batch {b1}: {m1:.2f} GiB, batch {b2}: {m2:.2f} GiB, "
               f"{per[family] / 1e6:.1f} M elements per image -> {found[family]:.2f} bytes per element", flush=True)
     return found
 
@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--precision", default="auto", help="--calibrate: auto, fp32 or bf16")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +124,7 @@ def main() -> None:
         results = {}
         for size in a.sizes:
             data = prepared(a.src, size, root)
-            results[size] = calibrate(data, size, root, a.device) if a.calibrate else table(data, size, root, a.device)
+            results[size] = calibrate(data, size, root, a.device, a.precision) if a.calibrate else table(data, size, root, a.device)
         print(json.dumps(results, indent=1))
 
 

@@ -164,6 +164,15 @@ def test_several_readers_scored_with_agreement(audit_dir, tmp_path):
     assert report.count("## Reader study") == 1 and "| ana | 12 | 1.000 |" in report
     score_readers([audit / "review" / "ana.csv", audit / "review" / "ben.csv"])  # again: replaced, not added
     assert (audit / "report.md").read_text().count("## Reader study") == 1
+    from typer.testing import CliRunner
+
+    from xraygan.cli import app
+
+    r = CliRunner().invoke(app, ["score-review", str(audit / "review"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["readers"]["ben"]["accuracy"] == pytest.approx(0.75) and "| ben | 12 |" in r.stderr
+    old = CliRunner().invoke(app, ["audit", "--score-review", str(audit / "review"), "--json"])
+    assert json.loads(old.stdout)["pooled"] == json.loads(r.stdout)["pooled"] and "is now `xraygan score-review" in old.stderr
 
 
 def _browser():

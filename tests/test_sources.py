@@ -115,9 +115,12 @@ def test_probe_tells_a_shifted_source_apart_and_not_a_random_split(tmp_path, rng
     data = tmp_path / "data"
     assert runner.invoke(app, ["prepare", str(src), "--out", str(data), "--size", "16", "--extra-normal",
                                str(nih)]).exit_code == 0
-    r = runner.invoke(app, ["audit", "--sources", str(data / "train"), "--json"])
+    r = runner.invoke(app, ["probe-sources", str(data / "train"), "--json"])
     assert r.exit_code == 0, r.stderr
     pair = json.loads(r.stdout)["classes"]["normal"]["extra-normal vs kermany"]
     assert pair["pca_auc"] > 0.9 and pair["verdict"].startswith("easily told apart")
-    r = runner.invoke(app, ["audit", "--sources", str(src / "train")])
+    old = runner.invoke(app, ["audit", "--sources", str(data / "train"), "--json"])  # the old spelling
+    assert old.exit_code == 0 and json.loads(old.stdout) == json.loads(r.stdout)
+    assert "is now `xraygan probe-sources FOLDER`" in old.stderr
+    r = runner.invoke(app, ["probe-sources", str(src / "train")])
     assert r.exit_code == 2 and "single source" in r.stderr.strip().splitlines()[-1]

@@ -244,7 +244,7 @@ def probe_verdict(auc: float | None) -> str:
 
 def source_probe(folder: Path, classifier: Path | None = None, pca_components: int = 64, seed: int = 0,
                  device: str = "auto") -> dict:
-    """Within each class, can a quick linear model tell the sources apart? (`audit --sources`)
+    """Within each class, can a quick linear model tell the sources apart? (`xraygan probe-sources`)
 
     Sources come from the folder's record (`dataset.json` file_sources, or `rebalance.json`).
     Features: a whitened pixel-PCA space fitted on the class, and with `classifier` its ResNet
@@ -758,7 +758,7 @@ def score_readers(csv_paths: list[Path], key_path: Path | None = None) -> dict:
         else:
             paths.append(p)
     if not paths:
-        raise InputError("--score-review: give a filled sheet, or the review/ folder")
+        raise InputError("score-review: give a filled sheet, or the review/ folder")
     key_path, items = _read_key(paths[0], key_path)
     sheets = {}
     for p in paths:
@@ -851,7 +851,7 @@ def audit_markdown(rec: dict, plots: dict) -> str:
     if "review" in rec:
         lines += ["## Blinded review", "", f"`review/sheet.html` (and `sheet.png`) show {rec['review']['images']} "
                   "shuffled images; the reviewer fills `review/review.csv`; then "
-                  "`xraygan audit --score-review review/review.csv` scores it against `review_key.json` "
+                  "`xraygan score-review review/review.csv` scores it against `review_key.json` "
                   "(keep the key away from the reviewer).", ""]
     lines += ["## Caveats", "",
               "- FD is biased upwards for small sets and depends on the feature space: compare figures "

@@ -910,15 +910,10 @@ def audit(
         help="Flag at this absolute pixel correlation instead.")] = None,
     review: Annotated[int, typer.Option(help="Images in the blinded review sheet (0 = none).")] = 40,
     score_review: Annotated[list[Path], typer.Option(
-        "--score-review", help="Score filled review sheets instead of auditing: AUDIT/review/review.csv, "
-                               "the <reader>.csv files `xraygan review` writes (repeatable), or the review/ "
-                               "folder for all of them: per reader, pooled, and Cohen's or Fleiss' κ.")] = [],  # noqa: B006
-    key: Annotated[Optional[Path], typer.Option(
-        help="--score-review: the answer key (default AUDIT/review_key.json).")] = None,
+        "--score-review", hidden=True, help="The old spelling of `xraygan score-review`.")] = [],  # noqa: B006
+    key: Annotated[Optional[Path], typer.Option(hidden=True, help="With the old --score-review.")] = None,
     sources: Annotated[Optional[Path], typer.Option(
-        "--sources", help="Probe a folder whose images come from several sources (prepare "
-                          "--extra-normal, or a rebalanced set): within each class, can a linear "
-                          "model tell the sources apart? Held-out ROC-AUC and a verdict.")] = None,
+        "--sources", hidden=True, help="The old spelling of `xraygan probe-sources`.")] = None,
     cache: Annotated[Optional[Path], typer.Option(
         help="Feature cache folder (default $XRAYGAN_CACHE; without either, nothing is cached).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for KID subsets and the review sample.")] = 0,
@@ -930,47 +925,34 @@ def audit(
     training images, and a blinded review sheet for a radiologist.
 
     Example: xraygan audit --real data/train --synthetic synth --out audit
-             xraygan audit --score-review audit/review/review.csv
-             xraygan audit --sources data/train
+             xraygan score-review audit/review/          (the filled sheets; was audit --score-review)
     """
     from xraygan.audit import AuditConfig
     from xraygan.audit import audit as run_audit
-    from xraygan.audit import score_review as run_score
     from xraygan.console import err
 
-    if sources is not None:
-        from xraygan.audit import source_probe
-
-        clf = None if classifier in ("auto", "none") else Path(classifier)
-        res = _run(source_probe, sources, clf, pca_components, seed, device)
-        for c, pairs in res["classes"].items():
-            for name, v in pairs.items():
-                aucs = "; ".join(f"{k.replace('_auc', '')} space AUC {v[k]:.3f}" for k in ("pca_auc", "classifier_auc")
-                                 if v.get(k) is not None)
-                err.print(f"{c}: {name} ({', '.join(f'{n} {k}' for k, n in v['counts'].items())}): {aucs}: "
-                          f"{v['verdict']}", highlight=False)
-        if as_json:
-            _emit_json(res)
-        return
-    if len(score_review) == 1 and not score_review[0].is_dir():  # one sheet: scored as it always was
-        res = _run(run_score, score_review[0], key)
-        err.print(f"{res['answered']} answered ({res['blank']} blank): accuracy {res['accuracy']:.2f}, "
-                  f"synthetic spotted {res['synthetic_spotted']}, real recognised {res['real_recognised']}, "
-                  f"p = {res['p_value']:.3g}: {res['verdict']}; mean quality {res['mean_quality']}",
-                  highlight=False)
-        if as_json:
-            _emit_json(res)
-        return
-    if score_review:
-        from xraygan.audit import readers_markdown, score_readers
-
-        res = _run(score_readers, score_review, key)
-        sys.stderr.write(readers_markdown(res))
-        if as_json:
-            _emit_json(res)
+    if sources is not None or score_review:
+        mode = "--sources" if sources is not None else "--score-review"
+        allowed = {"--sources": {"classifier", "pca_components", "seed", "device"}, "--score-review": {"key"}}[mode]
+        given = {"real": real, "synthetic": synthetic, "out": out, "classifier": classifier != "auto", "k": k != 5,
+                 "pca_components": pca_components != 64, "copy_quantile": copy_quantile != 0.99,
+                 "copy_threshold": copy_threshold, "review": review != 40, "cache": cache, "seed": seed != 0,
+                 "device": device != "auto", "force": force, "key": key,
+                 "score_review": bool(score_review) and mode == "--sources"}
+        unused = [f"--{n.replace('_', '-')}" for n, v in given.items() if v not in (None, False) and n not in allowed]
+        if unused:
+            raise typer.BadParameter(f"{unused[0]} has no effect with {mode}, which is `xraygan "
+                                     f"{'probe-sources' if mode == '--sources' else 'score-review'}` now")
+        new = "probe-sources FOLDER" if mode == "--sources" else "score-review SHEETS"
+        err.print(f"[yellow]note:[/] `audit {mode}` is now `xraygan {new}`", highlight=False)
+        if sources is not None:
+            _probe_sources(sources, None if classifier in ("auto", "none") else Path(classifier), pca_components,
+                           seed, device, as_json)
+        else:
+            _score_review(score_review, key, as_json)
         return
     if real is None or synthetic is None or out is None:
-        raise typer.BadParameter("needs --real DIR --synthetic DIR --out AUDIT (or --score-review CSV)")
+        raise typer.BadParameter("needs --real DIR --synthetic DIR --out AUDIT")
     cfg = AuditConfig(real=real, synthetic=synthetic, out=out, classifier=classifier,
                       pca_components=pca_components, k=k, copy_quantile=copy_quantile,
                       copy_threshold=copy_threshold, review=review, cache=cache, seed=seed,
@@ -995,6 +977,80 @@ def audit(
         _emit_json(rec)
 
 
+def _score_review(sheets: list[Path], key: Optional[Path], as_json: bool) -> None:
+    from xraygan.audit import readers_markdown, score_readers
+    from xraygan.audit import score_review as run_score
+    from xraygan.console import err
+
+    if len(sheets) == 1 and not sheets[0].is_dir():  # one sheet: the single-reader summary
+        res = _run(run_score, sheets[0], key)
+        err.print(f"{res['answered']} answered ({res['blank']} blank): accuracy {res['accuracy']:.2f}, "
+                  f"synthetic spotted {res['synthetic_spotted']}, real recognised {res['real_recognised']}, "
+                  f"p = {res['p_value']:.3g}: {res['verdict']}; mean quality {res['mean_quality']}",
+                  highlight=False)
+    else:
+        res = _run(score_readers, sheets, key)
+        sys.stderr.write(readers_markdown(res))
+    if as_json:
+        _emit_json(res)
+
+
+@app.command("score-review")
+def score_review(
+    sheets: Annotated[list[Path], typer.Argument(
+        help="Filled review sheets: AUDIT/review/review.csv, the <reader>.csv files `xraygan review` writes, "
+             "or the review/ folder for all of them.")],
+    key: Annotated[Optional[Path], typer.Option(
+        help="The answer key (default: review_key.json in the audit folder above the sheets).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a blinded review: per reader accuracy and a binomial test (could they tell synthetic
+    from real?), quality ratings, and with several readers the pooled figures and Cohen's or
+    Fleiss' κ; the audit's report.md gets a "Reader study" section.
+
+    Example: xraygan score-review audit/review/
+             xraygan score-review audit/review/review.csv
+    """
+    _score_review(sheets, key, as_json)
+
+
+def _probe_sources(folder: Path, classifier: Optional[Path], pca_components: int, seed: int, device: str,
+                   as_json: bool) -> None:
+    from xraygan.audit import source_probe
+    from xraygan.console import err
+
+    res = _run(source_probe, folder, classifier, pca_components, seed, device)
+    for c, pairs in res["classes"].items():
+        for name, v in pairs.items():
+            aucs = "; ".join(f"{k.replace('_auc', '')} space AUC {v[k]:.3f}" for k in ("pca_auc", "classifier_auc")
+                             if v.get(k) is not None)
+            err.print(f"{c}: {name} ({', '.join(f'{n} {k}' for k, n in v['counts'].items())}): {aucs}: "
+                      f"{v['verdict']}", highlight=False)
+    if as_json:
+        _emit_json(res)
+
+
+@app.command("probe-sources")
+def probe_sources(
+    folder: Annotated[Path, typer.Argument(
+        help="An image folder whose images come from several sources (prepare --extra-normal, or a "
+             "rebalanced set).")],
+    classifier: Annotated[Optional[Path], typer.Option(
+        help="Also probe in this classifier's feature space (a classifier.safetensors).")] = None,
+    pca_components: Annotated[int, typer.Option(help="Dimensions of the pixel-PCA space.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Within each class, can a linear model tell the images' sources apart? Held-out ROC-AUC in
+    pixel-PCA space (and a classifier's features) and a verdict: a shortcut a classifier could
+    learn instead of the disease.
+
+    Example: xraygan probe-sources data/train
+    """
+    _probe_sources(folder, classifier, pca_components, seed, device, as_json)
+
+
 @app.command()
 def review(
     audit_dir: Annotated[Path, typer.Argument(
@@ -1010,7 +1066,7 @@ def review(
     """Serve the blinded real-vs-synthetic reading as a local web page: one image at a time, dark
     background, zoom and window/level, R / S, realism 1-5, a note; every answer saved at once to
     AUDIT/review/<reader>.csv (resumes where the reader stopped). Score with
-    `xraygan audit --score-review AUDIT/review/`.
+    `xraygan score-review AUDIT/review/`.
 
     Example: xraygan review audit --reader smith      (then open http://127.0.0.1:8000/)
     """

@@ -3,7 +3,7 @@
 The page shows the audit's review images (`AUDIT/review/images/IMGnnn.png`, neutral ids) one at
 a time at full size on a dark background, with zoom and window/level, and asks "real or
 synthetic?" and a realism rating 1-5 (and an optional note). Every answer is written at once,
-atomically, to `AUDIT/review/<reader>.csv` in the layout `audit --score-review` reads, so
+atomically, to `AUDIT/review/<reader>.csv` in the layout `xraygan score-review` reads, so
 closing the browser or stopping the server loses nothing, and the next start resumes at the
 first unanswered image. Each reader gets their own order (shuffled, seeded by the name).
 
