@@ -23,11 +23,12 @@ from torch import nn
 from xraygan.errors import InputError
 
 ENV = "XRAYGAN_MEMORY_LIMIT"
-# Peak bytes per activation element of one training step, from peak resident memory at two batch
-# sizes (the difference divided by the difference in elements), on the CPU with bf16 autocast:
-# benchmarks/bench_memory.py --calibrate. The GPU holds less per element (no allocator slack
-# between steps), so the CPU figures are the conservative ones and are used everywhere.
-BYTES_PER_ELEMENT = {"gan": 4.4, "diffusion": 5.6, "classifier": 3.5}
+# Peak bytes per activation element of one training step: the growth of peak resident memory from
+# a small to a large batch divided by the growth in elements, at 128 px on the CPU in fp32
+# (benchmarks/bench_memory.py --calibrate --precision fp32). bf16 needs less (0.84 / 2.21 / 1.64
+# measured the same way), and a GPU keeps no allocator slack between steps, so the fp32 figures
+# are the conservative ones and are used everywhere.
+BYTES_PER_ELEMENT = {"gan": 1.57, "diffusion": 3.57, "classifier": 2.88}
 HEADROOM = 0.9  # refuse above 90 % of the free memory: the estimate is measured, not exact
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
