@@ -54,3 +54,22 @@ def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "data"
     prepare(PrepareConfig(out=out, demo=True, demo_count=60, size=32, imbalance=3.0, workers=1))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny classifier on separable 16-px data (pneumonia brighter), and its test folder."""
+    from xraygan.classifier import TrainClassifierConfig, train_classifier
+    from xraygan.images import save_png
+
+    root = tmp_path_factory.mktemp("clf")
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 24), ("val", 8), ("test", 10)):
+        for cls, base in (("normal", 70), ("pneumonia", 170)):
+            for i in range(n):
+                save_png(root / part / cls / f"{cls}{i}.png",
+                         np.clip(rng.normal(base, 25, (16, 16)), 0, 255).astype(np.uint8))
+    train_classifier(TrainClassifierConfig(data=root / "train", val=root / "val",
+                                           out=root / "run-seed3", epochs=2, batch_size=16,
+                                           device="cpu", patience=0))
+    return root

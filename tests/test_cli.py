@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_img, xray_like
 from PIL import Image
 from typer.testing import CliRunner
@@ -59,6 +60,7 @@ def test_gan_commands_compose(demo_data, tmp_path):
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
 
 
+@pytest.mark.slow
 def test_classifier_commands_compose_end_to_end(demo_data, tmp_path):
     """rebalance → train-classifier → evaluate --report → gradcam → evaluate --compare, as a
     shell script would run them."""
@@ -91,6 +93,7 @@ def test_classifier_commands_compose_end_to_end(demo_data, tmp_path):
     assert r.exit_code == 2 and len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_on_the_real_sample(tmp_path):
     out = tmp_path / "demo"
     r = runner.invoke(app, ["demo", "--out", str(out), "--size", "16", "--gan-steps", "2", "--clf-epochs", "1",
@@ -115,6 +118,7 @@ def test_demo_runs_the_whole_pipeline_on_the_real_sample(tmp_path):
     assert r.exit_code == 2 and "already exists" in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_on_phantoms(tmp_path):
     r = runner.invoke(app, ["demo", "--phantom", "--out", str(tmp_path / "d"), "--count", "60", "--size", "16",
                             "--gan-steps", "2", "--clf-epochs", "1", "--device", "cpu", "--json"])
@@ -122,6 +126,7 @@ def test_demo_on_phantoms(tmp_path):
     assert json.loads(r.stdout)["data"] == "phantom" and "not medical images" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_224_px_set_flows_through_every_command(tmp_path):
     """prepare --size 224 → train-gan → generate → rebalance → train-classifier → evaluate → gradcam,
     one step or epoch each with tiny widths: the size the field's classifiers use."""

@@ -4,9 +4,12 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from xraygan.cli import app
+
+pytestmark = pytest.mark.slow  # whole pipelines: `pytest -m "not slow"` leaves them out
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -4,7 +4,7 @@ import pytest
 
 from xraygan.prepare import PrepareConfig, prepare
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 
 def test_pneumoniamnist_study_imbalance(shared_data, tmp_path):

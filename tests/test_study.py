@@ -15,6 +15,8 @@ import pytest
 from xraygan.errors import InputError
 from xraygan.study import StudyConfig, build_plan, commands_script, default_jobs, plan_text
 
+pytestmark = pytest.mark.slow  # whole pipelines: `pytest -m "not slow"` leaves them out
+
 TINY = ["--gan-steps", "2", "--gan-batch", "8", "--clf-epochs", "1"]
 
 
