@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as st_load_file
-from safetensors.torch import save_file as st_save_file
 
 from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_with
@@ -32,20 +31,43 @@ def snapshot(path: Path, tensors: dict[str, torch.Tensor], kind: str, config: di
           "config": json.dumps(config, sort_keys=True)}
     for k, v in meta.items():
         md[k] = v if isinstance(v, str) else json.dumps(v)
-    flat = {k: v.detach().to("cpu", copy=copy).contiguous() for k, v in tensors.items()}
+    flat = {k: v.detach().to("cpu", copy=copy) for k, v in tensors.items()}
+    if copy:
+        flat = {k: v.contiguous() for k, v in flat.items()}
     return Path(path), flat, md
+
+
+# safetensors' dtype names
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format (8-byte header length, JSON header, raw little-endian data), written
+    one tensor at a time: a tensor in another memory layout (channels-last weights and their Adam
+    moments) is made contiguous alone, never the whole state at once (1.5 GB for a 256 px GAN)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    names = sorted(tensors)
+    for k in names:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    f.write(len(head).to_bytes(8, "little") + head)
+    for k in names:
+        t = tensors[k].contiguous().reshape(-1)
+        if t.numel():
+            f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 def write_snapshot(snap: tuple[Path, dict, dict]) -> None:
     path, flat, md = snap
 
-    def write(tmp: str) -> None:
-        try:  # streamed to the file: the checkpoint is never one bytes object in memory
-            st_save_file(flat, tmp, metadata=md)
-        except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
-            raise OSError(str(e)) from None
-
-    atomic_write_with(path, write)
+    atomic_write_with(path, lambda f: write_safetensors(f, flat, md))
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], kind: str,

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from xraygan.errors import InputError, WriteError
 
@@ -25,21 +25,21 @@ FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hi
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it into place."""
-    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write_with(path, lambda f: f.write(data))
 
 
-def atomic_write_with(path: Path, write: Callable[[str], object]) -> None:
-    """`write(tmp)` writes a temporary file beside `path`, which is then renamed into place; for
-    writers that stream to a file name (a checkpoint never sits in memory as one bytes object)."""
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(f)` fills a temporary file beside `path`, which is then renamed into place; for
+    writers that stream (a checkpoint is never one bytes object in memory)."""
     path = Path(path)
     make_dirs(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
     except OSError as e:
         raise write_error(path, e) from None
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:

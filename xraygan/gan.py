@@ -53,7 +53,7 @@ from xraygan.gan_models import (
     ema_update,
     size_problem,
 )
-from xraygan.images import ImageFolder, read_image_folder, save_png
+from xraygan.images import ImageFolder, image_side, list_image_folder, read_image_folder, save_png
 from xraygan.memory import check_batch, gan_footprint
 from xraygan.runs import (
     abandon_failed_run,
@@ -193,13 +193,20 @@ def resolve_diffaugment(policy: str, n_images: int) -> str:
     return policy
 
 
+def _size_check(data: Path, size: int) -> None:
+    problem = size_problem(size)
+    if problem:
+        raise InputError(f"{data}: images are {size} px; {problem} (prepare with --size N)")
+
+
 def load_training_set(cfg: TrainGanConfig) -> tuple[ImageFolder, tuple[str, ...], str]:
     """Decode the data; returns (folder, classes the model knows, default label)."""
+    first = next((f for files in list_image_folder(cfg.data).values() for f in files), None)
+    if first is not None:  # a size no generator makes is refused before the whole folder is decoded
+        _size_check(cfg.data, image_side(first))
     full = read_image_folder(cfg.data)
     counts = full.counts()
-    problem = size_problem(full.size)
-    if problem:
-        raise InputError(f"{cfg.data}: images are {full.size} px; {problem} (prepare with --size N)")
+    _size_check(cfg.data, full.size)
     minority = min(counts, key=lambda c: (counts[c], c))
     if cfg.conditional:
         if len(full.classes) < 2:

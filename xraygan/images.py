@@ -254,6 +254,11 @@ def _read_gray(f: Path) -> np.ndarray:
     return a
 
 
+def image_side(f: Path) -> int:
+    """The side of one square image (read and checked as the whole folder will be)."""
+    return _read_gray(f).shape[0]
+
+
 def _fill(images: np.ndarray, files: list[Path], size: int, idx: range) -> None:
     for i in idx:
         a = _read_gray(files[i])
