@@ -62,7 +62,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     generate(GenerateConfig(gan / "generator.safetensors", synth, n=4, device="cpu"))
     clf = root / "clf"
     train_classifier(TrainClassifierConfig(data=data / "train", val=data / "val", out=clf, epochs=1,
-                                           batch_size=16, small_stem="no", device="cpu"))
+                                           batch_size=16, small_stem="no", device="cpu", precision="fp32"))
     np.savez(root / "object.npz", train_images=np.array([None, 1], dtype=object),
              train_labels=np.array([0, 1]))
     (root / "junk.npz").write_bytes(b"not a zip")
