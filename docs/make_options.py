@@ -9,9 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-import typer
-
-from xraygan.cli import app
+from xraygan import contract
 
 PAGES = Path(__file__).resolve().parent / "commands"
 MARKERS = re.compile(r"<!-- options:start -->\n.*?<!-- options:end -->", re.S)
@@ -57,8 +55,7 @@ def writes_line(name: str) -> str:
 
 
 def commands() -> dict:
-    group = typer.main.get_command(app)
-    return {name: c for name, c in group.commands.items() if not c.hidden}
+    return {name: c for name, c in contract.commands().items() if not c.hidden}
 
 
 def rendered(page: Path, cmd) -> str:

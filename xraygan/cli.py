@@ -894,6 +894,7 @@ def demo(
 
 @app.command()
 def audit(
+    ctx: typer.Context,
     real: Annotated[Optional[Path], typer.Option(help="Real training images, e.g. DATA/train.")] = None,
     synthetic: Annotated[Optional[Path], typer.Option(help="Synthetic images, e.g. SYNTH/ from generate.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Audit folder.")] = None,
@@ -934,12 +935,10 @@ def audit(
     if sources is not None or score_review:
         mode = "--sources" if sources is not None else "--score-review"
         allowed = {"--sources": {"classifier", "pca_components", "seed", "device"}, "--score-review": {"key"}}[mode]
-        given = {"real": real, "synthetic": synthetic, "out": out, "classifier": classifier != "auto", "k": k != 5,
-                 "pca_components": pca_components != 64, "copy_quantile": copy_quantile != 0.99,
-                 "copy_threshold": copy_threshold, "review": review != 40, "cache": cache, "seed": seed != 0,
-                 "device": device != "auto", "force": force, "key": key,
-                 "score_review": bool(score_review) and mode == "--sources"}
-        unused = [f"--{n.replace('_', '-')}" for n, v in given.items() if v not in (None, False) and n not in allowed]
+        # what the user typed (not compared with defaults written here a second time)
+        typed = [n for n in ctx.params if ctx.get_parameter_source(n).name != "DEFAULT"]
+        allowed |= {"as_json", mode.lstrip("-").replace("-", "_")}
+        unused = [f"--{n.replace('_', '-')}" for n in typed if n not in allowed]
         if unused:
             raise typer.BadParameter(f"{unused[0]} has no effect with {mode}, which is `xraygan "
                                      f"{'probe-sources' if mode == '--sources' else 'score-review'}` now")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,18 @@ READERS: dict[str, dict[str, Callable[[Any], Any]]] = {
 SHOWN_ONLY = {"as_json"}
 
 
-def _command(name: str):
+@lru_cache(maxsize=1)
+def commands() -> dict:
+    """Every registered command's click object, built once (a study plan asks for ~100 command lines)."""
     import typer
 
     from xraygan.cli import app
 
-    return typer.main.get_command(app).commands[name]
+    return dict(typer.main.get_command(app).commands)
+
+
+def _command(name: str):
+    return commands()[name]
 
 
 def _text(v: Any) -> str:

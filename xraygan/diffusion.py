@@ -46,6 +46,7 @@ from xraygan.runs import (
     fingerprint_arrays,
     interrupted_in_step,
     not_finite,
+    trained_to,
     truncate_log,
 )
 from xraygan.runtime import (
@@ -264,10 +265,7 @@ RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_bl
 
 def is_done(run: Path, steps: int) -> bool:
     """Whether the train-diffusion run in `run` has trained at least `steps` steps and kept its model."""
-    from xraygan.checkpoint import metadata_or_none
-
-    m = metadata_or_none(Path(run) / "state.safetensors")
-    return m is not None and int(m.get("step", 0)) >= steps and (Path(run) / "diffusion.safetensors").is_file()
+    return trained_to(run, steps, "diffusion.safetensors")
 
 
 def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None) -> dict:

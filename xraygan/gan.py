@@ -63,6 +63,7 @@ from xraygan.runs import (
     fingerprint_arrays,
     interrupted_in_step,
     not_finite,
+    trained_to,
     truncate_log,
 )
 from xraygan.runtime import (
@@ -525,10 +526,7 @@ def _warnings(cfg: TrainGanConfig, label: str) -> list[str]:
 
 def is_done(run: Path, steps: int) -> bool:
     """Whether the train-gan run in `run` has trained at least `steps` steps and kept its generator."""
-    from xraygan.checkpoint import metadata_or_none
-
-    m = metadata_or_none(Path(run) / "state.safetensors")
-    return m is not None and int(m.get("step", 0)) >= steps and (Path(run) / "generator.safetensors").is_file()
+    return trained_to(run, steps, "generator.safetensors")
 
 
 def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:

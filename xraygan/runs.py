@@ -147,3 +147,12 @@ def abandon_failed_run(run: Path, created: bool, writer, checkpointed: bool, wri
         checkpointed = False
     if not checkpointed and writes:
         discard_new_run(run, created)
+
+
+def trained_to(run: Path, steps: int, model: str) -> bool:
+    """Whether a step-based run (train-gan, train-diffusion) has trained at least `steps` steps and
+    kept its `model` file: what the study asks before it skips a trainer."""
+    from xraygan.checkpoint import metadata_or_none
+
+    m = metadata_or_none(Path(run) / "state.safetensors")
+    return m is not None and int(m.get("step", 0)) >= steps and (Path(run) / model).is_file()
