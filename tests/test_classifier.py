@@ -201,3 +201,49 @@ def test_own_resnet18_is_torchvisions_network_and_seeded_weights(small_stem):
     assert torch.allclose(ref(x), own(x), atol=1e-5)
     ref.eval(), own.eval()
     assert torch.allclose(ref(x), own(x), atol=1e-5)
+
+
+def _fault_in_conv1(monkeypatch, when):
+    """Make the classifier's first convolution return NaN on the calls `when(call, bf16)` picks:
+    the shape of the CPU bf16 kernel faults the training step guards against."""
+    import xraygan.classifier as clf
+
+    build, calls = clf.build_resnet18, []
+
+    def build_faulty(net):
+        model = build(net)
+
+        def hook(module, inputs, output):
+            calls.append(torch.is_autocast_enabled("cpu"))
+            if module.training and when(len(calls), calls[-1]):
+                return torch.full_like(output, float("nan"))
+        model.conv1.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(clf, "build_resnet18", build_faulty)
+    return calls
+
+
+def test_a_bf16_fault_is_redone_in_fp32_and_training_goes_on(split, tmp_path, monkeypatch):
+    calls = _fault_in_conv1(monkeypatch, lambda n, bf16: bf16 and n in (2, 4))
+    res = train_classifier(TrainClassifierConfig(
+        data=split / "train", val=split / "val", out=tmp_path / "clf", epochs=1, batch_size=8,
+        device="cpu", precision="bf16", patience=0))
+    rows = list(csv.DictReader(open(tmp_path / "clf" / "log.csv")))
+    assert rows[0]["fp32_steps"] == "2" and res["best_epoch"] == 1
+    # calls[0] is the memory check's meta-device pass; then each faulty bf16 step once more in fp32
+    assert calls[1:6] == [True, False, True, False, True]
+    state, _ = load_checkpoint(tmp_path / "clf" / "classifier.safetensors", "classifier")
+    # batch norm's running statistics saw the NaN batch and were put back
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_loss_that_is_not_finite_in_fp32_too_stops_the_run(split, tmp_path, monkeypatch):
+    from xraygan.errors import TrainingError
+
+    _fault_in_conv1(monkeypatch, lambda n, bf16: n >= 3)
+    with pytest.raises(TrainingError, match=r"epoch 1: training loss is not finite; stopped \(no epoch had "
+                                            r"finished, so no model was saved\)"):
+        train_classifier(TrainClassifierConfig(
+            data=split / "train", val=split / "val", out=tmp_path / "clf", epochs=1, batch_size=8,
+            device="cpu", precision="bf16"))

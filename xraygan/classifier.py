@@ -215,6 +215,41 @@ def _check_folder(folder: ImageFolder, size: int, what: str) -> None:
                          f"images are {size} px")
 
 
+class Bf16Guard:
+    """A bf16 training step on the CPU that came out non-finite is done again in fp32.
+
+    The CPU's bf16 kernels (oneDNN, on AMX and AVX512-BF16) have produced NaN from finite inputs:
+    a known class of tail-handling faults, seen here as an occasional non-finite loss in the first
+    epoch of a healthy 16 px run that passes on a rerun. A fault must not end the run, and a real
+    divergence must: so a step whose gradients are not finite is recomputed in fp32 from the same
+    batch, with batch norm's running statistics put back first; if fp32 is not finite either, the
+    run stops as before. On the CPU the check costs no device sync; under torchrun the gradients
+    are already averaged, so every process takes the same decision. `retries` counts the steps
+    redone (the log's `fp32_steps`)."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.saved = [b.detach().clone() for b in self.buffers]
+        self.retries = 0
+
+    def save(self) -> None:
+        for s, b in zip(self.saved, self.buffers):
+            s.copy_(b)
+
+    def finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return True
+        self.retries += 1
+        return False
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for s, b in zip(self.saved, self.buffers):
+                b.copy_(s)
+
+
 def _save_state(out: Path, model: nn.Module, opt, sched, g: torch.Generator,
                 best_state: dict | None, net: ClassifierNetConfig, **meta) -> None:
     """All that --resume needs after an epoch, without pickle: weights, optimizer moments,
@@ -334,7 +369,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     y_all = torch.from_numpy(train.labels).to(device)
     g = make_generator(cfg.seed)
     fields = ["epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
-              "val_specificity", "lr", "images_per_s", "seconds"]
+              "val_specificity", "lr", "images_per_s", "seconds", "fp32_steps"]
     log_rows: list[dict] = []
     best, best_epoch, best_state, stale, start = -1.0, 0, None, 0, 1
     if cfg.resume:
@@ -366,6 +401,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         "pretrained_layers_not_loaded": not_loaded, "processes": dist.world, "xraygan_version": __version__,
         "torch_version": torch.__version__})
     steps = math.ceil(len(x_all) / cfg.batch_size)
+    guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     t0 = time.perf_counter()
     images_before, seen = 0, 0  # images before the current epoch (the progress line's img/s)
     for epoch in range(start, cfg.epochs + 1):
@@ -377,6 +413,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         warp = augment_params(len(x_all), g).to(device) if cfg.augment else None
         total = torch.zeros((), device=device)
         seen, te = 0, time.perf_counter()
+        if guard:
+            guard.retries = 0
         for s in range(steps):
             part = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
             idx = perm[part]
@@ -389,18 +427,26 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
                 x = apply_augment(x, warp[part].tensor_split(dist.world)[share])
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if guard:
+                guard.save()
             with autocast(device, amp):
                 loss = loss_fn(fwd(x).float(), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if guard and not guard.finite():  # this step again in fp32: see Bf16Guard
+                guard.restore()
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(fwd(x).float(), y_all[idx])
+                loss.backward()
             opt.step()
             total += loss.detach() * len(idx)  # stays on the device: no sync per step
             seen += len(idx)
             if (s + 1) % LOG_EVERY == 0 or s == steps - 1:
                 mean = float(total) / seen  # one host read per LOG_EVERY steps
                 if not math.isfinite(mean):
-                    raise TrainingError(f"epoch {epoch}: training loss is not finite; stopped "
-                                        f"(best model so far in {out / 'classifier.safetensors'})")
+                    kept = (f"best model so far, epoch {best_epoch}, in {out / 'classifier.safetensors'}"
+                            if best_epoch else "no epoch had finished, so no model was saved")
+                    raise TrainingError(f"epoch {epoch}: training loss is not finite; stopped ({kept})")
                 if progress:
                     progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
                              epoch=f"{epoch}/{cfg.epochs}", loss=mean,
@@ -423,7 +469,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
                          "val_precision": f"{m['precision']:.4f}", "val_recall": f"{m['recall']:.4f}",
                          "val_specificity": f"{m['specificity']:.4f}",
                          "lr": f"{opt.param_groups[0]['lr']:.3g}", "images_per_s": f"{ips:.1f}",
-                         "seconds": f"{time.perf_counter() - t0:.1f}"})
+                         "seconds": f"{time.perf_counter() - t0:.1f}",
+                         "fp32_steps": guard.retries if guard else 0})
         write_csv(out / "log.csv", fields, log_rows)
         if score > best:
             best, best_epoch, stale = score, epoch, 0
