@@ -139,6 +139,45 @@ def test_resume_matches_uninterrupted_run(folder16, tmp_path):
     assert [r.split(",")[:6] for r in la] == [r.split(",")[:6] for r in lb]
 
 
+@pytest.mark.parametrize("size", [16, 224])
+@pytest.mark.parametrize("classes", [0, 2])
+def test_spectrally_normalised_discriminator(size, classes):
+    torch.manual_seed(0)
+    D = Discriminator(GanNetConfig(image_size=size, nz=8, ngf=4, ndf=4, num_classes=classes, spectral_norm=True))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules())
+    labels = torch.tensor([0, 1, 1]) if classes else None
+    for _ in range(30):  # the power iteration converges over calls in training mode
+        D(torch.randn(3, 1, size, size), labels)
+    convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len(Discriminator(GanNetConfig(image_size=size, nz=8, ngf=4, ndf=4)).net) // 3 + 1
+    for m in convs:  # the weight a convolution uses has its largest singular value at 1
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2).item()
+        assert abs(sigma - 1) < 0.05, sigma
+
+
+def test_hinge_with_spectral_norm_resumes_exactly_and_older_records_resume(folder16, tmp_path):
+    kw = {"loss": "hinge", "spectral_norm": True, "diffaugment": "color,translation,cutout"}
+    train_gan(tiny(folder16, tmp_path / "a", epochs=3, **kw))
+    train_gan(tiny(folder16, tmp_path / "b", epochs=1, **kw))
+    train_gan(tiny(folder16, tmp_path / "b", epochs=3, resume=True, **kw))
+    for f in ("generator.safetensors", "discriminator.safetensors"):
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert a.keys() == b.keys() and any("parametrizations" in k for k in b) == (f[0] == "d")
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    with pytest.raises(InputError, match="--resume with different loss, spectral_norm than the run"):
+        train_gan(tiny(folder16, tmp_path / "b", epochs=4, resume=True, diffaugment=kw["diffaugment"]))
+    # a run recorded before these options existed trained with their defaults, and resumes so
+    train_gan(tiny(folder16, tmp_path / "c", epochs=1))
+    rec = json.loads((tmp_path / "c" / "config.json").read_text())
+    del rec["train"]["loss"], rec["train"]["spectral_norm"]
+    (tmp_path / "c" / "config.json").write_text(json.dumps(rec))
+    assert train_gan(tiny(folder16, tmp_path / "c", epochs=2, resume=True))["steps"] == 2
+    with pytest.raises(InputError, match="--resume with different loss than"):
+        train_gan(tiny(folder16, tmp_path / "c", epochs=3, resume=True, loss="hinge"))
+    with pytest.raises(InputError, match="--loss 'wgan': must be one of bce, hinge"):
+        train_gan(tiny(folder16, tmp_path / "d", loss="wgan"))
+
+
 @pytest.mark.parametrize("at", random.Random(7).sample(range(1, 9), 3))
 def test_resume_after_ctrl_c_at_a_random_step(folder16, tmp_path, monkeypatch, at):
     """A real SIGINT arriving *inside* a step (the old divergence: D updated, G not) is deferred

@@ -49,6 +49,9 @@ def test_footprints_grow_with_the_image_and_match_the_real_parameter_counts():
     d32, d64 = (diffusion_footprint(DiffusionNetConfig(image_size=s, width=8, layers_per_block=1))[0] for s in (32, 64))
     assert d64 > 3 * d32
     assert training_bytes("gan", e64, 128, p64) > 2 * training_bytes("gan", e64, 32, p64) - 16 * p64
+    # a spectrally normalised D drops batch norm's outputs; its normalised weights are not activations
+    sn = gan_footprint(GanNetConfig(image_size=128, spectral_norm=True))[0]
+    assert 0.5 * e128 < sn < e128
 
 
 def test_free_memory_follows_the_limit(monkeypatch):

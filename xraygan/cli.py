@@ -400,6 +400,11 @@ def train_gan(
              "training images, where D otherwise memorises the real set.")] = "auto",
     ema: Annotated[float, typer.Option(
         help="Decay of the moving average of G's weights used for sampling; 0 = off.")] = 0.999,
+    loss: Annotated[str, typer.Option(
+        help="bce (the DCGAN's non-saturating loss) or hinge (SNGAN / BigGAN; use with "
+             "--spectral-norm).")] = "bce",
+    spectral_norm: Annotated[bool, typer.Option(
+        help="Spectrally normalised discriminator convolutions, without batch norm (SNGAN).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(
@@ -434,7 +439,8 @@ def train_gan(
                          cls=cls.lower() if cls else None, alpha=alpha, healthy=healthy.lower(),
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, nz=nz, ngf=width,
                          ndf=width, diffaugment="" if diffaugment == "none" else diffaugment,
-                         ema=ema, seed=seed, device=device, precision=precision,
+                         ema=ema, loss=loss.lower(), spectral_norm=spectral_norm, seed=seed,
+                         device=device, precision=precision,
                          channels_last=channels_last, cuda_graphs=cuda_graphs, save_every=save_every,
                          save_seconds=save_seconds, sample_every=sample_every, log_every=log_every,
                          resume=resume, force=force)

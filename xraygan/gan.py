@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +118,8 @@ class TrainGanConfig:
     ngf: int = 64
     ndf: int = 64
     diffaugment: str = "auto"  # "color,translation,cutout" (any subset); "" = off; auto: see below
+    loss: str = "bce"  # bce (DCGAN's non-saturating loss) | hinge (SNGAN / BigGAN)
+    spectral_norm: bool = False  # spectrally normalised discriminator without batch norm
     ema: float = 0.999  # decay of the generator's weight average; 0 = off
     seed: int = 0
     device: str = "auto"
@@ -158,6 +160,7 @@ class TrainGanConfig:
         check_int("--log-every", self.log_every)
         check_choice("--device", self.device, DEVICES)
         check_choice("--precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("--loss", self.loss, LOSSES)
         if self.diffaugment and self.diffaugment != "auto":
             for p in self.diffaugment.split(","):
                 require(p in DIFFAUG_POLICIES, f"--diffaugment {self.diffaugment}: unknown policy "
@@ -167,7 +170,8 @@ class TrainGanConfig:
 
 # Options that must match when a run is resumed (epochs may grow; device/precision may change).
 RESUME_KEYS = ("conditional", "cls", "alpha", "batch_size", "nz", "ngf", "ndf", "seed", "diffaugment",
-               "ema", "lr")
+               "ema", "lr", "loss", "spectral_norm")
+LOSSES = ("bce", "hinge")
 
 
 
@@ -343,8 +347,11 @@ class GanTrainer:
             # conditional: the fake batch carries exactly the real batch's labels (see conditional_batch)
             d_real = self.D(seen_real, labels).float()
             d_fake = self.D(seen_fake, labels).float()
-            loss_d = (F.binary_cross_entropy_with_logits(d_real, ones)
-                      + F.binary_cross_entropy_with_logits(d_fake, zeros))
+            if self.cfg.loss == "hinge":  # D pushes real logits above 1 and fake ones below -1
+                loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+            else:
+                loss_d = (F.binary_cross_entropy_with_logits(d_real, ones)
+                          + F.binary_cross_entropy_with_logits(d_fake, zeros))
         self.opt_d.zero_grad(set_to_none=not graph)
         loss_d.backward()
         average_gradients(self.dist, list(self.D.parameters()))
@@ -353,7 +360,8 @@ class GanTrainer:
         self.D.requires_grad_(False)
         with cast:
             seen = apply_diff_augment(fake, aug[2 * n:], policy) if aug is not None else fake
-            loss_g = F.binary_cross_entropy_with_logits(self.D(seen, labels).float(), ones)
+            d_g = self.D(seen, labels).float()
+            loss_g = -d_g.mean() if self.cfg.loss == "hinge" else F.binary_cross_entropy_with_logits(d_g, ones)
         self.opt_g.zero_grad(set_to_none=not graph)
         loss_g.backward()
         average_gradients(self.dist, list(self.G.parameters()))
@@ -539,7 +547,8 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     """
     cfg.validate()
     run = Path(cfg.out)
-    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-gan")
+    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-gan",
+                     defaults={f.name: f.default for f in fields(TrainGanConfig)})
     with distributed_session(cfg.device, cfg.batch_size) as (dist, device):
         return _train_gan(cfg, run, dist, device, progress if dist.main else None)
 
@@ -554,7 +563,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
     cfg = replace(cfg, diffaugment=resolve_diffaugment(cfg.diffaugment, len(data.images)))
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
     net = GanNetConfig(image_size=data.size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
-                       num_classes=len(classes) if cfg.conditional else 0)
+                       num_classes=len(classes) if cfg.conditional else 0, spectral_norm=cfg.spectral_norm)
     check_batch("gan", *gan_footprint(net), -(-cfg.batch_size // dist.world), device, str(cfg.data), data.size)
     trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs, dist=dist)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")

@@ -52,6 +52,7 @@ class GanNetConfig:
     ndf: int = 64  # discriminator width (filters of the first layer)
     channels: int = 1
     num_classes: int = 0  # 0 = unconditional
+    spectral_norm: bool = False  # discriminator: spectrally normalised convolutions, no batch norm
 
     def __post_init__(self):
         problem = size_problem(self.image_size)
@@ -107,21 +108,31 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
+    """The DCGAN discriminator; with `spectral_norm` every convolution is divided by its largest
+    singular value (Miyato et al. 2018, one power iteration per call) and batch norm is left out,
+    as in SNGAN and BigGAN: D is then 1-Lipschitz per layer, the constraint that keeps it from
+    overpowering G on small sets at large sizes."""
+
     def __init__(self, cfg: GanNetConfig):
         super().__init__()
         self.cfg = cfg
+        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
         ch = cfg.ndf
         layers: list[nn.Module] = [  # (channels + classes) x size x size → ndf x size/2
             nn.Conv2d(cfg.channels + cfg.num_classes, ch, 4, 2, 1, bias=False),
             nn.LeakyReLU(0.2, inplace=True)]
         for i in range(cfg.n_up - 1):  # ch x s x s → 2ch x s/2 x s/2, down to base x base
             out = ch * 2 if i < MAX_DOUBLING else ch
-            layers += [nn.Conv2d(ch, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out),
-                       nn.LeakyReLU(0.2, inplace=True)]
+            norm = [] if cfg.spectral_norm else [nn.BatchNorm2d(out)]
+            layers += [nn.Conv2d(ch, out, 4, 2, 1, bias=False), *norm, nn.LeakyReLU(0.2, inplace=True)]
             ch = out
         layers += [nn.Conv2d(ch, 1, cfg.base, 1, 0, bias=False)]  # → 1 x 1 x 1 logit
         self.net = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)
+        if cfg.spectral_norm:  # after the initialisation: the parametrization keeps the original weight
+            for m in self.net:
+                if isinstance(m, nn.Conv2d):
+                    sn(m)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.num_classes:

@@ -23,10 +23,11 @@ from xraygan.fsutil import check_output_free, make_dirs, read_json, write_csv
 
 
 def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...],
-                     command: str) -> None:
+                     command: str, defaults: dict | None = None) -> None:
     """Before training into `run`: with --resume there must be a state file and the options in
     `must_match` must equal those in the run's config.json; without it, the folder must be free
-    (or, with --force, an earlier run of the same command)."""
+    (or, with --force, an earlier run of the same command). An option the run's record does not
+    hold (one added since) counts as its value in `defaults`, which that run used."""
     run = Path(run)
     if not resume:
         check_output_free(run, force, command)
@@ -34,7 +35,8 @@ def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_mat
     if not (run / "state.safetensors").is_file():
         raise InputError(f"{run / 'state.safetensors'}: nothing to resume (no state file)")
     saved = read_json(run / "config.json")["train"]
-    changed = sorted(k for k in must_match if saved.get(k) != asked[k])
+    defaults = defaults or {}
+    changed = sorted(k for k in must_match if saved.get(k, defaults.get(k)) != asked[k])
     if changed:
         raise InputError(f"{run / 'config.json'}: --resume with different {', '.join(changed)} "
                          "than the run was started with")
