@@ -340,12 +340,20 @@ def _run(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device
         raise
 
 
-def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device, train: ImageFolder,
-           val: ImageFolder, fingerprint: str, progress: Callable[..., None] | None) -> dict:
-    """The run itself, in a folder `begin_run` made: build, resume if asked, train, select.
+LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
+              "val_specificity", "lr", "images_per_s", "seconds", "fp32_steps")
 
-    Under torchrun the model is wrapped in DistributedDataParallel and each process trains on its
-    share of every batch; rank 0 validates, decides (best epoch, early stop) for all, and writes."""
+
+def _val_columns(m: dict) -> dict:
+    return {"val_f1": f"{m['f1']:.4f}", "val_auc": "" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
+            "val_precision": f"{m['precision']:.4f}", "val_recall": f"{m['recall']:.4f}",
+            "val_specificity": f"{m['specificity']:.4f}"}
+
+
+def _build(cfg: TrainClassifierConfig, train: ImageFolder, dist: Dist, device: torch.device
+           ) -> tuple[ClassifierNetConfig, nn.Module, list[str], bool]:
+    """The network for these images (after the batch-memory check), seeded, pretrained weights
+    loaded, on the device. Returns (net config, model, layers not loaded, channels-last)."""
     # auto: the small stem at ≤ 32 px, but never under pretrained weights, whose conv1 is the 7×7/2 stem
     small = {"auto": train.size <= SMALL_STEM_UP_TO and cfg.weights is None, "yes": True,
              "no": False}[cfg.small_stem]  # checked in validate
@@ -359,6 +367,106 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     cl = cfg.channels_last and device.type != "mps"
     if cl:
         model.to(memory_format=torch.channels_last)
+    return net, model, not_loaded, cl
+
+
+def _resume(out: Path, cfg: TrainClassifierConfig, model: nn.Module, opt, sched, g: torch.Generator):
+    """Load `state.safetensors` into the model, optimizer, schedule and random stream. Returns
+    (best weights, best score, best epoch, stale epochs, first epoch to run, log rows so far)."""
+    t, meta = load_checkpoint(out / "state.safetensors", "classifier-state")
+    model.load_state_dict(tensors_to_state_dict("model.", t))
+    optimizer_from_tensors("opt.", opt, t, meta["param_groups"])
+    sched.load_state_dict(meta["scheduler"])
+    sched.T_max = cfg.epochs  # --epochs may grow on resume: the cosine is stretched to fit
+    g.set_state(t["rng"])
+    start = meta["epoch"] + 1
+    if cfg.patience and meta["stale"] >= cfg.patience:
+        start = cfg.epochs + 1  # it had stopped early: nothing left to do
+    return (tensors_to_state_dict("best.", t) or None, meta["best"], meta["best_epoch"], meta["stale"], start,
+            _read_log(out / "log.csv")[:meta["epoch"]])
+
+
+def _validate(model: nn.Module, val: ImageFolder, pos: int, device: torch.device, cl: bool
+              ) -> tuple[dict, float]:
+    """The validation metrics of the positive class at threshold 0.5, and the validation loss."""
+    probs = predict_proba(model, val.images, device, channels_last=cl)
+    vloss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(val.labels)).item()
+    return binary_metrics(val.labels == pos, probs[:, pos], 0.5), vloss
+
+
+def _save_best(out: Path, state: dict, net: ClassifierNetConfig, train: ImageFolder,
+               cfg: TrainClassifierConfig, epoch: int, m: dict) -> None:
+    save_checkpoint(out / "classifier.safetensors", state, "classifier", net.to_dict(),
+                    classes=list(train.classes), image_size=train.size, positive=cfg.positive,
+                    epoch=epoch, seed=cfg.seed, normalization={"mean": MEAN, "std": STD},
+                    val_metrics={k: m[k] for k in ("f1", "roc_auc", "precision", "recall", "specificity")},
+                    selected_by=cfg.select, train_source=str(cfg.data), xraygan_version=__version__)
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """What every training step of a run uses, built once by `_train`."""
+    cfg: TrainClassifierConfig
+    dist: Dist
+    device: torch.device
+    fwd: nn.Module  # the model, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    loss_fn: nn.Module
+    x_all: torch.Tensor  # uint8 training images on the device
+    y_all: torch.Tensor
+    amp: torch.dtype | None
+    channels_last: bool
+    guard: Bf16Guard | None
+    steps: int
+
+
+def _epoch_steps(loop: _Loop, perm: torch.Tensor, warp: torch.Tensor | None,
+                 report: Callable[[int, float, int], None]) -> tuple[float, int]:
+    """One epoch's steps in the order `perm`; `report(step, mean loss, images)` every LOG_EVERY
+    steps and at the end (the loss stays on the device in between). Returns (summed loss, images)."""
+    cfg, dist, guard = loop.cfg, loop.dist, loop.guard
+    total = torch.zeros((), device=loop.device)
+    seen = 0
+    if guard:
+        guard.retries = 0
+    for s in range(loop.steps):
+        part = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
+        idx = perm[part]
+        if len(idx) < 2 * dist.world:  # batch norm cannot train on one image (per process)
+            continue
+        share = dist.rank if dist.active else 0  # this process's share of the batch
+        idx = idx.tensor_split(dist.world)[share]
+        x = to_input(loop.x_all[idx])
+        if warp is not None:
+            x = apply_augment(x, warp[part].tensor_split(dist.world)[share])
+        if loop.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if guard:
+            guard.save()
+        with autocast(loop.device, loop.amp):
+            loss = loop.loss_fn(loop.fwd(x).float(), loop.y_all[idx])
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if guard and not guard.finite():  # this step again in fp32: see Bf16Guard
+            guard.restore()
+            loop.opt.zero_grad(set_to_none=True)
+            loss = loop.loss_fn(loop.fwd(x).float(), loop.y_all[idx])
+            loss.backward()
+        loop.opt.step()
+        total += loss.detach() * len(idx)  # stays on the device: no sync per step
+        seen += len(idx)
+        if (s + 1) % LOG_EVERY == 0 or s == loop.steps - 1:
+            report(s, float(total) / seen, seen)
+    return float(total), seen
+
+
+def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device, train: ImageFolder,
+           val: ImageFolder, fingerprint: str, progress: Callable[..., None] | None) -> dict:
+    """The run itself, in a folder `begin_run` made: build, resume if asked, train, select.
+
+    Under torchrun the model is wrapped in DistributedDataParallel and each process trains on its
+    share of every batch; rank 0 validates, decides (best epoch, early stop) for all, and writes."""
+    net, model, not_loaded, cl = _build(cfg, train, dist, device)
     amp = autocast_dtype(device, cfg.precision)
     pos = train.classes.index(cfg.positive)
     weights = class_weight_tensor(train.labels, len(train.classes), cfg.class_weights)
@@ -368,22 +476,10 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     x_all = torch.from_numpy(train.images).to(device)
     y_all = torch.from_numpy(train.labels).to(device)
     g = make_generator(cfg.seed)
-    fields = ["epoch", "train_loss", "val_loss", "val_f1", "val_auc", "val_precision", "val_recall",
-              "val_specificity", "lr", "images_per_s", "seconds", "fp32_steps"]
     log_rows: list[dict] = []
     best, best_epoch, best_state, stale, start = -1.0, 0, None, 0, 1
     if cfg.resume:
-        t, meta = load_checkpoint(out / "state.safetensors", "classifier-state")
-        model.load_state_dict(tensors_to_state_dict("model.", t))
-        optimizer_from_tensors("opt.", opt, t, meta["param_groups"])
-        sched.load_state_dict(meta["scheduler"])
-        sched.T_max = cfg.epochs  # --epochs may grow on resume: the cosine is stretched to fit
-        g.set_state(t["rng"])
-        best_state = tensors_to_state_dict("best.", t) or None
-        best, best_epoch, stale, start = meta["best"], meta["best_epoch"], meta["stale"], meta["epoch"] + 1
-        log_rows = _read_log(out / "log.csv")[:meta["epoch"]]
-        if cfg.patience and stale >= cfg.patience:
-            start = cfg.epochs + 1  # it had stopped early: nothing left to do
+        best_state, best, best_epoch, stale, start, log_rows = _resume(out, cfg, model, opt, sched, g)
     elif dist.main:
         for stale_file in ("log.csv", "state.safetensors"):
             (out / stale_file).unlink(missing_ok=True)
@@ -394,16 +490,27 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if dist.main:
         atomic_write_json(out / "config.json", {
-        **record_header("classifier-run"), "train": cfg.to_json(), "net": net.to_dict(), "classes": list(train.classes),
-        "counts": train.counts(), "val_counts": val.counts(), "data_fingerprint": fingerprint,
-        "device": str(device),
-        "precision": str(amp) if amp else "fp32", "class_weights": weights.tolist() if weights is not None else None,
-        "pretrained_layers_not_loaded": not_loaded, "processes": dist.world, "xraygan_version": __version__,
-        "torch_version": torch.__version__})
+            **record_header("classifier-run"), "train": cfg.to_json(), "net": net.to_dict(),
+            "classes": list(train.classes), "counts": train.counts(), "val_counts": val.counts(),
+            "data_fingerprint": fingerprint, "device": str(device), "precision": str(amp) if amp else "fp32",
+            "class_weights": weights.tolist() if weights is not None else None,
+            "pretrained_layers_not_loaded": not_loaded, "processes": dist.world,
+            "xraygan_version": __version__, "torch_version": torch.__version__})
     steps = math.ceil(len(x_all) / cfg.batch_size)
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
+    loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)
     t0 = time.perf_counter()
-    images_before, seen = 0, 0  # images before the current epoch (the progress line's img/s)
+    images_before, seen, epoch = 0, 0, start  # images before the current epoch (for img/s)
+
+    def report(s: int, mean: float, seen: int) -> None:  # every LOG_EVERY steps: one host read
+        if not math.isfinite(mean):
+            kept = (f"best model so far, epoch {best_epoch}, in {out / 'classifier.safetensors'}"
+                    if best_epoch else "no epoch had finished, so no model was saved")
+            raise TrainingError(f"epoch {epoch}: training loss is not finite; stopped ({kept})")
+        if progress:
+            progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
+                     epoch=f"{epoch}/{cfg.epochs}", loss=mean, images=(images_before + seen) * dist.world)
+
     for epoch in range(start, cfg.epochs + 1):
         images_before += seen
         model.train()
@@ -411,78 +518,26 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         # step would be a blocking host-to-device copy per step on a GPU
         perm = torch.randperm(len(x_all), generator=g).to(device)
         warp = augment_params(len(x_all), g).to(device) if cfg.augment else None
-        total = torch.zeros((), device=device)
-        seen, te = 0, time.perf_counter()
-        if guard:
-            guard.retries = 0
-        for s in range(steps):
-            part = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
-            idx = perm[part]
-            if len(idx) < 2 * dist.world:  # batch norm cannot train on one image (per process)
-                continue
-            share = dist.rank if dist.active else 0  # this process's share of the batch
-            idx = idx.tensor_split(dist.world)[share]
-            x = to_input(x_all[idx])
-            if warp is not None:
-                x = apply_augment(x, warp[part].tensor_split(dist.world)[share])
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if guard:
-                guard.save()
-            with autocast(device, amp):
-                loss = loss_fn(fwd(x).float(), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if guard and not guard.finite():  # this step again in fp32: see Bf16Guard
-                guard.restore()
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(fwd(x).float(), y_all[idx])
-                loss.backward()
-            opt.step()
-            total += loss.detach() * len(idx)  # stays on the device: no sync per step
-            seen += len(idx)
-            if (s + 1) % LOG_EVERY == 0 or s == steps - 1:
-                mean = float(total) / seen  # one host read per LOG_EVERY steps
-                if not math.isfinite(mean):
-                    kept = (f"best model so far, epoch {best_epoch}, in {out / 'classifier.safetensors'}"
-                            if best_epoch else "no epoch had finished, so no model was saved")
-                    raise TrainingError(f"epoch {epoch}: training loss is not finite; stopped ({kept})")
-                if progress:
-                    progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
-                             epoch=f"{epoch}/{cfg.epochs}", loss=mean,
-                             images=(images_before + seen) * dist.world)
-        total = float(total)
+        te = time.perf_counter()
+        total, seen = _epoch_steps(loop, perm, warp, report)
         sched.step()
         ips = seen * dist.world / (time.perf_counter() - te)
         if not dist.main:  # rank 0 validates and tells the others whether training goes on
             if broadcast_floats(dist, [0.0], device)[0]:
                 break
             continue
-        probs = predict_proba(model, val.images, device, channels_last=cl)
-        vloss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                           torch.from_numpy(val.labels)).item()
-        m = binary_metrics(val.labels == pos, probs[:, pos], 0.5)
+        m, vloss = _validate(model, val, pos, device, cl)
         score = m["f1"] if cfg.select == "f1" else (m["roc_auc"] if m["roc_auc"] is not None else 0.0)
         log_rows.append({"epoch": epoch, "train_loss": f"{total / max(seen, 1):.5f}",
-                         "val_loss": f"{vloss:.5f}", "val_f1": f"{m['f1']:.4f}",
-                         "val_auc": "" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
-                         "val_precision": f"{m['precision']:.4f}", "val_recall": f"{m['recall']:.4f}",
-                         "val_specificity": f"{m['specificity']:.4f}",
+                         "val_loss": f"{vloss:.5f}", **_val_columns(m),
                          "lr": f"{opt.param_groups[0]['lr']:.3g}", "images_per_s": f"{ips:.1f}",
                          "seconds": f"{time.perf_counter() - t0:.1f}",
                          "fp32_steps": guard.retries if guard else 0})
-        write_csv(out / "log.csv", fields, log_rows)
+        write_csv(out / "log.csv", LOG_FIELDS, log_rows)
         if score > best:
             best, best_epoch, stale = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save_checkpoint(out / "classifier.safetensors", best_state, "classifier", net.to_dict(),
-                            classes=list(train.classes), image_size=train.size,
-                            positive=cfg.positive, epoch=epoch, seed=cfg.seed,
-                            normalization={"mean": MEAN, "std": STD},
-                            val_metrics={k: m[k] for k in ("f1", "roc_auc", "precision", "recall",
-                                                           "specificity")},
-                            selected_by=cfg.select, train_source=str(cfg.data),
-                            xraygan_version=__version__)
+            _save_best(out, best_state, net, train, cfg, epoch, m)
         else:
             stale += 1
         _save_state(out, model, opt, sched, g, best_state, net, epoch=epoch, best=best,
