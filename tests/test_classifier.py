@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,9 @@ def test_resume_after_interrupt_matches_uninterrupted_run(split, tmp_path):
     with pytest.raises(Interrupted, match="keeps its last finished epoch"):
         train_classifier(TrainClassifierConfig(out=tmp_path / "b", **kw), interrupt_in_epoch_2)
     assert len(list(csv.DictReader(open(tmp_path / "b" / "log.csv")))) == 1
+    rec = json.loads((tmp_path / "b" / "config.json").read_text())
+    del rec["train"]["accumulate"]  # a run recorded before --accumulate existed resumes as its default
+    (tmp_path / "b" / "config.json").write_text(json.dumps(rec))
     train_classifier(TrainClassifierConfig(out=tmp_path / "b", resume=True, **kw))
     a = load_file(tmp_path / "a" / "classifier.safetensors")
     b = load_file(tmp_path / "b" / "classifier.safetensors")
@@ -247,3 +251,26 @@ def test_a_loss_that_is_not_finite_in_fp32_too_stops_the_run(split, tmp_path, mo
         train_classifier(TrainClassifierConfig(
             data=split / "train", val=split / "val", out=tmp_path / "clf", epochs=1, batch_size=8,
             device="cpu", precision="bf16"))
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient():
+    """With batch norm on its running statistics (eval mode) the micro-batches' gradients, each
+    weighted by its share, add up to the whole batch's: only batch norm's batch statistics differ."""
+    from xraygan.classifier import _backward, _Loop
+    from xraygan.distributed import Dist
+
+    torch.manual_seed(0)
+    x_all = torch.randint(0, 256, (12, 16, 16), dtype=torch.uint8)
+    y_all = torch.tensor([0, 1] * 6)
+    grads = []
+    for k in (1, 3):
+        torch.manual_seed(0)
+        model = build_resnet18(ClassifierNetConfig(num_classes=2, image_size=16, small_stem=True)).eval()
+        cfg = TrainClassifierConfig(data=Path("d"), val=Path("v"), out=Path("o"), batch_size=12, accumulate=k)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loop = _Loop(cfg, Dist(), torch.device("cpu"), model, opt, torch.nn.CrossEntropyLoss(), x_all, y_all,
+                     None, False, None, 1)
+        loss = _backward(loop, torch.arange(12), None, None)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (l1, g1), (l3, g3) = grads
+    assert torch.allclose(l1, l3, atol=1e-6) and torch.allclose(g1, g3, atol=1e-6, rtol=1e-4)

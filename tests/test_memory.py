@@ -90,10 +90,27 @@ def test_a_classifier_batch_too_large_is_refused_and_leaves_no_run(tmp_path, rng
     train = make_folder(tmp_path / "train", {"normal": 8, "pneumonia": 8}, 32, rng)
     val = make_folder(tmp_path / "val", {"normal": 4, "pneumonia": 4}, 32, rng)
     monkeypatch.setenv(ENV, limit_for(0))  # the ResNet-18's weights and Adam alone need ~180 MB more
-    with pytest.raises(InputError, match=r"a batch of 512 at 32 px needs about .*(give --batch-size|no batch fits)"):
+    with pytest.raises(InputError, match=r"a batch of 512 at 32 px needs about .*(give --accumulate|no batch fits)"):
         train_classifier(TrainClassifierConfig(data=train, val=val, out=tmp_path / "clf", batch_size=512,
                                                epochs=1, device="cpu"))
     assert not (tmp_path / "clf").exists()
+
+
+def test_the_classifier_refusal_names_the_accumulation_that_fits_and_that_runs(tmp_path, rng, monkeypatch):
+    train = make_folder(tmp_path / "train", {"normal": 8, "pneumonia": 8}, 32, rng)
+    val = make_folder(tmp_path / "val", {"normal": 4, "pneumonia": 4}, 32, rng)
+    net = ClassifierNetConfig(num_classes=2, image_size=32, small_stem=True)
+    per, params = classifier_footprint(net)
+    monkeypatch.setenv(ENV, limit_for(training_bytes("classifier", per, 6, params) - 256 * 2**20))
+    kw = dict(data=train, val=val, batch_size=16, epochs=1, device="cpu")
+    with pytest.raises(InputError, match=r"give --accumulate (\d+) to keep the batch of 16 in micro-batches of (\d+)") as e:
+        train_classifier(TrainClassifierConfig(out=tmp_path / "a", **kw))
+    k = int(str(e.value).split("--accumulate ")[1].split()[0])
+    assert 2 <= k <= 8
+    res = train_classifier(TrainClassifierConfig(out=tmp_path / "b", accumulate=k, **kw))
+    assert res["epochs_run"] == 1
+    with pytest.raises(InputError, match="--accumulate 9: more micro-batches than --batch-size 16 can fill"):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "c", **{**kw, "accumulate": 9}))
 
 
 def test_the_cli_refusal_is_one_line(tmp_path, rng):

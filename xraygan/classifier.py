@@ -7,11 +7,12 @@ with the best validation F1 (or ROC-AUC) is kept; training stops early when it s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,15 @@ from xraygan.checkpoint import (
 )
 from xraygan.distributed import Dist, broadcast_floats
 from xraygan.distributed import session as distributed_session
-from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_float, check_int
+from xraygan.errors import (
+    InputError,
+    Interrupted,
+    TrainingError,
+    check_choice,
+    check_float,
+    check_int,
+    require,
+)
 from xraygan.fsutil import (
     atomic_write_json,
     check_out_apart,
@@ -116,6 +125,7 @@ class TrainClassifierConfig:
     out: Path
     epochs: int = 20
     batch_size: int = 64
+    accumulate: int = 1  # micro-batches per step: the batch's gradient in k pieces, for memory
     lr: float = 1e-3
     weight_decay: float = 1e-4
     class_weights: str = "none"  # none | balanced
@@ -138,7 +148,7 @@ class TrainClassifierConfig:
 
 # Options that must match when a run is resumed (epochs may grow; device/precision may change).
 RESUME_KEYS = ("data", "val", "batch_size", "lr", "weight_decay", "class_weights", "augment",
-               "select", "positive", "small_stem", "weights", "seed")
+               "select", "positive", "small_stem", "weights", "seed", "accumulate")
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -288,6 +298,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
     check_choice("--select", cfg.select, ("f1", "auc"))
     check_int("--epochs", cfg.epochs)
     check_int("--batch-size", cfg.batch_size, 2)  # batch norm cannot train on one image
+    check_int("--accumulate", cfg.accumulate, 1)
+    require(cfg.accumulate <= cfg.batch_size // 2, f"--accumulate {cfg.accumulate}: more micro-batches than "
+            f"--batch-size {cfg.batch_size} can fill with two images each")
     check_float("--lr", cfg.lr, 0.0, 10.0)
     check_float("--weight-decay", cfg.weight_decay, 0.0, low_open=False)
     check_int("--patience", cfg.patience, 0)
@@ -305,7 +318,8 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     leaves no folder behind; Ctrl-C keeps the last finished epoch for --resume."""
     validate(cfg)
     out = Path(cfg.out)
-    check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-classifier")
+    check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-classifier",
+                     defaults={f.name: f.default for f in fields(TrainClassifierConfig)})
     with distributed_session(cfg.device, cfg.batch_size) as (dist, device):
         return _run(cfg, out, dist, device, progress if dist.main else None)
 
@@ -358,8 +372,9 @@ def _build(cfg: TrainClassifierConfig, train: ImageFolder, dist: Dist, device: t
     small = {"auto": train.size <= SMALL_STEM_UP_TO and cfg.weights is None, "yes": True,
              "no": False}[cfg.small_stem]  # checked in validate
     net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
-    check_batch("classifier", *classifier_footprint(net), -(-cfg.batch_size // dist.world), device,
-                str(cfg.data), train.size)
+    per_process = -(-cfg.batch_size // dist.world)
+    check_batch("classifier", *classifier_footprint(net), -(-per_process // cfg.accumulate), device,
+                str(cfg.data), train.size, accumulate=(cfg.accumulate, per_process))
     torch.manual_seed(cfg.seed)
     model = build_resnet18(net)
     not_loaded = load_pretrained(model, cfg.weights) if cfg.weights else []
@@ -386,10 +401,10 @@ def _resume(out: Path, cfg: TrainClassifierConfig, model: nn.Module, opt, sched,
             _read_log(out / "log.csv")[:meta["epoch"]])
 
 
-def _validate(model: nn.Module, val: ImageFolder, pos: int, device: torch.device, cl: bool
-              ) -> tuple[dict, float]:
+def _validate(model: nn.Module, val: ImageFolder, pos: int, device: torch.device, cl: bool,
+              eval_batch: int) -> tuple[dict, float]:
     """The validation metrics of the positive class at threshold 0.5, and the validation loss."""
-    probs = predict_proba(model, val.images, device, channels_last=cl)
+    probs = predict_proba(model, val.images, device, batch_size=eval_batch, channels_last=cl)
     vloss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(val.labels)).item()
     return binary_metrics(val.labels == pos, probs[:, pos], 0.5), vloss
 
@@ -420,6 +435,31 @@ class _Loop:
     steps: int
 
 
+def _backward(loop: _Loop, idx: torch.Tensor, warp: torch.Tensor | None, amp: torch.dtype | None
+              ) -> torch.Tensor:
+    """The gradients of one step over the images `idx`, in `cfg.accumulate` micro-batches (each
+    loss weighted by its share of the images, so the gradient is the whole batch's mean); under
+    torchrun the gradients are averaged once, on the last. Returns the step's loss (on the device)."""
+    loop.opt.zero_grad(set_to_none=True)
+    k = min(loop.cfg.accumulate, len(idx) // 2)  # batch norm: at least two images per micro-batch
+    parts = idx.tensor_split(k)
+    warps = warp.tensor_split(k) if warp is not None else [None] * k
+    loss = torch.zeros((), device=loop.device)
+    for j, (part, w) in enumerate(zip(parts, warps)):
+        x = to_input(loop.x_all[part])
+        if w is not None:
+            x = apply_augment(x, w)
+        if loop.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        last = j == k - 1
+        with (loop.fwd.no_sync() if loop.dist.active and not last else contextlib.nullcontext()):
+            with autocast(loop.device, amp):
+                part_loss = loop.loss_fn(loop.fwd(x).float(), loop.y_all[part]) * (len(part) / len(idx))
+            part_loss.backward()
+        loss += part_loss.detach()
+    return loss
+
+
 def _epoch_steps(loop: _Loop, perm: torch.Tensor, warp: torch.Tensor | None,
                  report: Callable[[int, float, int], None]) -> tuple[float, int]:
     """One epoch's steps in the order `perm`; `report(step, mean loss, images)` every LOG_EVERY
@@ -436,24 +476,15 @@ def _epoch_steps(loop: _Loop, perm: torch.Tensor, warp: torch.Tensor | None,
             continue
         share = dist.rank if dist.active else 0  # this process's share of the batch
         idx = idx.tensor_split(dist.world)[share]
-        x = to_input(loop.x_all[idx])
-        if warp is not None:
-            x = apply_augment(x, warp[part].tensor_split(dist.world)[share])
-        if loop.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        w = warp[part].tensor_split(dist.world)[share] if warp is not None else None
         if guard:
             guard.save()
-        with autocast(loop.device, loop.amp):
-            loss = loop.loss_fn(loop.fwd(x).float(), loop.y_all[idx])
-        loop.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _backward(loop, idx, w, loop.amp)
         if guard and not guard.finite():  # this step again in fp32: see Bf16Guard
             guard.restore()
-            loop.opt.zero_grad(set_to_none=True)
-            loss = loop.loss_fn(loop.fwd(x).float(), loop.y_all[idx])
-            loss.backward()
+            loss = _backward(loop, idx, w, None)
         loop.opt.step()
-        total += loss.detach() * len(idx)  # stays on the device: no sync per step
+        total += loss * len(idx)  # stays on the device: no sync per step
         seen += len(idx)
         if (s + 1) % LOG_EVERY == 0 or s == loop.steps - 1:
             report(s, float(total) / seen, seen)
@@ -499,6 +530,9 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     steps = math.ceil(len(x_all) / cfg.batch_size)
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)
+    # validation holds no activations for backward, so it takes batches of 256; with --accumulate the
+    # memory is short, and it takes the micro-batch's size
+    eval_batch = 256 if cfg.accumulate == 1 else max(1, cfg.batch_size // cfg.accumulate)
     t0 = time.perf_counter()
     images_before, seen, epoch = 0, 0, start  # images before the current epoch (for img/s)
 
@@ -526,7 +560,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             if broadcast_floats(dist, [0.0], device)[0]:
                 break
             continue
-        m, vloss = _validate(model, val, pos, device, cl)
+        m, vloss = _validate(model, val, pos, device, cl, eval_batch)
         score = m["f1"] if cfg.select == "f1" else (m["roc_auc"] if m["roc_auc"] is not None else 0.0)
         log_rows.append({"epoch": epoch, "train_loss": f"{total / max(seen, 1):.5f}",
                          "val_loss": f"{vloss:.5f}", **_val_columns(m),

@@ -608,6 +608,9 @@ def train_classifier(
     batch_size: Annotated[int, typer.Option(
         help="Images per step; under torchrun the whole batch, each of N processes taking 1/N "
              "(for a batch of B per process, as DDP examples count, give N×B).")] = 64,
+    accumulate: Annotated[int, typer.Option(
+        help="Split each step's batch into N micro-batches and add their gradients: the memory of a "
+             "batch of B/N, the step of a batch of B (batch norm normalises each micro-batch).")] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
     class_weights: Annotated[str, typer.Option(
         help="'balanced' weighs the loss by n/(classes*count), the study's class-weights row; "
@@ -645,7 +648,7 @@ def train_classifier(
         raise typer.BadParameter(f"--val {val}: that is the training folder itself; the best epoch would be "
                                  "chosen on the images the model learns from (give DATA/val)")
     cfg = TrainClassifierConfig(data=data, val=val, out=out, epochs=epochs, batch_size=batch_size,
-                                lr=lr, class_weights=class_weights, augment=augment, select=select,
+                                accumulate=accumulate, lr=lr, class_weights=class_weights, augment=augment, select=select,
                                 patience=patience, positive=positive.lower(), small_stem=small_stem,
                                 weights=weights, seed=seed, device=device, precision=precision,
                                 resume=resume, force=force)

@@ -127,8 +127,11 @@ def training_bytes(family: str, elements_per_image: int, batch: int, parameters:
 
 
 def check_batch(family: str, elements_per_image: int, parameters: int, batch: int, device: torch.device,
-                what: str, size: int) -> None:
-    """Refuse a batch whose estimated peak does not fit in the free memory, with the largest that does."""
+                what: str, size: int, accumulate: tuple[int, int] | None = None) -> None:
+    """Refuse a batch whose estimated peak does not fit in the free memory, with the largest that does.
+    `batch` is what one forward pass holds; a command that accumulates gradients passes
+    `accumulate` = (micro-batches now, images per step), and the refusal then also names the
+    --accumulate that keeps the step's batch."""
     free, source = free_bytes(device)
     if free is None or elements_per_image == 0:
         return
@@ -138,8 +141,15 @@ def check_batch(family: str, elements_per_image: int, parameters: int, batch: in
     per = BYTES_PER_ELEMENT[family] * elements_per_image
     fits = int((HEADROOM * free - 16 * parameters) // per)
     gib = 2**30
-    hint = (f"give --batch-size {max(fits, 1)} or less" if fits >= 1 else
-            "no batch fits: free memory or use a smaller --width")
+    if fits < 1:
+        hint = "no batch fits: free memory or use a smaller --width"
+    elif accumulate is None:
+        hint = f"give --batch-size {fits} or less"
+    else:
+        k, step_batch = accumulate
+        keep = -(-step_batch // fits)  # micro-batches of at most `fits` images
+        hint = (f"give --accumulate {keep} to keep the batch of {step_batch} in micro-batches of "
+                f"{-(-step_batch // keep)}, or --batch-size {fits * k} or less")
     raise InputError(f"{what}: a batch of {batch} at {size} px needs about {need / gib:.1f} GiB and "
                      f"{device.type} has {free / gib:.1f} GiB ({source}); {hint}")
 
