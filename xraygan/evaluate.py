@@ -67,6 +67,33 @@ class EvaluateConfig:
     batch_size: int = 256
     force: bool = False
 
+    def validate(self) -> None:
+        """Every option checked, and the report folders found free, before any image is read."""
+        check_int("--bootstrap", self.bootstrap, 0)
+        check_int("--batch-size", self.batch_size)
+        check_choice("--tune-for", self.tune_for, ("f1", "youden"))
+        check_choice("--device", self.device, DEVICES)
+        if self.threshold is not None:
+            check_float("--threshold", self.threshold, 0.0, 1.0, low_open=False)
+        if self.tune_on is not None and Path(self.tune_on).resolve() == Path(self.data).resolve():
+            raise InputError(f"--tune-on {self.tune_on}: that is the test folder itself; a threshold tuned on "
+                             "the images it is measured on makes every metric optimistic (tune on DATA/val)")
+        if self.untuned_report is not None:
+            if self.tune_on is None:
+                raise InputError("--untuned-report needs --tune-on: without tuning there is one threshold "
+                                 "and one report (--report)")
+            check_out_apart(self.untuned_report, checkpoint=self.checkpoint, data=self.data, tune_on=self.tune_on)
+            if self.report is not None and overlapping(self.untuned_report, self.report):
+                raise InputError(f"--untuned-report {self.untuned_report}: give it a folder apart from "
+                                 f"--report {self.report} (one report in each)")
+            check_output_free(Path(self.untuned_report), self.force, "evaluate")
+        if self.report is not None:  # refuse before any work, not after it
+            check_out_apart(self.report, checkpoint=self.checkpoint, data=self.data, tune_on=self.tune_on)
+            check_output_free(Path(self.report), self.force, "evaluate")
+        if self.threshold is not None and self.tune_on is not None and self.untuned_report is None:
+            raise InputError("give either --threshold or --tune-on, not both (or add --untuned-report DIR "
+                             "for a report at each)")
+
 
 def run_label(checkpoint: Path) -> str:
     """A method label from the run folder: `runs/oversample-seed1/classifier.safetensors` →
@@ -207,30 +234,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     from xraygan.runtime import resolve_device
 
     t0 = time.perf_counter()
-    check_int("--bootstrap", cfg.bootstrap, 0)
-    check_int("--batch-size", cfg.batch_size)
-    check_choice("--tune-for", cfg.tune_for, ("f1", "youden"))
-    check_choice("--device", cfg.device, DEVICES)
-    if cfg.threshold is not None:
-        check_float("--threshold", cfg.threshold, 0.0, 1.0, low_open=False)
-    if cfg.tune_on is not None and Path(cfg.tune_on).resolve() == Path(cfg.data).resolve():
-        raise InputError(f"--tune-on {cfg.tune_on}: that is the test folder itself; a threshold tuned on "
-                         "the images it is measured on makes every metric optimistic (tune on DATA/val)")
-    if cfg.untuned_report is not None:
-        if cfg.tune_on is None:
-            raise InputError("--untuned-report needs --tune-on: without tuning there is one threshold "
-                             "and one report (--report)")
-        check_out_apart(cfg.untuned_report, checkpoint=cfg.checkpoint, data=cfg.data, tune_on=cfg.tune_on)
-        if cfg.report is not None and overlapping(cfg.untuned_report, cfg.report):
-            raise InputError(f"--untuned-report {cfg.untuned_report}: give it a folder apart from "
-                             f"--report {cfg.report} (one report in each)")
-        check_output_free(Path(cfg.untuned_report), cfg.force, "evaluate")
-    if cfg.report is not None:  # refuse before any work, not after it
-        check_out_apart(cfg.report, checkpoint=cfg.checkpoint, data=cfg.data, tune_on=cfg.tune_on)
-        check_output_free(Path(cfg.report), cfg.force, "evaluate")
-    if cfg.threshold is not None and cfg.tune_on is not None and cfg.untuned_report is None:
-        raise InputError("give either --threshold or --tune-on, not both (or add --untuned-report DIR "
-                         "for a report at each)")
+    cfg.validate()
     device = resolve_device(cfg.device)
     model, meta = load_classifier(cfg.checkpoint, device)
     classes = tuple(meta["classes"])
