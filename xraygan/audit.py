@@ -415,6 +415,34 @@ def audit(cfg: AuditConfig, progress=None) -> dict:
         return _audit(cfg, t0, Path(scratch), progress)
 
 
+def _space_metrics(fr: np.ndarray, fs: np.ndarray, cfg: AuditConfig, rng: np.random.Generator) -> dict:
+    """Realism and diversity of synthetic features `fs` against real features `fr` in one space."""
+    k_mean, k_std = kid(fr, fs, cfg.kid_subsets, cfg.kid_subset_size, rng)
+    mean_term, spread = fd_parts(fr, fs)
+    return {"dims": int(fr.shape[1]), "fd": _r(frechet_distance(fr, fs)),
+            "fd_mean_term": _r(mean_term), "spread_ratio": _r(spread),
+            "kid": _r(k_mean), "kid_std": _r(k_std),
+            **{k: _r(v) for k, v in prdc(fr, fs, cfg.k).items()},
+            # a GAN's artefacts are a source too: can a linear model spot them?
+            "real_vs_synthetic_auc": _r(probe_auc(fr, fs, cfg.seed))}
+
+
+def _nearest_real(s_img: np.ndarray, r_img: np.ndarray, cfg: AuditConfig, c: str):
+    """Each synthetic image's nearest real image by correlation, the real images' nearest other
+    real image (the baseline), and the copy threshold: (s_sim, s_idx, r_sim, threshold)."""
+    s_sim, s_idx = nearest_correlation(s_img, r_img)
+    r_sim, _ = nearest_correlation(r_img, r_img, exclude_self=True)
+    r_sim = r_sim[r_sim > -2]  # a real image with no other non-duplicate has no baseline
+    if cfg.copy_threshold is not None:
+        thr = float(cfg.copy_threshold)
+    elif len(r_sim):
+        thr = float(np.quantile(r_sim, cfg.copy_quantile))
+    else:
+        raise InputError(f"{Path(cfg.real) / c}: needs at least two distinct real images for "
+                         "the memorisation baseline (or give --copy-threshold)")
+    return s_sim, s_idx, r_sim, thr
+
+
 def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
     from xraygan.classifier import load_classifier
     from xraygan.runtime import resolve_device
@@ -462,24 +490,8 @@ def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
             space_feats = {"classifier": (feats["classifier"][0][rmask], feats["classifier"][1][smask]),
                            **space_feats}
         for name, (fr, fs) in space_feats.items():
-            k_mean, k_std = kid(fr, fs, cfg.kid_subsets, cfg.kid_subset_size, rng)
-            mean_term, spread = fd_parts(fr, fs)
-            spaces[name] = {"dims": int(fr.shape[1]), "fd": _r(frechet_distance(fr, fs)),
-                            "fd_mean_term": _r(mean_term), "spread_ratio": _r(spread),
-                            "kid": _r(k_mean), "kid_std": _r(k_std),
-                            **{k: _r(v) for k, v in prdc(fr, fs, cfg.k).items()},
-                            # a GAN's artefacts are a source too: can a linear model spot them?
-                            "real_vs_synthetic_auc": _r(probe_auc(fr, fs, cfg.seed))}
-        s_sim, s_idx = nearest_correlation(s_img, r_img)
-        r_sim, _ = nearest_correlation(r_img, r_img, exclude_self=True)
-        r_sim = r_sim[r_sim > -2]  # a real image with no other non-duplicate has no baseline
-        if cfg.copy_threshold is not None:
-            thr = float(cfg.copy_threshold)
-        elif len(r_sim):
-            thr = float(np.quantile(r_sim, cfg.copy_quantile))
-        else:
-            raise InputError(f"{Path(cfg.real) / c}: needs at least two distinct real images for "
-                             "the memorisation baseline (or give --copy-threshold)")
+            spaces[name] = _space_metrics(fr, fs, cfg, rng)
+        s_sim, s_idx, r_sim, thr = _nearest_real(s_img, r_img, cfg, c)
         flag = np.flatnonzero(s_sim >= thr)
         flagged[c] = [s_files[i].name for i in flag[np.argsort(-s_sim[flag])]]
         order = np.argsort(-s_sim)
