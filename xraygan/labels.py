@@ -230,6 +230,41 @@ def _column(path: Path, header: list[str], name: str | None, opt: str) -> str | 
                      + (" …" if len(header) > 12 else ""))
 
 
+def _row_classes(cell: str, spec: LabelSpec, value_class: dict, counts: Counter, unmatched: Counter) -> set:
+    """The classes one row's label cell names (`|`-separated values), with CheXpert's uncertain
+    -1 resolved by --uncertain and unmatched values sent to --other; empty when the row is dropped
+    (`counts` and `unmatched` say why)."""
+    tokens = {norm_value(t) for t in cell.split("|")} if cell.strip() else {BLANK}
+    if "-1" in tokens:
+        counts["uncertain"] += 1
+        if spec.uncertain == "ignore":
+            counts["uncertain_dropped"] += 1
+            return set()
+        tokens = (tokens - {"-1"}) | {"1" if spec.uncertain == "positive" else "0"}
+    hit = {value_class[t] for t in tokens if t in value_class}
+    if not hit:
+        unmatched[cell.strip() or BLANK] += 1
+        if spec.other is None:
+            return set()
+        hit = {spec.other}
+    return hit
+
+
+def _row_split(entry: dict, spec: LabelSpec) -> str | None:
+    """The split an image's first row gives (a split column, or the path's train/test folder)."""
+    r, cols = entry["row"], entry["cols"]
+    if cols["split_column"] == PATH_SPLIT:
+        return _path_split(entry["value"])
+    if not cols["split_column"]:
+        return None
+    sv = (r.get(cols["split_column"]) or "").strip().lower()
+    split = SPLIT_NAMES.get(sv)
+    if sv and split is None:
+        raise InputError(f"{spec.csv[0]}: split value {sv!r} in '{cols['split_column']}' is not "
+                         "train, val or test")
+    return split
+
+
 def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) -> tuple[Scan, dict]:
     """Items for the labelled images below IMAGES, and the `labels` report for dataset.json."""
     images = Path(images)
@@ -265,20 +300,9 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
                 missing.append(pv + (f" ({why})" if why else ""))
                 continue
             named.add(f)
-            cell = r.get(cols["label_column"]) or ""
-            tokens = {norm_value(t) for t in cell.split("|")} if cell.strip() else {BLANK}
-            if "-1" in tokens:
-                counts["uncertain"] += 1
-                if spec.uncertain == "ignore":
-                    counts["uncertain_dropped"] += 1
-                    continue
-                tokens = (tokens - {"-1"}) | {"1" if spec.uncertain == "positive" else "0"}
-            hit = {value_class[t] for t in tokens if t in value_class}
+            hit = _row_classes(r.get(cols["label_column"]) or "", spec, value_class, counts, unmatched)
             if not hit:
-                unmatched[cell.strip() or BLANK] += 1
-                if spec.other is None:
-                    continue
-                hit = {spec.other}
+                continue
             entry = per_file.setdefault(f, {"classes": set(), "row": r, "cols": cols, "value": pv})
             entry["classes"] |= hit
     if not per_file:  # every row that names an image matched no class: `unmatched` holds their values
@@ -304,17 +328,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
             if not view_allowed(view, views):
                 views_skipped[view or "none"] += 1
                 continue
-        split = None
-        if cols["split_column"] == PATH_SPLIT:
-            split = _path_split(e["value"])
-        elif cols["split_column"]:
-            sv = (r.get(cols["split_column"]) or "").strip().lower()
-            split = SPLIT_NAMES.get(sv)
-            if sv and split is None:
-                raise InputError(f"{spec.csv[0]}: split value {sv!r} in '{cols['split_column']}' is not "
-                                 "train, val or test")
-        if test_names is not None:
-            split = "test" if f.name in test_names else "train"
+        split = _row_split(e, spec) if test_names is None else ("test" if f.name in test_names else "train")
         patient = (r.get(cols["patient_column"]) or "").strip() if cols["patient_column"] else ""
         patient = patient or _path_patient(e["value"]) or None
         it = file_item(f, next(iter(e["classes"])), source, split, patient)
