@@ -227,6 +227,40 @@ def _parse_fractions(v: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def _print_prepared(rec: dict, out: Path) -> None:
+    """prepare's summary on stderr: what was skipped and why, the label and duplicate reports,
+    the counts table."""
+    from xraygan.console import counts_table, err
+
+    local = rec.pop("skipped_local")
+    for s in local[:20]:
+        err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
+    if rec["skipped_count"] > 20:
+        err.print(f"[yellow]... and {rec['skipped_count'] - 20} more skipped (see dataset.json)")
+    for w in rec["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if rec["views_skipped"]:
+        err.print("views left out: " + ", ".join(f"{n} {v}" for v, n in rec["views_skipped"].items()),
+                  highlight=False, soft_wrap=True)
+    lab = rec["labels"]
+    if lab:
+        err.print(f"labels: {lab['images']} images from {lab['rows']} rows; "
+                  f"{lab['missing_count']} named but not found, {lab['not_in_csv_count']} on disk but not in "
+                  f"the CSV, {lab['unmatched_rows']} rows matching no class (left out"
+                  f"{'' if not lab['other'] else ' → ' + lab['other']}), {lab['uncertain_rows']} uncertain, "
+                  f"{lab['conflicting_images']} with conflicting rows", highlight=False, soft_wrap=True)
+    d = rec["duplicates"]
+    err.print(f"duplicates: {d['images']} images in {d['groups']} groups of identical pixels "
+              f"(kept together in one split; {d['dropped_across_splits']} dropped across splits)")
+    removed = rec["imbalance"]["removed_counts"]
+    if removed:
+        err.print("imbalance: removed " + ", ".join(f"{n} {c}" for c, n in removed.items())
+                  + " training images")
+    err.print(counts_table(f"{out} ({rec['image_size']} px, {rec['seconds']} s)", rec["counts"]))
+    if rec["synthetic_demo"]:
+        err.print(f"[bold yellow]note:[/] {rec['note']}")
+
+
 @app.command()
 def prepare(
     src: Annotated[Optional[Path], typer.Argument(
@@ -316,7 +350,6 @@ def prepare(
              xraygan prepare rsna/stage_2_train_images --preset rsna --out data --size 224
              xraygan prepare --sample --out data --size 32
     """
-    from xraygan.console import counts_table, err
     from xraygan.labels import LabelSpec
     from xraygan.prepare import PrepareConfig
     from xraygan.prepare import prepare as run_prepare
@@ -339,33 +372,7 @@ def prepare(
                         views=tuple(v.strip() for v in views.split(",") if v.strip()) if views else None,
                         class_names=tuple(c.strip() for c in classes.split(",")) if classes and not spec else None)
     rec = _run_with_progress(run_prepare, cfg)
-    local = rec.pop("skipped_local")
-    for s in local[:20]:
-        err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
-    if rec["skipped_count"] > 20:
-        err.print(f"[yellow]... and {rec['skipped_count'] - 20} more skipped (see dataset.json)")
-    for w in rec["warnings"]:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
-    if rec["views_skipped"]:
-        err.print("views left out: " + ", ".join(f"{n} {v}" for v, n in rec["views_skipped"].items()),
-                  highlight=False, soft_wrap=True)
-    lab = rec["labels"]
-    if lab:
-        err.print(f"labels: {lab['images']} images from {lab['rows']} rows; "
-                  f"{lab['missing_count']} named but not found, {lab['not_in_csv_count']} on disk but not in "
-                  f"the CSV, {lab['unmatched_rows']} rows matching no class (left out"
-                  f"{'' if not lab['other'] else ' → ' + lab['other']}), {lab['uncertain_rows']} uncertain, "
-                  f"{lab['conflicting_images']} with conflicting rows", highlight=False, soft_wrap=True)
-    d = rec["duplicates"]
-    err.print(f"duplicates: {d['images']} images in {d['groups']} groups of identical pixels "
-              f"(kept together in one split; {d['dropped_across_splits']} dropped across splits)")
-    removed = rec["imbalance"]["removed_counts"]
-    if removed:
-        err.print("imbalance: removed " + ", ".join(f"{n} {c}" for c, n in removed.items())
-                  + " training images")
-    err.print(counts_table(f"{out} ({rec['image_size']} px, {rec['seconds']} s)", rec["counts"]))
-    if rec["synthetic_demo"]:
-        err.print(f"[bold yellow]note:[/] {rec['note']}")
+    _print_prepared(rec, out)
     if as_json:
         _emit_json(rec)
 
