@@ -37,10 +37,11 @@ def test_bad_keep_value_is_usage_error(tmp_path):
 
 def test_every_command_documented_in_readme():
     text = README.read_text()
-    for cmd in app.registered_commands:
-        name = cmd.name or cmd.callback.__name__.replace("_", "-")
+    from xraygan.contract import commands
+
+    for name, cmd in commands().items():
         assert re.search(rf"xraygan {name}\b", text), f"README does not show `xraygan {name}`"
-        assert cmd.callback.__doc__ and "xraygan " in cmd.callback.__doc__, f"{name}: no example"
+        assert cmd.help and "xraygan " in cmd.help, f"{name}: no example"
 
 
 def test_gan_commands_compose(demo_data, tmp_path):

@@ -5,6 +5,7 @@ fails here, not in the middle of a study."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import make_folder
@@ -57,11 +58,10 @@ def test_to_argv_leaves_defaults_out_and_writes_the_rest():
 
 
 def test_a_config_field_without_an_option_is_refused_rather_than_dropped(monkeypatch):
-    import typer
 
     from xraygan import contract
 
-    fake = typer.main.get_command(cli.app).commands["generate"]
+    fake = contract.commands()["generate"]
     monkeypatch.setattr(contract, "_command", lambda name: fake)
     param = next(p for p in fake.params if p.name == "seed")
     monkeypatch.setattr(param, "name", "sead")  # an option renamed in cli.py but not in the config
@@ -69,3 +69,12 @@ def test_a_config_field_without_an_option_is_refused_rather_than_dropped(monkeyp
 
     with pytest.raises(ValueError, match="option sead has no field in GenerateConfig"):
         contract.to_argv("generate", GenerateConfig(checkpoint="c", out="o", n=1))
+
+
+def test_a_library_only_setting_is_refused_rather_than_dropped():
+    from xraygan.classifier import TrainClassifierConfig
+
+    cfg = TrainClassifierConfig(data=Path("d"), val=Path("d"), out=Path("o"))
+    assert to_argv("train-classifier", cfg) == ["d", "--val", "d", "--out", "o"]
+    with pytest.raises(ValueError, match="val_is_train=True has no command-line option"):
+        to_argv("train-classifier", replace(cfg, val_is_train=True))

@@ -381,7 +381,7 @@ def feature_classifier(cfg: AuditConfig, real: ImageFolder, device: torch.device
     path = (cache or scratch) / f"audit-classifier-{folder_key(real)}-s{cfg.seed}" / "classifier.safetensors"
     if not path.is_file():
         train_classifier(TrainClassifierConfig(
-            data=cfg.real, val=cfg.real, out=path.parent, epochs=3, patience=0, small_stem="no",
+            data=cfg.real, val=cfg.real, val_is_train=True, out=path.parent, epochs=3, patience=0, small_stem="no",
             seed=cfg.seed, device=cfg.device, force=True), progress)
     return path, (f"a ResNet-18 trained here for 3 epochs on {cfg.real} (standard stem; saved as "
                   f"{FEATURE_CLASSIFIER} in the audit folder" + (f", cached in {path.parent}" if cache else "")

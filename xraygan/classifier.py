@@ -49,6 +49,7 @@ from xraygan.fsutil import (
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.memory import check_batch, classifier_footprint
 from xraygan.metrics import binary_metrics
+from xraygan.options import DEVICE_HELP, PRECISION_HELP, TORCHRUN_BATCH_HELP, opt
 from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
 from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
 
@@ -120,27 +121,40 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class TrainClassifierConfig:
-    data: Path
-    val: Path
-    out: Path
-    epochs: int = 20
-    batch_size: int = 64
-    accumulate: int = 1  # micro-batches per step: the batch's gradient in k pieces, for memory
-    lr: float = 1e-3
+    data: Path = opt(help="Training image folder, e.g. BALANCED/.", argument=True)
+    val: Path = opt(help="Validation image folder, e.g. DATA/val.")
+    out: Path = opt(help="Run folder.", flags=("--out", "-o"))
+    epochs: int = opt(20, "At most this many epochs.")
+    batch_size: int = opt(64, TORCHRUN_BATCH_HELP)
+    accumulate: int = opt(1, "Split each step's batch into N micro-batches and add their gradients: the "
+                             "memory of a batch of B/N, the step of a batch of B (batch norm normalises each "
+                             "micro-batch).")
+    lr: float = opt(1e-3, "AdamW learning rate (cosine schedule).")
     weight_decay: float = 1e-4
-    class_weights: str = "none"  # none | balanced
-    augment: bool = True
-    select: str = "f1"  # f1 | auc
-    patience: int = 5  # epochs without improvement before stopping; 0 = never stop early
-    positive: str = "pneumonia"
-    small_stem: str = "auto"  # auto (≤ 32 px: SMALL_STEM_UP_TO) | yes | no
-    weights: Path | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
+    class_weights: str = opt("none", "'balanced' weighs the loss by n/(classes*count), the study's "
+                                     "class-weights row; or 'none'.")
+    augment: bool = opt(True, "Small random rotations and shifts (no flips).")
+    select: str = opt("f1", "Keep the epoch with the best validation f1 or auc.")
+    patience: int = opt(5, "Stop after this many epochs without improvement (0 = never).")
+    positive: str = opt("pneumonia", "The positive class for metrics.")
+    small_stem: str = opt("auto", "3x3 stride-1 first conv without max-pool: auto (for images of 32 px or "
+                                  "less, where it measured better; the standard stem measured better at 64 "
+                                  "px), yes or no.")
+    weights: Path | None = opt(None, "Local pretrained ResNet-18 weights (.safetensors or torchvision .pth); "
+                                     "the RGB first layer is summed to one channel. Nothing is downloaded.")
+    seed: int = opt(0, "Seed for weights, data order and augmentation.")
+    device: str = opt("auto", DEVICE_HELP)
+    precision: str = opt("auto", PRECISION_HELP)
     channels_last: bool = True
-    resume: bool = False
-    force: bool = False
+    resume: bool = opt(False, "Continue an interrupted run from its last finished epoch (same options; "
+                              "--epochs may grow).")
+    force: bool = opt(False, "Replace an existing run folder.")
+    # library callers only: validate on the training folder itself, on purpose (the audit's feature
+    # classifier, which has no other split); the command line refuses it
+    val_is_train: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "positive", self.positive.lower())
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -308,6 +322,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
     check_choice("--small-stem", cfg.small_stem, ("auto", "yes", "no"))
     check_choice("--device", cfg.device, DEVICES)
     check_choice("--precision", cfg.precision, ("auto", "fp32", "bf16"))
+    if not cfg.val_is_train and Path(cfg.val).resolve() == Path(cfg.data).resolve():
+        raise InputError(f"--val {cfg.val}: that is the training folder itself; the best epoch would be "
+                         "chosen on the images the model learns from (give DATA/val)")
     check_out_apart(cfg.out, data=cfg.data, val=cfg.val, weights=cfg.weights)
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise InputError(f"{cfg.weights}: weights file not found")

@@ -8,8 +8,9 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 import typer.core
@@ -17,16 +18,39 @@ import typer.core
 from xraygan.errors import XrayganError
 
 
+def _click():
+    try:  # typer >= 0.22 vendors click as typer._click
+        from typer import _click as click
+    except ImportError:
+        import click
+    return click
+
+
 class _Group(typer.core.TyperGroup):
     """Usage errors (a missing option, a value of the wrong type) print as two plain lines, the
     error last, instead of a boxed panel whose last line is a border: scripts and users read the
     last line of stderr."""
 
+    def list_commands(self, ctx) -> list[str]:
+        names = [*self.commands, *(n for n in CONFIG_COMMANDS if n not in self.commands)]
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+    def get_command(self, ctx, name: str):
+        if name not in self.commands and name in CONFIG_COMMANDS:
+            if getattr(self, "_listing", False):  # `xraygan --help` needs the help line, not the command
+                return typer.core.TyperCommand(name, help=CONFIG_COMMANDS[name].doc)
+            self.add_command(config_command(name, CONFIG_COMMANDS[name]), name)
+        return super().get_command(ctx, name)
+
+    def format_help(self, ctx, formatter):
+        self._listing = True
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:  # typer >= 0.22 vendors click as typer._click
-            from typer import _click as click
-        except ImportError:
-            import click
+        click = _click()
 
         args = _optional_values(list(sys.argv[1:] if args is None else args))
         try:
@@ -205,6 +229,62 @@ def _warn(lines) -> None:
 
 def _emit_json(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@dataclass(frozen=True)
+class ConfigCommand:
+    """A command whose options are its config's fields (xraygan/options.py): `run` in `module`
+    takes the config `config` and a progress callback; `report` prints its summary on stderr."""
+    module: str
+    config: str
+    run: str
+    report: Callable[[dict, Any], None]
+    doc: str
+    json_help: str = "Print a summary as JSON on stdout."
+
+
+# the order of `xraygan --help`: the pipeline's, then the tools
+COMMAND_ORDER = ("prepare", "train-gan", "train-diffusion", "generate", "rebalance", "train-classifier",
+                 "compare", "evaluate", "gradcam", "demo", "audit", "score-review", "probe-sources", "review",
+                 "study")
+# Built when first asked for (`_Group.get_command`), so a command imports only its own module:
+# `xraygan rebalance` does not import torch for the trainers' configs.
+CONFIG_COMMANDS: dict[str, ConfigCommand] = {}
+
+
+def config_command(name: str, cc: ConfigCommand):
+    """The click command for `cc`: one option per `opt` field, then `--json`; the body builds
+    the config, runs it under a progress bar and prints the summary."""
+    import importlib
+    import inspect
+
+    from xraygan.options import cli_fields, config_values
+
+    module = importlib.import_module(cc.module)
+    config, run = getattr(module, cc.config), getattr(module, cc.run)
+    params = []
+    for f in cli_fields(config):
+        info = (typer.Argument(f.default, help=f.help, **f.typer) if f.argument
+                else typer.Option(f.default, *f.flags, help=f.help, **f.typer))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=f.type))
+    params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY,
+                                    default=typer.Option(False, "--json", help=cc.json_help), annotation=bool))
+
+    def command(**values) -> None:
+        as_json = values.pop("as_json")
+        cfg = _run(config, **config_values(config, values))  # a check in __post_init__ is one line too
+        res = _run_with_progress(run, cfg)
+        if not _rank0():
+            return
+        cc.report(res, cfg)
+        if as_json:
+            _emit_json(res)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = cc.doc
+    one = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+    one.command(name)(command)
+    return typer.main.get_command(one)
 
 
 def _parse_keep(values: list[str]) -> tuple[tuple[str, int], ...]:
@@ -462,213 +542,6 @@ def train_gan(
         _emit_json(res)
 
 
-@app.command("train-diffusion")
-def train_diffusion(
-    data: Annotated[Path, typer.Argument(help="Training image folder, e.g. DATA/train.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = ...,
-    conditional: Annotated[bool, typer.Option(
-        "--conditional", help="Learn all classes, with classifier-free guidance at sampling.")] = False,
-    cls: Annotated[Optional[str], typer.Option(
-        "--class", help="Unconditional: the class to learn. Conditional: the default label to "
-                        "generate. Default: the minority class.")] = None,
-    steps: Annotated[int, typer.Option(
-        help="Training steps (4,000: about 26 min at 32 px on two CPU cores).")] = 4000,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
-    width: Annotated[Optional[int], typer.Option(
-        help="U-Net channels at full resolution (a multiple of 4); deeper levels have 2-4x. "
-             "Default: 16 up to 32 px, 32 above.", show_default=False)] = None,
-    layers_per_block: Annotated[Optional[int], typer.Option(
-        help="ResNet blocks per U-Net level. Default: 1 up to 32 px, 2 above.", show_default=False)] = None,
-    timesteps: Annotated[int, typer.Option(help="Diffusion timesteps T (cosine schedule).")] = 1000,
-    prediction: Annotated[str, typer.Option(
-        help="What the U-Net learns to predict: v (√ᾱ·noise − √(1−ᾱ)·image; stable where the image is "
-             "almost all noise) or eps (the noise itself, as in Ho et al. 2020).")] = "v",
-    p_uncond: Annotated[float, typer.Option(
-        help="Conditional: share of training labels dropped, so the model also learns the "
-             "unconditional score that guidance needs.")] = 0.1,
-    ema: Annotated[float, typer.Option(help="Decay of the weight average used for sampling; 0 = off.")] = 0.999,
-    seed: Annotated[int, typer.Option(help="Seed for weights, data order, noise and timesteps.")] = 0,
-    device: DeviceOpt = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (as for train-gan).")] = "auto",
-    save_every: Annotated[int, typer.Option(
-        help="Checkpoint every N steps (also every --save-seconds, at the end and on Ctrl-C).")] = 1000,
-    save_seconds: Annotated[float, typer.Option(help="Checkpoint at least this often (seconds).")] = 60.0,
-    sample_every: Annotated[int, typer.Option(help="Write a 16-image sample grid every N steps (and at the end).")] = 1000,
-    sample_steps: Annotated[int, typer.Option(help="DDIM steps for the sample grids.")] = 50,
-    log_every: Annotated[int, typer.Option(
-        help="Read the loss from the device every N steps: log rows, progress and the NaN guard.")] = 20,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint "
-                                              "(same options; --steps may grow).")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an earlier train-diffusion run in --out.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Train a denoising diffusion model (DDPM) on the minority class, or a conditional one on all.
-
-    Example: xraygan train-diffusion data/train --out runs/ddpm --steps 4000
-             xraygan train-diffusion data/train --conditional --out runs/cddpm
-    """
-    from xraygan.console import err
-    from xraygan.diffusion import TrainDiffusionConfig
-    from xraygan.diffusion import train_diffusion as run_train
-
-    cfg = TrainDiffusionConfig(data=data, out=out, conditional=conditional, cls=cls.lower() if cls else None,
-                               steps=steps, batch_size=batch_size, lr=lr, width=width,
-                               layers_per_block=layers_per_block, timesteps=timesteps, prediction=prediction,
-                               p_uncond=p_uncond,
-                               ema=ema, seed=seed, device=device, precision=precision, save_every=save_every,
-                               save_seconds=save_seconds, sample_every=sample_every, sample_steps=sample_steps,
-                               log_every=log_every, resume=resume, force=force)
-    res = _run_with_progress(run_train, cfg)
-    err.print(f"trained {res['steps']} steps in {res['seconds']} s ({res['images_per_s']:.0f} img/s, "
-              f"{res['device']}, {res['precision']}; {res['parameters']:,} parameters); model: "
-              f"{res['checkpoint']}; sample grids: {res['samples']}", highlight=False, soft_wrap=True)
-    if as_json:
-        _emit_json(res)
-
-
-@app.command()
-def generate(
-    checkpoint: Annotated[Path, typer.Argument(help="RUN/generator.safetensors (train-gan) or "
-                                                     "RUN/diffusion.safetensors (train-diffusion)")],
-    n: Annotated[int, typer.Option("-n", "--count", help="How many images.")] = ...,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images go in OUT/<label>/).")] = ...,
-    label: Annotated[Optional[str], typer.Option(
-        help="Conditional generators: the class to generate (default: the one recorded at "
-             "training, the minority class).")] = None,
-    seed: Annotated[int, typer.Option(help="Same checkpoint + seed = same images.")] = 0,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Images per batch (memory and speed only; the images are the same). Default: 256; a "
-             "diffusion model on the CPU 64, which samples faster there.", show_default=False)] = None,
-    device: DeviceOpt = "auto",
-    preview: Annotated[bool, typer.Option(help="Also write OUT/preview.png of the first 64.")] = False,
-    append: Annotated[bool, typer.Option(help="Add to existing synthetic images, numbering on.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace existing synthetic images.")] = False,
-    sampler: Annotated[str, typer.Option(
-        help="Diffusion models: ddim (deterministic given the seed, --sampling-steps) or ddpm "
-             "(the full stochastic chain, one step per training timestep).")] = "ddim",
-    sampling_steps: Annotated[int, typer.Option(help="Diffusion models: DDIM steps.")] = 50,
-    guidance: Annotated[float, typer.Option(
-        help="Conditional diffusion models: classifier-free guidance weight w "
-             "((1+w)·ε(x, label) − w·ε(x)). 0 = none, the conditional model alone: at w = 1 "
-             "its pneumonia images were caricatures of the class (docs/RESULTS.md).")] = 0.0,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write N synthetic images from a GAN generator or a diffusion model into OUT/<label>/.
-
-    Example: xraygan generate runs/dcgan/generator.safetensors -n 2925 --out synth
-             xraygan generate runs/ddpm/diffusion.safetensors -n 805 --out synth-ddpm --sampling-steps 50
-    """
-    from xraygan.console import err
-    from xraygan.generate import GenerateConfig
-    from xraygan.generate import generate as run_generate
-
-    cfg = GenerateConfig(checkpoint=checkpoint, out=out, n=n, label=label, seed=seed,
-                         batch_size=batch_size, device=device, preview=preview, append=append,
-                         force=force, sampler=sampler, sampling_steps=sampling_steps, guidance=guidance)
-    res = _run_with_progress(run_generate, cfg)
-    err.print(f"wrote {res['count']} {res['label']} images to {res['folder']} "
-              f"({res['first']} … {res['last']})", highlight=False)
-    if as_json:
-        _emit_json(res)
-
-
-@app.command()
-def rebalance(
-    data: Annotated[Path, typer.Argument(help="Training image folder, e.g. DATA/train.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output image folder.")] = ...,
-    method: Annotated[str, typer.Option(
-        help="none, oversample, undersample, gan, smote or augment.")] = ...,
-    synthetic: Annotated[list[Path], typer.Option(
-        help="--method gan: folder(s) from xraygan generate; several are mixed evenly. "
-             "Repeatable.")] = [],  # noqa: B006
-    ratio: Annotated[float, typer.Option(help="Target minority:majority ratio.")] = 1.0,
-    smote_space: Annotated[str, typer.Option(help="SMOTE in 'pixel' space or in a 'pca' space.")] = "pixel",
-    smote_k: Annotated[int, typer.Option(help="SMOTE neighbours.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
-    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print rebalance.json on stdout.")] = False,
-) -> None:
-    """Write a rebalanced copy of a training folder (files hard-linked where possible).
-
-    Example: xraygan rebalance data/train --method gan --synthetic synth --out balanced
-    """
-    from xraygan.console import counts_table, err
-    from xraygan.rebalance import RebalanceConfig
-    from xraygan.rebalance import rebalance as run_rebalance
-
-    cfg = RebalanceConfig(data=data, out=out, method=method, synthetic=tuple(synthetic),
-                          ratio=ratio, seed=seed, smote_space=smote_space, smote_k=smote_k,
-                          force=force)
-    rec = _run_with_progress(run_rebalance, cfg)
-    err.print(counts_table(f"{out} ({method})", rec["origins"]))
-    if as_json:
-        _emit_json(rec)
-
-
-@app.command("train-classifier")
-def train_classifier(
-    data: Annotated[Path, typer.Argument(help="Training image folder, e.g. BALANCED/.")],
-    val: Annotated[Path, typer.Option(help="Validation image folder, e.g. DATA/val.")] = ...,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = ...,
-    epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 20,
-    batch_size: Annotated[int, typer.Option(
-        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N "
-             "(for a batch of B per process, as DDP examples count, give N×B).")] = 64,
-    accumulate: Annotated[int, typer.Option(
-        help="Split each step's batch into N micro-batches and add their gradients: the memory of a "
-             "batch of B/N, the step of a batch of B (batch norm normalises each micro-batch).")] = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
-    class_weights: Annotated[str, typer.Option(
-        help="'balanced' weighs the loss by n/(classes*count), the study's class-weights row; "
-             "or 'none'.")] = "none",
-    augment: Annotated[bool, typer.Option(help="Small random rotations and shifts (no flips).")] = True,
-    select: Annotated[str, typer.Option(help="Keep the epoch with the best validation f1 or auc.")] = "f1",
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without improvement "
-                                               "(0 = never).")] = 5,
-    positive: Annotated[str, typer.Option(help="The positive class for metrics.")] = "pneumonia",
-    small_stem: Annotated[str, typer.Option(
-        help="3x3 stride-1 first conv without max-pool: auto (for images of 32 px or less, where it "
-             "measured better; the standard stem measured better at 64 px), "
-             "yes or no.")] = "auto",
-    weights: Annotated[Optional[Path], typer.Option(
-        help="Local pretrained ResNet-18 weights (.safetensors or torchvision .pth); the RGB "
-             "first layer is summed to one channel. Nothing is downloaded.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for weights, data order and augmentation.")] = 0,
-    device: DeviceOpt = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (as for train-gan).")] = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last finished "
-                                              "epoch (same options; --epochs may grow).")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Train a one-channel ResNet-18 and keep the best epoch on the validation split.
-
-    Example: xraygan train-classifier balanced --val data/val --out runs/clf --class-weights balanced
-             torchrun --nproc-per-node 4 -m xraygan train-classifier balanced --val data/val --out runs/clf
-    """
-    from xraygan.classifier import TrainClassifierConfig
-    from xraygan.classifier import train_classifier as run_train
-    from xraygan.console import err
-
-    if val.resolve() == data.resolve():  # (the audit's feature classifier does this on purpose)
-        raise typer.BadParameter(f"--val {val}: that is the training folder itself; the best epoch would be "
-                                 "chosen on the images the model learns from (give DATA/val)")
-    cfg = TrainClassifierConfig(data=data, val=val, out=out, epochs=epochs, batch_size=batch_size,
-                                accumulate=accumulate, lr=lr, class_weights=class_weights, augment=augment, select=select,
-                                patience=patience, positive=positive.lower(), small_stem=small_stem,
-                                weights=weights, seed=seed, device=device, precision=precision,
-                                resume=resume, force=force)
-    res = _run_with_progress(run_train, cfg)
-    if not _rank0():
-        return
-    err.print(f"best epoch {res['best_epoch']} of {res['epochs_run']} (validation "
-              f"{select} {res[f'best_val_{select}']:.3f}); {res['images_per_s']:.0f} img/s; "
-              f"checkpoint: {res['checkpoint']}", highlight=False)
-    if as_json:
-        _emit_json(res)
-
-
 def _print_compare(res: dict, out: Path | None, as_json: bool) -> None:
     from xraygan.console import err
 
@@ -808,44 +681,6 @@ def evaluate(
             parts.append(f"ROC-AUC {e['roc_auc']:.3f}")
         err.print(f"  source {src} ({e['n']} images): " + "; ".join(parts), highlight=False)
     _warn(rec.get("warnings"))
-    if as_json:
-        _emit_json(rec)
-
-
-@app.command()
-def gradcam(
-    checkpoint: Annotated[Path, typer.Argument(help="CLF/classifier.safetensors")],
-    data: Annotated[Path, typer.Argument(help="Image folder, e.g. DATA/test.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    n: Annotated[int, typer.Option("-n", help="Overlays per class (up to half misclassified).")] = 8,
-    layer: Annotated[str, typer.Option(
-        help="Layer to explain: auto (layer4, the last residual block, unless its map is under "
-             "4x4), or a module name such as layer3 or layer4.1.conv2.")] = "auto",
-    target: Annotated[str, typer.Option(help="Class to explain: predicted, true or positive.")] = "predicted",
-    masks: Annotated[Optional[Path], typer.Option(
-        help="Lung masks (MASKS/<class>/<name>.png or MASKS/<name>.png, lungs white) for the "
-             "CAM-energy-in-lungs figure; default: a central chest ellipse.")] = None,
-    label: Annotated[Optional[str], typer.Option(help="Model label in the summary (default: run folder name).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for picking the images shown.")] = 0,
-    device: DeviceOpt = "auto",
-    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Grad-CAM overlays per class, and the share of CAM energy inside the lung fields.
-
-    Example: xraygan gradcam runs/clf/classifier.safetensors data/test --out runs/clf/cams -n 8
-    """
-    from xraygan.console import err
-    from xraygan.gradcam import GradcamConfig
-    from xraygan.gradcam import gradcam as run_gradcam
-
-    cfg = GradcamConfig(checkpoint=checkpoint, data=data, out=out, n=n, layer=layer, target=target,
-                        masks=masks, label=label, seed=seed, device=device, force=force)
-    rec = _run_with_progress(run_gradcam, cfg)
-    per = ", ".join(f"{c} {v['lung_energy_mean']}" for c, v in rec["per_class"].items())
-    err.print(f"{rec['label']}: layer {rec['layer']} ({rec['layer_map_size']}x{rec['layer_map_size']}); "
-              f"CAM energy inside the lung region {rec['lung_energy_mean']} (uniform map: "
-              f"{rec['region_area_fraction']}; per class: {per}); grid: {out}/grid.png", highlight=False)
     if as_json:
         _emit_json(rec)
 
@@ -1189,6 +1024,81 @@ def study(
     if as_json:
         _emit_json(res)
 
+
+
+def _report_diffusion(res: dict, cfg) -> None:
+    from xraygan.console import err
+
+    err.print(f"trained {res['steps']} steps in {res['seconds']} s ({res['images_per_s']:.0f} img/s, "
+              f"{res['device']}, {res['precision']}; {res['parameters']:,} parameters); model: "
+              f"{res['checkpoint']}; sample grids: {res['samples']}", highlight=False, soft_wrap=True)
+
+
+CONFIG_COMMANDS["train-diffusion"] = ConfigCommand(
+    "xraygan.diffusion", "TrainDiffusionConfig", "train_diffusion", _report_diffusion,
+    """Train a denoising diffusion model (DDPM) on the minority class, or a conditional one on all.
+
+    Example: xraygan train-diffusion data/train --out runs/ddpm --steps 4000
+             xraygan train-diffusion data/train --conditional --out runs/cddpm
+    """)
+
+
+def _report_generate(res: dict, cfg) -> None:
+    from xraygan.console import err
+
+    err.print(f"wrote {res['count']} {res['label']} images to {res['folder']} "
+              f"({res['first']} … {res['last']})", highlight=False)
+
+
+def _report_rebalance(rec: dict, cfg) -> None:
+    from xraygan.console import counts_table, err
+
+    err.print(counts_table(f"{cfg.out} ({cfg.method})", rec["origins"]))
+
+
+def _report_classifier(res: dict, cfg) -> None:
+    from xraygan.console import err
+
+    err.print(f"best epoch {res['best_epoch']} of {res['epochs_run']} (validation "
+              f"{cfg.select} {res[f'best_val_{cfg.select}']:.3f}); {res['images_per_s']:.0f} img/s; "
+              f"checkpoint: {res['checkpoint']}", highlight=False)
+
+
+def _report_gradcam(rec: dict, cfg) -> None:
+    from xraygan.console import err
+
+    per = ", ".join(f"{c} {v['lung_energy_mean']}" for c, v in rec["per_class"].items())
+    err.print(f"{rec['label']}: layer {rec['layer']} ({rec['layer_map_size']}x{rec['layer_map_size']}); "
+              f"CAM energy inside the lung region {rec['lung_energy_mean']} (uniform map: "
+              f"{rec['region_area_fraction']}; per class: {per}); grid: {cfg.out}/grid.png", highlight=False)
+
+
+CONFIG_COMMANDS["generate"] = ConfigCommand(
+    "xraygan.generate", "GenerateConfig", "generate", _report_generate,
+    """Write N synthetic images from a GAN generator or a diffusion model into OUT/<label>/.
+
+    Example: xraygan generate runs/dcgan/generator.safetensors -n 2925 --out synth
+             xraygan generate runs/ddpm/diffusion.safetensors -n 805 --out synth-ddpm --sampling-steps 50
+    """)
+CONFIG_COMMANDS["rebalance"] = ConfigCommand(
+    "xraygan.rebalance", "RebalanceConfig", "rebalance", _report_rebalance,
+    """Write a rebalanced copy of a training folder (files hard-linked where possible).
+
+    Example: xraygan rebalance data/train --method gan --synthetic synth --out balanced
+    """, json_help="Print rebalance.json on stdout.")
+CONFIG_COMMANDS["train-classifier"] = ConfigCommand(
+    "xraygan.classifier", "TrainClassifierConfig", "train_classifier", _report_classifier,
+    """Train a one-channel ResNet-18 and keep the best epoch on the validation split.
+
+    Example: xraygan train-classifier balanced --val data/val --out runs/clf --class-weights balanced
+             torchrun --nproc-per-node 4 -m xraygan train-classifier balanced --val data/val --out runs/clf
+    """)
+CONFIG_COMMANDS["gradcam"] = ConfigCommand(
+    "xraygan.gradcam", "GradcamConfig", "gradcam", _report_gradcam,
+    """Grad-CAM overlays per class, and the share of CAM energy inside the lung fields.
+
+    Example: xraygan gradcam runs/clf/classifier.safetensors data/test --out runs/clf/cams -n 8
+    """)
 
 def main() -> None:
     try:

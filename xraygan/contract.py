@@ -4,7 +4,8 @@ command from the command-line definition itself, never from hand-typed flags.
 `to_argv("train-gan", TrainGanConfig(...))` walks the command's own options: each option reads
 the config field of its name (or the reader in `READERS` where the option and the field differ,
 e.g. `--width` sets both `ngf` and `ndf`), and is written only when it differs from the
-option's default. tests/test_contract.py parses every command line of a full study plan back
+option's default. A config whose options are declared on its fields (`options.opt`) is refused
+when a field without an option differs from its default: no command line makes that config. tests/test_contract.py parses every command line of a full study plan back
 through the command-line layer and checks it rebuilds the same config, so a renamed flag fails
 a test instead of a study.
 """
@@ -12,7 +13,7 @@ a test instead of a study.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ def commands() -> dict:
 
     from xraygan.cli import app
 
-    return dict(typer.main.get_command(app).commands)
+    group = typer.main.get_command(app)
+    ctx = group.make_context("xraygan", [], resilient_parsing=True)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
 
 
 def _command(name: str):
@@ -57,6 +60,12 @@ def _text(v: Any) -> str:
 def to_argv(command: str, cfg: Any) -> list[str]:
     """The arguments (after `xraygan COMMAND`) that make `cfg`; options at their default are left out."""
     have = {f.name for f in fields(cfg)}
+    declared = [f for f in fields(cfg) if "cli" in f.metadata]
+    if declared:  # a config whose options are declared on it: its other fields are the library's own
+        for f in fields(cfg):
+            if "cli" not in f.metadata and f.default is not MISSING and getattr(cfg, f.name) != f.default:
+                raise ValueError(f"{command}: {f.name}={getattr(cfg, f.name)!r} has no command-line option "
+                                 f"(a library caller's setting); no command line makes this config")
     readers = READERS.get(command, {})
     args: list[str] = []
     opts: list[str] = []

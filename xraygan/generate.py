@@ -26,6 +26,7 @@ from xraygan.fsutil import atomic_write_json, check_out_apart, make_dirs, read_j
 from xraygan.gan import image_grid
 from xraygan.gan_models import GanNetConfig, Generator
 from xraygan.images import save_png
+from xraygan.options import DEVICE_HELP, opt
 from xraygan.runtime import DEVICES, make_generator, resolve_device
 
 # a diffusion U-Net's activations at batch 256 overflow the CPU caches: batches of 64 sample faster
@@ -36,22 +37,27 @@ NAME_RE = re.compile(r"^synthetic-(?P<run>.+)-(?P<idx>\d{6,})\.png$")
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    checkpoint: Path
-    out: Path
-    n: int
-    label: str | None = None
-    seed: int = 0
-    batch_size: int | None = None  # None: 256, or DIFFUSION_CPU_BATCH for a diffusion model on the CPU
-    device: str = "auto"
-    preview: bool = False
-    append: bool = False
-    force: bool = False
-    sampler: str = "ddim"  # diffusion checkpoints: ddim (deterministic, --sampling-steps) or ddpm (full chain)
-    sampling_steps: int = 50
-    # conditional diffusion: classifier-free guidance weight w. 0 = the conditional model alone: at 32 px
-    # w = 1 drew caricatures of pneumonia (classifier-space FD 525 vs 13; docs/RESULTS.md)
-    guidance: float = 0.0
-
+    checkpoint: Path = opt(help="RUN/generator.safetensors (train-gan) or RUN/diffusion.safetensors "
+                                "(train-diffusion)", argument=True)
+    out: Path = opt(help="Output folder (images go in OUT/<label>/).", flags=("--out", "-o"))
+    n: int = opt(help="How many images.", flags=("-n", "--count"))
+    label: str | None = opt(None, "Conditional generators: the class to generate (default: the one recorded "
+                                  "at training, the minority class).")
+    seed: int = opt(0, "Same checkpoint + seed = same images.")
+    batch_size: int | None = opt(None, "Images per batch (memory and speed only; the images are the same). "
+                                       "Default: 256; a diffusion model on the CPU 64, which samples faster "
+                                       "there.", show_default=False)
+    device: str = opt("auto", DEVICE_HELP)
+    preview: bool = opt(False, "Also write OUT/preview.png of the first 64.")
+    append: bool = opt(False, "Add to existing synthetic images, numbering on.")
+    force: bool = opt(False, "Replace existing synthetic images.")
+    sampler: str = opt("ddim", "Diffusion models: ddim (deterministic given the seed, --sampling-steps) or "
+                               "ddpm (the full stochastic chain, one step per training timestep).")
+    sampling_steps: int = opt(50, "Diffusion models: DDIM steps.")
+    # at 32 px w = 1 drew caricatures of pneumonia (classifier-space FD 525 vs 13; docs/RESULTS.md)
+    guidance: float = opt(0.0, "Conditional diffusion models: classifier-free guidance weight w "
+                               "((1+w)·ε(x, label) − w·ε(x)). 0 = none, the conditional model alone: at w = 1 "
+                               "its pneumonia images were caricatures of the class (docs/RESULTS.md).")
 
 def default_batch(family: str, device: torch.device) -> int:
     """Images per batch when --batch-size is not given."""

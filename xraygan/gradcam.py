@@ -31,6 +31,7 @@ from xraygan.fsutil import (
     write_csv,
 )
 from xraygan.images import ImageFolder, encode_png, is_image_name, load_gray
+from xraygan.options import DEVICE_HELP, opt
 
 # The central chest region used when no masks are given: an ellipse centred at (cx, cy) with
 # semi-axes (rx, ry), in fractions of the image side. It is a crude proxy for the lung fields of a
@@ -41,19 +42,20 @@ CHEST_ELLIPSE = (0.5, 0.48, 0.40, 0.38)
 
 @dataclass(frozen=True)
 class GradcamConfig:
-    checkpoint: Path
-    data: Path
-    out: Path
-    n: int = 8  # images per class in the overlays
-    layer: str = "auto"
-    target: str = "predicted"  # predicted | true | positive
-    masks: Path | None = None
-    label: str | None = None
-    seed: int = 0
-    device: str = "auto"
+    checkpoint: Path = opt(help="CLF/classifier.safetensors", argument=True)
+    data: Path = opt(help="Image folder, e.g. DATA/test.", argument=True)
+    out: Path = opt(help="Output folder.", flags=("--out", "-o"))
+    n: int = opt(8, "Overlays per class (up to half misclassified).", flags=("-n",))
+    layer: str = opt("auto", "Layer to explain: auto (layer4, the last residual block, unless its map is "
+                             "under 4x4), or a module name such as layer3 or layer4.1.conv2.")
+    target: str = opt("predicted", "Class to explain: predicted, true or positive.")
+    masks: Path | None = opt(None, "Lung masks (MASKS/<class>/<name>.png or MASKS/<name>.png, lungs white) "
+                                   "for the CAM-energy-in-lungs figure; default: a central chest ellipse.")
+    label: str | None = opt(None, "Model label in the summary (default: run folder name).")
+    seed: int = opt(0, "Seed for picking the images shown.")
+    device: str = opt("auto", DEVICE_HELP)
     batch_size: int = 128
-    force: bool = False
-
+    force: bool = opt(False, "Replace an existing output folder.")
 
 class GradCam:
     """Grad-CAM on one layer of a model. Use as a context manager: the forward hook that keeps the

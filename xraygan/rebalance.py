@@ -31,6 +31,7 @@ from xraygan.fsutil import (
     staged_dir,
 )
 from xraygan.images import encode_png, list_image_folder, read_image_folder
+from xraygan.options import opt
 from xraygan.provenance import file_sources, single_source
 
 METHODS = ("none", "oversample", "undersample", "gan", "smote", "augment")
@@ -38,17 +39,17 @@ METHODS = ("none", "oversample", "undersample", "gan", "smote", "augment")
 
 @dataclass(frozen=True)
 class RebalanceConfig:
-    data: Path
-    out: Path
-    method: str
-    synthetic: tuple[Path, ...] = ()
-    ratio: float = 1.0  # target minority:majority
-    seed: int = 0
-    smote_space: str = "pixel"  # pixel | pca
-    smote_k: int = 5
+    data: Path = opt(help="Training image folder, e.g. DATA/train.", argument=True)
+    out: Path = opt(help="Output image folder.", flags=("--out", "-o"))
+    method: str = opt(help="none, oversample, undersample, gan, smote or augment.")
+    synthetic: tuple[Path, ...] = opt((), "--method gan: folder(s) from xraygan generate; several are mixed "
+                                          "evenly. Repeatable.")
+    ratio: float = opt(1.0, "Target minority:majority ratio.")
+    seed: int = opt(0, "Seed for every random choice.")
+    smote_space: str = opt("pixel", "SMOTE in 'pixel' space or in a 'pca' space.")
+    smote_k: int = opt(5, "SMOTE neighbours.")
     pca_components: int = 64
-    force: bool = False
-
+    force: bool = opt(False, "Replace an existing output folder.")
 
 def _link(src: Path, dst: Path) -> str:
     try:
