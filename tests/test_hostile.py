@@ -248,6 +248,10 @@ CASES = [
     ("score-review {rev}/review/nope.csv", 2, "nope.csv"),
     ("probe-sources {tmp}/missing", 2, "missing: folder not found"),
     ("probe-sources {data}/train", 2, "nothing to probe"),
+    # options are checked before any image is read: the folder's own problem is not reached
+    ("probe-sources {data}/train --pca-components 0", 2, "--pca-components 0: must be at least 1"),
+    ("probe-sources {data}/train --classifier {tmp}/none.safetensors", 2,
+     "none.safetensors: classifier checkpoint not found"),
     ("audit --sources {data}/train --out {tmp}/a", 2, "--out has no effect with --sources"),
     (SR + "latin1.csv --real {data}/train", 2, "--real has no effect with --score-review"),
     (SR + "qneg.csv", 2, "quality -2 must be between 1 and 5"),

@@ -53,6 +53,7 @@ from xraygan.fsutil import (
     write_csv,
 )
 from xraygan.images import ImageFolder, encode_png, read_image_folder
+from xraygan.options import DEVICE_HELP, opt
 from xraygan.plots import fig_png, pyplot
 from xraygan.runtime import DEVICES
 
@@ -240,6 +241,29 @@ def probe_verdict(auc: float | None) -> str:
     if auc < 0.8:
         return "partly distinguishable"
     return "easily told apart: a classifier trained on them together can shortcut"
+
+
+@dataclass(frozen=True)
+class ProbeSourcesConfig:
+    folder: Path = opt(help="An image folder whose images come from several sources (prepare --extra-normal, "
+                            "or a rebalanced set).", argument=True)
+    classifier: Path | None = opt(None, "Also probe in this classifier's feature space (a classifier.safetensors).")
+    pca_components: int = opt(64, "Dimensions of the pixel-PCA space.")
+    seed: int = opt(0, "Seed of the held-out split.")
+    device: str = opt("auto", DEVICE_HELP)
+
+    def validate(self) -> None:
+        """Every option checked before any image is read."""
+        check_int("--pca-components", self.pca_components)
+        check_choice("--device", self.device, DEVICES)
+        if self.classifier is not None and not Path(self.classifier).is_file():
+            raise InputError(f"{self.classifier}: classifier checkpoint not found")
+
+
+def probe_sources(cfg: ProbeSourcesConfig, progress=None) -> dict:
+    """`xraygan probe-sources`: `source_probe` on a checked config."""
+    cfg.validate()
+    return source_probe(cfg.folder, cfg.classifier, cfg.pca_components, cfg.seed, cfg.device)
 
 
 def source_probe(folder: Path, classifier: Path | None = None, pca_components: int = 64, seed: int = 0,

@@ -796,8 +796,14 @@ def audit(
         new = "probe-sources FOLDER" if mode == "--sources" else "score-review SHEETS"
         err.print(f"[yellow]note:[/] `audit {mode}` is now `xraygan {new}`", highlight=False)
         if sources is not None:
-            _probe_sources(sources, None if classifier in ("auto", "none") else Path(classifier), pca_components,
-                           seed, device, as_json)
+            from xraygan.audit import ProbeSourcesConfig, probe_sources
+
+            cfg = ProbeSourcesConfig(folder=sources, classifier=None if classifier in ("auto", "none")
+                                     else Path(classifier), pca_components=pca_components, seed=seed, device=device)
+            res = _run(probe_sources, cfg)
+            _report_probe(res, cfg)
+            if as_json:
+                _emit_json(res)
         else:
             _score_review(score_review, key, as_json)
         return
@@ -864,41 +870,15 @@ def score_review(
     _score_review(sheets, key, as_json)
 
 
-def _probe_sources(folder: Path, classifier: Optional[Path], pca_components: int, seed: int, device: str,
-                   as_json: bool) -> None:
-    from xraygan.audit import source_probe
+def _report_probe(res: dict, cfg) -> None:
     from xraygan.console import err
 
-    res = _run(source_probe, folder, classifier, pca_components, seed, device)
     for c, pairs in res["classes"].items():
         for name, v in pairs.items():
             aucs = "; ".join(f"{k.replace('_auc', '')} space AUC {v[k]:.3f}" for k in ("pca_auc", "classifier_auc")
                              if v.get(k) is not None)
             err.print(f"{c}: {name} ({', '.join(f'{n} {k}' for k, n in v['counts'].items())}): {aucs}: "
                       f"{v['verdict']}", highlight=False)
-    if as_json:
-        _emit_json(res)
-
-
-@app.command("probe-sources")
-def probe_sources(
-    folder: Annotated[Path, typer.Argument(
-        help="An image folder whose images come from several sources (prepare --extra-normal, or a "
-             "rebalanced set).")],
-    classifier: Annotated[Optional[Path], typer.Option(
-        help="Also probe in this classifier's feature space (a classifier.safetensors).")] = None,
-    pca_components: Annotated[int, typer.Option(help="Dimensions of the pixel-PCA space.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 0,
-    device: DeviceOpt = "auto",
-    as_json: JsonOpt = False,
-) -> None:
-    """Within each class, can a linear model tell the images' sources apart? Held-out ROC-AUC in
-    pixel-PCA space (and a classifier's features) and a verdict: a shortcut a classifier could
-    learn instead of the disease.
-
-    Example: xraygan probe-sources data/train
-    """
-    _probe_sources(folder, classifier, pca_components, seed, device, as_json)
 
 
 @app.command()
@@ -1073,6 +1053,14 @@ def _report_gradcam(rec: dict, cfg) -> None:
               f"{rec['region_area_fraction']}; per class: {per}); grid: {cfg.out}/grid.png", highlight=False)
 
 
+CONFIG_COMMANDS["probe-sources"] = ConfigCommand(
+    "xraygan.audit", "ProbeSourcesConfig", "probe_sources", _report_probe,
+    """Within each class, can a linear model tell the images' sources apart? Held-out ROC-AUC in
+    pixel-PCA space (and a classifier's features) and a verdict: a shortcut a classifier could
+    learn instead of the disease.
+
+    Example: xraygan probe-sources data/train
+    """)
 CONFIG_COMMANDS["generate"] = ConfigCommand(
     "xraygan.generate", "GenerateConfig", "generate", _report_generate,
     """Write N synthetic images from a GAN generator or a diffusion model into OUT/<label>/.
