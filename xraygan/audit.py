@@ -742,6 +742,26 @@ def _score(answers: list[tuple[str, str, float | None]]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class ScoreReviewConfig:
+    sheets: tuple[Path, ...] = opt(help="Filled review sheets: AUDIT/review/review.csv, the <reader>.csv files "
+                                        "`xraygan review` writes, or the review/ folder for all of them.",
+                                   argument=True)
+    key: Path | None = opt(None, "The answer key (default: review_key.json in the audit folder above the sheets).")
+
+    @property
+    def one_sheet(self) -> bool:
+        """One sheet file: the single-reader summary; else every reader, pooled, with agreement."""
+        return len(self.sheets) == 1 and not Path(self.sheets[0]).is_dir()
+
+
+def run_score_review(cfg: ScoreReviewConfig, progress=None) -> dict:
+    """`xraygan score-review`: one sheet scored alone, or several readers' (`score_readers`)."""
+    if cfg.one_sheet:
+        return score_review(cfg.sheets[0], cfg.key)
+    return score_readers(list(cfg.sheets), cfg.key)
+
+
 def score_review(csv_path: Path, key_path: Path | None = None) -> dict:
     """Turn a filled review.csv into a visual Turing test: can the reviewer tell synthetic from
     real better than chance (two-sided binomial test against 0.5)?"""

@@ -805,7 +805,13 @@ def audit(
             if as_json:
                 _emit_json(res)
         else:
-            _score_review(score_review, key, as_json)
+            from xraygan.audit import ScoreReviewConfig, run_score_review
+
+            cfg = ScoreReviewConfig(sheets=tuple(score_review), key=key)
+            res = _run(run_score_review, cfg)
+            _report_review(res, cfg)
+            if as_json:
+                _emit_json(res)
         return
     if real is None or synthetic is None or out is None:
         raise typer.BadParameter("needs --real DIR --synthetic DIR --out AUDIT")
@@ -833,41 +839,17 @@ def audit(
         _emit_json(rec)
 
 
-def _score_review(sheets: list[Path], key: Optional[Path], as_json: bool) -> None:
-    from xraygan.audit import readers_markdown, score_readers
-    from xraygan.audit import score_review as run_score
+def _report_review(res: dict, cfg) -> None:
+    from xraygan.audit import readers_markdown
     from xraygan.console import err
 
-    if len(sheets) == 1 and not sheets[0].is_dir():  # one sheet: the single-reader summary
-        res = _run(run_score, sheets[0], key)
+    if cfg.one_sheet:
         err.print(f"{res['answered']} answered ({res['blank']} blank): accuracy {res['accuracy']:.2f}, "
                   f"synthetic spotted {res['synthetic_spotted']}, real recognised {res['real_recognised']}, "
                   f"p = {res['p_value']:.3g}: {res['verdict']}; mean quality {res['mean_quality']}",
                   highlight=False)
     else:
-        res = _run(score_readers, sheets, key)
         sys.stderr.write(readers_markdown(res))
-    if as_json:
-        _emit_json(res)
-
-
-@app.command("score-review")
-def score_review(
-    sheets: Annotated[list[Path], typer.Argument(
-        help="Filled review sheets: AUDIT/review/review.csv, the <reader>.csv files `xraygan review` writes, "
-             "or the review/ folder for all of them.")],
-    key: Annotated[Optional[Path], typer.Option(
-        help="The answer key (default: review_key.json in the audit folder above the sheets).")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Score a blinded review: per reader accuracy and a binomial test (could they tell synthetic
-    from real?), quality ratings, and with several readers the pooled figures and Cohen's or
-    Fleiss' κ; the audit's report.md gets a "Reader study" section.
-
-    Example: xraygan score-review audit/review/
-             xraygan score-review audit/review/review.csv
-    """
-    _score_review(sheets, key, as_json)
 
 
 def _report_probe(res: dict, cfg) -> None:
@@ -1053,6 +1035,15 @@ def _report_gradcam(rec: dict, cfg) -> None:
               f"{rec['region_area_fraction']}; per class: {per}); grid: {cfg.out}/grid.png", highlight=False)
 
 
+CONFIG_COMMANDS["score-review"] = ConfigCommand(
+    "xraygan.audit", "ScoreReviewConfig", "run_score_review", _report_review,
+    """Score a blinded review: per reader accuracy and a binomial test (could they tell synthetic
+    from real?), quality ratings, and with several readers the pooled figures and Cohen's or
+    Fleiss' κ; the audit's report.md gets a "Reader study" section.
+
+    Example: xraygan score-review audit/review/
+             xraygan score-review audit/review/review.csv
+    """)
 CONFIG_COMMANDS["probe-sources"] = ConfigCommand(
     "xraygan.audit", "ProbeSourcesConfig", "probe_sources", _report_probe,
     """Within each class, can a linear model tell the images' sources apart? Held-out ROC-AUC in
