@@ -457,91 +457,6 @@ def prepare(
         _emit_json(rec)
 
 
-@app.command("train-gan")
-def train_gan(
-    data: Annotated[Path, typer.Argument(help="Training image folder, e.g. DATA/train.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = ...,
-    conditional: Annotated[bool, typer.Option(
-        "--conditional", help="Train a conditional DCGAN on all classes (else a DCGAN on one).")] = False,
-    cls: Annotated[Optional[str], typer.Option(
-        "--class", help="DCGAN: the class to learn. cDCGAN: the default label to generate. "
-                        "Default: the minority class.")] = None,
-    alpha: Annotated[Optional[float], typer.Option(
-        help="cDCGAN (default 0.5): probability that a label drawn for a fake image during training is the "
-             "healthy class (--healthy); the other classes share 1-alpha. Lower alpha trains "
-             "the generator and discriminator on more fake pneumonia images. Each step's real "
-             "batch is drawn with the same labels, so D compares like with like. The study tried "
-             "0.25, 0.5 and 0.75 and found it trades sensitivity against specificity.")] = None,
-    healthy: Annotated[str, typer.Option(help="The healthy class alpha refers to.")] = "normal",
-    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 25,
-    steps: Annotated[Optional[int], typer.Option(help="Total training steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option(
-        help="Images per step; under torchrun the whole batch, each of N processes taking 1/N "
-             "(for a batch of B per process, as DDP examples count, give N×B).")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (both networks).")] = 2e-4,
-    nz: Annotated[int, typer.Option(help="Noise dimensions.")] = 100,
-    width: Annotated[int, typer.Option(help="Filters of the widest-resolution layer (ngf = ndf).")] = 64,
-    diffaugment: Annotated[str, typer.Option(
-        help="Differentiable augmentation of what D sees: a comma list of color, translation, "
-             "cutout; 'none' to turn off; 'auto' turns all three on for fewer than 5,000 "
-             "training images, where D otherwise memorises the real set.")] = "auto",
-    ema: Annotated[float, typer.Option(
-        help="Decay of the moving average of G's weights used for sampling; 0 = off.")] = 0.999,
-    loss: Annotated[str, typer.Option(
-        help="bce (the DCGAN's non-saturating loss) or hinge (SNGAN / BigGAN; use with "
-             "--spectral-norm).")] = "bce",
-    spectral_norm: Annotated[bool, typer.Option(
-        help="Spectrally normalised discriminator convolutions, without batch norm (SNGAN).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = 0,
-    device: DeviceOpt = "auto",
-    precision: Annotated[str, typer.Option(
-        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
-    channels_last: Annotated[bool, typer.Option(help="Channels-last memory layout.")] = True,
-    cuda_graphs: Annotated[bool, typer.Option(
-        help="CUDA: capture the training step once as a CUDA graph and replay it (small GAN steps "
-             "are bound by kernel launches).")] = True,
-    save_every: Annotated[int, typer.Option(
-        help="Checkpoint every N steps (also every --save-seconds, at the end and on Ctrl-C).")] = 500,
-    save_seconds: Annotated[float, typer.Option(help="Checkpoint at least this often (seconds).")] = 60.0,
-    sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (and at the end).")] = 500,
-    log_every: Annotated[int, typer.Option(
-        help="Read the losses from the device every N steps: log rows, progress and the NaN "
-             "guard (a non-finite loss stops the run within N steps).")] = 20,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last "
-                                              "checkpoint (same options; --epochs/--steps may grow).")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an earlier train-gan run in --out.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Train a DCGAN on the minority class, or a conditional DCGAN (--conditional) on all.
-
-    Example: xraygan train-gan data/train --out runs/dcgan --epochs 25
-             xraygan train-gan data/train --conditional --alpha 0.25 --out runs/cdcgan
-             torchrun --nproc-per-node 4 -m xraygan train-gan data/train --out runs/dcgan
-    """
-    from xraygan.console import err
-    from xraygan.gan import TrainGanConfig
-    from xraygan.gan import train_gan as run_train
-
-    cfg = TrainGanConfig(data=data, out=out, conditional=conditional,
-                         cls=cls.lower() if cls else None, alpha=alpha, healthy=healthy.lower(),
-                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, nz=nz, ngf=width,
-                         ndf=width, diffaugment="" if diffaugment == "none" else diffaugment,
-                         ema=ema, loss=loss.lower(), spectral_norm=spectral_norm, seed=seed,
-                         device=device, precision=precision,
-                         channels_last=channels_last, cuda_graphs=cuda_graphs, save_every=save_every,
-                         save_seconds=save_seconds, sample_every=sample_every, log_every=log_every,
-                         resume=resume, force=force)
-    res = _run_with_progress(run_train, cfg)
-    if not _rank0():
-        return
-    _warn(res["warnings"])
-    err.print(f"trained {res['steps']} steps in {res['seconds']} s "
-              f"({res['images_per_s']:.0f} img/s, {res['device']}, {res['precision']}); "
-              f"generator: {res['generator']}; sample grids: {res['samples']}", highlight=False)
-    if as_json:
-        _emit_json(res)
-
-
 def _print_compare(res: dict, out: Path | None, as_json: bool) -> None:
     from xraygan.console import err
 
@@ -996,6 +911,23 @@ def _report_diffusion(res: dict, cfg) -> None:
               f"{res['checkpoint']}; sample grids: {res['samples']}", highlight=False, soft_wrap=True)
 
 
+def _report_gan(res: dict, cfg) -> None:
+    from xraygan.console import err
+
+    _warn(res["warnings"])
+    err.print(f"trained {res['steps']} steps in {res['seconds']} s "
+              f"({res['images_per_s']:.0f} img/s, {res['device']}, {res['precision']}); "
+              f"generator: {res['generator']}; sample grids: {res['samples']}", highlight=False)
+
+
+CONFIG_COMMANDS["train-gan"] = ConfigCommand(
+    "xraygan.gan", "TrainGanConfig", "train_gan", _report_gan,
+    """Train a DCGAN on the minority class, or a conditional DCGAN (--conditional) on all.
+
+    Example: xraygan train-gan data/train --out runs/dcgan --epochs 25
+             xraygan train-gan data/train --conditional --alpha 0.25 --out runs/cdcgan
+             torchrun --nproc-per-node 4 -m xraygan train-gan data/train --out runs/dcgan
+    """)
 CONFIG_COMMANDS["train-diffusion"] = ConfigCommand(
     "xraygan.diffusion", "TrainDiffusionConfig", "train_diffusion", _report_diffusion,
     """Train a denoising diffusion model (DDPM) on the minority class, or a conditional one on all.

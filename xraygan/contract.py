@@ -27,7 +27,7 @@ def _one_width(c) -> int:
 
 # option (its Python name in cli.py) -> its value, read from the command's config
 READERS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "train-gan": {"width": _one_width, "diffaugment": lambda c: c.diffaugment or "none"},
+    "train-gan": {"ngf": _one_width, "diffaugment": lambda c: c.diffaugment or "none"},
     "evaluate": {"inputs": lambda c: [c.checkpoint, c.data], "compare": lambda c: False,
                  "out": lambda c: None},
     # audit's other modes (scoring readers, probing sources) are not an AuditConfig
@@ -62,8 +62,10 @@ def to_argv(command: str, cfg: Any) -> list[str]:
     have = {f.name for f in fields(cfg)}
     declared = [f for f in fields(cfg) if "cli" in f.metadata]
     if declared:  # a config whose options are declared on it: its other fields are the library's own
+        set_by_options = {n for f in declared for n in f.metadata["cli"]["sets"]}
         for f in fields(cfg):
-            if "cli" not in f.metadata and f.default is not MISSING and getattr(cfg, f.name) != f.default:
+            if "cli" not in f.metadata and f.name not in set_by_options and f.default is not MISSING \
+                    and getattr(cfg, f.name) != f.default:
                 raise ValueError(f"{command}: {f.name}={getattr(cfg, f.name)!r} has no command-line option "
                                  f"(a library caller's setting); no command line makes this config")
     readers = READERS.get(command, {})

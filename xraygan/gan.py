@@ -55,6 +55,7 @@ from xraygan.gan_models import (
 )
 from xraygan.images import ImageFolder, image_side, list_image_folder, read_image_folder, save_png
 from xraygan.memory import check_batch, gan_footprint
+from xraygan.options import DEVICE_HELP, TORCHRUN_BATCH_HELP, opt
 from xraygan.runs import (
     abandon_failed_run,
     append_log,
@@ -102,36 +103,57 @@ def diversity(samples: torch.Tensor, real_spread: float) -> float:
 
 @dataclass(frozen=True)
 class TrainGanConfig:
-    data: Path
-    out: Path
-    conditional: bool = False
-    cls: str | None = None  # unconditional: the class to learn (default: the minority)
-    alpha: float | None = None  # conditional: P(a drawn fake label is the healthy class); None = 0.5
-    healthy: str = "normal"
-    epochs: int = 25
-    steps: int | None = None  # total steps; overrides epochs
-    batch_size: int = 64
-    lr: float = 2e-4
+    data: Path = opt(help="Training image folder, e.g. DATA/train.", argument=True)
+    out: Path = opt(help="Run folder.", flags=("--out", "-o"))
+    conditional: bool = opt(False, "Train a conditional DCGAN on all classes (else a DCGAN on one).",
+                            flags=("--conditional",))
+    cls: str | None = opt(None, "DCGAN: the class to learn. cDCGAN: the default label to generate. Default: the "
+                                "minority class.", flags=("--class",))
+    alpha: float | None = opt(None, "cDCGAN (default 0.5): probability that a label drawn for a fake image during "
+                                    "training is the healthy class (--healthy); the other classes share 1-alpha. "
+                                    "Lower alpha trains the generator and discriminator on more fake pneumonia "
+                                    "images. Each step's real batch is drawn with the same labels, so D compares "
+                                    "like with like. The study tried 0.25, 0.5 and 0.75 and found it trades "
+                                    "sensitivity against specificity.")
+    healthy: str = opt("normal", "The healthy class alpha refers to.")
+    epochs: int = opt(25, "Passes over the training images.")
+    steps: int | None = opt(None, "Total training steps (overrides --epochs).")
+    batch_size: int = opt(64, TORCHRUN_BATCH_HELP)
+    lr: float = opt(2e-4, "Adam learning rate (both networks).")
     beta1: float = 0.5
     beta2: float = 0.999
-    nz: int = 100
-    ngf: int = 64
+    nz: int = opt(100, "Noise dimensions.")
+    ngf: int = opt(64, "Filters of the widest-resolution layer (ngf = ndf).", flags=("--width",), sets=("ndf",))
     ndf: int = 64
-    diffaugment: str = "auto"  # "color,translation,cutout" (any subset); "" = off; auto: see below
-    loss: str = "bce"  # bce (DCGAN's non-saturating loss) | hinge (SNGAN / BigGAN)
-    spectral_norm: bool = False  # spectrally normalised discriminator without batch norm
-    ema: float = 0.999  # decay of the generator's weight average; 0 = off
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16
-    channels_last: bool = True
-    cuda_graphs: bool = True  # CUDA only: replay each step as one captured graph
-    save_every: int = 500  # steps between checkpoints (also every save_seconds, at the end, on Ctrl-C)
-    save_seconds: float = 60.0
-    sample_every: int = 500  # steps between sample grids (and at the end)
-    log_every: int = 20  # steps between host reads of the losses: log rows, progress, NaN guard
-    resume: bool = False
-    force: bool = False
+    # "color,translation,cutout" (any subset); "" (or "none") = off; auto: see resolve_diffaugment
+    diffaugment: str = opt("auto", "Differentiable augmentation of what D sees: a comma list of color, "
+                                   "translation, cutout; 'none' to turn off; 'auto' turns all three on for fewer "
+                                   "than 5,000 training images, where D otherwise memorises the real set.")
+    ema: float = opt(0.999, "Decay of the moving average of G's weights used for sampling; 0 = off.")
+    loss: str = opt("bce", "bce (the DCGAN's non-saturating loss) or hinge (SNGAN / BigGAN; use with "
+                           "--spectral-norm).")
+    spectral_norm: bool = opt(False, "Spectrally normalised discriminator convolutions, without batch norm (SNGAN).")
+    seed: int = opt(0, "Seed for weights, data order and noise.")
+    device: str = opt("auto", DEVICE_HELP)
+    precision: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")
+    channels_last: bool = opt(True, "Channels-last memory layout.")
+    cuda_graphs: bool = opt(True, "CUDA: capture the training step once as a CUDA graph and replay it (small GAN "
+                                  "steps are bound by kernel launches).")
+    save_every: int = opt(500, "Checkpoint every N steps (also every --save-seconds, at the end and on Ctrl-C).")
+    save_seconds: float = opt(60.0, "Checkpoint at least this often (seconds).")
+    sample_every: int = opt(500, "Write a sample grid every N steps (and at the end).")
+    log_every: int = opt(20, "Read the losses from the device every N steps: log rows, progress and the NaN "
+                             "guard (a non-finite loss stops the run within N steps).")
+    resume: bool = opt(False, "Continue an interrupted run from its last checkpoint (same options; "
+                              "--epochs/--steps may grow).")
+    force: bool = opt(False, "Replace an earlier train-gan run in --out.")
+
+    def __post_init__(self):
+        for name in ("cls", "healthy", "loss"):
+            if getattr(self, name):
+                object.__setattr__(self, name, getattr(self, name).lower())
+        if self.diffaugment == "none":
+            object.__setattr__(self, "diffaugment", "")
 
     @property
     def alpha_value(self) -> float:

@@ -27,11 +27,13 @@ TORCHRUN_BATCH_HELP = ("Images per step; under torchrun the whole batch, each of
 
 
 def opt(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), argument: bool = False,
-        **typer_options: Any) -> Any:
+        sets: tuple[str, ...] = (), **typer_options: Any) -> Any:
     """A dataclass field that is also a command-line option (or, with `argument`, a positional
-    argument). `flags` are the option's names when they are not `--field-name`; `typer_options`
-    go to `typer.Option` as they are (e.g. `show_default=False`, `envvar=...`)."""
-    meta = {"cli": {"help": help, "flags": tuple(flags), "argument": argument, "typer": typer_options}}
+    argument). `flags` are the option's names when they are not `--field-name`; `sets` names
+    further fields the option's value also goes to (train-gan's `--width` sets `ngf` and `ndf`);
+    `typer_options` go to `typer.Option` as they are (e.g. `show_default=False`, `envvar=...`)."""
+    meta = {"cli": {"help": help, "flags": tuple(flags), "argument": argument, "sets": tuple(sets),
+                    "typer": typer_options}}
     if isinstance(default, (list, dict, set)):
         raise TypeError("opt(): give a tuple for a default of several values")
     if default is MISSING:
@@ -50,6 +52,7 @@ class CliField:
     argument: bool
     typer: dict
     several: bool  # a tuple field: the option repeats
+    sets: tuple[str, ...]  # further fields that get the same value
 
 
 def cli_fields(config: type) -> list[CliField]:
@@ -63,7 +66,7 @@ def cli_fields(config: type) -> list[CliField]:
         t, several = _cli_type(hints[f.name])
         default = ... if f.default is MISSING else (list(f.default) if several else f.default)
         out.append(CliField(f.name, t, default, spec["help"], spec["flags"], spec["argument"], spec["typer"],
-                            several))
+                            several, spec["sets"]))
     return out
 
 
@@ -83,5 +86,10 @@ def _cli_type(t: Any) -> tuple[Any, bool]:
 
 def config_values(config: type, values: dict) -> dict:
     """Parsed option values → the config's keyword arguments (repeated options back to tuples)."""
-    several = {f.name for f in cli_fields(config) if f.several}
-    return {k: tuple(v) if k in several else v for k, v in values.items()}
+    declared = {f.name: f for f in cli_fields(config)}
+    out = {}
+    for k, v in values.items():
+        v = tuple(v) if declared[k].several else v
+        for name in (k, *declared[k].sets):
+            out[name] = v
+    return out
