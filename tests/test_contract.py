@@ -23,7 +23,7 @@ class Captured(Exception):
 
 def parsed_config(monkeypatch, argv: list[str]):
     """The config the command line `argv` builds, captured before the command runs."""
-    def capture(fn, cfg):
+    def capture(fn, cfg, **kw):
         raise Captured(cfg)
 
     monkeypatch.setattr(cli, "_run_with_progress", capture)
@@ -42,8 +42,8 @@ def test_every_step_of_a_full_plan_parses_back_to_its_config(tmp_path, rng, monk
     steps, _ = build_plan(cfg)
     made = [s for s in steps if s.config is not None]
     assert {s.argv[0] for s in made} == {"train-gan", "train-diffusion", "generate", "audit", "rebalance",
-                                         "train-classifier", "evaluate", "gradcam"}
-    assert len(made) == len(steps) - 2  # all but the two compare steps
+                                         "train-classifier", "evaluate", "gradcam", "compare"}
+    assert len(made) == len(steps)  # every step, the two tables too
     for s in made:
         assert parsed_config(monkeypatch, s.argv) == s.config, s.argv
 

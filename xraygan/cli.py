@@ -205,10 +205,10 @@ def _crash_log(e: BaseException) -> str:
         return "(the log could not be written)"
 
 
-def _run_with_progress(fn: Callable[..., T], cfg) -> T:
+def _run_with_progress(fn: Callable[..., T], cfg, show: bool = True) -> T:
     """Run one library step under a rich progress bar (on stderr); under torchrun, only rank 0
-    shows one."""
-    if not _rank0():
+    shows one; `show=False` for a step with nothing to show."""
+    if not _rank0() or not show:
         return _run(fn, cfg, None)
     return _run(fn, cfg, progress=True)
 
@@ -241,6 +241,9 @@ class ConfigCommand:
     report: Callable[[dict, Any], None]
     doc: str
     json_help: str = "Print a summary as JSON on stdout."
+    progress: bool = True  # a progress bar while it runs
+    json_of: Callable[[dict], dict] | None = None  # what --json prints (default: the whole result)
+    stdout_of: Callable[[dict], str] | None = None  # what goes to stdout without --json (default: nothing)
 
 
 # the order of `xraygan --help`: the pipeline's, then the tools
@@ -273,12 +276,14 @@ def config_command(name: str, cc: ConfigCommand):
     def command(**values) -> None:
         as_json = values.pop("as_json")
         cfg = _run(config, **config_values(config, values))  # a check in __post_init__ is one line too
-        res = _run_with_progress(run, cfg)
+        res = _run_with_progress(run, cfg, show=cc.progress)
         if not _rank0():
             return
         cc.report(res, cfg)
         if as_json:
-            _emit_json(res)
+            _emit_json(cc.json_of(res) if cc.json_of else res)
+        elif cc.stdout_of:
+            sys.stdout.write(cc.stdout_of(res))
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = cc.doc
@@ -457,52 +462,19 @@ def prepare(
         _emit_json(rec)
 
 
-def _print_compare(res: dict, out: Path | None, as_json: bool) -> None:
+def _report_compare(res: dict, cfg) -> None:
     from xraygan.console import err
 
     sys.stderr.write(res["markdown"])
     for w in res["warnings"]:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
-    if out:
-        err.print(f"wrote {out}/table.md, table.csv, table.json{', paired.csv' if res['paired']['comparisons'] else ''} "
+    if cfg.out:
+        err.print(f"wrote {cfg.out}/table.md, table.csv, table.json{', paired.csv' if res['paired']['comparisons'] else ''} "
                   f"({res['runs']} runs)", highlight=False)
-    if as_json:
-        _emit_json({k: res[k] for k in ("rows", "columns", "warnings", "runs", "paired")})
-    else:
-        sys.stdout.write(res["markdown"])
 
 
-@app.command("compare")
-def compare_cmd(
-    inputs: Annotated[list[Path], typer.Argument(
-        help="metrics.json files, or folders holding them (searched recursively, with gradcam.json).",
-        show_default=False)],
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Write table.md, table.csv, paired.csv and table.json here.")] = None,
-    reference: Annotated[Optional[str], typer.Option(
-        help="Rows every other row is tested against, comma-separated, or none (default: baseline and "
-             "oversample, the count-matched control, where present).")] = None,
-    resamples: Annotated[int, typer.Option(help="Two-level bootstrap resamples (images and seeds).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-    power: Annotated[float, typer.Option(
-        help="The difference to plan for: how many seeds per row would detect it with 80% power.")] = 0.02,
-    force: Annotated[bool, typer.Option(help="Replace an existing table folder.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """The study's table (mean ± std per method), then each row's paired difference to the baseline
-    and to over-sampling: 95% interval over test images and seeds, Holm-corrected p, a verdict, the
-    smallest difference the study could detect, and DeLong's AUC test per seed.
-
-    Example: xraygan compare study/runs/*/report --out study/table
-             xraygan compare runs/ --reference baseline --power 0.02
-    """
-    from xraygan.evaluate import compare as run_compare
-
-    refs = None
-    if reference is not None:
-        refs = () if reference.strip().lower() == "none" else tuple(
-            r.strip() for r in reference.split(",") if r.strip())
-    _print_compare(_run(run_compare, inputs, out, force, refs, resamples, seed, power), out, as_json)
+def _compare_json(res: dict) -> dict:
+    return {k: res[k] for k in ("rows", "columns", "warnings", "runs", "paired")}
 
 
 @app.command()
@@ -542,8 +514,7 @@ def evaluate(
              xraygan compare runs/ --out results/      (was: evaluate --compare)
     """
     from xraygan.console import err
-    from xraygan.evaluate import CI_KEYS, EvaluateConfig
-    from xraygan.evaluate import compare as run_compare
+    from xraygan.evaluate import CI_KEYS, EvaluateConfig, run_compare
     from xraygan.evaluate import evaluate as run_evaluate
 
     if compare:
@@ -556,7 +527,15 @@ def evaluate(
                                          "metrics.json files (its output is --out)")
         err.print("[yellow]note:[/] `evaluate --compare` is now `xraygan compare` (same inputs and --out; "
                   "it also takes --reference, --resamples, --power)", highlight=False, soft_wrap=True)
-        _print_compare(_run(run_compare, inputs, out, force), out, as_json)
+        from xraygan.evaluate import CompareConfig
+
+        cfg = CompareConfig(inputs=tuple(inputs), out=out, force=force)
+        res = _run(run_compare, cfg)
+        _report_compare(res, cfg)
+        if as_json:
+            _emit_json(_compare_json(res))
+        else:
+            sys.stdout.write(res["markdown"])
         return
     if len(inputs) != 2:
         raise typer.BadParameter("expected CHECKPOINT TEST_FOLDER (or --compare PATHS...)")
@@ -920,6 +899,15 @@ def _report_gan(res: dict, cfg) -> None:
               f"generator: {res['generator']}; sample grids: {res['samples']}", highlight=False)
 
 
+CONFIG_COMMANDS["compare"] = ConfigCommand(
+    "xraygan.evaluate", "CompareConfig", "run_compare", _report_compare,
+    """The study's table (mean ± std per method), then each row's paired difference to the baseline
+    and to over-sampling: 95% interval over test images and seeds, Holm-corrected p, a verdict, the
+    smallest difference the study could detect, and DeLong's AUC test per seed.
+
+    Example: xraygan compare study/runs/*/report --out study/table
+             xraygan compare runs/ --reference baseline --power 0.02
+    """, progress=False, json_of=_compare_json, stdout_of=lambda res: res["markdown"])
 CONFIG_COMMANDS["train-gan"] = ConfigCommand(
     "xraygan.gan", "TrainGanConfig", "train_gan", _report_gan,
     """Train a DCGAN on the minority class, or a conditional DCGAN (--conditional) on all.

@@ -37,6 +37,7 @@ from xraygan.fsutil import (
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics, point_aucs, ranking_curves, resample_aucs, threshold_counts
+from xraygan.options import opt
 from xraygan.paired import PAIRED_CSV, paired_markdown, paired_rows, summary_line
 from xraygan.provenance import file_sources
 from xraygan.runtime import DEVICES
@@ -465,6 +466,33 @@ def _mean_std(v: list[float]) -> tuple[float, float | None]:
 
 
 DEFAULT_REFERENCES = ("baseline", "oversample")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    inputs: tuple[Path, ...] = opt(help="metrics.json files, or folders holding them (searched recursively, with "
+                                        "gradcam.json).", argument=True, show_default=False)
+    out: Path | None = opt(None, "Write table.md, table.csv, paired.csv and table.json here.", flags=("--out", "-o"))
+    reference: str | None = opt(None, "Rows every other row is tested against, comma-separated, or none (default: "
+                                      "baseline and oversample, the count-matched control, where present).")
+    resamples: int = opt(1000, "Two-level bootstrap resamples (images and seeds).")
+    seed: int = opt(0, "Seed of the bootstrap.")
+    power: float = opt(0.02, "The difference to plan for: how many seeds per row would detect it with 80% power.")
+    force: bool = opt(False, "Replace an existing table folder.")
+
+    @property
+    def references(self) -> tuple[str, ...] | None:
+        """The --reference rows: None for the default, () for none."""
+        if self.reference is None:
+            return None
+        if self.reference.strip().lower() == "none":
+            return ()
+        return tuple(r.strip() for r in self.reference.split(",") if r.strip())
+
+
+def run_compare(cfg: CompareConfig, progress=None) -> dict:
+    """`xraygan compare`: `compare` on a config."""
+    return compare(list(cfg.inputs), cfg.out, cfg.force, cfg.references, cfg.resamples, cfg.seed, cfg.power)
 
 
 def compare(paths: list[Path], out: Path | None = None, force: bool = False,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from xraygan import __version__
@@ -184,7 +184,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
     from xraygan import classifier, diffusion, gan, generate
     from xraygan.audit import AuditConfig
     from xraygan.classifier import TrainClassifierConfig
-    from xraygan.evaluate import EvaluateConfig
+    from xraygan.evaluate import CompareConfig, EvaluateConfig
     from xraygan.fsutil import has_record
     from xraygan.gradcam import GradcamConfig
     from xraygan.rebalance import RebalanceConfig
@@ -267,9 +267,9 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                 tables[table].append((f"gradcam {name}", cams / "gradcam.json"))
     for table, inputs in tables.items():
         t = out / table
-        steps.append(Step(f"compare {table}", ["compare", *[str(p) for _, p in inputs],
-                                               "--out", str(t), "--force"],
-                          t, deps=sorted({s for s, _ in inputs}), inputs=inputs, again=[]))
+        c = CompareConfig(inputs=tuple(p for _, p in inputs), out=t, force=True)
+        steps.append(command_step(f"compare {table}", "compare", c, t, deps=sorted({s for s, _ in inputs}),
+                                  inputs=inputs, again=[]))
     ids = {s.id: s for s in steps}
     for s in steps:  # a step's stage comes after all the stages it depends on
         s.stage = 1 + max((ids[d].stage for d in s.deps if d in ids), default=0)
@@ -405,7 +405,9 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
                 state[s.id] = "blocked"
                 record_time(s.id, "blocked", 0.0, None, argv)
                 return
-            argv = ["compare", *keep, "--out", str(s.out), "--force"]
+            from xraygan.contract import to_argv
+
+            argv = ["compare", *to_argv("compare", replace(s.config, inputs=tuple(map(Path, keep))))]
         log = out / "logs" / f"{_slug(s.id)}.log"
         n = str(threads_for(s.id))
         with open(log, "w") as f:
