@@ -580,64 +580,6 @@ def evaluate(
 
 
 @app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the whole run.")] = Path("demo"),
-    size: Annotated[int, typer.Option(help="Image size in pixels: 32 fits a laptop CPU; 64 wants a GPU.")] = 32,
-    gan_steps: Annotated[int, typer.Option(help="DCGAN training steps.")] = 400,
-    clf_epochs: Annotated[int, typer.Option(help="Classifier epochs per row.")] = 6,
-    phantom: Annotated[bool, typer.Option(
-        "--phantom", help="Run on procedural phantom X-rays instead of the real sample (tests).")] = False,
-    count: Annotated[int, typer.Option(help="--phantom: phantom images per class before splitting.")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed for every step.")] = 0,
-    device: DeviceOpt = "auto",
-    force: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Run the whole study on the real chest X-ray sample shipped with xraygan and print the table.
-
-    prepare --sample → train-gan → generate → rebalance (none, oversample, gan) → train-classifier
-    → evaluate → gradcam → audit of the synthetic images → evaluate --compare, in about two
-    minutes on two CPU cores.
-
-    Example: xraygan demo --out demo
-    """
-    from xraygan.console import err
-    from xraygan.demo import DemoConfig
-    from xraygan.demo import demo as run_demo
-
-    cfg = DemoConfig(out=out, phantom=phantom, count=count, size=size, gan_steps=gan_steps,
-                     clf_epochs=clf_epochs, seed=seed, device=device, force=force)
-    res = _run_with_progress(run_demo, cfg)
-    a = res["synthetic_audit"]
-    err.print(f"\n[bold]Synthetic pneumonia images[/] ({res['synthetic_images']}, DCGAN, {res['gan']['steps']} "
-              f"steps) against the real training images, in the {a['space']} feature space: "
-              f"precision {a['precision']:.2f}, recall {a['recall']:.2f}, coverage {a['coverage']:.2f}, "
-              f"FD {a['fd']:.3g}; near-copies of training images: {a['near_copies']} of {a['of']}",
-              highlight=False)
-    if res["collapsed"]:
-        err.print(f"[bold red]The DCGAN collapsed:[/] its images cover almost none of the real images' "
-                  f"variety (recall {a['recall']:.2f}, coverage {a['coverage']:.2f}; see {res['figure']}). "
-                  "Its row below is not a result about GAN oversampling. Try more --gan-steps, or "
-                  "--size 64 on a GPU.", highlight=False)
-    err.print(f"\n[bold]Comparison on the {'phantom' if phantom else 'sample'} test set[/] "
-              f"({res['total_seconds']:.0f} s in all):", highlight=False)
-    sys.stderr.write(res["markdown"])
-    err.print(f"\nreal vs synthetic: {res['figure']}\n"
-              f"reports:           {out}/runs/<row>/report/report.md  (plots beside them)\n"
-              f"audit:             {a['report']}\n"
-              f"GAN samples:       {res['gan']['samples']}/, synthetic preview {res['gan']['preview']}\n"
-              f"Grad-CAMs:         {out}/runs/<row>/cams/grid.png\n"
-              f"table:             {res['table']} (+ .csv); timings: {out}/demo.json", highlight=False)
-    if res.get("note"):
-        err.print(f"[bold yellow]note:[/] {res['note']}", highlight=False)
-    elif not phantom:
-        err.print("data: 1,600 real pediatric chest X-rays from Kermany et al. (2018), CC BY 4.0",
-                  highlight=False)
-    if as_json:
-        _emit_json({k: v for k, v in res.items() if k != "markdown"})
-
-
-@app.command()
 def audit(
     ctx: typer.Context,
     real: Annotated[Optional[Path], typer.Option(help="Real training images, e.g. DATA/train.")] = None,
@@ -899,6 +841,46 @@ def _report_gan(res: dict, cfg) -> None:
               f"generator: {res['generator']}; sample grids: {res['samples']}", highlight=False)
 
 
+def _report_demo(res: dict, cfg) -> None:
+    from xraygan.console import err
+
+    a = res["synthetic_audit"]
+    err.print(f"\n[bold]Synthetic pneumonia images[/] ({res['synthetic_images']}, DCGAN, {res['gan']['steps']} "
+              f"steps) against the real training images, in the {a['space']} feature space: "
+              f"precision {a['precision']:.2f}, recall {a['recall']:.2f}, coverage {a['coverage']:.2f}, "
+              f"FD {a['fd']:.3g}; near-copies of training images: {a['near_copies']} of {a['of']}",
+              highlight=False)
+    if res["collapsed"]:
+        err.print(f"[bold red]The DCGAN collapsed:[/] its images cover almost none of the real images' "
+                  f"variety (recall {a['recall']:.2f}, coverage {a['coverage']:.2f}; see {res['figure']}). "
+                  "Its row below is not a result about GAN oversampling. Try more --gan-steps, or "
+                  "--size 64 on a GPU.", highlight=False)
+    err.print(f"\n[bold]Comparison on the {'phantom' if cfg.phantom else 'sample'} test set[/] "
+              f"({res['total_seconds']:.0f} s in all):", highlight=False)
+    sys.stderr.write(res["markdown"])
+    err.print(f"\nreal vs synthetic: {res['figure']}\n"
+              f"reports:           {cfg.out}/runs/<row>/report/report.md  (plots beside them)\n"
+              f"audit:             {a['report']}\n"
+              f"GAN samples:       {res['gan']['samples']}/, synthetic preview {res['gan']['preview']}\n"
+              f"Grad-CAMs:         {cfg.out}/runs/<row>/cams/grid.png\n"
+              f"table:             {res['table']} (+ .csv); timings: {cfg.out}/demo.json", highlight=False)
+    if res.get("note"):
+        err.print(f"[bold yellow]note:[/] {res['note']}", highlight=False)
+    elif not cfg.phantom:
+        err.print("data: 1,600 real pediatric chest X-rays from Kermany et al. (2018), CC BY 4.0",
+                  highlight=False)
+
+
+CONFIG_COMMANDS["demo"] = ConfigCommand(
+    "xraygan.demo", "DemoConfig", "demo", _report_demo,
+    """Run the whole study on the real chest X-ray sample shipped with xraygan and print the table.
+
+    prepare --sample → train-gan → generate → rebalance (none, oversample, gan) → train-classifier
+    → evaluate → gradcam → audit of the synthetic images → compare, in about two minutes on two
+    CPU cores.
+
+    Example: xraygan demo --out demo
+    """, json_of=lambda res: {k: v for k, v in res.items() if k != "markdown"})
 CONFIG_COMMANDS["compare"] = ConfigCommand(
     "xraygan.evaluate", "CompareConfig", "run_compare", _report_compare,
     """The study's table (mean ± std per method), then each row's paired difference to the baseline

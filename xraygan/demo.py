@@ -21,6 +21,7 @@ import numpy as np
 from xraygan.errors import Interrupted, check_choice, check_int, require
 from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header
 from xraygan.images import save_png
+from xraygan.options import DEVICE_HELP, opt
 from xraygan.runtime import DEVICES
 
 ROWS = ("baseline", "oversample", "dcgan")
@@ -28,15 +29,16 @@ ROWS = ("baseline", "oversample", "dcgan")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: Path
-    phantom: bool = False  # procedural phantoms instead of the real sample
-    count: int = 500  # phantoms per class before the split
-    size: int = 32
-    gan_steps: int = 400
-    clf_epochs: int = 6
-    seed: int = 0
-    device: str = "auto"
-    force: bool = False
+    out: Path = opt(Path("demo"), "Output folder for the whole run.", flags=("--out", "-o"))
+    size: int = opt(32, "Image size in pixels: 32 fits a laptop CPU; 64 wants a GPU.")
+    gan_steps: int = opt(400, "DCGAN training steps.")
+    clf_epochs: int = opt(6, "Classifier epochs per row.")
+    phantom: bool = opt(False, "Run on procedural phantom X-rays instead of the real sample (tests).",
+                        flags=("--phantom",))
+    count: int = opt(500, "--phantom: phantom images per class before splitting.")
+    seed: int = opt(0, "Seed for every step.")
+    device: str = opt("auto", DEVICE_HELP)
+    force: bool = opt(False, "Replace an earlier demo in --out.")
 
 
 # Below these (k-NN recall or coverage of the synthetic set against the real training images),
