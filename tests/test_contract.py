@@ -38,7 +38,7 @@ def test_every_step_of_a_full_plan_parses_back_to_its_config(tmp_path, rng, monk
     weights = tmp_path / "resnet18.pth"
     weights.write_bytes(b"")
     cfg = StudyConfig(data=tmp_path / "d", out=tmp_path / "s", rows=ROWS + DIFFUSION_ROWS + ("cdcgan_a.3",),
-                      seeds=(0, 4), weights=weights, diffaugment="none", device=device)
+                      seeds=(0, 4), weights=weights, diffaugment="none", device=device, clf_accumulate=2)
     steps, _ = build_plan(cfg)
     made = [s for s in steps if s.config is not None]
     assert {s.argv[0] for s in made} == {"train-gan", "train-diffusion", "generate", "audit", "rebalance",

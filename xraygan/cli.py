@@ -751,6 +751,9 @@ def study(
     diffusion_steps: Annotated[int, typer.Option(help="Training steps per diffusion model (rows ddpm, cddpm).")] = 4000,
     diffaugment: Annotated[str, typer.Option(help="DiffAugment policy for the GANs (see train-gan).")] = "auto",
     clf_epochs: Annotated[int, typer.Option(help="Classifier epochs (early stopping may end sooner).")] = 20,
+    clf_accumulate: Annotated[int, typer.Option(
+        help="Classifier micro-batches per step, for a batch that does not fit in memory (see "
+             "train-classifier --accumulate).")] = 1,
     patience: Annotated[int, typer.Option(help="Classifier epochs without improvement before stopping.")] = 5,
     small_stem: Annotated[str, typer.Option(help="Classifier stem: auto, yes or no (see train-classifier).")] = "auto",
     weights: Annotated[Optional[Path], typer.Option(
@@ -796,7 +799,7 @@ def study(
         raise typer.BadParameter(f"'{' '.join(seeds)}': seeds are whole numbers, e.g. --seeds 0 1 2") from None
     cfg = StudyConfig(data=data, out=out, rows=tuple(split(rows)) or ROWS, seeds=seed_list,
                       gan_steps=gan_steps, gan_batch=gan_batch, diffaugment=diffaugment,
-                      clf_epochs=clf_epochs, patience=patience, small_stem=small_stem, weights=weights,
+                      clf_epochs=clf_epochs, clf_accumulate=clf_accumulate, patience=patience, small_stem=small_stem, weights=weights,
                       audit=audit, diffusion_steps=diffusion_steps,
                       device=device, jobs=jobs)
     if dry_run or print_commands:

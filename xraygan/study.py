@@ -36,7 +36,7 @@ DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditiona
 RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
-            "diffusion_steps")
+            "diffusion_steps", "clf_accumulate")
 
 
 def is_gan_row(row: str) -> bool:
@@ -67,6 +67,7 @@ class StudyConfig:
     gan_batch: int = 64
     diffaugment: str = "auto"
     clf_epochs: int = 20
+    clf_accumulate: int = 1  # micro-batches per classifier step (train-classifier --accumulate)
     patience: int = 5
     small_stem: str = "auto"
     weights: Path | None = None  # local pretrained ResNet-18 weights for every row's classifier
@@ -92,6 +93,7 @@ class StudyConfig:
         check_int("--gan-steps", self.gan_steps)
         check_int("--gan-batch", self.gan_batch, 2)
         check_int("--clf-epochs", self.clf_epochs)
+        check_int("--clf-accumulate", self.clf_accumulate)
         check_int("--diffusion-steps", self.diffusion_steps)
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
@@ -109,7 +111,7 @@ class StudyConfig:
         return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps,
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
-                "diffusion_steps": self.diffusion_steps}
+                "diffusion_steps": self.diffusion_steps, "clf_accumulate": self.clf_accumulate}
 
 
 @dataclass
@@ -242,7 +244,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                                       deps=[f"generate {row}"] if is_gan_row(row) else [],
                                       done=lambda b=bal: has_record(b, "rebalance")))
             c = TrainClassifierConfig(data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs,
-                                      patience=cfg.patience, small_stem=cfg.small_stem, seed=seed,
+                                      accumulate=cfg.clf_accumulate, patience=cfg.patience, small_stem=cfg.small_stem, seed=seed,
                                       class_weights="balanced" if row == "class_weights" else "none",
                                       weights=weights, device=dev)
             steps.append(command_step(f"train-classifier {name}", "train-classifier", c, run,
