@@ -12,7 +12,7 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -263,12 +263,11 @@ class Bf16Guard:
 
     def finite(self) -> bool:
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            return True
-        self.retries += 1
-        return False
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def restore(self) -> None:
+        """Before the step is redone: the running statistics as they were, one more step counted."""
+        self.retries += 1
         with torch.no_grad():
             for s, b in zip(self.saved, self.buffers):
                 b.copy_(s)
@@ -335,8 +334,7 @@ def train_classifier(cfg: TrainClassifierConfig, progress: Callable[..., None] |
     leaves no folder behind; Ctrl-C keeps the last finished epoch for --resume."""
     validate(cfg)
     out = Path(cfg.out)
-    check_run_target(out, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-classifier",
-                     defaults={f.name: f.default for f in fields(TrainClassifierConfig)})
+    check_run_target(out, cfg, RESUME_KEYS, "train-classifier")
     with distributed_session(cfg.device, cfg.batch_size) as (dist, device):
         return _run(cfg, out, dist, device, progress if dist.main else None)
 

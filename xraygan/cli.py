@@ -16,6 +16,7 @@ import typer
 import typer.core
 
 from xraygan.errors import XrayganError
+from xraygan.options import DEVICE_HELP, JSON_HELP
 
 
 def _click():
@@ -118,8 +119,8 @@ app = typer.Typer(name="xraygan", cls=_Group, no_args_is_help=True, pretty_excep
 T = TypeVar("T")
 
 # Options shared by several commands: one definition, the same help everywhere.
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")]
+DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
 @app.callback(invoke_without_command=True)
@@ -240,7 +241,7 @@ class ConfigCommand:
     run: str
     report: Callable[[dict, Any], None]
     doc: str
-    json_help: str = "Print a summary as JSON on stdout."
+    json_help: str = JSON_HELP
     progress: bool = True  # a progress bar while it runs
     json_of: Callable[[dict], dict] | None = None  # what --json prints (default: the whole result)
     stdout_of: Callable[[dict], str] | None = None  # what goes to stdout without --json (default: nothing)
@@ -255,6 +256,22 @@ COMMAND_ORDER = ("prepare", "train-gan", "train-diffusion", "generate", "rebalan
 CONFIG_COMMANDS: dict[str, ConfigCommand] = {}
 
 
+def run_config(name: str, cfg, as_json: bool) -> None:
+    """Run command `name` (one of CONFIG_COMMANDS) on `cfg`; print its summary, and its JSON or
+    its stdout text (also for the old spellings that now run these commands)."""
+    import importlib
+
+    cc = CONFIG_COMMANDS[name]
+    res = _run_with_progress(getattr(importlib.import_module(cc.module), cc.run), cfg, show=cc.progress)
+    if not _rank0():
+        return
+    cc.report(res, cfg)
+    if as_json:
+        _emit_json(cc.json_of(res) if cc.json_of else res)
+    elif cc.stdout_of:
+        sys.stdout.write(cc.stdout_of(res))
+
+
 def config_command(name: str, cc: ConfigCommand):
     """The click command for `cc`: one option per `opt` field, then `--json`; the body builds
     the config, runs it under a progress bar and prints the summary."""
@@ -263,10 +280,10 @@ def config_command(name: str, cc: ConfigCommand):
 
     from xraygan.options import cli_fields, config_values
 
-    module = importlib.import_module(cc.module)
-    config, run = getattr(module, cc.config), getattr(module, cc.run)
+    config = getattr(importlib.import_module(cc.module), cc.config)
+    declared = cli_fields(config)
     params = []
-    for f in cli_fields(config):
+    for f in declared:
         info = (typer.Argument(f.default, help=f.help, **f.typer) if f.argument
                 else typer.Option(f.default, *f.flags, help=f.help, **f.typer))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=f.type))
@@ -275,15 +292,8 @@ def config_command(name: str, cc: ConfigCommand):
 
     def command(**values) -> None:
         as_json = values.pop("as_json")
-        cfg = _run(config, **config_values(config, values))  # a check in __post_init__ is one line too
-        res = _run_with_progress(run, cfg, show=cc.progress)
-        if not _rank0():
-            return
-        cc.report(res, cfg)
-        if as_json:
-            _emit_json(cc.json_of(res) if cc.json_of else res)
-        elif cc.stdout_of:
-            sys.stdout.write(cc.stdout_of(res))
+        cfg = _run(config, **config_values(declared, values))  # a check in __post_init__ is one line too
+        run_config(name, cfg, as_json)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = cc.doc
@@ -312,12 +322,12 @@ def _parse_fractions(v: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _print_prepared(rec: dict, out: Path) -> None:
-    """prepare's summary on stderr: what was skipped and why, the label and duplicate reports,
-    the counts table."""
+def _print_prepared(rec: dict, local: list[dict], out: Path) -> None:
+    """prepare's summary on stderr: what was skipped and why (`local`: the files skipped, with
+    their local paths, which dataset.json leaves out), the label and duplicate reports, the
+    counts table."""
     from xraygan.console import counts_table, err
 
-    local = rec.pop("skipped_local")
     for s in local[:20]:
         err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
     if rec["skipped_count"] > 20:
@@ -457,7 +467,7 @@ def prepare(
                         views=tuple(v.strip() for v in views.split(",") if v.strip()) if views else None,
                         class_names=tuple(c.strip() for c in classes.split(",")) if classes and not spec else None)
     rec = _run_with_progress(run_prepare, cfg)
-    _print_prepared(rec, out)
+    _print_prepared(rec, rec.pop("skipped_local"), out)
     if as_json:
         _emit_json(rec)
 
@@ -514,7 +524,7 @@ def evaluate(
              xraygan compare runs/ --out results/      (was: evaluate --compare)
     """
     from xraygan.console import err
-    from xraygan.evaluate import CI_KEYS, EvaluateConfig, run_compare
+    from xraygan.evaluate import CI_KEYS, EvaluateConfig
     from xraygan.evaluate import evaluate as run_evaluate
 
     if compare:
@@ -529,13 +539,7 @@ def evaluate(
                   "it also takes --reference, --resamples, --power)", highlight=False, soft_wrap=True)
         from xraygan.evaluate import CompareConfig
 
-        cfg = CompareConfig(inputs=tuple(inputs), out=out, force=force)
-        res = _run(run_compare, cfg)
-        _report_compare(res, cfg)
-        if as_json:
-            _emit_json(_compare_json(res))
-        else:
-            sys.stdout.write(res["markdown"])
+        run_config("compare", CompareConfig(inputs=tuple(inputs), out=out, force=force), as_json)
         return
     if len(inputs) != 2:
         raise typer.BadParameter("expected CHECKPOINT TEST_FOLDER (or --compare PATHS...)")
@@ -632,22 +636,15 @@ def audit(
         new = "probe-sources FOLDER" if mode == "--sources" else "score-review SHEETS"
         err.print(f"[yellow]note:[/] `audit {mode}` is now `xraygan {new}`", highlight=False)
         if sources is not None:
-            from xraygan.audit import ProbeSourcesConfig, probe_sources
+            from xraygan.audit import ProbeSourcesConfig
 
-            cfg = ProbeSourcesConfig(folder=sources, classifier=None if classifier in ("auto", "none")
-                                     else Path(classifier), pca_components=pca_components, seed=seed, device=device)
-            res = _run(probe_sources, cfg)
-            _report_probe(res, cfg)
-            if as_json:
-                _emit_json(res)
+            run_config("probe-sources", ProbeSourcesConfig(
+                folder=sources, classifier=None if classifier in ("auto", "none") else Path(classifier),
+                pca_components=pca_components, seed=seed, device=device), as_json)
         else:
-            from xraygan.audit import ScoreReviewConfig, run_score_review
+            from xraygan.audit import ScoreReviewConfig
 
-            cfg = ScoreReviewConfig(sheets=tuple(score_review), key=key)
-            res = _run(run_score_review, cfg)
-            _report_review(res, cfg)
-            if as_json:
-                _emit_json(res)
+            run_config("score-review", ScoreReviewConfig(sheets=tuple(score_review), key=key), as_json)
         return
     if real is None or synthetic is None or out is None:
         raise typer.BadParameter("needs --real DIR --synthetic DIR --out AUDIT")
@@ -948,7 +945,7 @@ CONFIG_COMMANDS["score-review"] = ConfigCommand(
 
     Example: xraygan score-review audit/review/
              xraygan score-review audit/review/review.csv
-    """)
+    """, progress=False)
 CONFIG_COMMANDS["probe-sources"] = ConfigCommand(
     "xraygan.audit", "ProbeSourcesConfig", "probe_sources", _report_probe,
     """Within each class, can a linear model tell the images' sources apart? Held-out ROC-AUC in
@@ -956,7 +953,7 @@ CONFIG_COMMANDS["probe-sources"] = ConfigCommand(
     learn instead of the disease.
 
     Example: xraygan probe-sources data/train
-    """)
+    """, progress=False)
 CONFIG_COMMANDS["generate"] = ConfigCommand(
     "xraygan.generate", "GenerateConfig", "generate", _report_generate,
     """Write N synthetic images from a GAN generator or a diffusion model into OUT/<label>/.

@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from xraygan.options import cli_fields
+
 
 def _one_width(c) -> int:
     if c.ngf != c.ndf:
@@ -60,12 +62,11 @@ def _text(v: Any) -> str:
 def to_argv(command: str, cfg: Any) -> list[str]:
     """The arguments (after `xraygan COMMAND`) that make `cfg`; options at their default are left out."""
     have = {f.name for f in fields(cfg)}
-    declared = [f for f in fields(cfg) if "cli" in f.metadata]
+    declared = cli_fields(type(cfg))
     if declared:  # a config whose options are declared on it: its other fields are the library's own
-        set_by_options = {n for f in declared for n in f.metadata["cli"]["sets"]}
+        on_the_command_line = {n for f in declared for n in (f.name, *f.sets)}
         for f in fields(cfg):
-            if "cli" not in f.metadata and f.name not in set_by_options and f.default is not MISSING \
-                    and getattr(cfg, f.name) != f.default:
+            if f.name not in on_the_command_line and f.default is not MISSING and getattr(cfg, f.name) != f.default:
                 raise ValueError(f"{command}: {f.name}={getattr(cfg, f.name)!r} has no command-line option "
                                  f"(a library caller's setting); no command line makes this config")
     readers = READERS.get(command, {})

@@ -38,7 +38,7 @@ from xraygan.errors import InputError, Interrupted, check_choice, check_float, c
 from xraygan.fsutil import atomic_write_json, check_out_apart, record_header
 from xraygan.gan_models import base_and_doublings, ema_update, size_problem
 from xraygan.memory import check_batch, diffusion_footprint
-from xraygan.options import DEVICE_HELP, PRECISION_HELP, opt
+from xraygan.options import DEVICE_HELP, PRECISION_HELP, TRAIN_FOLDER_HELP, opt
 from xraygan.runs import (
     abandon_failed_run,
     append_log,
@@ -209,7 +209,7 @@ def load_diffusion(path: Path, device: torch.device) -> tuple[nn.Module, Diffusi
 
 @dataclass(frozen=True)
 class TrainDiffusionConfig:
-    data: Path = opt(help="Training image folder, e.g. DATA/train.", argument=True)
+    data: Path = opt(help=TRAIN_FOLDER_HELP, argument=True)
     out: Path = opt(help="Run folder.", flags=("--out", "-o"))
     conditional: bool = opt(False, "Learn all classes, with classifier-free guidance at sampling.",
                             flags=("--conditional",))
@@ -288,7 +288,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
 
     cfg.validate()
     run = Path(cfg.out)
-    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-diffusion")
+    check_run_target(run, cfg, RESUME_KEYS, "train-diffusion")
     device = resolve_device(cfg.device)
     # same fields as train-gan's; refuses the sizes no generator makes
     data, classes, label = load_training_set(cfg)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ from xraygan.gan_models import (
 )
 from xraygan.images import ImageFolder, image_side, list_image_folder, read_image_folder, save_png
 from xraygan.memory import check_batch, gan_footprint
-from xraygan.options import DEVICE_HELP, TORCHRUN_BATCH_HELP, opt
+from xraygan.options import DEVICE_HELP, TORCHRUN_BATCH_HELP, TRAIN_FOLDER_HELP, opt
 from xraygan.runs import (
     abandon_failed_run,
     append_log,
@@ -103,7 +103,7 @@ def diversity(samples: torch.Tensor, real_spread: float) -> float:
 
 @dataclass(frozen=True)
 class TrainGanConfig:
-    data: Path = opt(help="Training image folder, e.g. DATA/train.", argument=True)
+    data: Path = opt(help=TRAIN_FOLDER_HELP, argument=True)
     out: Path = opt(help="Run folder.", flags=("--out", "-o"))
     conditional: bool = opt(False, "Train a conditional DCGAN on all classes (else a DCGAN on one).",
                             flags=("--conditional",))
@@ -569,8 +569,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
     """
     cfg.validate()
     run = Path(cfg.out)
-    check_run_target(run, cfg.resume, cfg.force, cfg.to_json(), RESUME_KEYS, "train-gan",
-                     defaults={f.name: f.default for f in fields(TrainGanConfig)})
+    check_run_target(run, cfg, RESUME_KEYS, "train-gan")
     with distributed_session(cfg.device, cfg.batch_size) as (dist, device):
         return _train_gan(cfg, run, dist, device, progress if dist.main else None)
 

@@ -31,7 +31,7 @@ from xraygan.fsutil import (
     staged_dir,
 )
 from xraygan.images import encode_png, list_image_folder, read_image_folder
-from xraygan.options import opt
+from xraygan.options import TRAIN_FOLDER_HELP, opt
 from xraygan.provenance import file_sources, single_source
 
 METHODS = ("none", "oversample", "undersample", "gan", "smote", "augment")
@@ -39,7 +39,7 @@ METHODS = ("none", "oversample", "undersample", "gan", "smote", "augment")
 
 @dataclass(frozen=True)
 class RebalanceConfig:
-    data: Path = opt(help="Training image folder, e.g. DATA/train.", argument=True)
+    data: Path = opt(help=TRAIN_FOLDER_HELP, argument=True)
     out: Path = opt(help="Output image folder.", flags=("--out", "-o"))
     method: str = opt(help="none, oversample, undersample, gan, smote or augment.")
     synthetic: tuple[Path, ...] = opt((), "--method gan: folder(s) from xraygan generate; several are mixed "

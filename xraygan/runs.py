@@ -14,6 +14,7 @@ and for the step-based trainers (train-gan, train-diffusion): the log file (`app
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -22,20 +23,21 @@ from xraygan.errors import InputError, Interrupted, TrainingError
 from xraygan.fsutil import check_output_free, make_dirs, read_json, write_csv
 
 
-def check_run_target(run: Path, resume: bool, force: bool, asked: dict, must_match: tuple[str, ...],
-                     command: str, defaults: dict | None = None) -> None:
-    """Before training into `run`: with --resume there must be a state file and the options in
+def check_run_target(run: Path, cfg, must_match: tuple[str, ...], command: str) -> None:
+    """Before training into `run` with the trainer's config `cfg` (a dataclass with `resume`,
+    `force` and `to_json`): with --resume there must be a state file and the options in
     `must_match` must equal those in the run's config.json; without it, the folder must be free
     (or, with --force, an earlier run of the same command). An option the run's record does not
-    hold (one added since) counts as its value in `defaults`, which that run used."""
+    hold (one added since) counts as the config's default for it, which that run used."""
     run = Path(run)
-    if not resume:
-        check_output_free(run, force, command)
+    if not cfg.resume:
+        check_output_free(run, cfg.force, command)
         return
     if not (run / "state.safetensors").is_file():
         raise InputError(f"{run / 'state.safetensors'}: nothing to resume (no state file)")
     saved = read_json(run / "config.json")["train"]
-    defaults = defaults or {}
+    asked = cfg.to_json()
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     changed = sorted(k for k in must_match if saved.get(k, defaults.get(k)) != asked[k])
     if changed:
         raise InputError(f"{run / 'config.json'}: --resume with different {', '.join(changed)} "
