@@ -276,6 +276,10 @@ CASES = [
     (RB.replace("{tmp}/b", "{data}/val/b") + " --method none", 2, "an image folder written by xraygan prepare"),
     (EV.replace("{tmp}/r", "{synth}/report"), 2, "an image folder written by xraygan generate"),
     (TC.replace("{tmp}/c", "{synth}/pneumonia/c"), 2, "an image folder written by xraygan generate"),
+    # micro-batches the batch cannot fill, refused before any step
+    (TC + " --accumulate 40", 2, "--accumulate 40: more micro-batches than --batch-size 64 can fill"),
+    ("study {data} --out {tmp}/st --rows baseline --seeds 0 --clf-accumulate 33 --device cpu", 2,
+     "--clf-accumulate 33: more micro-batches than the classifier's batch of 64 can fill"),
     # an output folder under a file: `--out results.csv/run`
     *[(c.replace("{tmp}/", "{root}/afile/"), 2, "afile is a file, not a folder")
       for c in (P, TG, TC, EV, GC, RB + " --method oversample", DM,

@@ -94,6 +94,11 @@ class StudyConfig:
         check_int("--gan-batch", self.gan_batch, 2)
         check_int("--clf-epochs", self.clf_epochs)
         check_int("--clf-accumulate", self.clf_accumulate)
+        from xraygan.classifier import TrainClassifierConfig  # every row's classifier takes its default batch
+
+        batch = TrainClassifierConfig.batch_size
+        require(self.clf_accumulate <= batch // 2, f"--clf-accumulate {self.clf_accumulate}: more micro-batches "
+                f"than the classifier's batch of {batch} can fill with two images each")
         check_int("--diffusion-steps", self.diffusion_steps)
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
@@ -244,7 +249,8 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                                       deps=[f"generate {row}"] if is_gan_row(row) else [],
                                       done=lambda b=bal: has_record(b, "rebalance")))
             c = TrainClassifierConfig(data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs,
-                                      accumulate=cfg.clf_accumulate, patience=cfg.patience, small_stem=cfg.small_stem, seed=seed,
+                                      accumulate=cfg.clf_accumulate, patience=cfg.patience,
+                                      small_stem=cfg.small_stem, seed=seed,
                                       class_weights="balanced" if row == "class_weights" else "none",
                                       weights=weights, device=dev)
             steps.append(command_step(f"train-classifier {name}", "train-classifier", c, run,
