@@ -53,7 +53,7 @@ def test_to_argv_leaves_defaults_out_and_writes_the_rest():
                          channels_last=False)
     assert to_argv("train-gan", cfg) == ["d/train", "--out", "g", "--class", "pneumonia", "--steps", "50",
                                          "--width", "32", "--diffaugment", "none", "--no-channels-last"]
-    with pytest.raises(ValueError, match="one --width for both networks"):
+    with pytest.raises(ValueError, match="takes one --width for ngf and ndf"):
         to_argv("train-gan", replace(cfg, ndf=16))
 
 

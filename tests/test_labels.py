@@ -9,7 +9,7 @@ from conftest import write_img
 from dicomfix import real_images, write_dicom
 
 from xraygan.errors import InputError
-from xraygan.labels import LabelSpec, norm_value, parse_classes
+from xraygan.labels import norm_value, parse_classes
 from xraygan.prepare import PrepareConfig, prepare
 
 
@@ -22,8 +22,8 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def run(tmp_path, src, name="out", val_fraction=0.3, min_val=50, **spec):
-    return prepare(PrepareConfig(out=tmp_path / name, src=src, size=32, workers=1, labels=LabelSpec(**spec),
+def run(tmp_path, src, name="out", val_fraction=0.3, min_val=50, csv=(), **spec):
+    return prepare(PrepareConfig(out=tmp_path / name, src=src, size=32, workers=1, label_csv=tuple(csv), **spec,
                                  split=(0.6, 0.2, 0.2), val_fraction=val_fraction, min_val=min_val))
 
 
@@ -171,5 +171,5 @@ def test_cli_reports_labels(tmp_path):
 def test_views_compare_in_upper_case_for_sheets_as_for_dicom(tmp_path):
     make_nih(tmp_path / "nih")
     rec = prepare(PrepareConfig(out=tmp_path / "o", src=tmp_path / "nih", size=32, workers=1, val_fraction=0.3,
-                                labels=LabelSpec(preset="nih"), views=("pa",)))
+                                preset="nih", views=("pa",)))
     assert set(rec["views_skipped"]) == {"AP", "LATERAL"}  # "pa" kept the PA rows, as PA would

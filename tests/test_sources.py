@@ -121,6 +121,6 @@ def test_probe_tells_a_shifted_source_apart_and_not_a_random_split(tmp_path, rng
     assert pair["pca_auc"] > 0.9 and pair["verdict"].startswith("easily told apart")
     old = runner.invoke(app, ["audit", "--sources", str(data / "train"), "--json"])  # the old spelling
     assert old.exit_code == 0 and json.loads(old.stdout) == json.loads(r.stdout)
-    assert "is now `xraygan probe-sources FOLDER`" in old.stderr
+    assert "is now `xraygan probe-sources`" in old.stderr
     r = runner.invoke(app, ["probe-sources", str(src / "train")])
     assert r.exit_code == 2 and "single source" in r.stderr.strip().splitlines()[-1]

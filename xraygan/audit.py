@@ -62,22 +62,26 @@ SPACES = ("classifier", "pca")
 
 @dataclass(frozen=True)
 class AuditConfig:
-    real: Path
-    synthetic: Path
-    out: Path
-    classifier: str = "auto"  # a checkpoint path, "auto" (train one on --real) or "none"
-    pca_components: int = 64
-    k: int = 5  # neighbours for precision/recall/density/coverage
+    real: Path = opt(help="Real training images, e.g. DATA/train.")
+    synthetic: Path = opt(help="Synthetic images, e.g. SYNTH/ from generate.")
+    out: Path = opt(help="Audit folder.", flags=("--out", "-o"))
+    classifier: str = opt("auto", "Feature space: a classifier.safetensors from train-classifier; 'auto' trains "
+                                  "one for 3 epochs on --real (cached with --cache); 'none' uses only the PCA space.")
+    pca_components: int = opt(64, "Dimensions of the pixel-PCA space.")
+    k: int = opt(5, "Neighbours for precision/recall/density/coverage.")
     kid_subsets: int = 10
     kid_subset_size: int = 1000
-    copy_quantile: float = 0.99
-    copy_threshold: float | None = None  # an absolute correlation instead of the quantile rule
-    review: int = 40  # images in the blinded review sheet (half real, half synthetic); 0 = none
-    cache: Path | None = None  # default: $XRAYGAN_CACHE, else no cache (nothing written outside --out)
-    seed: int = 0
-    device: str = "auto"
+    copy_quantile: float = opt(0.99, "Flag a synthetic image as a near-copy when its correlation with the nearest "
+                                     "training image exceeds this quantile of real images' correlation with their "
+                                     "nearest other real image.")
+    copy_threshold: float | None = opt(None, "Flag at this absolute pixel correlation instead.")
+    review: int = opt(40, "Images in the blinded review sheet (half real, half synthetic; 0 = none).")
+    cache: Path | None = opt(None, "Feature cache folder (default $XRAYGAN_CACHE; without either, nothing is "
+                                   "cached, nothing is written outside --out).")
+    seed: int = opt(0, "Seed for KID subsets and the review sample.")
+    device: str = opt("auto", DEVICE_HELP)
     batch_size: int = 256
-    force: bool = False
+    force: bool = opt(False, "Replace an existing audit folder.")
 
 
 # --- distances between sets --------------------------------------------------------------------

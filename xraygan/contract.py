@@ -2,41 +2,23 @@
 command from the command-line definition itself, never from hand-typed flags.
 
 `to_argv("train-gan", TrainGanConfig(...))` walks the command's own options: each option reads
-the config field of its name (or the reader in `READERS` where the option and the field differ,
-e.g. `--width` sets both `ngf` and `ndf`), and is written only when it differs from the
-option's default. A config whose options are declared on its fields (`options.opt`) is refused
-when a field without an option differs from its default: no command line makes that config. tests/test_contract.py parses every command line of a full study plan back
-through the command-line layer and checks it rebuilds the same config, so a renamed flag fails
-a test instead of a study.
+the config field it is declared on (`options.opt`, through its `text` where the typed form
+differs), and is written only when it differs from the option's default. A config is refused
+when a field without an option differs from its default (a library caller's setting: no
+command line makes that config), or when an option that sets several fields (`--width`: ngf
+and ndf) finds them different. tests/test_contract.py parses every command line of a full study
+plan back through the command-line layer and checks it rebuilds the same config, so a renamed
+flag fails a test instead of a study.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import MISSING, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from xraygan.options import cli_fields
-
-
-def _one_width(c) -> int:
-    if c.ngf != c.ndf:
-        raise ValueError(f"train-gan takes one --width for both networks (ngf {c.ngf}, ndf {c.ndf})")
-    return c.ngf
-
-
-# option (its Python name in cli.py) -> its value, read from the command's config
-READERS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "train-gan": {"ngf": _one_width, "diffaugment": lambda c: c.diffaugment or "none"},
-    "evaluate": {"inputs": lambda c: [c.checkpoint, c.data], "compare": lambda c: False,
-                 "out": lambda c: None},
-    # audit's other modes (scoring readers, probing sources) are not an AuditConfig
-    "audit": {"score_review": lambda c: (), "key": lambda c: None, "sources": lambda c: None},
-}
-# options that are not part of any config: how output is shown
-SHOWN_ONLY = {"as_json"}
 
 
 @lru_cache(maxsize=1)
@@ -61,26 +43,26 @@ def _text(v: Any) -> str:
 
 def to_argv(command: str, cfg: Any) -> list[str]:
     """The arguments (after `xraygan COMMAND`) that make `cfg`; options at their default are left out."""
-    have = {f.name for f in fields(cfg)}
-    declared = cli_fields(type(cfg))
-    if declared:  # a config whose options are declared on it: its other fields are the library's own
-        on_the_command_line = {n for f in declared for n in (f.name, *f.sets)}
-        for f in fields(cfg):
-            if f.name not in on_the_command_line and f.default is not MISSING and getattr(cfg, f.name) != f.default:
-                raise ValueError(f"{command}: {f.name}={getattr(cfg, f.name)!r} has no command-line option "
-                                 f"(a library caller's setting); no command line makes this config")
-    readers = READERS.get(command, {})
+    declared = {f.name: f for f in cli_fields(type(cfg))}
+    on_the_command_line = {n for f in declared.values() for n in (f.name, *f.sets)}
+    for f in fields(cfg):
+        if f.name not in on_the_command_line and f.default is not MISSING and getattr(cfg, f.name) != f.default:
+            raise ValueError(f"{command}: {f.name}={getattr(cfg, f.name)!r} has no command-line option "
+                             f"(a library caller's setting); no command line makes this config")
     args: list[str] = []
     opts: list[str] = []
     for p in _command(command).params:
-        if p.name == "help" or p.name in SHOWN_ONLY:
+        if p.name == "help" or p.name == "as_json":  # how the result is shown, not part of the config
             continue
-        if p.name in readers:
-            value = readers[p.name](cfg)
-        elif p.name in have:
-            value = getattr(cfg, p.name)
-        else:
-            raise ValueError(f"{command}: option {p.name} has no field in {type(cfg).__name__} and no reader")
+        f = declared.get(p.name)
+        if f is None:
+            raise ValueError(f"{command}: option {p.name} has no field in {type(cfg).__name__}")
+        value = getattr(cfg, f.name)
+        if any(getattr(cfg, other) != value for other in f.sets):
+            raise ValueError(f"{command} takes one {f.flag} for {' and '.join((f.name, *f.sets))} "
+                             f"({', '.join(f'{n} {getattr(cfg, n)}' for n in (f.name, *f.sets))})")
+        if f.text is not None:
+            value = f.text(value)
         if p.param_type_name == "argument":
             args += [_text(v) for v in value] if isinstance(value, (list, tuple)) else [_text(value)]
             continue
@@ -95,7 +77,7 @@ def to_argv(command: str, cfg: Any) -> list[str]:
             elif p.secondary_opts:
                 opts.append(p.secondary_opts[0])
             continue
-        flag = p.opts[0]  # as cli.py declares it first (-n for generate, --out elsewhere)
+        flag = p.opts[0]  # as the field declares it first (-n for generate, --out elsewhere)
         if getattr(p, "multiple", False):
             for v in value:
                 opts += [flag, _text(v)]

@@ -37,7 +37,7 @@ from xraygan.fsutil import (
 )
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics, point_aucs, ranking_curves, resample_aucs, threshold_counts
-from xraygan.options import opt
+from xraygan.options import BESIDE, DEVICE_HELP, opt
 from xraygan.paired import PAIRED_CSV, paired_markdown, paired_rows, summary_line
 from xraygan.provenance import file_sources
 from xraygan.runtime import DEVICES
@@ -51,22 +51,31 @@ TABLE_NAMES = {"precision": "Precision", "recall": "Recall", "specificity": "Spe
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    checkpoint: Path
-    data: Path
-    report: Path | None = None
-    threshold: float | None = None  # None: 0.5, or tuned on `tune_on`
-    tune_on: Path | None = None  # a validation folder to tune the threshold on
-    tune_for: str = "f1"  # f1 | youden
+    checkpoint: Path = opt(help="The classifier: CLF/classifier.safetensors.", argument=True, show_default=False)
+    data: Path = opt(help="The test folder, e.g. DATA/test.", argument=True, show_default=False)
+    report: Path | None = opt(None, "Write metrics.json, report.md, predictions.csv and ROC/PR/confusion/score "
+                                    "plots here; a bare --report writes them to report/ beside the checkpoint.",
+                              bare=BESIDE)
+    threshold: float | None = opt(None, "Decision threshold on P(positive) (default 0.5).")
+    tune_on: Path | None = opt(None, "Tune the threshold on this validation folder instead (see --tune-for).",
+                               flags=("--tune-on",))
+    tune_for: str = opt("f1", "Tuning criterion: f1 or youden (J = sens + spec - 1).")
     # with tune_on: also the report at the untuned threshold (`threshold`, default 0.5), from the
     # same scores, so both operating points cost one process
-    untuned_report: Path | None = None
-    positive: str | None = None  # default: the one recorded in the checkpoint
-    label: str | None = None  # method label for --compare; default from the run folder name
-    bootstrap: int = 1000
-    seed: int = 0
-    device: str = "auto"
+    untuned_report: Path | None = opt(None, "With --tune-on: also write the report at the untuned threshold "
+                                            "(--threshold, default 0.5) here, from the same scores: both "
+                                            "operating points in one run.", flags=("--untuned-report",))
+    positive: str | None = opt(None, "Positive class (default: the one recorded in the checkpoint).")
+    label: str | None = opt(None, "Method label for compare (default: the run folder name without -seedN).")
+    bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals (0 = none).")
+    seed: int = opt(0, "Seed of the bootstrap.")
+    device: str = opt("auto", DEVICE_HELP)
     batch_size: int = 256
-    force: bool = False
+    force: bool = opt(False, "Replace an existing report folder.")
+
+    def __post_init__(self):
+        if self.report is not None and str(self.report) == BESIDE:  # a bare --report
+            object.__setattr__(self, "report", Path(self.checkpoint).parent / "report")
 
     def validate(self) -> None:
         """Every option checked, and the report folders found free, before any image is read."""

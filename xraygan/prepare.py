@@ -33,6 +33,7 @@ from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import SQUARE_MODES, encode_png, load_gray, make_square, resize_gray
 from xraygan.labels import LabelSpec, scan_labelled
+from xraygan.options import opt
 from xraygan.phantom import DEMO_NOTE
 from xraygan.sample import SHA256 as SAMPLE_SHA256
 from xraygan.sources import (
@@ -49,33 +50,128 @@ SPLITS = ("train", "val", "test")
 Progress = Callable[[str, int, int], None]
 
 
-@dataclass(frozen=True)
+def _keep(values: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for v in values:
+        cls, sep, n = v.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise InputError(f"--keep '{v}': expected CLASS=COUNT, e.g. pneumonia=1460")
+        out.append((cls.strip().lower(), int(n)))
+    return tuple(out)
+
+
+def _fractions(v: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in v.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise InputError(f"--split '{v}': expected three fractions, e.g. 0.8,0.1,0.1")
+    return parts  # type: ignore[return-value]
+
+
+def _words(v: str | None) -> tuple[str, ...] | None:
+    return None if v is None else tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def _comma(v) -> str | None:
+    return None if v is None else ",".join(map(str, v))
+
+
+@dataclass(frozen=True, kw_only=True)  # SRC is optional and comes first, --out is required
 class PrepareConfig:
-    out: Path
-    src: Path | None = None
-    medmnist: Path | None = None
-    demo: bool = False  # procedural phantoms (--phantom; --demo is its old name)
-    demo_count: int = 300
-    sample: bool = False  # the real Kermany sample shipped with the package
-    size: int = 64
-    square: str = "crop"
-    keep: tuple[tuple[str, int], ...] = ()  # (class, count) in the training split
-    imbalance: float | None = None  # majority:minority ratio in train, e.g. 3.0
-    minority: str = "pneumonia"
-    extra_normal: Path | None = None
-    extra_normal_count: int | None = None
-    extra_normal_splits: tuple[str, ...] = ("train", "val")  # where extra normals may go
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # for sources without splits
-    val_fraction: float = 0.1  # carved from train when the source has no usable val split
+    src: Path | None = opt(None, "Raw data: the Kermany chest_xray/ folder (train/test/<CLASS>/), any "
+                                 "SRC/<class>/ folder, a folder of DICOM files labelled by a CSV, or a MedMNIST "
+                                 ".npz.", argument=True, show_default=False)
+    out: Path = opt(help="Output dataset folder.", flags=("--out", "-o"))
+    medmnist: Path | None = opt(None, "A MedMNIST .npz file as the source.")
+    sample: bool = opt(False, "Use the real sample shipped with xraygan: 1,600 Kermany chest X-rays at 64 px "
+                              "(CC BY 4.0), split by patient; --size 64 or less.", flags=("--sample",))
+    demo: bool = opt(False, "Use procedural phantom X-rays (synthetic, for tests; not for medical conclusions). "
+                            "--demo is its old name.", flags=("--phantom", "--demo"))
+    demo_count: int = opt(300, "Phantom images per class.")
+    size: int = opt(64, "Output image size in pixels (square).")
+    square: str = opt("crop", "How to make images square: crop (center) or pad.")
+    keep: tuple[tuple[str, int], ...] = opt(
+        (), "Keep only COUNT images of CLASS in the training split, chosen at random with the seed, e.g. "
+            "--keep pneumonia=1460. Repeatable.", cli=list[str], parse=_keep,
+        text=lambda v: [f"{c}={n}" for c, n in v])
+    imbalance: float | None = opt(None, "Cut the --minority class in the training split to (largest other "
+                                        "class)/R; --imbalance 3 gives the study's 3:1 normal:pneumonia.")
+    minority: str = opt("pneumonia", "The class --imbalance cuts.")
+    extra_normal: Path | None = opt(None, "Folder of extra healthy images (e.g. NIH ChestX-ray8; with "
+                                          "Data_Entry_2017.csv only 'No Finding' rows are used), added to the "
+                                          "normal class in train/val.")
+    extra_normal_count: int | None = opt(None, "At most this many extra-normal images (chosen at random with "
+                                               "the seed).")
+    extra_normal_splits: tuple[str, ...] = opt(
+        ("train", "val"), "Splits the extra-normal images go to, by patient: train,val (the source's test split "
+                          "stays as published) or train,val,test (the study's pooled protocol: then evaluate "
+                          "reports results per source).", cli=str, parse=_words, text=_comma)
+    split: tuple[float, float, float] = opt((0.8, 0.1, 0.1), "train,val,test fractions for sources that have "
+                                            "no splits.", cli=str, parse=_fractions, text=_comma)
+    val_fraction: float = opt(0.1, "Share of train carved out (by patient) as val when the source has no val "
+                                   "split.")
     min_val: int = 50  # a source val split smaller than this is folded into train
-    class_names: tuple[str, ...] | None = None  # for MedMNIST labels
-    labels: LabelSpec | None = None  # SRC's images labelled by a CSV (--labels / --preset)
-    views: tuple[str, ...] | None = None  # keep only these views (None: all but lateral)
-    salt: str = ""  # mixed into the DICOM name hashes (--salt / XRAYGAN_SALT)
-    seed: int = 0
-    workers: int = 0  # 0 = one per CPU core
-    strict: bool = False
-    force: bool = False
+    classes: str | None = opt(None, "With --labels: which label values mean which class, CLASS=VALUE[|VALUE...] "
+                                    "separated by ';' (\"pneumonia=Pneumonia;normal=No Finding\", "
+                                    "\"pneumonia=1;normal=0|(blank)\"). With MedMNIST: comma-separated names for "
+                                    "labels 0,1,... (default normal,pneumonia).")
+    label_csv: tuple[Path, ...] = opt((), "A CSV that labels the images below SRC (repeatable: CheXpert's "
+                                          "train.csv and valid.csv). See --path-column, --label-column, "
+                                          "--classes, or --preset.", flags=("--labels",))
+    preset: str | None = opt(None, "The column layout of a public release: rsna (stage_2_train_labels.csv), nih "
+                                   "(Data_Entry_2017.csv, with test_list.txt as the test split), chexpert "
+                                   "(train.csv, valid.csv). Found beside SRC or in its parent unless --labels is "
+                                   "given; any column option overrides the preset's.")
+    path_column: str | None = opt(None, "CSV column naming the image: a path below SRC, a file name, or a name "
+                                        "without extension.")
+    label_column: str | None = opt(None, "CSV column holding the label.")
+    patient_column: str | None = opt(None, "CSV column holding the patient id (default: DICOM PatientID, else "
+                                           "the path or file name).")
+    split_column: str | None = opt(None, "CSV column holding train/val/test (default: split by patient).")
+    view_column: str | None = opt(None, "CSV column holding the view (PA, AP, LATERAL, Frontal/Lateral); DICOMs "
+                                        "use ViewPosition.")
+    test_list: Path | None = opt(None, "File of image names, one a line, that form the test split (NIH's "
+                                       "test_list.txt); the other images are train, and val is carved from "
+                                       "train by patient.")
+    uncertain: str = opt("ignore", "Label -1 (CheXpert's uncertain): ignore (drop the image), positive (read as "
+                                   "1) or negative (read as 0): the paper's U-Ignore, U-Ones, U-Zeros.")
+    other: str | None = opt(None, "A class name for images whose label matches no class (other findings); "
+                                  "default: left out, and counted in dataset.json.")
+    views: tuple[str, ...] | None = opt(None, "Keep only these views, e.g. PA,AP (images without a view are "
+                                              "then left out too); default: all but lateral views, which are "
+                                              "counted in dataset.json.", cli=str | None, parse=_words,
+                                        text=_comma)
+    salt: str = opt("", "A secret mixed into the hashed DICOM patient and image names (never written); give "
+                        "the same one to link exports of the same patients.", envvar="XRAYGAN_SALT",
+                    show_default=False)
+    seed: int = opt(0, "Seed for splits, imbalance and demo data.")
+    workers: int = opt(0, "Decoding processes (0 = one per CPU core).")
+    strict: bool = opt(False, "Stop at the first unreadable file instead of skipping it.")
+    force: bool = opt(False, "Replace an existing output folder.")
+
+    def __post_init__(self):
+        for name in ("minority", "preset", "uncertain", "other"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, getattr(self, name).lower())
+
+    @property
+    def labels(self) -> LabelSpec | None:
+        """SRC's images labelled by a CSV (--labels / --preset / a column option), else None."""
+        described = [getattr(self, n) for n in ("path_column", "label_column", "patient_column", "split_column",
+                                                "view_column", "test_list", "other")]
+        if not self.label_csv and self.preset is None and all(v is None for v in described):
+            return None
+        return LabelSpec(csv=tuple(self.label_csv), preset=self.preset, path_column=self.path_column,
+                         label_column=self.label_column, classes=self.classes, patient_column=self.patient_column,
+                         split_column=self.split_column, view_column=self.view_column, uncertain=self.uncertain,
+                         other=self.other, test_list=self.test_list)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """--classes for a MedMNIST source: the names of labels 0, 1, ..."""
+        return _words(self.classes) if self.classes and self.labels is None else None
 
     def validate(self) -> None:
         given = ([x for x in (self.src, self.medmnist) if x is not None] + ([1] if self.demo else [])

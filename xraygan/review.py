@@ -31,6 +31,7 @@ import numpy as np
 
 from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_text, csv_text
+from xraygan.options import opt
 
 FIELDS = ("id", "guess", "quality", "comment")
 GUESSES = ("real", "synthetic")
@@ -41,11 +42,13 @@ PAGE = Path(__file__).parent / "data" / "review.html"
 
 @dataclass(frozen=True)
 class ReviewConfig:
-    audit: Path
-    reader: str = "reader1"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    host_given: bool = False  # --host on the command line: the only way off the loopback
+    audit: Path = opt(help="An audit folder with a blinded review sheet (xraygan audit --review N).",
+                      argument=True, metavar="AUDIT", show_default=False)
+    reader: str = opt("reader1", "The reader's name: their answers go to AUDIT/review/<reader>.csv and their "
+                                 "order is shuffled by it.")
+    port: int = opt(8000, "Port to listen on (0: any free port).")
+    host: str = opt("127.0.0.1", "Address to listen on (this machine only by default). Any other address lets "
+                                 "other machines see the images.")
 
     def validate(self) -> None:
         if not _READER.match(self.reader) or self.reader.lower() == "review":
@@ -53,8 +56,6 @@ class ReviewConfig:
                              "(review.csv is the blank sheet)")
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port {self.port}: must be between 0 and 65535")
-        if not is_loopback(self.host) and not self.host_given:
-            raise InputError(f"{self.host}: not a loopback address; give --host explicitly to serve beyond this machine")
 
 
 def is_loopback(host: str) -> bool:

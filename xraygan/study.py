@@ -25,6 +25,7 @@ from pathlib import Path
 from xraygan import __version__
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_int, require
 from xraygan.fsutil import atomic_write_json, check_out_apart, make_dirs, read_json, record_header, write_csv
+from xraygan.options import DEVICE_HELP, opt
 from xraygan.runtime import DEVICES
 
 ROWS = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcgan_a0.25", "cdcgan_a0.5",
@@ -57,24 +58,56 @@ def default_jobs(cores: int, cuda: bool) -> int:
     return max(1, min(8, cores))
 
 
+def _rows(values: list[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for x in values for v in x.split(",") if v.strip())
+
+
+def _seeds(values: list[str]) -> tuple[int, ...]:
+    words = _rows(values)
+    if not all(w.isdigit() for w in words):
+        raise InputError(f"--seeds '{' '.join(values)}': seeds are whole numbers, e.g. --seeds 0 1 2")
+    return tuple(int(w) for w in words)
+
+
+# the words `--rows` takes after it (a row, or rows joined by commas): only row names, so the data
+# folder after `--rows baseline dcgan` is never read as a row
+_ROW = r"(?:" + "|".join(ROWS[:5] + ("smote", "augment") + DIFFUSION_ROWS) + r"|cdcgan_a[0-9]*\.?[0-9]+)"
+
+
 @dataclass(frozen=True)
 class StudyConfig:
-    data: Path
-    out: Path
-    rows: tuple[str, ...] = ROWS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    gan_steps: int = 3000
-    gan_batch: int = 64
-    diffaugment: str = "auto"
-    clf_epochs: int = 20
-    clf_accumulate: int = 1  # micro-batches per classifier step (train-classifier --accumulate)
-    patience: int = 5
-    small_stem: str = "auto"
-    weights: Path | None = None  # local pretrained ResNet-18 weights for every row's classifier
-    diffusion_steps: int = 4000
-    audit: bool = True
-    device: str = "auto"
-    jobs: int | None = None  # None: default_jobs
+    data: Path = opt(help="A folder written by xraygan prepare (train/, val/, test/).", argument=True)
+    out: Path = opt(help="Study folder: every step's output, logs/, times.csv, table/ and table-tuned/.",
+                    flags=("--out", "-o"))
+    rows: tuple[str, ...] = opt(
+        ROWS, "Rows to run: baseline class_weights undersample oversample dcgan cdcgan_a0.25 cdcgan_a0.5 "
+              "cdcgan_a0.75 smote augment; any cdcgan_a<α>; and the diffusion rows ddpm and cddpm "
+              "(train-diffusion). Space- or comma-separated. Default: the ten before ddpm.", cli=list[str],
+        parse=_rows, show_default=False,
+        several=rf"^{_ROW}(,{_ROW})*$")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "Classifier seeds per row (each also draws the rebalanced set), e.g. "
+                                            "--seeds 0 1 2.", cli=list[str], parse=_seeds,
+                                 text=lambda v: [str(x) for x in v], several=r"^\d+(,\d+)*$")
+    gan_steps: int = opt(3000, "Generator steps per GAN (each GAN is trained once, seed 0).")
+    gan_batch: int = opt(64, "GAN batch size.")
+    diffusion_steps: int = opt(4000, "Training steps per diffusion model (rows ddpm, cddpm).")
+    diffaugment: str = opt("auto", "DiffAugment policy for the GANs (see train-gan).")
+    clf_epochs: int = opt(20, "Classifier epochs (early stopping may end sooner).")
+    clf_accumulate: int = opt(1, "Classifier micro-batches per step, for a batch that does not fit in memory "
+                                 "(see train-classifier --accumulate).")
+    patience: int = opt(5, "Classifier epochs without improvement before stopping.")
+    small_stem: str = opt("auto", "Classifier stem: auto, yes or no (see train-classifier).")
+    weights: Path | None = opt(None, "Local pretrained ResNet-18 weights (e.g. torchvision's ImageNet file) for "
+                                     "every row's classifier (see train-classifier --weights).")
+    audit: bool = opt(True, "Audit each GAN's images against the real training set.")
+    jobs: int | None = opt(None, "Steps run at once, each with cores/N CPU threads, sharing one GPU (default: "
+                                 "one per core up to 8; with a GPU min(8, cores/2); see docs/commands/study.md).",
+                           flags=("--jobs", "-j"))
+    dry_run: bool = opt(False, "Print the plan (what is done, what would run) and exit.", flags=("--dry-run",))
+    print_commands: bool = opt(False, "Print the steps not done yet as a bash script, one command a line tagged "
+                                      "with its stage (for GNU parallel or a SLURM job array), and exit.",
+                               flags=("--print-commands",))
+    device: str = opt("auto", DEVICE_HELP)
     program: str = "xraygan"  # how --print-commands names the command
 
     def validate(self) -> None:
@@ -344,6 +377,17 @@ def commands_script(steps: list[Step], program: str) -> str:
 
 def _slug(step_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", step_id).strip("-")
+
+
+def study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
+    """`xraygan study`: with --dry-run or --print-commands, the plan as text (`script`) and nothing
+    run; else `run_study`."""
+    if not (cfg.dry_run or cfg.print_commands):
+        return run_study(cfg, say)
+    cfg.validate()
+    check_study_folder(cfg)
+    steps = build_plan(cfg)[0]
+    return {"script": commands_script(steps, cfg.program) if cfg.print_commands else plan_text(steps)}
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
