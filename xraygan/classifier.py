@@ -40,12 +40,7 @@ from xraygan.errors import (
     check_int,
     require,
 )
-from xraygan.fsutil import (
-    atomic_write_json,
-    check_out_apart,
-    record_header,
-    write_csv,
-)
+from xraygan.fsutil import atomic_write_json, check_out_apart, record_header, write_csv
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.memory import check_batch, classifier_footprint
 from xraygan.metrics import binary_metrics

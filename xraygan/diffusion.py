@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xraygan import __version__
 from xraygan.checkpoint import (
-    BackgroundWriter,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -34,30 +31,17 @@ from xraygan.checkpoint import (
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
-from xraygan.errors import InputError, Interrupted, check_choice, check_float, check_int
+from xraygan.distributed import Dist
+from xraygan.errors import InputError, check_choice, check_float, check_int
 from xraygan.fsutil import atomic_write_json, check_out_apart, record_header
 from xraygan.gan_models import base_and_doublings, ema_update, size_problem
+from xraygan.images import save_png
 from xraygan.memory import check_batch, diffusion_footprint
-from xraygan.options import DEVICE_HELP, PRECISION_HELP, TRAIN_FOLDER_HELP, opt
-from xraygan.runs import (
-    abandon_failed_run,
-    append_log,
-    begin_run,
-    check_run_target,
-    fingerprint_arrays,
-    interrupted_in_step,
-    not_finite,
-    trained_to,
-    truncate_log,
-)
-from xraygan.runtime import (
-    DEVICES,
-    autocast,
-    autocast_dtype,
-    deferred_interrupt,
-    make_generator,
-    resolve_device,
-)
+from xraygan.options import DEVICE_HELP, PRECISION_HELP, opt
+from xraygan.runs import begin_run, check_run_target, fingerprint_arrays, trained_to
+from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator, resolve_device
+from xraygan.steploop import Cadence, Family, Position, StepLoop
+from xraygan.trainset import TrainingRun, image_grid, load_training_set, to_model_input
 
 Progress = Callable[..., None]
 # channel multipliers per resolution level at the four sizes the U-Net was first tuned at (attention only
@@ -208,13 +192,7 @@ def load_diffusion(path: Path, device: torch.device) -> tuple[nn.Module, Diffusi
 
 
 @dataclass(frozen=True)
-class TrainDiffusionConfig:
-    data: Path = opt(help=TRAIN_FOLDER_HELP, argument=True)
-    out: Path = opt(help="Run folder.", flags=("--out", "-o"))
-    conditional: bool = opt(False, "Learn all classes, with classifier-free guidance at sampling.",
-                            flags=("--conditional",))
-    cls: str | None = opt(None, "Unconditional: the class to learn. Conditional: the default label to "
-                                "generate. Default: the minority class.", flags=("--class",))
+class TrainDiffusionConfig(TrainingRun):
     steps: int = opt(4000, "Training steps (4,000: about 26 min at 32 px on two CPU cores).")
     batch_size: int = opt(64, "Images per step.")
     lr: float = opt(2e-4, "AdamW learning rate.")
@@ -239,13 +217,6 @@ class TrainDiffusionConfig:
     resume: bool = opt(False, "Continue an interrupted run from its last checkpoint (same options; "
                               "--steps may grow).")
     force: bool = opt(False, "Replace an earlier train-diffusion run in --out.")
-
-    def __post_init__(self):
-        if self.cls:
-            object.__setattr__(self, "cls", self.cls.lower())
-
-    def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
     def validate(self) -> None:
         check_int("--steps", self.steps)
@@ -283,15 +254,12 @@ def is_done(run: Path, steps: int) -> bool:
 def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None) -> dict:
     """Train (or resume) a diffusion run; returns a summary dict. A run that fails before its
     first checkpoint leaves no folder behind."""
-    from xraygan.gan import image_grid, load_training_set, to_model_input
-    from xraygan.images import save_png
-
     cfg.validate()
     run = Path(cfg.out)
     check_run_target(run, cfg, RESUME_KEYS, "train-diffusion")
     device = resolve_device(cfg.device)
-    # same fields as train-gan's; refuses the sizes no generator makes
-    data, classes, label = load_training_set(cfg)  # type: ignore[arg-type]
+    # the same training set as train-gan's; refuses the sizes no generator makes
+    data, classes, label = load_training_set(cfg.data, cfg.conditional, cfg.cls, cfg.batch_size)
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
     width, layers = default_shape(data.size)
     net = DiffusionNetConfig(image_size=data.size, width=cfg.width or width,
@@ -300,159 +268,116 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
                              prediction=PREDICTIONS[cfg.prediction])
     check_batch("diffusion", *diffusion_footprint(net), cfg.batch_size, device, str(cfg.data), data.size)
     torch.manual_seed(cfg.seed)
-    unet = build_unet(net).to(device)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.ema > 0 else None
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    amp = autocast_dtype(device, cfg.precision)
-    abar = alphas_cumprod(net).to(device)
+    model = _Model(cfg, net, device)
     x_all = to_model_input(data.images, device, False)
     y_all = torch.from_numpy(data.labels).to(device)
-    rng_data, rng_noise = make_generator(cfg.seed), make_generator(cfg.seed + 1)
-    n = len(x_all)
-    steps_per_epoch = n // cfg.batch_size
     meta = {"classes": list(classes), "image_size": data.size, "conditional": cfg.conditional,
             "default_label": label, "seed": cfg.seed, "run": run.name, "family": "diffusion",
             "xraygan_version": __version__}
-    grid_noise, _ = image_noise(cfg.seed + 3, 0, 16, data.size)
-    grid_noise = grid_noise.to(device)
-    grid_labels = (torch.arange(16) % len(classes)).to(device) if cfg.conditional else None
-
     created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data)
-    step, epoch, batch, perm = 0, 0, 0, None
+    loop = StepLoop(run, _family(cfg, model, x_all, y_all, meta, run),
+                    Cadence(cfg.steps, len(x_all) // cfg.batch_size, cfg.log_every, cfg.save_every, cfg.save_seconds,
+                            cfg.sample_every), Dist(), device, created, cfg.resume, progress)
     if cfg.resume:
-        t, smeta = load_checkpoint(run / "state.safetensors", "diffusion-state")
-        unet.load_state_dict(tensors_to_state_dict("model.", t))
-        if ema is not None:
-            ema.load_state_dict(tensors_to_state_dict("ema.", t))
-        optimizer_from_tensors("opt.", opt, t, smeta["param_groups"])
-        rng_data.set_state(t["rng.data"])
-        rng_noise.set_state(t["rng.noise"])
-        step, epoch, batch = int(smeta["step"]), int(smeta["epoch"]), int(smeta["batch"])
-        perm = t["perm"] if t["perm"].numel() else None
-        truncate_log(run, LOG_FIELDS, step)
-        if step >= cfg.steps:
-            raise InputError(f"{run}: already trained {step} steps; give a larger --steps to continue")
-    checkpointed = cfg.resume
-    writer = BackgroundWriter(background=device.type != "cpu")
-    pending: list[tuple[int, int, float, torch.Tensor]] = []
-    last_loss = float("nan")
-    t_start = time.perf_counter()
-    images_done = 0
+        model.load(*loop.resume())
 
-    def flush() -> None:
-        nonlocal last_loss
-        if not pending:
-            return
-        vals = torch.stack([p[3] for p in pending]).float().cpu().numpy()
-        rows = [{"step": s, "epoch": e, "loss": f"{v:.6g}", "seconds": f"{sec:.3f}"}
-                for (s, e, sec, _), v in zip(pending, vals)]
-        bad = ~np.isfinite(vals)
-        if bad.any():
-            k = int(np.argmax(bad))
-            append_log(run, LOG_FIELDS, rows[:k])
-            pending.clear()
-            raise not_finite(rows[k]["step"], "", run / "diffusion.safetensors", checkpointed)
-        append_log(run, LOG_FIELDS, rows)
-        pending.clear()
-        last_loss = float(vals[-1])
-        if progress:
-            progress("train-diffusion", step, cfg.steps, epoch=f"{epoch + 1}", loss=last_loss,
-                     images=images_done)
-
-    def save() -> None:
-        nonlocal checkpointed, last_save
-        flush()
-        common = dict(meta, epoch=epoch, step=step)
-        t = state_dict_to_tensors("model.", unet.state_dict())
-        if ema is not None:
-            t.update(state_dict_to_tensors("ema.", ema.state_dict()))
-        o, groups = optimizer_to_tensors("opt.", opt)
-        t.update(o)
-        t["rng.data"], t["rng.noise"] = rng_data.get_state(), rng_noise.get_state()
-        t["perm"] = perm if perm is not None else torch.zeros(0, dtype=torch.int64)
-        writer.submit([
-            snapshot(run / "diffusion.safetensors", (ema or unet).state_dict(), "diffusion-model",
-                     net.to_dict(), writer.copies, **common, ema=ema is not None),
-            snapshot(run / "state.safetensors", t, "diffusion-state", net.to_dict(), writer.copies, **common,
-                     batch=batch, param_groups=groups)])
-        checkpointed, last_save = True, time.monotonic()
-
-    def grid() -> None:
-        x = sample(ema or unet, net, grid_noise, grid_labels, "ddim", cfg.sample_steps, amp=amp)
-        save_png(run / "samples" / f"step_{step:07d}.png", image_grid(x, nrow=4))
-
-    last_save = time.monotonic()
-    in_step = False
-    try:
+    def prologue() -> None:
         if not cfg.resume:
             atomic_write_json(run / "config.json", {
                 **record_header("diffusion-run"), "train": cfg.to_json(), "net": net.to_dict(),
                 "classes": list(classes), "default_label": label, "counts": data.counts(),
                 "data_fingerprint": fingerprint, "device": str(device),
-                "autocast": str(amp) if amp else "fp32", "xraygan_version": __version__,
+                "autocast": str(model.amp) if model.amp else "fp32", "xraygan_version": __version__,
                 "torch_version": torch.__version__})
         (run / "samples").mkdir(exist_ok=True)
-        unet.train()
-        with deferred_interrupt() as stop:
-            while step < cfg.steps:
-                if batch >= steps_per_epoch:
-                    epoch, batch, perm = epoch + 1, 0, None
-                if perm is None:
-                    perm = torch.randperm(n, generator=rng_data)
-                idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(device)
-                k = len(idx)
-                # every random number of the step from the seeded CPU streams (bit-exact resume on the CPU)
-                tt = torch.randint(0, net.timesteps, (k,), generator=rng_noise)
-                noise = torch.randn(k, 1, data.size, data.size, generator=rng_noise)
-                drop = torch.rand(k, generator=rng_noise) < cfg.p_uncond if cfg.conditional else None
-                tt, noise = tt.to(device), noise.to(device)
-                in_step = True
-                x0 = x_all[idx]
-                a = abar[tt].view(-1, 1, 1, 1)
-                signal, spread = a.sqrt(), (1 - a).sqrt()
-                xt = signal * x0 + spread * noise
-                labels = None
-                if cfg.conditional:
-                    labels = torch.where(drop.to(device), torch.full_like(y_all[idx], net.num_classes), y_all[idx])
-                with autocast(device, amp):
-                    out = unet(xt, tt, class_labels=labels).sample if labels is not None else unet(xt, tt).sample
-                target = noise if net.prediction == "epsilon" else signal * noise - spread * x0
-                loss = F.mse_loss(out.float(), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if ema is not None:
-                    ema_update(ema, unet, min(cfg.ema, (1 + step) / (10 + step)))
-                step += 1
-                batch += 1
-                in_step = False
-                images_done += k
-                pending.append((step, epoch + 1, time.perf_counter() - t_start, loss.detach()))
-                end = step == cfg.steps
-                if len(pending) >= cfg.log_every or end or stop.requested:
-                    flush()
-                if end or step % cfg.sample_every == 0:
-                    grid()
-                if end or stop.requested or step % cfg.save_every == 0 \
-                        or time.monotonic() - last_save >= cfg.save_seconds:
-                    save()
-                if stop.requested:
-                    raise KeyboardInterrupt
-        writer.wait()
-    except KeyboardInterrupt:
-        writer.wait()
-        if in_step:
-            raise interrupted_in_step(run, created, checkpointed) from None
-        save()
-        writer.wait()
-        raise Interrupted(f"interrupted at step {step}; saved: continue with xraygan train-diffusion ... "
-                          f"--out {run} --resume") from None
-    except BaseException:
-        abandon_failed_run(run, created, writer, checkpointed)
-        raise
-    seconds = time.perf_counter() - t_start
-    return {"run": str(run), "steps": step, "epochs": epoch + 1, "classes": list(classes), "label": label,
-            "conditional": cfg.conditional, "loss": last_loss, "seconds": round(seconds, 1),
-            "images_per_s": images_done / seconds if seconds > 0 else None, "device": str(device),
-            "precision": str(amp) if amp else "fp32", "checkpoint": str(run / "diffusion.safetensors"),
-            "samples": str(run / "samples"), "parameters": sum(p.numel() for p in unet.parameters())}
+        model.unet.train()
+
+    loop.train(prologue)
+    return {"run": str(run), "steps": loop.pos.step, "epochs": loop.pos.epoch + 1, "classes": list(classes),
+            "label": label, "conditional": cfg.conditional, "loss": loop.last.get("loss", float("nan")),
+            "seconds": round(loop.seconds, 1), "images_per_s": loop.images_per_s(), "device": str(device),
+            "precision": str(model.amp) if model.amp else "fp32", "checkpoint": str(run / "diffusion.safetensors"),
+            "samples": str(run / "samples"), "parameters": sum(p.numel() for p in model.unet.parameters())}
+
+
+class _Model:
+    """A diffusion run's network, its EMA copy, optimizer and random streams (data order; noise,
+    timesteps and label dropout), all restored by `load`."""
+
+    def __init__(self, cfg: TrainDiffusionConfig, net: DiffusionNetConfig, device: torch.device):
+        self.net = net
+        self.unet = build_unet(net).to(device)
+        self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False) if cfg.ema > 0 else None
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.amp = autocast_dtype(device, cfg.precision)
+        self.abar = alphas_cumprod(net).to(device)
+        self.rng_data, self.rng_noise = make_generator(cfg.seed), make_generator(cfg.seed + 1)
+
+    def load(self, t: dict[str, torch.Tensor], smeta: dict) -> None:
+        self.unet.load_state_dict(tensors_to_state_dict("model.", t))
+        if self.ema is not None:
+            self.ema.load_state_dict(tensors_to_state_dict("ema.", t))
+        optimizer_from_tensors("opt.", self.opt, t, smeta["param_groups"])
+        self.rng_data.set_state(t["rng.data"])
+        self.rng_noise.set_state(t["rng.noise"])
+
+    def state(self) -> tuple[dict[str, torch.Tensor], list]:
+        t = state_dict_to_tensors("model.", self.unet.state_dict())
+        if self.ema is not None:
+            t.update(state_dict_to_tensors("ema.", self.ema.state_dict()))
+        o, groups = optimizer_to_tensors("opt.", self.opt)
+        t.update(o)
+        t["rng.data"], t["rng.noise"] = self.rng_data.get_state(), self.rng_noise.get_state()
+        return t, groups
+
+
+def _family(cfg: TrainDiffusionConfig, m: _Model, x_all, y_all: torch.Tensor, meta: dict, run: Path) -> Family:
+    """train-diffusion in the step loop: a batch in the epoch's order, noised at random timesteps
+    (epsilon or v prediction, MSE), and its files: the model (EMA weights when kept) and state."""
+    net, device, size = m.net, m.abar.device, x_all[0:1].shape[-1]
+    grid_noise, _ = image_noise(cfg.seed + 3, 0, 16, size)
+    grid_noise = grid_noise.to(device)
+    grid_labels = (torch.arange(16) % max(1, net.num_classes)).to(device) if cfg.conditional else None
+
+    def step(pos: Position) -> tuple[torch.Tensor, int]:
+        idx = pos.perm[pos.batch * cfg.batch_size:(pos.batch + 1) * cfg.batch_size].to(device)
+        k = len(idx)
+        # every random number of the step from the seeded CPU streams (bit-exact resume on the CPU)
+        tt = torch.randint(0, net.timesteps, (k,), generator=m.rng_noise)
+        noise = torch.randn(k, 1, size, size, generator=m.rng_noise)
+        drop = torch.rand(k, generator=m.rng_noise) < cfg.p_uncond if cfg.conditional else None
+        tt, noise = tt.to(device), noise.to(device)
+        x0 = x_all[idx]
+        a = m.abar[tt].view(-1, 1, 1, 1)
+        signal, spread = a.sqrt(), (1 - a).sqrt()
+        xt = signal * x0 + spread * noise
+        labels = None
+        if cfg.conditional:
+            labels = torch.where(drop.to(device), torch.full_like(y_all[idx], net.num_classes), y_all[idx])
+        with autocast(device, m.amp):
+            out = m.unet(xt, tt, class_labels=labels).sample if labels is not None else m.unet(xt, tt).sample
+        target = noise if net.prediction == "epsilon" else signal * noise - spread * x0
+        loss = F.mse_loss(out.float(), target)
+        m.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        m.opt.step()
+        if m.ema is not None:
+            ema_update(m.ema, m.unet, min(cfg.ema, (1 + pos.step) / (10 + pos.step)))
+        return loss.detach(), k
+
+    def save(pos: Position, w) -> None:
+        common = dict(meta, epoch=pos.epoch, step=pos.step)
+        t, groups = m.state()
+        t["perm"] = StepLoop.saved_perm(pos)
+        w.submit([
+            snapshot(run / "diffusion.safetensors", (m.ema or m.unet).state_dict(), "diffusion-model",
+                     net.to_dict(), w.copies, **common, ema=m.ema is not None),
+            snapshot(run / "state.safetensors", t, "diffusion-state", net.to_dict(), w.copies, **common,
+                     batch=pos.batch, param_groups=groups)])
+
+    def grid(step: int) -> None:
+        x = sample(m.ema or m.unet, net, grid_noise, grid_labels, "ddim", cfg.sample_steps, amp=m.amp)
+        save_png(run / "samples" / f"step_{step:07d}.png", image_grid(x, nrow=4))
+
+    return Family("train-diffusion", "diffusion.safetensors", "diffusion-state", LOG_FIELDS, ("loss",), ("loss",),
+                  order=lambda: torch.randperm(len(x_all), generator=m.rng_data), step=step, save=save, grid=grid)

@@ -188,6 +188,20 @@ def check_output_free(out: Path, force: bool, command: str | None = None) -> Non
                          f"which xraygan {command} did not write; --force will not remove it")
 
 
+def continued_record(out: Path, record: str, refusal: str) -> Path | None:
+    """For a command that continues its own output (generate adds images, a study reruns): None
+    when `out` is new or empty (hidden files aside), else the path of its record `record`; a
+    folder holding files but no such record is refused with `refusal`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if not out.is_dir() or not any(not p.name.startswith(".") for p in out.iterdir()):
+        return None
+    if not (out / record).is_file():
+        raise InputError(f"{out}: {refusal}")
+    return out / record
+
+
 def overlapping(a: Path, b: Path) -> bool:
     """The same folder, or one inside the other."""
     a, b = Path(a).resolve(), Path(b).resolve()

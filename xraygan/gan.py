@@ -8,9 +8,8 @@ checkpointed with everything else, so an interrupted run resumes exactly where i
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +20,16 @@ from torch import nn
 from xraygan import __version__
 from xraygan.checkpoint import (
     BackgroundWriter,
-    load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
     snapshot,
     state_dict_to_tensors,
     tensors_to_state_dict,
 )
-from xraygan.distributed import Dist, average_gradients, broadcast_module, mean_and_flag
+from xraygan.distributed import Dist, average_gradients, broadcast_module
 from xraygan.distributed import session as distributed_session
-from xraygan.errors import (
-    InputError,
-    Interrupted,
-    check_choice,
-    check_float,
-    check_int,
-    require,
-)
-from xraygan.fsutil import (
-    atomic_write_json,
-    check_out_apart,
-    record_header,
-)
+from xraygan.errors import InputError, check_choice, check_float, check_int, require
+from xraygan.fsutil import atomic_write_json, check_out_apart, record_header
 from xraygan.gan_models import (
     DIFFAUG_POLICIES,
     Discriminator,
@@ -51,29 +38,14 @@ from xraygan.gan_models import (
     apply_diff_augment,
     diffaug_draw,
     ema_update,
-    size_problem,
 )
-from xraygan.images import ImageFolder, image_side, list_image_folder, read_image_folder, save_png
+from xraygan.images import save_png
 from xraygan.memory import check_batch, gan_footprint
-from xraygan.options import DEVICE_HELP, TORCHRUN_BATCH_HELP, TRAIN_FOLDER_HELP, opt
-from xraygan.runs import (
-    abandon_failed_run,
-    append_log,
-    begin_run,
-    check_run_target,
-    fingerprint_arrays,
-    interrupted_in_step,
-    not_finite,
-    trained_to,
-    truncate_log,
-)
-from xraygan.runtime import (
-    DEVICES,
-    autocast,
-    autocast_dtype,
-    deferred_interrupt,
-    make_generator,
-)
+from xraygan.options import DEVICE_HELP, TORCHRUN_BATCH_HELP, opt
+from xraygan.runs import begin_run, check_run_target, fingerprint_arrays, trained_to
+from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
+from xraygan.steploop import Cadence, Family, Position, StepLoop
+from xraygan.trainset import ModelInput, TrainingRun, image_grid, load_training_set, to_model_input
 
 Progress = Callable[..., None]
 STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z")
@@ -102,13 +74,7 @@ def diversity(samples: torch.Tensor, real_spread: float) -> float:
 
 
 @dataclass(frozen=True)
-class TrainGanConfig:
-    data: Path = opt(help=TRAIN_FOLDER_HELP, argument=True)
-    out: Path = opt(help="Run folder.", flags=("--out", "-o"))
-    conditional: bool = opt(False, "Train a conditional DCGAN on all classes (else a DCGAN on one).",
-                            flags=("--conditional",))
-    cls: str | None = opt(None, "DCGAN: the class to learn. cDCGAN: the default label to generate. Default: the "
-                                "minority class.", flags=("--class",))
+class TrainGanConfig(TrainingRun):
     alpha: float | None = opt(None, "cDCGAN (default 0.5): probability that a label drawn for a fake image during "
                                     "training is the healthy class (--healthy); the other classes share 1-alpha. "
                                     "Lower alpha trains the generator and discriminator on more fake pneumonia "
@@ -128,7 +94,8 @@ class TrainGanConfig:
     # "color,translation,cutout" (any subset); "" (or "none") = off; auto: see resolve_diffaugment
     diffaugment: str = opt("auto", "Differentiable augmentation of what D sees: a comma list of color, "
                                    "translation, cutout; 'none' to turn off; 'auto' turns all three on for fewer "
-                                   "than 5,000 training images, where D otherwise memorises the real set.")
+                                   "than 5,000 training images, where D otherwise memorises the real set.",
+                           text=lambda v: v or "none")
     ema: float = opt(0.999, "Decay of the moving average of G's weights used for sampling; 0 = off.")
     loss: str = opt("bce", "bce (the DCGAN's non-saturating loss) or hinge (SNGAN / BigGAN; use with "
                            "--spectral-norm).")
@@ -149,7 +116,8 @@ class TrainGanConfig:
     force: bool = opt(False, "Replace an earlier train-gan run in --out.")
 
     def __post_init__(self):
-        for name in ("cls", "healthy", "loss"):
+        super().__post_init__()
+        for name in ("healthy", "loss"):
             if getattr(self, name):
                 object.__setattr__(self, name, getattr(self, name).lower())
         if self.diffaugment == "none":
@@ -158,9 +126,6 @@ class TrainGanConfig:
     @property
     def alpha_value(self) -> float:
         return 0.5 if self.alpha is None else self.alpha
-
-    def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
     def validate(self) -> None:
         """Every option checked before any folder is made or any image read."""
@@ -218,43 +183,6 @@ def resolve_diffaugment(policy: str, n_images: int) -> str:
     if policy == "auto":
         return DIFFAUG_ALL if n_images < DIFFAUG_AUTO_BELOW else ""
     return policy
-
-
-def _size_check(data: Path, size: int) -> None:
-    problem = size_problem(size)
-    if problem:
-        raise InputError(f"{data}: images are {size} px; {problem} (prepare with --size N)")
-
-
-def load_training_set(cfg: TrainGanConfig) -> tuple[ImageFolder, tuple[str, ...], str]:
-    """Decode the data; returns (folder, classes the model knows, default label)."""
-    first = next((f for files in list_image_folder(cfg.data).values() for f in files), None)
-    if first is not None:  # a size no generator makes is refused before the whole folder is decoded
-        _size_check(cfg.data, image_side(first))
-    full = read_image_folder(cfg.data)
-    counts = full.counts()
-    _size_check(cfg.data, full.size)
-    minority = min(counts, key=lambda c: (counts[c], c))
-    if cfg.conditional:
-        if len(full.classes) < 2:
-            raise InputError(f"{cfg.data}: --conditional needs at least two classes")
-        data, classes, label = full, full.classes, cfg.cls or minority
-        if label not in classes:
-            raise InputError(f"--class {label}: no such class in {cfg.data} "
-                             f"(found: {', '.join(classes)})")
-    else:
-        label = cfg.cls or minority
-        if label not in full.classes:
-            raise InputError(f"{Path(cfg.data) / label}: class folder missing "
-                             f"(found: {', '.join(full.classes)})")
-        keep = full.labels == full.classes.index(label)
-        data = replace(full, images=full.images[keep], labels=np.zeros(int(keep.sum()), np.int64),
-                       files=tuple(f for f, k in zip(full.files, keep) if k), classes=(label,))
-        classes = (label,)
-    if len(data.images) < cfg.batch_size:
-        raise InputError(f"{cfg.data}: {len(data.images)} training images, fewer than one batch "
-                         f"of {cfg.batch_size} (use a smaller --batch-size)")
-    return data, classes, label
 
 
 class GanTrainer:
@@ -485,38 +413,6 @@ class GanTrainer:
                 g.manual_seed(self.cfg.seed * 1_000_003 + self.step_count * 7 + k)
 
 
-class ModelInput:
-    """The training set as the trainers index it: `x[idx]` is float (B, 1, H, W) in [-1, 1].
-
-    The set stays uint8 on the device and each batch is converted as it is drawn (the same
-    values as converting the whole set once): a 50,000-image set at 128 px holds 0.8 GB, not
-    the 3.3 GB of a float copy."""
-
-    def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool):
-        self.u8 = torch.from_numpy(images).to(device)
-        self.channels_last = channels_last
-
-    def __len__(self) -> int:
-        return len(self.u8)
-
-    def __getitem__(self, idx) -> torch.Tensor:
-        x = self.u8[idx].unsqueeze(1).float().div_(127.5).sub_(1.0)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-def to_model_input(images: np.ndarray, device: torch.device, channels_last: bool) -> ModelInput:
-    return ModelInput(images, device, channels_last)
-
-
-def image_grid(x: torch.Tensor, nrow: int = 8) -> np.ndarray:
-    """(N, 1, H, W) in [-1, 1] → one uint8 grid image."""
-    from torchvision.utils import make_grid
-
-    g = make_grid(x.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0,
-                  normalize=True, value_range=(-1, 1))
-    return (g[0] * 255).round().to(torch.uint8).numpy()
-
-
 @torch.no_grad()
 def sample(G: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     was = G.training
@@ -525,23 +421,6 @@ def sample(G: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.
         return G(z, labels).float()
     finally:
         G.train(was)
-
-
-def _save(run: Path, trainer: GanTrainer, meta: dict, epoch: int, batch: int,
-          perm: torch.Tensor, writer: BackgroundWriter) -> None:
-    """Snapshot generator, discriminator and resume state now; `writer` writes them in the
-    background, the state file last, so a crash between the writes resumes from the previous
-    consistent state."""
-    common = dict(meta, epoch=epoch, step=trainer.step_count)
-    t, smeta = trainer.state_tensors()
-    t["perm"] = perm
-    writer.submit([
-        snapshot(run / "generator.safetensors", trainer.sampler().state_dict(), "generator",
-                 trainer.net.to_dict(), writer.copies, **common, ema=trainer.G_ema is not None),
-        snapshot(run / "discriminator.safetensors", trainer.D.state_dict(), "discriminator",
-                 trainer.net.to_dict(), writer.copies, **common),
-        snapshot(run / "state.safetensors", t, "gan-state", trainer.net.to_dict(), writer.copies,
-                 **{**common, **smeta}, batch=batch)])
 
 
 def _warnings(cfg: TrainGanConfig, label: str) -> list[str]:
@@ -577,7 +456,7 @@ def train_gan(cfg: TrainGanConfig, progress: Progress | None = None) -> dict:
 def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
                progress: Progress | None) -> dict:
     """The run itself; under torchrun every process runs this and only rank 0 writes files."""
-    data, classes, label = load_training_set(cfg)
+    data, classes, label = load_training_set(cfg.data, cfg.conditional, cfg.cls, cfg.batch_size)
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
     warnings = _warnings(cfg, label)
     asked = cfg.to_json()  # as given (e.g. diffaugment "auto"); --resume compares against this
@@ -588,8 +467,6 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
     check_batch("gan", *gan_footprint(net), -(-cfg.batch_size // dist.world), device, str(cfg.data), data.size)
     trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs, dist=dist)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")
-    by_class = [torch.nonzero(torch.from_numpy(data.labels) == c).flatten().to(trainer.rng_device)
-                 for c in range(len(classes))]
     n = len(x_all)
     steps_per_epoch = n // cfg.batch_size  # drop_last: batch norm sees full batches
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
@@ -597,84 +474,19 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
             "default_label": label, "alpha": cfg.alpha_value if cfg.conditional else None,
             "healthy": cfg.healthy if cfg.conditional else None, "seed": cfg.seed,
             "run": run.name, "xraygan_version": __version__}
-    fixed = make_generator(cfg.seed + 3)
-    fixed_z = torch.randn(64, cfg.nz, generator=fixed).to(device)
-    fixed_labels = (torch.arange(64) % len(classes)).to(device) if cfg.conditional else None
-
     created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data, writes=dist.main)
-    epoch, batch, perm = 0, 0, None
+    loop = StepLoop(run, _family(cfg, trainer, x_all, data.labels, len(classes), meta, run),
+                    Cadence(total_steps, steps_per_epoch, cfg.log_every, cfg.save_every, cfg.save_seconds,
+                            cfg.sample_every), dist, device, created, cfg.resume, progress)
     if cfg.resume:
-        t, smeta = load_checkpoint(run / "state.safetensors", "gan-state")
-        trainer.load_state(t, smeta)
-        epoch, batch = int(smeta["epoch"]), int(smeta["batch"])
-        perm = t["perm"].to(device) if t["perm"].numel() else None
-        if dist.main:
-            truncate_log(run, LOG_FIELDS, trainer.step_count)
-        if trainer.step_count >= total_steps:
-            raise InputError(f"{run}: already trained {trainer.step_count} steps; give a larger "
-                             "--steps or --epochs to continue")
+        trainer.load_state(*loop.resume())
+        if loop.pos.perm is not None:
+            loop.pos.perm = loop.pos.perm.to(trainer.rng_device)
     for m in (trainer.G, trainer.D, trainer.G_ema):
         if m is not None:
             broadcast_module(dist, m)
-    checkpointed = cfg.resume
-    t_start = time.perf_counter()
-    images_done = 0
-    last: dict = {}
-    pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, epoch, seconds, stats on device)
-    divs: dict[int, float] = {}  # step -> diversity of the sample grid written at that step
-    # the real spread the samples' diversity is measured against: a fixed real batch of 64
-    ref = torch.randperm(n, generator=make_generator(cfg.seed + 4))[:64].to(device)
-    real_spread = mean_pairwise_distance(x_all[ref])
 
-    def flush(want_stop: bool = False) -> bool:
-        """Read the pending losses in one host sync; log them; stop on a non-finite value. Under
-        torchrun the losses are averaged over the processes, and the result says whether any of
-        them was asked to stop (Ctrl-C or SIGTERM), in the same collective."""
-        nonlocal last
-        if not pending:
-            return want_stop
-        stacked, want_stop = mean_and_flag(dist, torch.stack([p[3] for p in pending]), want_stop)
-        vals = stacked.float().cpu().numpy()
-        bad = ~np.isfinite(vals).all(axis=1)
-        rows = [{"step": st, "epoch": ep, **{k: f"{v:.6g}" for k, v in zip(STAT_NAMES, row)},
-                 "diversity": f"{divs[st]:.4g}" if st in divs else "", "seconds": f"{sec:.3f}"}
-                for (st, ep, sec, _), row in zip(pending, vals)]
-        if bad.any():
-            k = int(np.argmax(bad))
-            if dist.main:
-                append_log(run, LOG_FIELDS, rows[:k])
-            pending.clear()
-            raise not_finite(rows[k]["step"], f" (loss_d {rows[k]['loss_d']}, loss_g {rows[k]['loss_g']})",
-                             run / "generator.safetensors", checkpointed)
-        if dist.main:
-            append_log(run, LOG_FIELDS, rows)
-        pending.clear()
-        last = dict(zip(STAT_NAMES, map(float, vals[-1])))
-        if progress:
-            extra = {"diversity": divs[max(divs)]} if divs else {}
-            progress("train-gan", trainer.step_count, total_steps,
-                     epoch=f"{epoch + 1}/{-(-total_steps // steps_per_epoch)}",
-                     loss_d=last["loss_d"], loss_g=last["loss_g"], **extra, images=images_done)
-        return want_stop
-
-    def save() -> None:
-        nonlocal checkpointed, last_save
-        if not dist.active:  # under torchrun saves come right after the collective flush
-            flush()  # never checkpoint a state whose losses were not checked
-        _save(run, trainer, meta, epoch, batch,
-              perm if perm is not None else torch.zeros(0, dtype=torch.int64), writer)
-        checkpointed, last_save = True, time.monotonic()
-
-    def grid() -> None:
-        with autocast(device, trainer.amp):  # the training precision: a grid is a picture, not a result
-            x = sample(trainer.sampler(), fixed_z, fixed_labels)
-        divs[trainer.step_count] = diversity(x, real_spread)
-        save_png(run / "samples" / f"step_{trainer.step_count:07d}.png", image_grid(x))
-
-    last_save = time.monotonic()
-    in_step = False
-    writer = BackgroundWriter(background=device.type != "cpu")
-    try:
+    def prologue() -> None:
         if not cfg.resume and dist.main:
             atomic_write_json(run / "config.json", {
                 **record_header("gan-run"), "train": asked, "diffaugment": cfg.diffaugment, "net": net.to_dict(),
@@ -684,70 +496,65 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
                 "processes": dist.world, "xraygan_version": __version__, "torch_version": torch.__version__})
         if dist.main:
             (run / "samples").mkdir(exist_ok=True)
-        with deferred_interrupt() as stop:
-            while trainer.step_count < total_steps:
-                if batch >= steps_per_epoch:
-                    epoch, batch, perm = epoch + 1, 0, None
-                if perm is None and not cfg.conditional:
-                    perm = trainer.randperm(n)
-                if cfg.conditional:
-                    idx, labels = trainer.conditional_batch(by_class, cfg.batch_size)
-                    idx, labels = dist.share(idx), dist.share(labels)
-                else:
-                    idx = dist.share(perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size])
-                    labels = None
-                in_step = True
-                stats = trainer.step(x_all[idx], labels)
-                batch += 1
-                in_step = False
-                images_done += cfg.batch_size
-                s = trainer.step_count
-                pending.append((s, epoch + 1, time.perf_counter() - t_start, stats))
-                end = s == total_steps
-                if dist.main and (end or s % cfg.sample_every == 0):
-                    grid()
-                if dist.active:  # every process meets at the same steps; rank 0 alone saves
-                    if end or s % cfg.log_every == 0 or s % cfg.save_every == 0:
-                        stop_all = flush(stop.requested)
-                        if dist.main and (end or stop_all or s % cfg.save_every == 0
-                                          or time.monotonic() - last_save >= cfg.save_seconds):
-                            save()
-                        if stop_all:
-                            raise KeyboardInterrupt
-                    continue
-                if len(pending) >= cfg.log_every or end or stop.requested:
-                    flush()
-                if end or stop.requested or s % cfg.save_every == 0 \
-                        or time.monotonic() - last_save >= cfg.save_seconds:
-                    save()
-                if stop.requested:
-                    raise KeyboardInterrupt
-        writer.wait()  # the run is reported as saved only once its files are on disk
-    except KeyboardInterrupt:
-        writer.wait()
-        if not dist.main:
-            raise Interrupted(f"interrupted at step {trainer.step_count}") from None
-        if in_step:
-            raise interrupted_in_step(run, created, checkpointed) from None
-        save()
-        writer.wait()
-        raise Interrupted(f"interrupted at step {trainer.step_count}; saved: continue with "
-                          f"xraygan train-gan ... --out {run} --resume") from None
-    except BaseException:
-        abandon_failed_run(run, created, writer, checkpointed, writes=dist.main)
-        raise
-    seconds = time.perf_counter() - t_start
-    final_div = divs.get(trainer.step_count)
+
+    loop.train(prologue)
+    final_div = loop.grid_values.get(trainer.step_count)
     if final_div is not None and final_div < COLLAPSED_BELOW and trainer.step_count >= COLLAPSE_MIN_STEPS:
         warnings.append(f"the generator has collapsed: its samples are nearly alike (diversity "
                         f"{final_div:.2f} of a real batch's spread; healthy runs stay near 1). Try "
                         "--diffaugment color,translation,cutout, a lower --lr, fewer --steps, or "
                         f"look at {run / 'samples'}")
-    return {"run": str(run), "epochs": epoch + 1, "steps": trainer.step_count, "diversity": final_div,
+    return {"run": str(run), "epochs": loop.pos.epoch + 1, "steps": trainer.step_count, "diversity": final_div,
             "classes": list(classes), "label": label, "conditional": cfg.conditional,
-            "images_per_s": images_done / seconds if seconds > 0 else None, "processes": dist.world,
-            "seconds": round(seconds, 1), "device": str(device),
-            "precision": str(trainer.amp) if trainer.amp else "fp32", **last,
+            "images_per_s": loop.images_per_s(), "processes": dist.world,
+            "seconds": round(loop.seconds, 1), "device": str(device),
+            "precision": str(trainer.amp) if trainer.amp else "fp32", **loop.last,
             "generator": str(run / "generator.safetensors"),
             "samples": str(run / "samples"), "warnings": warnings}
 
+
+def _family(cfg: TrainGanConfig, trainer: GanTrainer, x_all: ModelInput, labels: np.ndarray, n_classes: int,
+            meta: dict, run: Path) -> Family:
+    """train-gan in the step loop: a batch (in the epoch's order, or drawn per class when
+    conditional), one D and G step, and its files: generator, discriminator and resume state."""
+    dist, device, n = trainer.dist, trainer.device, len(x_all)
+    by_class = [torch.nonzero(torch.from_numpy(labels) == c).flatten().to(trainer.rng_device)
+                for c in range(n_classes)]
+    fixed_z = torch.randn(64, cfg.nz, generator=make_generator(cfg.seed + 3)).to(device)
+    fixed_labels = (torch.arange(64) % n_classes).to(device) if cfg.conditional else None
+    # the real spread the samples' diversity is measured against: a fixed real batch of 64
+    ref = torch.randperm(n, generator=make_generator(cfg.seed + 4))[:64].to(device)
+    real_spread = mean_pairwise_distance(x_all[ref])
+
+    def step(pos: Position) -> tuple[torch.Tensor, int]:
+        if cfg.conditional:
+            idx, y = trainer.conditional_batch(by_class, cfg.batch_size)
+            idx, y = dist.share(idx), dist.share(y)
+        else:
+            idx, y = dist.share(pos.perm[pos.batch * cfg.batch_size:(pos.batch + 1) * cfg.batch_size]), None
+        return trainer.step(x_all[idx], y), cfg.batch_size
+
+    def save(pos: Position, w: BackgroundWriter) -> None:
+        """Snapshot generator, discriminator and resume state now; the writer writes them in the
+        background, the state file last, so a crash between the writes resumes from the previous
+        consistent state."""
+        common = dict(meta, epoch=pos.epoch, step=trainer.step_count)
+        t, smeta = trainer.state_tensors()
+        t["perm"] = StepLoop.saved_perm(pos)
+        w.submit([
+            snapshot(run / "generator.safetensors", trainer.sampler().state_dict(), "generator",
+                     trainer.net.to_dict(), w.copies, **common, ema=trainer.G_ema is not None),
+            snapshot(run / "discriminator.safetensors", trainer.D.state_dict(), "discriminator",
+                     trainer.net.to_dict(), w.copies, **common),
+            snapshot(run / "state.safetensors", t, "gan-state", trainer.net.to_dict(), w.copies,
+                     **{**common, **smeta}, batch=pos.batch)])
+
+    def grid(step_count: int) -> float:
+        with autocast(device, trainer.amp):  # the training precision: a grid is a picture, not a result
+            x = sample(trainer.sampler(), fixed_z, fixed_labels)
+        save_png(run / "samples" / f"step_{step_count:07d}.png", image_grid(x))
+        return diversity(x, real_spread)
+
+    return Family("train-gan", "generator.safetensors", "gan-state", LOG_FIELDS, STAT_NAMES, ("loss_d", "loss_g"),
+                  order=lambda: None if cfg.conditional else trainer.randperm(n), step=step, save=save, grid=grid,
+                  grid_column="diversity")

@@ -22,12 +22,19 @@ import torch
 from xraygan import __version__
 from xraygan.checkpoint import load_checkpoint
 from xraygan.errors import InputError, check_choice, check_float, check_int
-from xraygan.fsutil import atomic_write_json, check_out_apart, make_dirs, read_json, record_header
-from xraygan.gan import image_grid
+from xraygan.fsutil import (
+    atomic_write_json,
+    check_out_apart,
+    continued_record,
+    make_dirs,
+    read_json,
+    record_header,
+)
 from xraygan.gan_models import GanNetConfig, Generator
 from xraygan.images import save_png
 from xraygan.options import DEVICE_HELP, opt
 from xraygan.runtime import DEVICES, make_generator, resolve_device
+from xraygan.trainset import image_grid
 
 # a diffusion U-Net's activations at batch 256 overflow the CPU caches: batches of 64 sample faster
 # (benchmarks/bench_diffusion.py prints both)
@@ -145,16 +152,12 @@ def _load_record(folder: Path) -> dict:
 def read_record(out: Path) -> dict | None:
     """OUT/generation.json, or None when OUT is new or empty. A folder holding anything
     generate did not write is refused: synthetic images never mix with other files."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    visible = sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    if not visible:
+    path = continued_record(out, RECORD, f"holds files that xraygan generate did not write (no {RECORD}); "
+                                         "give a new or empty --out")
+    if path is None:
         return None
-    path = out / RECORD
-    if not path.is_file():
-        raise InputError(f"{out}: holds files that xraygan generate did not write (no {RECORD}); "
-                         "give a new or empty --out")
+    out = Path(out)
+    visible = sorted(p for p in out.iterdir() if not p.name.startswith("."))
     rec = _load_record(out)
     listed = listed_files(rec)
     for p in visible:

@@ -24,7 +24,15 @@ from pathlib import Path
 
 from xraygan import __version__
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_int, require
-from xraygan.fsutil import atomic_write_json, check_out_apart, make_dirs, read_json, record_header, write_csv
+from xraygan.fsutil import (
+    atomic_write_json,
+    check_out_apart,
+    continued_record,
+    make_dirs,
+    read_json,
+    record_header,
+    write_csv,
+)
 from xraygan.options import DEVICE_HELP, opt
 from xraygan.runtime import DEVICES
 
@@ -320,15 +328,10 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
 
 def check_study_folder(cfg: StudyConfig) -> dict | None:
     """STUDY is new, empty, or an earlier study with the same settings (which is continued)."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
+    rec_path = continued_record(cfg.out, RECORD, f"holds files but no {RECORD}, so it is not a study folder; "
+                                                 "choose another --out")
+    if rec_path is None:
         return None
-    rec_path = out / RECORD
-    if not rec_path.is_file():
-        raise InputError(f"{out}: holds files but no {RECORD}, so it is not a study folder; choose "
-                         "another --out")
     rec = read_json(rec_path)
     if not isinstance(rec, dict) or rec.get("kind") != "xraygan-study":
         raise InputError(f"{rec_path}: not a study record written by xraygan study")
