@@ -11,6 +11,8 @@ it; an interrupted GAN or classifier resumes with --resume.
 
 from __future__ import annotations
 
+import graphlib
+import multiprocessing
 import os
 import re
 import shlex
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -396,21 +399,11 @@ def study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
 def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
     """Run what is not done yet, up to `jobs` steps at once. Returns a summary; raises
     TrainingError (exit 1) after the independent steps have run if any step failed."""
-    say = say or (lambda line: None)
     cfg.validate()
     earlier = check_study_folder(cfg)
     steps, info = build_plan(cfg)
     cores = os.cpu_count() or 1
-    if cfg.jobs is None:
-        cuda = False
-        if cfg.device in ("auto", "cuda"):
-            import torch
-
-            cuda = torch.cuda.is_available()
-        jobs = default_jobs(cores, cuda)
-    else:
-        jobs = cfg.jobs
-    threads = max(1, cores // jobs)
+    jobs = cfg.jobs if cfg.jobs is not None else default_jobs(cores, _cuda(cfg.device))
     out = Path(cfg.out)
     make_dirs(out)
     (out / "logs").mkdir(exist_ok=True)
@@ -418,138 +411,219 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
               "rows": list(dict.fromkeys([*(earlier or {}).get("rows", []), *cfg.rows])),
               "seeds": list(dict.fromkeys([*(earlier or {}).get("seeds", []), *cfg.seeds]))}
     atomic_write_json(out / RECORD, record)
-    times_path = out / "times.csv"
-    times = []
-    if times_path.is_file():
-        import csv
+    ex = _Executor(cfg, steps, jobs, cores, say or (lambda line: None))
+    ex.run()
+    record["last_run"] = {"seconds": round(ex.wall, 1), "jobs": jobs, "threads": ex.threads,
+                          "steps_run": ex.finished, "skipped": ex.skipped, "failed": [f for f, _ in ex.failed]}
+    atomic_write_json(out / RECORD, record)
+    res = {"out": str(out), "seconds": ex.wall, "jobs": jobs, "threads": ex.threads, "skipped": ex.skipped,
+           "ran": ex.finished, "failed": [(f, str(log)) for f, log in ex.failed],
+           "blocked": sorted(k for k, v in ex.state.items() if v == "blocked"),
+           "tables": {t: str(out / t / "table.md") for t in ("table", "table-tuned")
+                      if ex.state.get(f"compare {t}") == "done"}}
+    if ex.failed:
+        n = len(ex.failed)
+        raise TrainingError(f"{n} step{'s' if n > 1 else ''} failed ({', '.join(f for f, _ in ex.failed[:3])}"
+                            f"{' …' if n > 3 else ''}); logs in {out / 'logs'}, times in {out / 'times.csv'}; fix "
+                            "the cause and rerun the same command to run what is left")
+    return res
 
-        with open(times_path, newline="") as f:
-            times = list(csv.DictReader(f))
-    fields = ["step", "status", "seconds", "jobs", "threads", "log", "command"]
 
-    state: dict[str, str] = {}  # id -> done | failed | blocked | running
-    for s in steps:
-        if s.inputs is None and s.done():
-            state[s.id] = "done"
-    skipped = len(state)
-    todo = [s for s in steps if s.id not in state]
-    lone = alone_steps(steps, {s.id for s in todo}) if threads < cores else set()
-    say(f"study: {len(steps)} steps, {skipped} already done, {len(todo)} to run; {jobs} at a time, "
-        f"{threads} CPU thread{'s' if threads > 1 else ''} each"
-        + (f" ({len(lone)} that can only run alone: {cores})" if lone else ""))
+def _cuda(device: str) -> bool:
+    if device not in ("auto", "cuda"):
+        return False
+    import torch
 
-    def threads_for(s_id: str) -> int:
-        return cores if s_id in lone else threads
+    return torch.cuda.is_available()
 
-    running: dict[str, tuple[subprocess.Popen, float, Path, list[str]]] = {}
-    failed: list[tuple[str, Path]] = []
-    t_start = time.perf_counter()
-    finished = 0
 
-    def record_time(s_id: str, status: str, seconds: float, log: Path | None, argv: list[str]) -> None:
-        times.append({"step": s_id, "status": status, "seconds": f"{seconds:.1f}", "jobs": jobs,
-                      "threads": threads_for(s_id), "log": str(log) if log else "",
-                      "command": shlex.join([cfg.program, *argv])})
-        write_csv(times_path, fields, times)
+TIME_FIELDS = ["step", "status", "seconds", "jobs", "threads", "log", "command"]
 
-    def launch(s: Step) -> None:
+
+class _Executor:
+    """Runs a plan: `graphlib.TopologicalSorter` says which steps may start, `concurrent.futures`
+    runs them and says which ended. The long steps (training, audits) are subprocesses in their
+    own session, told once to stop and save on Ctrl-C; the light ones run in warm workers
+    (xraygan/workers.py) that imported torch once. Either way a step's log starts with its shell
+    command, and times.csv records it."""
+
+    def __init__(self, cfg: StudyConfig, steps: list[Step], jobs: int, cores: int, say: Callable[[str], None]):
+        self.cfg, self.steps, self.jobs, self.cores, self.say = cfg, steps, jobs, cores, say
+        self.threads = max(1, cores // jobs)
+        self.out = Path(cfg.out)
+        self.by = {s.id: s for s in steps}
+        self.state: dict[str, str] = {s.id: "done" for s in steps if s.inputs is None and s.done()}
+        self.skipped = len(self.state)
+        todo = {s.id for s in steps if s.id not in self.state}
+        self.lone = alone_steps(steps, todo) if self.threads < cores else set()
+        self.times = _read_times(self.out / "times.csv")
+        self.failed: list[tuple[str, Path]] = []
+        self.running: dict[Future, tuple[Step, float, Path, list[str]]] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.finished = 0
+        self.wall = 0.0
+        say(f"study: {len(steps)} steps, {self.skipped} already done, {len(todo)} to run; {jobs} at a time, "
+            f"{self.threads} CPU thread{'s' if self.threads > 1 else ''} each"
+            + (f" ({len(self.lone)} that can only run alone: {cores})" if self.lone else ""))
+
+    def threads_for(self, sid: str) -> int:
+        return self.cores if sid in self.lone else self.threads
+
+    def record_time(self, sid: str, status: str, seconds: float, log: Path | None, argv: list[str]) -> None:
+        self.times.append({"step": sid, "status": status, "seconds": f"{seconds:.1f}", "jobs": self.jobs,
+                           "threads": self.threads_for(sid), "log": str(log) if log else "",
+                           "command": shlex.join([self.cfg.program, *argv])})
+        write_csv(self.out / "times.csv", TIME_FIELDS, self.times)
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        ts = graphlib.TopologicalSorter({s.id: s.deps for s in self.steps})
+        ts.prepare()
+        order = {s.id: i for i, s in enumerate(self.steps)}
+        waiting: list[Step] = []  # may start: waits for a free slot (or its exclusive group)
+        restore = _stop_on_signals()
+        mp = multiprocessing.get_context("spawn")  # never fork a process that has started torch's threads
+        from xraygan.workers import warm
+
+        with ThreadPoolExecutor(self.jobs) as spawner, \
+                ProcessPoolExecutor(self.jobs, mp_context=mp, initializer=warm) as workers:
+            try:
+                while ts.is_active():
+                    waiting = sorted([*waiting, *(self.by[i] for i in ts.get_ready())], key=lambda s: order[s.id])
+                    waiting = self._start(waiting, ts, spawner, workers)
+                    if not self.running:
+                        continue  # what became ready was settled without running; ask again
+                    ended, _ = wait(self.running, return_when=FIRST_COMPLETED)
+                    for f in ended:
+                        ts.done(self._ended(f))
+            except KeyboardInterrupt:
+                self._interrupted(workers)
+            finally:
+                restore()
+                self.wall = time.perf_counter() - t0
+
+    def _start(self, waiting: list[Step], ts, spawner, workers) -> list[Step]:
+        """Start what can start, settle what needs no run; returns the steps still waiting."""
+        left = []
+        for s in waiting:
+            verdict = "done" if self.state.get(s.id) == "done" else self._ready(s)
+            if verdict in ("done", "blocked"):
+                if verdict == "blocked":
+                    self.state[s.id] = "blocked"
+                    self.record_time(s.id, "blocked", 0.0, None, s.command())
+                    self.say(f"skip   {s.id}: a step it needs failed")
+                ts.done(s.id)
+            elif verdict == "wait" or len(self.running) >= self.jobs:
+                left.append(s)
+            else:
+                self._launch(s, spawner, workers)
+        return left
+
+    def _ready(self, s: Step) -> str:
+        """run, wait (its exclusive group is busy) or blocked (a step it needs failed); the table
+        runs once every run has ended, on the runs that finished."""
+        if s.inputs is not None:
+            return "run"
+        if any(self.state.get(d) in ("failed", "blocked") for d in s.deps):
+            return "blocked"
+        if s.exclusive and any(st.exclusive == s.exclusive for st, *_ in self.running.values()):
+            return "wait"
+        return "run"
+
+    def _launch(self, s: Step, spawner, workers) -> None:
         argv = s.command()
         if s.inputs is not None:  # the table: only the runs that finished
-            keep = [str(p) for sid, p in s.inputs if state.get(sid) == "done" and p.is_file()]
-            if not any(p.endswith("metrics.json") for p in keep):
-                state[s.id] = "blocked"
-                record_time(s.id, "blocked", 0.0, None, argv)
+            keep = [p for sid, p in s.inputs if self.state.get(sid) == "done" and p.is_file()]
+            if not any(p.name == "metrics.json" for p in keep):
+                self.state[s.id] = "blocked"
+                self.record_time(s.id, "blocked", 0.0, None, argv)
+                self.running[_settled(1)] = (s, time.perf_counter(), None, argv)
                 return
             from xraygan.contract import to_argv
 
-            argv = ["compare", *to_argv("compare", replace(s.config, inputs=tuple(map(Path, keep))))]
-        log = out / "logs" / f"{_slug(s.id)}.log"
-        n = str(threads_for(s.id))
-        with open(log, "w") as f:
-            f.write(f"$ {shlex.join([cfg.program, *argv])}\n")
-            f.flush()
+            argv = ["compare", *to_argv("compare", replace(s.config, inputs=tuple(keep)))]
+        log = self.out / "logs" / f"{_slug(s.id)}.log"
+        log.write_text(f"$ {shlex.join([self.cfg.program, *argv])}\n")
+        n = self.threads_for(s.id)
+        from xraygan.workers import LIGHT, run_command
+
+        if argv[0] in LIGHT:
+            f = workers.submit(run_command, argv, str(log), n)
+        else:
+            f = spawner.submit(self._subprocess, s.id, argv, log, n)
+        self.running[f] = (s, time.perf_counter(), log, argv)
+        self.state[s.id] = "running"
+        self.say(f"start  {s.id}")
+
+    def _subprocess(self, sid: str, argv: list[str], log: Path, threads: int) -> int:
+        with open(log, "a") as f:
             p = subprocess.Popen([sys.executable, "-m", "xraygan", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, PYTHONUNBUFFERED="1"),
-                                 start_new_session=True)  # Ctrl-C reaches the study, which passes it on once
-        running[s.id] = (p, time.perf_counter(), log, argv)
-        state[s.id] = "running"
+                                 stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches the study
+                                 env=dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                                          PYTHONUNBUFFERED="1"))
+            self.procs[sid] = p
+            return p.wait()
 
-    def ready(s: Step) -> bool | None:
-        """True: start it; False: wait; None: it can never run (a dependency failed)."""
-        if s.inputs is not None:  # the table waits for every run to end, then takes what finished
-            return all(state.get(d) in ("done", "failed", "blocked") for d in s.deps)
-        if any(state.get(d) in ("failed", "blocked") for d in s.deps):
-            return None
-        if s.exclusive and any(ids[r].exclusive == s.exclusive for r in running):
-            return False
-        return all(state.get(d) == "done" for d in s.deps)
+    def _ended(self, f: Future) -> str:
+        s, t0, log, argv = self.running.pop(f)
+        if log is None:  # a table with no run to tabulate, settled at its start
+            return s.id
+        try:
+            rc = f.result()
+        except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory): the step failed
+            rc = -1
+            with open(log, "a") as fh:
+                fh.write(f"error: the worker running this step ended ({type(e).__name__}: {e})\n")
+        secs = time.perf_counter() - t0
+        self.finished += 1
+        ok = rc == 0 and (s.inputs is not None or s.done())
+        self.state[s.id] = "done" if ok else "failed"
+        self.record_time(s.id, self.state[s.id], secs, log, argv)
+        if ok:
+            n_done = sum(v == "done" for v in self.state.values())
+            self.say(f"done   {s.id} ({secs:.1f} s) [{n_done}/{len(self.steps)}]")
+        else:
+            self.failed.append((s.id, log))
+            self.say(f"FAILED {s.id} (exit {rc}): {_last_line(log)} — log: {log}")
+        return s.id
 
-    ids = {s.id: s for s in steps}
-    restore = _stop_on_signals()
-    try:
-        while True:
-            for s in todo:
-                if s.id in state or len(running) >= jobs:
-                    continue
-                r = ready(s)
-                if r is None:
-                    state[s.id] = "blocked"
-                    record_time(s.id, "blocked", 0.0, None, s.command())
-                    say(f"skip   {s.id}: a step it needs failed")
-                elif r:
-                    launch(s)
-                    if s.id in running:
-                        say(f"start  {s.id}")
-            if not running:
-                break
-            time.sleep(0.05)
-            for s_id, (p, t0, log, argv) in list(running.items()):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                del running[s_id]
-                secs = time.perf_counter() - t0
-                finished += 1
-                ok = rc == 0 and (ids[s_id].inputs is not None or ids[s_id].done())
-                state[s_id] = "done" if ok else "failed"
-                record_time(s_id, state[s_id], secs, log, argv)
-                n_done = sum(v == "done" for v in state.values())
-                if ok:
-                    say(f"done   {s_id} ({secs:.1f} s) [{n_done}/{len(steps)}]")
-                else:
-                    failed.append((s_id, log))
-                    last = _last_line(log)
-                    say(f"FAILED {s_id} (exit {rc}): {last} — log: {log}")
-    except KeyboardInterrupt:
-        for p, *_ in running.values():  # the GAN and classifier save their state on SIGINT
+    def _interrupted(self, workers) -> None:
+        """Ctrl-C or SIGTERM: the training steps are told to stop and save (once); the light steps
+        in the workers are let finish (they take seconds) up to the same deadline, then ended."""
+        for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
         deadline = time.monotonic() + 120
-        for s_id, (p, t0, log, argv) in running.items():
+        for f, (s, t0, log, argv) in self.running.items():
             try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-            record_time(s_id, "interrupted", time.perf_counter() - t0, log, argv)
+                f.result(timeout=max(1.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a worker ended or timed out: it is recorded as interrupted
+                p = self.procs.get(s.id)
+                if p is not None:
+                    p.kill()
+            if log is not None:
+                self.record_time(s.id, "interrupted", time.perf_counter() - t0, log, argv)
+        workers.shutdown(wait=False, cancel_futures=True)
+        for proc in list((getattr(workers, "_processes", None) or {}).values()):  # still busy past the deadline
+            proc.terminate()
         raise Interrupted(f"interrupted; finished steps are kept: rerun the same xraygan study command to "
-                          f"continue ({out})") from None
-    finally:
-        restore()
-    wall = time.perf_counter() - t_start
-    record["last_run"] = {"seconds": round(wall, 1), "jobs": jobs, "threads": threads,
-                          "steps_run": finished, "skipped": skipped, "failed": [f for f, _ in failed]}
-    atomic_write_json(out / RECORD, record)
-    res = {"out": str(out), "seconds": wall, "jobs": jobs, "threads": threads, "skipped": skipped,
-           "ran": finished, "failed": [(f, str(log)) for f, log in failed],
-           "blocked": sorted(k for k, v in state.items() if v == "blocked"),
-           "tables": {t: str(out / t / "table.md") for t in ("table", "table-tuned")
-                      if state.get(f"compare {t}") == "done"}}
-    if failed:
-        raise TrainingError(f"{len(failed)} step{'s' if len(failed) > 1 else ''} failed "
-                            f"({', '.join(f for f, _ in failed[:3])}{' …' if len(failed) > 3 else ''}); "
-                            f"logs in {out / 'logs'}, times in {times_path}; fix the cause and rerun the "
-                            "same command to run what is left")
-    return res
+                          f"continue ({self.out})") from None
+
+
+def _settled(value) -> Future:
+    """A future that has already ended with `value`."""
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def _read_times(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _stop_on_signals() -> Callable[[], None]:
