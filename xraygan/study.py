@@ -12,7 +12,6 @@ it; an interrupted GAN or classifier resumes with --resume.
 from __future__ import annotations
 
 import graphlib
-import multiprocessing
 import os
 import re
 import shlex
@@ -21,21 +20,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from xraygan import __version__
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_int, require
-from xraygan.fsutil import (
-    atomic_write_json,
-    check_out_apart,
-    continued_record,
-    make_dirs,
-    read_json,
-    record_header,
-    write_csv,
-)
+from xraygan.fsutil import atomic_write_json, continued_record, make_dirs, read_json, record_header, write_csv
 from xraygan.options import DEVICE_HELP, opt
 from xraygan.runtime import DEVICES
 
@@ -154,6 +145,8 @@ class StudyConfig:
             if not (Path(self.data) / split).is_dir():
                 raise InputError(f"{Path(self.data) / split}: not found (DATA must be a folder written "
                                  "by xraygan prepare, with train/, val/ and test/)")
+        from xraygan.fsutil import check_out_apart
+
         check_out_apart(self.out, data=self.data)
 
     def settings(self) -> dict:
@@ -442,10 +435,10 @@ TIME_FIELDS = ["step", "status", "seconds", "jobs", "threads", "log", "command"]
 
 class _Executor:
     """Runs a plan: `graphlib.TopologicalSorter` says which steps may start, `concurrent.futures`
-    runs them and says which ended. The long steps (training, audits) are subprocesses in their
-    own session, told once to stop and save on Ctrl-C; the light ones run in warm workers
-    (xraygan/workers.py) that imported torch once. Either way a step's log starts with its shell
-    command, and times.csv records it."""
+    says which ended. Every step is a process of its own in its own session, forked from a server
+    that imported torch and the commands once (xraygan/workers.py), and told once to stop on
+    Ctrl-C (a training step saves first). A step's log starts with its shell command, and
+    times.csv records it."""
 
     def __init__(self, cfg: StudyConfig, steps: list[Step], jobs: int, cores: int, say: Callable[[str], None]):
         self.cfg, self.steps, self.jobs, self.cores, self.say = cfg, steps, jobs, cores, say
@@ -458,8 +451,8 @@ class _Executor:
         self.lone = alone_steps(steps, todo) if self.threads < cores else set()
         self.times = _read_times(self.out / "times.csv")
         self.failed: list[tuple[str, Path]] = []
-        self.running: dict[Future, tuple[Step, float, Path, list[str]]] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.running: dict[Future, tuple[Step, float, Path | None, list[str]]] = {}
+        self.pids: dict[str, int] = {}  # the process of each running step
         self.finished = 0
         self.wall = 0.0
         say(f"study: {len(steps)} steps, {self.skipped} already done, {len(todo)} to run; {jobs} at a time, "
@@ -476,33 +469,32 @@ class _Executor:
         write_csv(self.out / "times.csv", TIME_FIELDS, self.times)
 
     def run(self) -> None:
+        from xraygan.workers import context
+
         t0 = time.perf_counter()
         ts = graphlib.TopologicalSorter({s.id: s.deps for s in self.steps})
         ts.prepare()
         order = {s.id: i for i, s in enumerate(self.steps)}
         waiting: list[Step] = []  # may start: waits for a free slot (or its exclusive group)
+        self.ctx = context()
         restore = _stop_on_signals()
-        mp = multiprocessing.get_context("spawn")  # never fork a process that has started torch's threads
-        from xraygan.workers import warm
-
-        with ThreadPoolExecutor(self.jobs) as spawner, \
-                ProcessPoolExecutor(self.jobs, mp_context=mp, initializer=warm) as workers:
+        with ThreadPoolExecutor(self.jobs) as self.waiter:  # a thread per running step, waiting for its end
             try:
                 while ts.is_active():
                     waiting = sorted([*waiting, *(self.by[i] for i in ts.get_ready())], key=lambda s: order[s.id])
-                    waiting = self._start(waiting, ts, spawner, workers)
+                    waiting = self._start(waiting, ts)
                     if not self.running:
                         continue  # what became ready was settled without running; ask again
                     ended, _ = wait(self.running, return_when=FIRST_COMPLETED)
                     for f in ended:
                         ts.done(self._ended(f))
             except KeyboardInterrupt:
-                self._interrupted(workers)
+                self._interrupted()
             finally:
                 restore()
                 self.wall = time.perf_counter() - t0
 
-    def _start(self, waiting: list[Step], ts, spawner, workers) -> list[Step]:
+    def _start(self, waiting: list[Step], ts) -> list[Step]:
         """Start what can start, settle what needs no run; returns the steps still waiting."""
         left = []
         for s in waiting:
@@ -516,7 +508,7 @@ class _Executor:
             elif verdict == "wait" or len(self.running) >= self.jobs:
                 left.append(s)
             else:
-                self._launch(s, spawner, workers)
+                self._launch(s)
         return left
 
     def _ready(self, s: Step) -> str:
@@ -530,50 +522,54 @@ class _Executor:
             return "wait"
         return "run"
 
-    def _launch(self, s: Step, spawner, workers) -> None:
+    def _launch(self, s: Step) -> None:
         argv = s.command()
         if s.inputs is not None:  # the table: only the runs that finished
             keep = [p for sid, p in s.inputs if self.state.get(sid) == "done" and p.is_file()]
             if not any(p.name == "metrics.json" for p in keep):
                 self.state[s.id] = "blocked"
                 self.record_time(s.id, "blocked", 0.0, None, argv)
-                self.running[_settled(1)] = (s, time.perf_counter(), None, argv)
+                self.running[_settled(0)] = (s, time.perf_counter(), None, argv)
                 return
             from xraygan.contract import to_argv
 
             argv = ["compare", *to_argv("compare", replace(s.config, inputs=tuple(keep)))]
         log = self.out / "logs" / f"{_slug(s.id)}.log"
         log.write_text(f"$ {shlex.join([self.cfg.program, *argv])}\n")
-        n = self.threads_for(s.id)
-        from xraygan.workers import LIGHT, run_command
-
-        if argv[0] in LIGHT:
-            f = workers.submit(run_command, argv, str(log), n)
-        else:
-            f = spawner.submit(self._subprocess, s.id, argv, log, n)
-        self.running[f] = (s, time.perf_counter(), log, argv)
+        self.running[self.waiter.submit(self._process, s.id, argv, log, self.threads_for(s.id))] = \
+            (s, time.perf_counter(), log, argv)
         self.state[s.id] = "running"
         self.say(f"start  {s.id}")
 
-    def _subprocess(self, sid: str, argv: list[str], log: Path, threads: int) -> int:
-        with open(log, "a") as f:
-            p = subprocess.Popen([sys.executable, "-m", "xraygan", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches the study
+    def _process(self, sid: str, argv: list[str], log: Path, threads: int) -> int:
+        """Run one step in its own process and session; its exit code."""
+        if self.ctx is not None:
+            from xraygan.workers import step_main
+
+            p = self.ctx.Process(target=step_main, args=(argv, str(log), threads))
+            p.start()
+            self.pids[sid] = p.pid
+            p.join()
+            return p.exitcode
+        with open(log, "a") as f:  # no fork server here: a new Python
+            q = subprocess.Popen([sys.executable, "-m", "xraygan", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                  env=dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                                           PYTHONUNBUFFERED="1"))
-            self.procs[sid] = p
-            return p.wait()
+            self.pids[sid] = q.pid
+            return q.wait()
 
     def _ended(self, f: Future) -> str:
         s, t0, log, argv = self.running.pop(f)
+        self.pids.pop(s.id, None)
         if log is None:  # a table with no run to tabulate, settled at its start
             return s.id
         try:
             rc = f.result()
-        except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory): the step failed
+        except Exception as e:  # noqa: BLE001 - the step's process could not be started
             rc = -1
             with open(log, "a") as fh:
-                fh.write(f"error: the worker running this step ended ({type(e).__name__}: {e})\n")
+                fh.write(f"error: the step's process did not run ({type(e).__name__}: {e})\n")
         secs = time.perf_counter() - t0
         self.finished += 1
         ok = rc == 0 and (s.inputs is not None or s.done())
@@ -587,27 +583,30 @@ class _Executor:
             self.say(f"FAILED {s.id} (exit {rc}): {_last_line(log)} — log: {log}")
         return s.id
 
-    def _interrupted(self, workers) -> None:
-        """Ctrl-C or SIGTERM: the training steps are told to stop and save (once); the light steps
-        in the workers are let finish (they take seconds) up to the same deadline, then ended."""
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+    def _interrupted(self) -> None:
+        """Ctrl-C or SIGTERM: every running step is told once to stop (a training step saves
+        first), given until the deadline, then ended."""
+        for pid in list(self.pids.values()):
+            _signal(pid, signal.SIGINT)
         deadline = time.monotonic() + 120
         for f, (s, t0, log, argv) in self.running.items():
             try:
                 f.result(timeout=max(1.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - a worker ended or timed out: it is recorded as interrupted
-                p = self.procs.get(s.id)
-                if p is not None:
-                    p.kill()
+            except Exception:  # noqa: BLE001 - past the deadline: ended
+                _signal(self.pids.get(s.id), signal.SIGKILL)
             if log is not None:
                 self.record_time(s.id, "interrupted", time.perf_counter() - t0, log, argv)
-        workers.shutdown(wait=False, cancel_futures=True)
-        for proc in list((getattr(workers, "_processes", None) or {}).values()):  # still busy past the deadline
-            proc.terminate()
         raise Interrupted(f"interrupted; finished steps are kept: rerun the same xraygan study command to "
                           f"continue ({self.out})") from None
+
+
+def _signal(pid: int | None, sig: int) -> None:
+    if pid is None:
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _settled(value) -> Future:

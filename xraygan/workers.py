@@ -1,69 +1,55 @@
-"""Warm workers: long-lived processes that import torch and xraygan once and then run one
-xraygan command line after another, each exactly as the shell would run it (the same
-command-line layer, its output into the step's log, its exit code returned).
+"""Warm starts for a study's steps: every step still runs in a process of its own (a crash or
+the out-of-memory killer takes only that step; its memory goes back when it ends), but the
+process is forked from a server that imported torch and every command once, instead of starting
+a new Python that imports them again (about 6 s of a core per step on the 2-core machine, for
+steps that often take 2). The step runs its exact command line through the same command-line
+layer, its stdout and stderr into its log.
 
-A study's light steps (rebalance, generate, evaluate, gradcam, compare) take seconds; started
-as new processes, each paid Python's, torch's and the command's imports again (about 6 s of one
-core on the 2-core machine). The long training steps keep their own process, where Ctrl-C
-saves their state.
+Where a system has no fork server (Windows), `context()` is None and the study starts each step
+as `python -m xraygan ...`.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import signal
 import sys
 
-# the commands a warm worker runs; their modules are imported once, when the worker starts
-LIGHT = {"rebalance": "xraygan.rebalance", "generate": "xraygan.generate", "evaluate": "xraygan.evaluate",
-         "gradcam": "xraygan.gradcam", "compare": "xraygan.evaluate"}
+# imported once by the fork server, so that no step imports them again
+PRELOAD = ["torch", "xraygan.cli", "xraygan.commands", "xraygan.classifier", "xraygan.gan", "xraygan.diffusion",
+           "xraygan.generate", "xraygan.rebalance", "xraygan.evaluate", "xraygan.gradcam", "xraygan.audit"]
 
 
-def warm() -> None:
-    """The worker's start: it leaves Ctrl-C to the study (which lets a light step finish, or ends
-    the worker), and imports what every light step needs."""
-    import importlib
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # the width rich gives a log written by a command in its own process (no terminal: 80 columns),
-    # not that of the terminal the study was started from
-    os.environ.setdefault("COLUMNS", "80")
-    import torch  # noqa: F401
-
-    import xraygan.cli  # noqa: F401
-
-    for module in set(LIGHT.values()):
-        importlib.import_module(module)
+def context():
+    """The fork-server context with PRELOAD imported in the server, or None where there is none."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
-def run_command(argv: list[str], log: str, threads: int) -> int:
-    """Run `xraygan ARGV` here with `threads` CPU threads, its stdout and stderr appended to
-    `log` (at the file-descriptor level, so nothing escapes to the study's terminal); returns its
-    exit code."""
+def step_main(argv: list[str], log: str, threads: int) -> None:
+    """A step's process: its own session (Ctrl-C at the terminal reaches the study, which passes
+    it on once: a training step then saves and stops), `threads` CPU threads, stdout and stderr
+    appended to `log` at the file-descriptor level; exits with the command's exit code."""
+    os.setsid()
+    os.environ.setdefault("COLUMNS", "80")  # rich's width without a terminal, as in a process of its own
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
 
+    torch.set_num_threads(threads)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)  # the log reads as the step goes, as with a terminal
     from xraygan.cli import app
 
-    torch.set_num_threads(threads)
+    try:
+        rv = app(argv, prog_name="xraygan", standalone_mode=False)
+    except SystemExit as e:
+        rv = e.code
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    try:
-        with open(log, "a", encoding="utf-8") as f:
-            os.dup2(f.fileno(), 1)
-            os.dup2(f.fileno(), 2)
-            try:
-                rv = app(argv, prog_name="xraygan", standalone_mode=False)
-            except SystemExit as e:
-                rv = e.code
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                if torch.cuda.is_initialized():  # give the GPU memory this step cached back to the training steps
-                    torch.cuda.empty_cache()
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-    return rv if isinstance(rv, int) else (0 if rv is None else 1)
+    sys.exit(rv if isinstance(rv, int) else (0 if rv is None else 1))
