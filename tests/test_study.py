@@ -187,3 +187,26 @@ def test_weights_go_to_every_classifier(demo_data, tmp_path):
     assert len(trains) == 2 and all(a[a.index("--weights") + 1] == str(w.absolute()) for a in trains)
     with pytest.raises(InputError, match="weights file not found"):
         StudyConfig(data=demo_data, out=tmp_path / "t", weights=tmp_path / "none.safetensors").validate()
+
+
+def test_a_step_runs_in_a_process_of_its_own_with_its_output_in_its_log(tmp_path):
+    """The study's steps are forked from a server that imported torch once; each still runs its
+    command line through the command-line layer, in its own session, with its exit code and its
+    output (progress, errors) in its log."""
+    from xraygan.workers import context, step_main
+
+    ctx = context()
+    if ctx is None:
+        pytest.skip("no fork server on this system: steps start as new Pythons")
+    bad, good = tmp_path / "bad.log", tmp_path / "good.log"
+    argv = ["rebalance", str(tmp_path / "missing"), "--method", "none", "--out", str(tmp_path / "o")]
+    p = ctx.Process(target=step_main, args=(argv, str(bad), 1))
+    p.start()
+    p.join()
+    assert p.exitcode == 2
+    assert bad.read_text().strip().splitlines()[-1].startswith("error:") and "missing" in bad.read_text()
+    assert not (tmp_path / "o").exists()
+    q = ctx.Process(target=step_main, args=(["--version"], str(good), 1))
+    q.start()
+    q.join()
+    assert q.exitcode == 0 and good.read_text().startswith("xraygan ")

@@ -47,6 +47,7 @@ from xraygan.fsutil import (
     atomic_write_text,
     check_out_apart,
     check_output_free,
+    has_record,
     read_json,
     record_header,
     staged_dir,
@@ -420,6 +421,11 @@ FEATURE_CLASSIFIER = "feature-classifier.safetensors"
 
 
 # --- the audit ---------------------------------------------------------------------------------
+
+
+def is_done(out: Path) -> bool:
+    """Whether `out` holds a finished xraygan audit (its own record says so)."""
+    return has_record(out, "audit")
 
 
 def audit(cfg: AuditConfig, progress=None) -> dict:

@@ -29,6 +29,7 @@ from xraygan.fsutil import (
     check_out_apart,
     check_output_free,
     csv_text,
+    has_record,
     overlapping,
     read_json,
     record_header,
@@ -237,6 +238,11 @@ def _scores(model, folder: ImageFolder, pos: int, device, batch_size: int) -> np
     from xraygan.classifier import predict_proba
 
     return predict_proba(model, folder.images, device, batch_size=batch_size)[:, pos]
+
+
+def is_done(out: Path) -> bool:
+    """Whether `out` holds a finished xraygan evaluate (its own record says so)."""
+    return has_record(out, "evaluate")
 
 
 def evaluate(cfg: EvaluateConfig, progress=None) -> dict:

@@ -26,6 +26,7 @@ from xraygan.fsutil import (
     atomic_write_json,
     check_out_apart,
     check_output_free,
+    has_record,
     record_header,
     staged_dir,
     write_csv,
@@ -209,6 +210,11 @@ def pick(correct: np.ndarray, labels: np.ndarray, cls: int, n: int, rng: np.rand
     if len(chosen) < n:
         chosen += list(wrong[k:k + n - len(chosen)])
     return [int(i) for i in chosen]
+
+
+def is_done(out: Path) -> bool:
+    """Whether `out` holds a finished xraygan gradcam (its own record says so)."""
+    return has_record(out, "gradcam")
 
 
 def gradcam(cfg: GradcamConfig, progress=None) -> dict:

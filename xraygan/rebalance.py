@@ -26,6 +26,7 @@ from xraygan.fsutil import (
     atomic_write_json,
     check_out_apart,
     check_output_free,
+    has_record,
     overlapping,
     record_header,
     staged_dir,
@@ -148,6 +149,11 @@ def _smote(x: np.ndarray, y: np.ndarray, minority: int, target: int, cfg: Rebala
     if pca is not None:
         new = pca.inverse_transform(new)
     return np.clip(np.round(new), 0, 255).astype(np.uint8).reshape(-1, *x.shape[1:])
+
+
+def is_done(out: Path) -> bool:
+    """Whether `out` holds a finished xraygan rebalance (its own record says so)."""
+    return has_record(out, "rebalance")
 
 
 def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None) -> dict:

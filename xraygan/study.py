@@ -224,12 +224,11 @@ def command_step(sid: str, command: str, config, out: Path, **kw) -> Step:
 def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
     """The steps in the order they are started (GANs first: they take longest). Each step is a
     command's config; its command line comes from `to_argv`, and whether it is done from the
-    command's own `is_done` or record."""
-    from xraygan import classifier, diffusion, gan, generate
+    command's own `is_done`, which reads the command's own record."""
+    from xraygan import audit, classifier, diffusion, evaluate, gan, generate, gradcam, rebalance
     from xraygan.audit import AuditConfig
     from xraygan.classifier import TrainClassifierConfig
     from xraygan.evaluate import CompareConfig, EvaluateConfig
-    from xraygan.fsutil import has_record
     from xraygan.gradcam import GradcamConfig
     from xraygan.rebalance import RebalanceConfig
 
@@ -272,7 +271,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
             a = out / "audit" / row
             c = AuditConfig(real=train, synthetic=synth, out=a, cache=out / "cache", device=dev)
             steps.append(command_step(f"audit {row}", "audit", c, a, deps=[f"generate {row}"],
-                                      done=lambda a=a: has_record(a, "audit"),
+                                      done=lambda a=a: audit.is_done(a),
                                       exclusive="audit"))  # the first audit trains the cached feature classifier
     tables: dict[str, list[tuple[str, Path]]] = {"table": [], "table-tuned": []}
     weights = Path(cfg.weights).absolute() if cfg.weights is not None else None  # one pretrained start for all
@@ -284,7 +283,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                                 synthetic=(out / "synth" / row,) if is_gan_row(row) else (), seed=seed)
             steps.append(command_step(f"rebalance {name}", "rebalance", c, bal,
                                       deps=[f"generate {row}"] if is_gan_row(row) else [],
-                                      done=lambda b=bal: has_record(b, "rebalance")))
+                                      done=lambda b=bal: rebalance.is_done(b)))
             c = TrainClassifierConfig(data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs,
                                       accumulate=cfg.clf_accumulate, patience=cfg.patience,
                                       small_stem=cfg.small_stem, seed=seed,
@@ -301,13 +300,13 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
             c = EvaluateConfig(checkpoint=ckpt, data=data / "test", report=rep_tuned, tune_on=data / "val",
                                untuned_report=rep, label=row, device=dev)
             steps.append(command_step(sid, "evaluate", c, rep_tuned, deps=[f"train-classifier {name}"], also=(rep,),
-                                      done=lambda rs=(rep, rep_tuned): all(has_record(r, "evaluate") for r in rs)))
+                                      done=lambda rs=(rep, rep_tuned): all(map(evaluate.is_done, rs))))
             tables["table"].append((sid, rep / "metrics.json"))
             tables["table-tuned"].append((sid, rep_tuned / "metrics.json"))
             cams = run / "cams"
             c = GradcamConfig(checkpoint=ckpt, data=data / "test", out=cams, label=row, n=8, device=dev)
             steps.append(command_step(f"gradcam {name}", "gradcam", c, cams, deps=[f"train-classifier {name}"],
-                                      done=lambda c=cams: has_record(c, "gradcam")))
+                                      done=lambda c=cams: gradcam.is_done(c)))
             for table in tables:
                 tables[table].append((f"gradcam {name}", cams / "gradcam.json"))
     for table, inputs in tables.items():

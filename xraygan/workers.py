@@ -16,8 +16,9 @@ import os
 import sys
 
 # imported once by the fork server, so that no step imports them again
-PRELOAD = ["torch", "xraygan.cli", "xraygan.commands", "xraygan.classifier", "xraygan.gan", "xraygan.diffusion",
-           "xraygan.generate", "xraygan.rebalance", "xraygan.evaluate", "xraygan.gradcam", "xraygan.audit"]
+PRELOAD = ["torch", "torchvision", "xraygan.cli", "xraygan.commands", "xraygan.classifier", "xraygan.gan",
+           "xraygan.diffusion", "xraygan.generate", "xraygan.rebalance", "xraygan.evaluate", "xraygan.gradcam",
+           "xraygan.audit"]
 
 
 def context():
