@@ -566,9 +566,12 @@ class _Executor:
         try:
             rc = f.result()
         except Exception as e:  # noqa: BLE001 - the step's process could not be started
-            rc = -1
+            rc = 1
             with open(log, "a") as fh:
                 fh.write(f"error: the step's process did not run ({type(e).__name__}: {e})\n")
+        if isinstance(rc, int) and rc < 0:  # killed (the out-of-memory killer, kill -9): say so where it is read
+            with open(log, "a") as fh:
+                fh.write(f"error: the step's process was ended by {_signal_name(-rc)}\n")
         secs = time.perf_counter() - t0
         self.finished += 1
         ok = rc == 0 and (s.inputs is not None or s.done())
@@ -597,6 +600,13 @@ class _Executor:
                 self.record_time(s.id, "interrupted", time.perf_counter() - t0, log, argv)
         raise Interrupted(f"interrupted; finished steps are kept: rerun the same xraygan study command to "
                           f"continue ({self.out})") from None
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return f"{signal.Signals(sig).name} (signal {sig})"
+    except ValueError:
+        return f"signal {sig}"
 
 
 def _signal(pid: int | None, sig: int) -> None:
