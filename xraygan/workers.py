@@ -35,6 +35,11 @@ def step_main(argv: list[str], log: str, threads: int) -> None:
     it on once: a training step then saves and stops), `threads` CPU threads, stdout and stderr
     appended to `log` at the file-descriptor level; exits with the command's exit code."""
     os.setsid()
+    try:  # what `top` and `ps -o comm` show for the step (Linux; 15 characters): its command, not the server's
+        with open("/proc/self/comm", "w") as f:
+            f.write(argv[0][:15] if argv else "xraygan")
+    except OSError:
+        pass
     os.environ.setdefault("COLUMNS", "80")  # rich's width without a terminal, as in a process of its own
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
