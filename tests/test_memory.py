@@ -122,3 +122,22 @@ def test_the_cli_refusal_is_one_line(tmp_path, rng):
     lines = p.stderr.strip().splitlines()
     assert "Traceback" not in p.stderr and lines[-1].startswith("error: ")
     assert "a batch of 8 at 32 px needs about" in lines[-1] and str(data) in lines[-1]
+
+
+def test_validation_takes_smaller_batches_where_a_step_of_256_would_not_fit(tmp_path, rng, monkeypatch):
+    """Validation's batches of 256 were not counted by the check: at 224 px on a small machine the
+    run passed it and could fail at the first validation. Now validation takes at most what a
+    training step could hold (it keeps less per image), and the run records it."""
+    import json
+
+    train = make_folder(tmp_path / "train", {"normal": 8, "pneumonia": 8}, 32, rng)
+    val = make_folder(tmp_path / "val", {"normal": 20, "pneumonia": 20}, 32, rng)
+    kw = dict(data=train, val=val, batch_size=8, epochs=1, small_stem="yes", device="cpu")
+    train_classifier(TrainClassifierConfig(out=tmp_path / "free", **kw))
+    assert json.loads((tmp_path / "free" / "config.json").read_text())["validation_batch"] == 256
+    net = ClassifierNetConfig(num_classes=2, image_size=32, small_stem=True)
+    per, params = classifier_footprint(net)
+    monkeypatch.setenv(ENV, limit_for(training_bytes("classifier", per, 40, params)))
+    res = train_classifier(TrainClassifierConfig(out=tmp_path / "short", **kw))
+    batch = json.loads((tmp_path / "short" / "config.json").read_text())["validation_batch"]
+    assert 8 <= batch < 256 and res["epochs_run"] == 1

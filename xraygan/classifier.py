@@ -42,7 +42,7 @@ from xraygan.errors import (
 )
 from xraygan.fsutil import atomic_write_json, check_out_apart, record_header, write_csv
 from xraygan.images import ImageFolder, read_image_folder
-from xraygan.memory import check_batch, classifier_footprint
+from xraygan.memory import check_batch, classifier_footprint, largest_batch
 from xraygan.metrics import binary_metrics
 from xraygan.options import DEVICE_HELP, PRECISION_HELP, TORCHRUN_BATCH_HELP, opt
 from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
@@ -501,6 +501,21 @@ def _epoch_steps(loop: _Loop, perm: torch.Tensor, warp: torch.Tensor | None,
     return float(total), seen
 
 
+EVAL_BATCH = 256
+
+
+def _eval_batch(cfg: TrainClassifierConfig, net: ClassifierNetConfig, device: torch.device) -> int:
+    """Validation's batch. It keeps no activations for backward, so an image costs it less than a
+    training step's; it takes batches of 256, or fewer where even a training step of 256 would
+    not fit the free memory (then the largest that would: never an out-of-memory error in the
+    middle of a run, at 224 px on a small machine). With --accumulate memory is known to be short,
+    and it takes the micro-batch's size."""
+    if cfg.accumulate > 1:
+        return max(1, cfg.batch_size // cfg.accumulate)
+    fits = largest_batch("classifier", *classifier_footprint(net), device)
+    return EVAL_BATCH if fits is None else max(1, min(EVAL_BATCH, fits))
+
+
 def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device, train: ImageFolder,
            val: ImageFolder, fingerprint: str, progress: Callable[..., None] | None) -> dict:
     """The run itself, in a folder `begin_run` made: build, resume if asked, train, select.
@@ -529,6 +544,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         from torch.nn.parallel import DistributedDataParallel
 
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_batch = _eval_batch(cfg, net, device)
     if dist.main:
         atomic_write_json(out / "config.json", {
             **record_header("classifier-run"), "train": cfg.to_json(), "net": net.to_dict(),
@@ -536,13 +552,11 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             "data_fingerprint": fingerprint, "device": str(device), "precision": str(amp) if amp else "fp32",
             "class_weights": weights.tolist() if weights is not None else None,
             "pretrained_layers_not_loaded": not_loaded, "processes": dist.world,
+            "validation_batch": eval_batch,
             "xraygan_version": __version__, "torch_version": torch.__version__})
     steps = math.ceil(len(x_all) / cfg.batch_size)
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)
-    # validation holds no activations for backward, so it takes batches of 256; with --accumulate the
-    # memory is short, and it takes the micro-batch's size
-    eval_batch = 256 if cfg.accumulate == 1 else max(1, cfg.batch_size // cfg.accumulate)
     t0 = time.perf_counter()
     images_before, seen, epoch = 0, 0, start  # images before the current epoch (for img/s)
 

@@ -126,6 +126,15 @@ def training_bytes(family: str, elements_per_image: int, batch: int, parameters:
     return int(BYTES_PER_ELEMENT[family] * elements_per_image * batch + 16 * parameters)
 
 
+def largest_batch(family: str, elements_per_image: int, parameters: int, device: torch.device) -> int | None:
+    """The largest training batch whose estimated peak fits the free memory; None when the device
+    does not say or the model's activations could not be counted."""
+    free, _ = free_bytes(device)
+    if free is None or elements_per_image == 0:
+        return None
+    return max(0, int((HEADROOM * free - 16 * parameters) // (BYTES_PER_ELEMENT[family] * elements_per_image)))
+
+
 def check_batch(family: str, elements_per_image: int, parameters: int, batch: int, device: torch.device,
                 what: str, size: int, accumulate: tuple[int, int] | None = None) -> None:
     """Refuse a batch whose estimated peak does not fit in the free memory, with the largest that does.
