@@ -375,16 +375,19 @@ def _val_columns(m: dict) -> dict:
 
 
 def _build(cfg: TrainClassifierConfig, train: ImageFolder, dist: Dist, device: torch.device
-           ) -> tuple[ClassifierNetConfig, nn.Module, list[str], bool]:
+           ) -> tuple[ClassifierNetConfig, nn.Module, list[str], bool, int]:
     """The network for these images (after the batch-memory check), seeded, pretrained weights
-    loaded, on the device. Returns (net config, model, layers not loaded, channels-last)."""
+    loaded, on the device. Returns (net config, model, layers not loaded, channels-last,
+    validation's batch)."""
     # auto: the small stem at ≤ 32 px, but never under pretrained weights, whose conv1 is the 7×7/2 stem
     small = {"auto": train.size <= SMALL_STEM_UP_TO and cfg.weights is None, "yes": True,
              "no": False}[cfg.small_stem]  # checked in validate
     net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
     per_process = -(-cfg.batch_size // dist.world)
-    check_batch("classifier", *classifier_footprint(net), -(-per_process // cfg.accumulate), device,
+    footprint = classifier_footprint(net)
+    check_batch("classifier", *footprint, -(-per_process // cfg.accumulate), device,
                 str(cfg.data), train.size, accumulate=(cfg.accumulate, per_process))
+    eval_batch = _eval_batch(cfg, footprint, device)
     torch.manual_seed(cfg.seed)
     model = build_resnet18(net)
     not_loaded = load_pretrained(model, cfg.weights) if cfg.weights else []
@@ -392,7 +395,7 @@ def _build(cfg: TrainClassifierConfig, train: ImageFolder, dist: Dist, device: t
     cl = cfg.channels_last and device.type != "mps"
     if cl:
         model.to(memory_format=torch.channels_last)
-    return net, model, not_loaded, cl
+    return net, model, not_loaded, cl, eval_batch
 
 
 def _resume(out: Path, cfg: TrainClassifierConfig, model: nn.Module, opt, sched, g: torch.Generator):
@@ -504,7 +507,7 @@ def _epoch_steps(loop: _Loop, perm: torch.Tensor, warp: torch.Tensor | None,
 EVAL_BATCH = 256
 
 
-def _eval_batch(cfg: TrainClassifierConfig, net: ClassifierNetConfig, device: torch.device) -> int:
+def _eval_batch(cfg: TrainClassifierConfig, footprint: tuple[int, int], device: torch.device) -> int:
     """Validation's batch. It keeps no activations for backward, so an image costs it less than a
     training step's; it takes batches of 256, or fewer where even a training step of 256 would
     not fit the free memory (then the largest that would: never an out-of-memory error in the
@@ -512,7 +515,7 @@ def _eval_batch(cfg: TrainClassifierConfig, net: ClassifierNetConfig, device: to
     and it takes the micro-batch's size."""
     if cfg.accumulate > 1:
         return max(1, cfg.batch_size // cfg.accumulate)
-    fits = largest_batch("classifier", *classifier_footprint(net), device)
+    fits = largest_batch("classifier", *footprint, device)
     return EVAL_BATCH if fits is None else max(1, min(EVAL_BATCH, fits))
 
 
@@ -522,7 +525,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
 
     Under torchrun the model is wrapped in DistributedDataParallel and each process trains on its
     share of every batch; rank 0 validates, decides (best epoch, early stop) for all, and writes."""
-    net, model, not_loaded, cl = _build(cfg, train, dist, device)
+    net, model, not_loaded, cl, eval_batch = _build(cfg, train, dist, device)
     amp = autocast_dtype(device, cfg.precision)
     pos = train.classes.index(cfg.positive)
     weights = class_weight_tensor(train.labels, len(train.classes), cfg.class_weights)
@@ -544,7 +547,6 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         from torch.nn.parallel import DistributedDataParallel
 
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_batch = _eval_batch(cfg, net, device)
     if dist.main:
         atomic_write_json(out / "config.json", {
             **record_header("classifier-run"), "train": cfg.to_json(), "net": net.to_dict(),
