@@ -141,3 +141,24 @@ def test_validation_takes_smaller_batches_where_a_step_of_256_would_not_fit(tmp_
     res = train_classifier(TrainClassifierConfig(out=tmp_path / "short", **kw))
     batch = json.loads((tmp_path / "short" / "config.json").read_text())["validation_batch"]
     assert 8 <= batch < 256 and res["epochs_run"] == 1
+
+
+def test_scoring_takes_smaller_batches_where_memory_is_short_and_scores_the_same(trained, monkeypatch):
+    """evaluate, gradcam and audit score in batches of up to 256; where a training step of that
+    many would not fit, in fewer: slower, never out of memory, and the same results."""
+    from xraygan.classifier import inference_batch, load_classifier
+    from xraygan.evaluate import EvaluateConfig, evaluate
+
+    cpu = torch.device("cpu")
+    ckpt = trained / "run-seed3" / "classifier.safetensors"
+    _, meta = load_classifier(ckpt, cpu)
+    assert inference_batch(meta, cpu, 256) == 256
+    per, params = classifier_footprint(ClassifierNetConfig(**meta["config"]))
+    cfg = EvaluateConfig(checkpoint=ckpt, data=trained / "test", bootstrap=0, device="cpu")
+    full = evaluate(cfg)
+    # room for the weights and a training step of about 4 images beyond what this process holds now
+    monkeypatch.setenv(ENV, str(_resident_bytes() + int((16 * params + 2.88 * per * 4) / 0.9)))
+    assert 1 <= inference_batch(meta, cpu, 256) < 20  # the 20 test images take several batches
+    short = evaluate(cfg)
+    assert short["metrics"]["confusion"] == full["metrics"]["confusion"]
+    assert short["metrics"]["roc_auc"] == pytest.approx(full["metrics"]["roc_auc"], abs=1e-9)

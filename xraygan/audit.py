@@ -478,7 +478,7 @@ def _nearest_real(s_img: np.ndarray, r_img: np.ndarray, cfg: AuditConfig, c: str
 
 
 def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
-    from xraygan.classifier import load_classifier
+    from xraygan.classifier import inference_batch, load_classifier
     from xraygan.runtime import resolve_device
 
     real = read_image_folder(cfg.real)
@@ -500,8 +500,9 @@ def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
             raise InputError(f"{ckpt}: classifier was trained on {meta['image_size']} px images, "
                              f"the audited images are {real.size} px")
         sha = file_sha(ckpt)[:16]
+        batch = inference_batch(meta, device, cfg.batch_size)
         feats["classifier"] = tuple(
-            cache.get(f"{folder_key(f)}-{sha}", lambda f=f: classifier_features(model, f.images, device, cfg.batch_size))
+            cache.get(f"{folder_key(f)}-{sha}", lambda f=f: classifier_features(model, f.images, device, batch))
             for f in (real, synth))
     rng = np.random.default_rng(cfg.seed)
     classes: dict[str, dict] = {}

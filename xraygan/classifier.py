@@ -228,6 +228,15 @@ def load_classifier(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
+def inference_batch(meta: dict, device: torch.device, wanted: int) -> int:
+    """`wanted` images a batch, or fewer where a training step of that many images of this
+    classifier would not fit the free memory (scoring and Grad-CAM hold no more per image than a
+    training step): evaluate, gradcam and audit at 224 px on a small machine slow down rather than
+    run out of memory. Where memory suffices, `wanted`: the same numbers as ever."""
+    fits = largest_batch("classifier", *classifier_footprint(ClassifierNetConfig(**meta["config"])), device)
+    return wanted if fits is None else max(1, min(wanted, fits))
+
+
 def _check_folder(folder: ImageFolder, size: int, what: str) -> None:
     if folder.size != size:
         raise InputError(f"{folder.root}: {what} images are {folder.size} px, the training "

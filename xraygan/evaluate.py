@@ -246,7 +246,7 @@ def is_done(out: Path) -> bool:
 
 
 def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
-    from xraygan.classifier import load_classifier
+    from xraygan.classifier import inference_batch, load_classifier
     from xraygan.runtime import resolve_device
 
     t0 = time.perf_counter()
@@ -261,7 +261,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     test = read_for_model(cfg.data, classes, int(meta["image_size"]), "test")
     if progress:
         progress("evaluate", 0, 3)
-    score = _scores(model, test, pos, device, cfg.batch_size)
+    batch = inference_batch(meta, device, cfg.batch_size)
+    score = _scores(model, test, pos, device, batch)
     y = test.labels == pos
     test_fingerprint = folder_fingerprint(test)
     fixed = 0.5 if cfg.threshold is None else cfg.threshold
@@ -272,7 +273,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             raise InputError(f"--tune-on {cfg.tune_on}: holds the same files as the test folder {cfg.data}; "
                              "a threshold tuned on the test images makes every metric optimistic "
                              "(tune on DATA/val)")
-        threshold = tune_threshold(val.labels == pos, _scores(model, val, pos, device, cfg.batch_size),
+        threshold = tune_threshold(val.labels == pos, _scores(model, val, pos, device, batch),
                                    cfg.tune_for)
         tuned = {"on": str(cfg.tune_on), "for": cfg.tune_for, "n": len(val.labels)}
     if progress:

@@ -218,7 +218,7 @@ def is_done(out: Path) -> bool:
 
 
 def gradcam(cfg: GradcamConfig, progress=None) -> dict:
-    from xraygan.classifier import load_classifier, to_input
+    from xraygan.classifier import inference_batch, load_classifier, to_input
     from xraygan.evaluate import read_for_model, run_label
     from xraygan.runtime import resolve_device
 
@@ -239,18 +239,19 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
     masks = load_masks(cfg.masks, data) if cfg.masks else np.broadcast_to(chest_region(size), data.images.shape)
     name, layer, side = resolve_layer(model, cfg.layer, size, device)
     n_img = len(data.labels)
+    batch = inference_batch(meta, device, cfg.batch_size)
     cams = np.zeros(data.images.shape, dtype=np.float32)
     probs = np.zeros((n_img, len(classes)), dtype=np.float32)
     with GradCam(model, layer) as gc:
-        for s in range(0, n_img, cfg.batch_size):
-            x = to_input(torch.from_numpy(data.images[s:s + cfg.batch_size]).to(device))
-            lab = torch.from_numpy(data.labels[s:s + cfg.batch_size]).to(device)
+        for s in range(0, n_img, batch):
+            x = to_input(torch.from_numpy(data.images[s:s + batch]).to(device))
+            lab = torch.from_numpy(data.labels[s:s + batch]).to(device)
             target = {"predicted": None, "true": lab, "positive": torch.full_like(lab, pos)}[cfg.target]
             c, logits = gc(x, target)
             cams[s:s + len(x)] = upsample(c, size).cpu().numpy()
             probs[s:s + len(x)] = torch.softmax(logits.float(), 1).cpu().numpy()
             if progress:
-                progress("grad-cam", min(s + cfg.batch_size, n_img), n_img, images=min(s + cfg.batch_size, n_img))
+                progress("grad-cam", min(s + batch, n_img), n_img, images=min(s + batch, n_img))
     pred = probs.argmax(1)
     correct = pred == data.labels
     share = energy_share(cams, masks)
