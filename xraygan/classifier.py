@@ -42,7 +42,7 @@ from xraygan.errors import (
 )
 from xraygan.fsutil import atomic_write_json, check_out_apart, record_header, write_csv
 from xraygan.images import ImageFolder, read_image_folder
-from xraygan.memory import check_batch, classifier_footprint, largest_batch
+from xraygan.memory import check_batch, classifier_footprint, fitting_batch
 from xraygan.metrics import binary_metrics
 from xraygan.options import DEVICE_HELP, PRECISION_HELP, TORCHRUN_BATCH_HELP, opt
 from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
@@ -233,8 +233,7 @@ def inference_batch(meta: dict, device: torch.device, wanted: int) -> int:
     classifier would not fit the free memory (scoring and Grad-CAM hold no more per image than a
     training step): evaluate, gradcam and audit at 224 px on a small machine slow down rather than
     run out of memory. Where memory suffices, `wanted`: the same numbers as ever."""
-    fits = largest_batch("classifier", *classifier_footprint(ClassifierNetConfig(**meta["config"])), device)
-    return wanted if fits is None else max(1, min(wanted, fits))
+    return fitting_batch("classifier", *classifier_footprint(ClassifierNetConfig(**meta["config"])), device, wanted)
 
 
 def _check_folder(folder: ImageFolder, size: int, what: str) -> None:
@@ -524,8 +523,7 @@ def _eval_batch(cfg: TrainClassifierConfig, footprint: tuple[int, int], device: 
     and it takes the micro-batch's size."""
     if cfg.accumulate > 1:
         return max(1, cfg.batch_size // cfg.accumulate)
-    fits = largest_batch("classifier", *footprint, device)
-    return EVAL_BATCH if fits is None else max(1, min(EVAL_BATCH, fits))
+    return fitting_batch("classifier", *footprint, device, EVAL_BATCH)
 
 
 def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.device, train: ImageFolder,

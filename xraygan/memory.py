@@ -126,13 +126,20 @@ def training_bytes(family: str, elements_per_image: int, batch: int, parameters:
     return int(BYTES_PER_ELEMENT[family] * elements_per_image * batch + 16 * parameters)
 
 
-def largest_batch(family: str, elements_per_image: int, parameters: int, device: torch.device) -> int | None:
-    """The largest training batch whose estimated peak fits the free memory; None when the device
-    does not say or the model's activations could not be counted."""
+def fitting_batch(family: str, elements_per_image: int, parameters: int, device: torch.device, wanted: int) -> int:
+    """`wanted`, or the largest training batch whose estimated peak fits the free memory where that
+    is smaller (at least 1); `wanted` when the device does not say or the model's activations
+    could not be counted. For batches that hold no more per image than a training step (scoring,
+    Grad-CAM), which then slow down rather than run out of memory."""
     free, _ = free_bytes(device)
     if free is None or elements_per_image == 0:
-        return None
-    return max(0, int((HEADROOM * free - 16 * parameters) // (BYTES_PER_ELEMENT[family] * elements_per_image)))
+        return wanted
+    return max(1, min(wanted, _largest(family, elements_per_image, parameters, free)))
+
+
+def _largest(family: str, elements_per_image: int, parameters: int, free: int) -> int:
+    """The largest batch whose estimated training peak stays under HEADROOM of `free` bytes."""
+    return int((HEADROOM * free - 16 * parameters) // (BYTES_PER_ELEMENT[family] * elements_per_image))
 
 
 def check_batch(family: str, elements_per_image: int, parameters: int, batch: int, device: torch.device,
@@ -147,8 +154,7 @@ def check_batch(family: str, elements_per_image: int, parameters: int, batch: in
     need = training_bytes(family, elements_per_image, batch, parameters)
     if need <= HEADROOM * free:
         return
-    per = BYTES_PER_ELEMENT[family] * elements_per_image
-    fits = int((HEADROOM * free - 16 * parameters) // per)
+    fits = _largest(family, elements_per_image, parameters, free)
     gib = 2**30
     if fits < 1:
         hint = "no batch fits: free memory or use a smaller --width"
