@@ -122,6 +122,7 @@ CASES = [
     (P + " --imbalance 0", 2, "--imbalance"),
     (P + " --imbalance -1", 2, "--imbalance"),
     (P + " --split 0.5,0.5", 2, "three fractions"),
+    (P + " --split nan,0.5,0.5", 2, "three fractions"),
     (P + " --val-fraction 1.5", 2, "--val-fraction"),
     (P + " --square diamond", 2, "--square"),
     (P.replace("--demo-count 20", "--demo-count 0"), 2, "--demo-count"),

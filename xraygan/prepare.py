@@ -17,6 +17,7 @@ gives the same names again.
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import os
 import time
@@ -65,7 +66,7 @@ def _fractions(v: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in v.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3:
+    if len(parts) != 3 or not all(math.isfinite(f) for f in parts):
         raise InputError(f"--split '{v}': expected three fractions, e.g. 0.8,0.1,0.1")
     return parts  # type: ignore[return-value]
 
