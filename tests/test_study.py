@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_folder
 
 from xraygan.errors import InputError
 from xraygan.study import StudyConfig, build_plan, commands_script, default_jobs, plan_text
@@ -210,3 +211,23 @@ def test_a_step_runs_in_a_process_of_its_own_with_its_output_in_its_log(tmp_path
     q.start()
     q.join()
     assert q.exitcode == 0 and good.read_text().startswith("xraygan ")
+
+
+def test_a_forked_step_sees_the_study_s_environment_and_folder_now(tmp_path, rng, monkeypatch):
+    """The fork server keeps the environment and working folder it started with; a step gets the
+    study's as they are when it starts (a library caller may change them between two studies)."""
+    from xraygan.workers import context, step_main
+
+    ctx = context()
+    if ctx is None:
+        pytest.skip("no fork server on this system: steps start as new Pythons")
+    make_folder(tmp_path / "here" / "d", {"normal": 4, "pneumonia": 4}, 16, rng)
+    monkeypatch.setenv("XRAYGAN_MEMORY_LIMIT", "not-a-size")  # read by the batch check, after the images
+    log = tmp_path / "step.log"
+    argv = ["train-gan", "d", "--out", "g", "--class", "pneumonia", "--steps", "1", "--batch-size", "2",
+            "--device", "cpu"]  # relative to `here`
+    p = ctx.Process(target=step_main, args=(argv, str(log), 1, dict(os.environ), str(tmp_path / "here")))
+    p.start()
+    p.join()
+    assert p.exitcode == 2, log.read_text()
+    assert "XRAYGAN_MEMORY_LIMIT='not-a-size': not a size" in log.read_text()

@@ -545,7 +545,7 @@ class _Executor:
         if self.ctx is not None:
             from xraygan.workers import step_main
 
-            p = self.ctx.Process(target=step_main, args=(argv, str(log), threads))
+            p = self.ctx.Process(target=step_main, args=(argv, str(log), threads, dict(os.environ), os.getcwd()))
             p.start()
             self.pids[sid] = p.pid
             p.join()

@@ -30,11 +30,17 @@ def context():
     return ctx
 
 
-def step_main(argv: list[str], log: str, threads: int) -> None:
+def step_main(argv: list[str], log: str, threads: int, env: dict | None = None, cwd: str | None = None) -> None:
     """A step's process: its own session (Ctrl-C at the terminal reaches the study, which passes
-    it on once: a training step then saves and stops), `threads` CPU threads, stdout and stderr
-    appended to `log` at the file-descriptor level; exits with the command's exit code."""
+    it on once: a training step then saves and stops), the study's environment and working folder
+    now (`env`, `cwd`: the server kept those it started with), `threads` CPU threads, stdout and
+    stderr appended to `log` at the file-descriptor level; exits with the command's exit code."""
     os.setsid()
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
     try:  # what `top` and `ps -o comm` show for the step (Linux; 15 characters): its command, not the server's
         with open("/proc/self/comm", "w") as f:
             f.write(argv[0][:15] if argv else "xraygan")
