@@ -450,7 +450,7 @@ class _Executor:
         self.lone = alone_steps(steps, todo) if self.threads < cores else set()
         self.times = _read_times(self.out / "times.csv")
         self.failed: list[tuple[str, Path]] = []
-        self.running: dict[Future, tuple[Step, float, Path | None, list[str]]] = {}
+        self.running: dict[Future, tuple[Step, float, Path, list[str]]] = {}
         self.pids: dict[str, int] = {}  # the process of each running step
         self.finished = 0
         self.wall = 0.0
@@ -502,7 +502,8 @@ class _Executor:
                 if verdict == "blocked":
                     self.state[s.id] = "blocked"
                     self.record_time(s.id, "blocked", 0.0, None, s.command())
-                    self.say(f"skip   {s.id}: a step it needs failed")
+                    if s.inputs is None:  # (a table with no finished run to tabulate is only recorded)
+                        self.say(f"skip   {s.id}: a step it needs failed")
                 ts.done(s.id)
             elif verdict == "wait" or len(self.running) >= self.jobs:
                 left.append(s)
@@ -514,25 +515,23 @@ class _Executor:
         """run, wait (its exclusive group is busy) or blocked (a step it needs failed); the table
         runs once every run has ended, on the runs that finished."""
         if s.inputs is not None:
-            return "run"
+            return "run" if any(p.name == "metrics.json" for p in self._finished_inputs(s)) else "blocked"
         if any(self.state.get(d) in ("failed", "blocked") for d in s.deps):
             return "blocked"
         if s.exclusive and any(st.exclusive == s.exclusive for st, *_ in self.running.values()):
             return "wait"
         return "run"
 
+    def _finished_inputs(self, s: Step) -> list[Path]:
+        """The table's inputs from the runs that finished."""
+        return [p for sid, p in s.inputs if self.state.get(sid) == "done" and p.is_file()]
+
     def _launch(self, s: Step) -> None:
         argv = s.command()
         if s.inputs is not None:  # the table: only the runs that finished
-            keep = [p for sid, p in s.inputs if self.state.get(sid) == "done" and p.is_file()]
-            if not any(p.name == "metrics.json" for p in keep):
-                self.state[s.id] = "blocked"
-                self.record_time(s.id, "blocked", 0.0, None, argv)
-                self.running[_settled(0)] = (s, time.perf_counter(), None, argv)
-                return
             from xraygan.contract import to_argv
 
-            argv = ["compare", *to_argv("compare", replace(s.config, inputs=tuple(keep)))]
+            argv = ["compare", *to_argv("compare", replace(s.config, inputs=tuple(self._finished_inputs(s))))]
         log = self.out / "logs" / f"{_slug(s.id)}.log"
         log.write_text(f"$ {shlex.join([self.cfg.program, *argv])}\n")
         self.running[self.waiter.submit(self._process, s.id, argv, log, self.threads_for(s.id))] = \
@@ -561,8 +560,6 @@ class _Executor:
     def _ended(self, f: Future) -> str:
         s, t0, log, argv = self.running.pop(f)
         self.pids.pop(s.id, None)
-        if log is None:  # a table with no run to tabulate, settled at its start
-            return s.id
         try:
             rc = f.result()
         except Exception as e:  # noqa: BLE001 - the step's process could not be started
@@ -596,8 +593,7 @@ class _Executor:
                 f.result(timeout=max(1.0, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - past the deadline: ended
                 _signal(self.pids.get(s.id), signal.SIGKILL)
-            if log is not None:
-                self.record_time(s.id, "interrupted", time.perf_counter() - t0, log, argv)
+            self.record_time(s.id, "interrupted", time.perf_counter() - t0, log, argv)
         raise Interrupted(f"interrupted; finished steps are kept: rerun the same xraygan study command to "
                           f"continue ({self.out})") from None
 
@@ -616,13 +612,6 @@ def _signal(pid: int | None, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _settled(value) -> Future:
-    """A future that has already ended with `value`."""
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 def _read_times(path: Path) -> list[dict]:
