@@ -178,6 +178,38 @@ def test_hinge_with_spectral_norm_resumes_exactly_and_older_records_resume(folde
         train_gan(tiny(folder16, tmp_path / "d", loss="wgan"))
 
 
+def _real_gradient(run: Path, data: Path) -> float:
+    """E|grad_x D(x)|^2 of a run's discriminator on its real training images: what R1 penalises."""
+    from xraygan.trainset import load_training_set, to_model_input
+
+    tensors, meta = load_checkpoint(run / "discriminator.safetensors", "discriminator")
+    D = Discriminator(GanNetConfig(**meta["config"]))
+    D.load_state_dict(tensors)
+    images = load_training_set(data, False, None, 4)[0].images
+    x = to_model_input(images, torch.device("cpu"), False)[torch.arange(len(images))].float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(x, None).sum(), x)
+    return grad.square().flatten(1).sum(1).mean().item()
+
+
+def test_r1_penalty_flattens_the_discriminator_and_resumes_exactly(folder16, tmp_path):
+    kw = {"steps": 40, "batch_size": 4, "diffaugment": "none"}  # R1 at steps 0, 16 and 32
+    train_gan(tiny(folder16, tmp_path / "off", **kw))
+    train_gan(tiny(folder16, tmp_path / "on", r1=100.0, **kw))
+    off, on = _real_gradient(tmp_path / "off", folder16), _real_gradient(tmp_path / "on", folder16)
+    assert on < 0.8 * off, (on, off)
+    # stopped between two penalties and resumed: the lazy schedule follows the step count
+    train_gan(tiny(folder16, tmp_path / "b", r1=100.0, **{**kw, "steps": 20}))
+    train_gan(tiny(folder16, tmp_path / "b", r1=100.0, resume=True, **kw))
+    for f in ("generator.safetensors", "discriminator.safetensors"):
+        a, b = load_file(tmp_path / "on" / f), load_file(tmp_path / "b" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["r1"] == 100.0
+    with pytest.raises(InputError, match="--resume with different r1 than"):
+        train_gan(tiny(folder16, tmp_path / "b", resume=True, **{**kw, "steps": 60}))
+    with pytest.raises(InputError, match="--r1 -1.0: must be a finite number at least 0"):
+        train_gan(tiny(folder16, tmp_path / "c", r1=-1.0))
+
+
 @pytest.mark.parametrize("at", random.Random(7).sample(range(1, 9), 3))
 def test_resume_after_ctrl_c_at_a_random_step(folder16, tmp_path, monkeypatch, at):
     """A real SIGINT arriving *inside* a step (the old divergence: D updated, G not) is deferred

@@ -100,6 +100,8 @@ class TrainGanConfig(TrainingRun):
     loss: str = opt("bce", "bce (the DCGAN's non-saturating loss) or hinge (SNGAN / BigGAN; use with "
                            "--spectral-norm).")
     spectral_norm: bool = opt(False, "Spectrally normalised discriminator convolutions, without batch norm (SNGAN).")
+    r1: float = opt(0.0, "R1 penalty weight gamma: gamma/2 times the squared gradient of D's output on the real "
+                         "images it sees, every 16 steps scaled by 16 (StyleGAN2's lazy form); 0 = off.")
     seed: int = opt(0, "Seed for weights, data order and noise.")
     device: str = opt("auto", DEVICE_HELP)
     precision: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")
@@ -141,6 +143,7 @@ class TrainGanConfig(TrainingRun):
             check_int("--ngf", self.ngf, 4), check_int("--ndf", self.ndf, 4))
         check_float("--alpha", self.alpha_value, 0.0, 1.0, low_open=False)
         check_float("--ema", self.ema, 0.0, 1.0, low_open=False, high_open=True)
+        check_float("--r1", self.r1, 0.0, None, low_open=False)
         check_int("--save-every", self.save_every)
         check_float("--save-seconds", self.save_seconds, 0.0)
         check_int("--sample-every", self.sample_every)
@@ -157,8 +160,9 @@ class TrainGanConfig(TrainingRun):
 
 # Options that must match when a run is resumed (epochs may grow; device/precision may change).
 RESUME_KEYS = ("conditional", "cls", "alpha", "batch_size", "nz", "ngf", "ndf", "seed", "diffaugment",
-               "ema", "lr", "loss", "spectral_norm")
+               "ema", "lr", "loss", "spectral_norm", "r1")
 LOSSES = ("bce", "hinge")
+R1_EVERY = 16  # steps between R1 penalties (each weighted by 16): StyleGAN2's lazy regularisation
 
 
 
@@ -274,6 +278,12 @@ class GanTrainer:
         both = torch.cat([z.flatten(), aug.flatten()]).to(self.device)
         return both[: z.numel()].view_as(z), both[z.numel():].view_as(aug)
 
+    def _r1_weight(self) -> float | None:
+        """This step's R1 weight: gamma/2, times R1_EVERY on every R1_EVERY-th step (None between)."""
+        if self.cfg.r1 == 0 or self.step_count % R1_EVERY:
+            return None
+        return self.cfg.r1 / 2 * R1_EVERY
+
     def _ema_decay(self) -> float:
         # warm-up: early on the average follows G closely, so short runs are not stuck near the
         # random initialisation
@@ -281,8 +291,10 @@ class GanTrainer:
         return min(self.cfg.ema, (1 + t) / (10 + t))
 
     def _core(self, real: torch.Tensor, labels: torch.Tensor | None, z: torch.Tensor,
-              aug: torch.Tensor | None, decay: float | torch.Tensor, graph: bool = False) -> torch.Tensor:
-        """The step's arithmetic: the same code runs eagerly and inside the CUDA graph."""
+              aug: torch.Tensor | None, decay: float | torch.Tensor, r1: float | torch.Tensor | None,
+              graph: bool = False) -> torch.Tensor:
+        """The step's arithmetic: the same code runs eagerly and inside the CUDA graph. `r1` weights
+        this step's R1 penalty (None: not computed)."""
         n = real.shape[0]
         policy = self.cfg.diffaugment
         ones, zeros = self._targets(n)
@@ -294,6 +306,8 @@ class GanTrainer:
                 seen_real, seen_fake = both[:n], both[n:]
             else:
                 seen_real, seen_fake = real, fake.detach()
+            if r1 is not None:  # the penalty is on the gradient w.r.t. the images D sees
+                seen_real = seen_real.detach().requires_grad_(True)
             # conditional: the fake batch carries exactly the real batch's labels (see conditional_batch)
             d_real = self.D(seen_real, labels).float()
             d_fake = self.D(seen_fake, labels).float()
@@ -302,8 +316,14 @@ class GanTrainer:
             else:
                 loss_d = (F.binary_cross_entropy_with_logits(d_real, ones)
                           + F.binary_cross_entropy_with_logits(d_fake, zeros))
+        total_d = loss_d
+        if r1 is not None:
+            # R1 (Mescheder et al. 2018): gamma/2 E|grad_x D(x)|^2 on real images keeps D flat
+            # around the data, so it cannot push G with steep, noisy gradients
+            (grad,) = torch.autograd.grad(d_real.sum(), seen_real, create_graph=True)
+            total_d = loss_d + r1 * grad.float().square().flatten(1).sum(1).mean()
         self.opt_d.zero_grad(set_to_none=not graph)
-        loss_d.backward()
+        total_d.backward()
         average_gradients(self.dist, list(self.D.parameters()))
         self.opt_d.step()
         # G step: D's weights get no gradients (exactly the same update, less work)
@@ -328,7 +348,7 @@ class GanTrainer:
         device: reading it forces a host sync, so the caller reads a batch of them at a time."""
         z, aug = self._randoms(real.shape[0] * self.dist.world, real.shape[-1])
         if not self.use_graphs:
-            out = self._core(real, real_labels, z, aug, self._ema_decay())
+            out = self._core(real, real_labels, z, aug, self._ema_decay(), self._r1_weight())
         else:
             out = self._graph_step(real, real_labels, z, aug)
         self.step_count += 1
@@ -339,7 +359,7 @@ class GanTrainer:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                out = self._core(real, labels, z, aug, self._ema_decay())
+                out = self._core(real, labels, z, aug, self._ema_decay(), self._r1_weight())
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._eager_since_start += 1
             return out
@@ -351,7 +371,7 @@ class GanTrainer:
 
                 warnings.warn(f"CUDA graph capture failed, training without it: {e}", stacklevel=2)
                 self.use_graphs = False
-                return self._core(real, labels, z, aug, self._ema_decay())
+                return self._core(real, labels, z, aug, self._ema_decay(), self._r1_weight())
         st = self._static
         st["real"].copy_(real)
         st["z"].copy_(z)
@@ -360,16 +380,20 @@ class GanTrainer:
         if aug is not None:
             st["aug"].copy_(aug)
         st["decay"].fill_(self._ema_decay())
+        if st["r1"] is not None:  # the graph computes the penalty every step; 0 weights it out between
+            st["r1"].fill_(self._r1_weight() or 0.0)
         self._graph.replay()
         return st["out"].clone()
 
     def _capture(self, real, labels, z, aug) -> None:
         st = {"real": real.clone(), "z": z.clone(), "labels": labels.clone() if labels is not None else None,
               "aug": aug.clone() if aug is not None else None,
-              "decay": torch.tensor(self._ema_decay(), device=self.device)}
+              "decay": torch.tensor(self._ema_decay(), device=self.device),
+              "r1": torch.tensor(self._r1_weight() or 0.0, device=self.device) if self.cfg.r1 else None}
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            st["out"] = self._core(st["real"], st["labels"], st["z"], st["aug"], st["decay"], graph=True)
+            st["out"] = self._core(st["real"], st["labels"], st["z"], st["aug"], st["decay"], st["r1"],
+                                   graph=True)
         self._graph, self._static = graph, st
 
     def _targets(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,7 +488,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
     net = GanNetConfig(image_size=data.size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
                        num_classes=len(classes) if cfg.conditional else 0, spectral_norm=cfg.spectral_norm)
-    check_batch("gan", *gan_footprint(net), -(-cfg.batch_size // dist.world), device, str(cfg.data), data.size)
+    check_batch("gan", *gan_footprint(net, cfg.r1 > 0), -(-cfg.batch_size // dist.world), device, str(cfg.data), data.size)
     trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs, dist=dist)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")
     n = len(x_all)
