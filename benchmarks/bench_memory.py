@@ -4,7 +4,7 @@ Every command runs as its own process on a folder prepared from the Kermany rele
 its peak resident memory is the kernel's (`os.wait4` rusage, what `/usr/bin/time -v` reports as
 "Maximum resident set size").
 
-table      : train-gan (3 steps), train-diffusion (2 steps, batch 16), train-classifier (1 epoch), generate
+table      : train-gan (3 steps, and with the R1 penalty), train-diffusion (2 steps, batch 16), train-classifier (1 epoch), generate
              (256 images), audit (those against the training set) and gradcam (the test split) at
              their default batch sizes.
 --calibrate: train-gan, train-diffusion and train-classifier at two batch sizes; the difference in
@@ -56,6 +56,9 @@ def table(data: Path, size: int, root: Path, device: str) -> list[tuple[str, flo
     steps = [
         ("train-gan, 3 steps, batch 64", ["train-gan", f"{data}/train", "--out", f"{r}/gan", "--class", "pneumonia",
                                           "--steps", "3", "--sample-every", "100000", *dev]),
+        ("train-gan --r1 10, 3 steps (one R1 step)", ["train-gan", f"{data}/train", "--out", f"{r}/gan-r1", "--class",
+                                                      "pneumonia", "--steps", "3", "--sample-every", "100000",
+                                                      "--r1", "10", *dev]),
         ("train-diffusion, 2 steps, batch 16", ["train-diffusion", f"{data}/train", "--out", f"{r}/ddpm", "--class",
                                                 "pneumonia", "--steps", "2", "--batch-size", "16", "--sample-every", "100000",
                                                 "--sample-steps", "2", *dev]),

@@ -52,6 +52,9 @@ def test_footprints_grow_with_the_image_and_match_the_real_parameter_counts():
     # a spectrally normalised D drops batch norm's outputs; its normalised weights are not activations
     sn = gan_footprint(GanNetConfig(image_size=128, spectral_norm=True))[0]
     assert 0.5 * e128 < sn < e128
+    # R1 differentiates D's pass on the real images twice: counted as one more pass of D, so the
+    # estimate grows by less than half (D's activations are under half of a step's at 128 px)
+    assert e128 < gan_footprint(g128, r1=True)[0] < 1.5 * e128
 
 
 def test_free_memory_follows_the_limit(monkeypatch):
