@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures still open, in one prepared run for a session lent a GPU machine (about
+# The GPU figures still open, in one prepared run for a GPU machine lent for a short time (about
 # 15 minutes of device time in all, start-up included): train-gan end to end against its bare
 # step, the 64 px study grid with the GPU's utilisation sampled beside it, and (given a third
 # argument, a 128 px prepared set) the 128 px generator comparison: the DCGAN default against
