@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--also", default=None, metavar="W:L", help="another U-Net shape to time bare")
     a = ap.parse_args()
+    from xraygan.runtime import keep_freed_memory
+
+    keep_freed_memory()  # both loops run with the allocator setting the xraygan command makes
     device = resolve_device(a.device)
     amp = autocast_dtype(device, a.precision)
     width, layers = default_shape(a.size)

@@ -12,6 +12,7 @@ table      : train-gan (3 steps, and with the R1 penalty), train-diffusion (2 st
              `xraygan.memory`) is the bytes per element the batch check uses.
 
     python benchmarks/bench_memory.py --src ../shared/data/chest_xray_224 --sizes 128 256
+    python benchmarks/bench_memory.py --src ../shared/data/chest_xray_224 --sizes 256 --commands train-gan train-diffusion
     python benchmarks/bench_memory.py --src ../shared/data/chest_xray_224 --sizes 128 --calibrate --precision fp32
 """
 
@@ -50,7 +51,7 @@ def prepared(src: Path, size: int, root: Path) -> Path:
     return out
 
 
-def table(data: Path, size: int, root: Path, device: str) -> list[tuple[str, float, float]]:
+def table(data: Path, size: int, root: Path, device: str, only: list[str] | None = None) -> list[tuple[str, float, float]]:
     r = root / f"runs{size}"
     dev = ["--device", device]
     steps = [
@@ -73,6 +74,8 @@ def table(data: Path, size: int, root: Path, device: str) -> list[tuple[str, flo
     ]
     rows = []
     for name, args in steps:
+        if only and args[0] not in only:
+            continue
         gib, secs = peak(XRAYGAN + args)
         rows.append((name, gib, secs))
         print(f"{size:4d} px  {name:40s} {gib:6.2f} GiB  {secs:6.1f} s", flush=True)
@@ -118,6 +121,8 @@ def main() -> None:
     ap.add_argument("--src", type=Path, required=True, help="the Kermany release (or any folder prepare reads)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--commands", nargs="*", default=None,
+                    help="table: only these commands, e.g. train-gan train-diffusion (default: all)")
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--precision", default="auto", help="--calibrate: auto, fp32 or bf16")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
@@ -127,7 +132,7 @@ def main() -> None:
         results = {}
         for size in a.sizes:
             data = prepared(a.src, size, root)
-            results[size] = calibrate(data, size, root, a.device, a.precision) if a.calibrate else table(data, size, root, a.device)
+            results[size] = calibrate(data, size, root, a.device, a.precision) if a.calibrate else table(data, size, root, a.device, a.commands)
         print(json.dumps(results, indent=1))
 
 

@@ -103,10 +103,17 @@ def test_resume_is_bit_exact_and_checkpoints_are_typed(demo_data, tmp_path):
         train_diffusion(TrainDiffusionConfig(out=tmp_path / "b", steps=4, resume=True, **common))
 
 
-def test_generation_is_deterministic_and_conditional(demo_data, tmp_path):
+def test_generation_is_deterministic_and_conditional(demo_data, tmp_path, monkeypatch):
+    import xraygan.diffusion
+    import xraygan.runtime
+
+    kept = []  # training and sampling on the CPU keep freed memory for the next step (docs/performance.md)
+    monkeypatch.setattr(xraygan.diffusion, "keep_freed_memory", lambda: kept.append("train"))
+    monkeypatch.setattr(xraygan.runtime, "keep_freed_memory", lambda: kept.append("sample"))
     run = tmp_path / "cond"
     train_diffusion(TrainDiffusionConfig(data=demo_data / "train", out=run, steps=2, conditional=True, timesteps=50,
                                          **TINY))
+    assert kept == ["train"]
     ckpt = run / "diffusion.safetensors"
     _, meta = load_checkpoint(ckpt, "diffusion-model")
     assert meta["conditional"] and meta["classes"] == ["normal", "pneumonia"]
@@ -120,6 +127,7 @@ def test_generation_is_deterministic_and_conditional(demo_data, tmp_path):
         return [p.read_bytes() for p in sorted((tmp_path / out / label).glob("*.png"))]
 
     a = make("a")
+    assert kept == ["train", "sample"]
     assert make("b", batch_size=2) == a  # the same images whatever the batch
     assert make("c", seed=1) != a
     assert make("d", guidance=1.0) != a  # guidance changes the images

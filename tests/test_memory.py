@@ -17,6 +17,7 @@ from xraygan.errors import InputError
 from xraygan.gan import TrainGanConfig, train_gan
 from xraygan.gan_models import GanNetConfig
 from xraygan.memory import (
+    BYTES_PER_ELEMENT,
     ENV,
     _resident_bytes,
     classifier_footprint,
@@ -160,8 +161,75 @@ def test_scoring_takes_smaller_batches_where_memory_is_short_and_scores_the_same
     cfg = EvaluateConfig(checkpoint=ckpt, data=trained / "test", bootstrap=0, device="cpu")
     full = evaluate(cfg)
     # room for the weights and a training step of about 4 images beyond what this process holds now
-    monkeypatch.setenv(ENV, str(_resident_bytes() + int((16 * params + 2.88 * per * 4) / 0.9)))
+    monkeypatch.setenv(ENV, str(_resident_bytes() + int((16 * params + BYTES_PER_ELEMENT['classifier'] * per * 4) / 0.9)))
     assert 1 <= inference_batch(meta, cpu, 256) < 20  # the 20 test images take several batches
     short = evaluate(cfg)
     assert short["metrics"]["confusion"] == full["metrics"]["confusion"]
     assert short["metrics"]["roc_auc"] == pytest.approx(full["metrics"]["roc_auc"], abs=1e-9)
+
+
+FAULTS = """
+import resource, torch
+from xraygan.runtime import keep_freed_memory
+kept = keep_freed_memory()
+rounds = []
+for _ in range(4):  # a step: activations of 64 MB each (over glibc's largest mmap threshold) made and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 << 20); y = torch.full((16 << 20,), 2.0); z = x * y + x
+    del x, y, z
+    rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, rounds[0], rounds[-1])
+"""
+
+
+def _faults(**env) -> tuple[str, int, int]:
+    """(whether the setting was made, page faults of the first round, of the last)"""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "XRAYGAN_MALLOC"}
+    r = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, env={**clean, **env},
+                       check=True)
+    kept, first, last = r.stdout.split()
+    return kept, int(first), int(last)
+
+
+GLIBC = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver())
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator setting is for Linux with glibc")
+def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
+    kept, first, last = _faults()
+    assert kept == "True" and last < first / 2  # later steps reuse the pages the first one faulted in
+    kept, first, last = _faults(XRAYGAN_MALLOC="system")  # glibc's defaults: every step faults them in again
+    assert kept == "False" and last > 0.9 * first
+    # a setting of the user's own for the same thing is left alone; one about something else is not
+    assert _faults(MALLOC_TRIM_THRESHOLD_="131072")[0] == "False"
+    assert _faults(MALLOC_ARENA_MAX="2")[0] == "True"
+
+
+def test_the_allocator_setting_is_for_diffusion_unless_asked_for_everywhere(monkeypatch):
+    import os
+
+    from xraygan.runtime import ALLOCATOR_ENV, keep_freed_memory
+
+    monkeypatch.setenv(ALLOCATOR_ENV, "auto")
+    assert keep_freed_memory(everywhere=True) is False  # what the command line asks: not by default
+    probe = "from xraygan.runtime import keep_freed_memory as k; print(k(everywhere=True))"
+    asked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={**os.environ, ALLOCATOR_ENV: "keep"})
+    assert asked.stdout.split() == [str(GLIBC)]  # XRAYGAN_MALLOC=keep: every command
+    monkeypatch.setenv(ALLOCATOR_ENV, "sometimes")
+    with pytest.raises(InputError, match="XRAYGAN_MALLOC='sometimes': must be auto"):
+        keep_freed_memory()
+
+
+def test_the_command_line_sets_the_allocator_before_any_command(monkeypatch):
+    import xraygan.runtime
+    from xraygan import cli
+
+    calls = []
+    monkeypatch.setattr(xraygan.runtime, "keep_freed_memory", lambda everywhere: calls.append(everywhere))
+    monkeypatch.setattr(sys, "argv", ["xraygan", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == [True]  # for XRAYGAN_MALLOC=keep

@@ -284,6 +284,9 @@ def config_command(name: str):
 
 def main() -> None:
     try:
+        from xraygan.runtime import keep_freed_memory
+
+        keep_freed_memory(everywhere=True)  # only for XRAYGAN_MALLOC=keep; diffusion models ask for it
         app()
     except XrayganError as e:  # raised outside a command (should not happen, but never a traceback)
         print(f"error: {e}", file=sys.stderr)

@@ -39,7 +39,14 @@ from xraygan.images import save_png
 from xraygan.memory import check_batch, diffusion_footprint
 from xraygan.options import DEVICE_HELP, PRECISION_HELP, opt
 from xraygan.runs import begin_run, check_run_target, fingerprint_arrays, trained_to
-from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator, resolve_device
+from xraygan.runtime import (
+    DEVICES,
+    autocast,
+    autocast_dtype,
+    keep_freed_memory,
+    make_generator,
+    resolve_device,
+)
 from xraygan.steploop import Cadence, Family, Position, StepLoop
 from xraygan.trainset import TrainingRun, image_grid, load_training_set, to_model_input
 
@@ -258,6 +265,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
     run = Path(cfg.out)
     check_run_target(run, cfg, RESUME_KEYS, "train-diffusion")
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # a 128 px step about 2x faster (docs/performance.md)
     # the same training set as train-gan's; refuses the sizes no generator makes
     data, classes, label = load_training_set(cfg.data, cfg.conditional, cfg.cls, cfg.batch_size)
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))

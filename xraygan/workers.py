@@ -51,6 +51,9 @@ def step_main(argv: list[str], log: str, threads: int, env: dict | None = None, 
     import torch
 
     torch.set_num_threads(threads)
+    from xraygan.runtime import keep_freed_memory
+
+    keep_freed_memory(everywhere=True)  # as `xraygan` does (the fork server never set it)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
