@@ -90,7 +90,7 @@ def main() -> None:
     a = ap.parse_args()
     from xraygan.runtime import keep_freed_memory
 
-    keep_freed_memory()  # both loops run with the allocator setting the xraygan command makes
+    keep_freed_memory()  # both loops with the allocator setting train-diffusion and generate make
     device = resolve_device(a.device)
     amp = autocast_dtype(device, a.precision)
     width, layers = default_shape(a.size)
