@@ -34,9 +34,10 @@ def keep_freed_memory(everywhere: bool = False) -> bool:
     does a setting of the user's own for the same thing (`MALLOC_MMAP_MAX_`,
     `MALLOC_TRIM_THRESHOLD_` and the like, or their `GLIBC_TUNABLES`). Returns whether the
     setting was made; calling it again changes nothing."""
-    mode = os.environ.get(ALLOCATOR_ENV) or "auto"
+    raw = os.environ.get(ALLOCATOR_ENV) or "auto"
+    mode = raw.strip().lower()
     if mode not in ("auto", "keep", "system"):
-        raise InputError(f"{ALLOCATOR_ENV}={mode!r}: must be auto (kept for diffusion models), keep (kept "
+        raise InputError(f"{ALLOCATOR_ENV}={raw!r}: must be auto (kept for diffusion models), keep (kept "
                          "for every command) or system (glibc's defaults)")
     if mode == "system" or (everywhere and mode != "keep") or not sys.platform.startswith("linux"):
         return False
