@@ -97,6 +97,10 @@ def session(device_name: str, batch_size: int) -> Iterator[tuple[Dist, torch.dev
         d.check_batch(batch_size)
         barrier(d)
         yield d, device
+        # every process has finished (rank 0 has written its last files) before any of them tears
+        # down its connections: a rank that left first once aborted in gloo's teardown (SIGABRT,
+        # "terminate called without an active exception"). Not after an error: the others may be gone.
+        barrier(d)
     finally:
         shutdown(d)
 
