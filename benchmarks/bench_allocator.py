@@ -1,4 +1,4 @@
-"""The CPU allocator setting (`xraygan.runtime.keep_freed_memory`) against glibc's defaults.
+"""The CPU allocator setting (`xraygan.allocator.keep_freed_memory`) against glibc's defaults.
 
 Each command runs twice on the same prepared folder, as its own process: once with
 `XRAYGAN_MALLOC=keep` (large freed blocks kept and reused; what train-diffusion and diffusion

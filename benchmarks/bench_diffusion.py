@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--also", default=None, metavar="W:L", help="another U-Net shape to time bare")
     a = ap.parse_args()
-    from xraygan.runtime import keep_freed_memory
+    from xraygan.allocator import keep_freed_memory
 
     keep_freed_memory()  # both loops with the allocator setting train-diffusion and generate make
     device = resolve_device(a.device)

@@ -104,12 +104,12 @@ def test_resume_is_bit_exact_and_checkpoints_are_typed(demo_data, tmp_path):
 
 
 def test_generation_is_deterministic_and_conditional(demo_data, tmp_path, monkeypatch):
+    import xraygan.allocator
     import xraygan.diffusion
-    import xraygan.runtime
 
     kept = []  # training and sampling on the CPU keep freed memory for the next step (docs/performance.md)
     monkeypatch.setattr(xraygan.diffusion, "keep_freed_memory", lambda: kept.append("train"))
-    monkeypatch.setattr(xraygan.runtime, "keep_freed_memory", lambda: kept.append("sample"))
+    monkeypatch.setattr(xraygan.allocator, "keep_freed_memory", lambda: kept.append("sample"))
     run = tmp_path / "cond"
     train_diffusion(TrainDiffusionConfig(data=demo_data / "train", out=run, steps=2, conditional=True, timesteps=50,
                                          **TINY))

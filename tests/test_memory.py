@@ -170,7 +170,7 @@ def test_scoring_takes_smaller_batches_where_memory_is_short_and_scores_the_same
 
 FAULTS = """
 import resource, torch
-from xraygan.runtime import keep_freed_memory
+from xraygan.allocator import keep_freed_memory
 kept = keep_freed_memory()
 rounds = []
 for _ in range(4):  # a step: activations of 64 MB each (over glibc's largest mmap threshold) made and freed
@@ -210,11 +210,11 @@ def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
 def test_the_allocator_setting_is_for_diffusion_unless_asked_for_everywhere(monkeypatch):
     import os
 
-    from xraygan.runtime import ALLOCATOR_ENV, keep_freed_memory
+    from xraygan.allocator import ALLOCATOR_ENV, keep_freed_memory
 
     monkeypatch.setenv(ALLOCATOR_ENV, "auto")
     assert keep_freed_memory(everywhere=True) is False  # what the command line asks: not by default
-    probe = "from xraygan.runtime import keep_freed_memory as k; print(k(everywhere=True))"
+    probe = "from xraygan.allocator import keep_freed_memory as k; print(k(everywhere=True))"
     asked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                            env={**os.environ, ALLOCATOR_ENV: "keep"})
     assert asked.stdout.split() == [str(GLIBC)]  # XRAYGAN_MALLOC=keep: every command
@@ -224,11 +224,11 @@ def test_the_allocator_setting_is_for_diffusion_unless_asked_for_everywhere(monk
 
 
 def test_the_command_line_sets_the_allocator_before_any_command(monkeypatch):
-    import xraygan.runtime
+    import xraygan.allocator
     from xraygan import cli
 
     calls = []
-    monkeypatch.setattr(xraygan.runtime, "keep_freed_memory", lambda everywhere: calls.append(everywhere))
+    monkeypatch.setattr(xraygan.allocator, "keep_freed_memory", lambda everywhere: calls.append(everywhere))
     monkeypatch.setattr(sys, "argv", ["xraygan", "--help"])
     with pytest.raises(SystemExit):
         cli.main()

@@ -284,7 +284,7 @@ def config_command(name: str):
 
 def main() -> None:
     try:
-        from xraygan.runtime import keep_freed_memory
+        from xraygan.allocator import keep_freed_memory
 
         keep_freed_memory(everywhere=True)  # only for XRAYGAN_MALLOC=keep; diffusion models ask for it
         app()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraygan import __version__
+from xraygan.allocator import keep_freed_memory
 from xraygan.checkpoint import (
     load_checkpoint,
     optimizer_from_tensors,
@@ -39,14 +40,7 @@ from xraygan.images import save_png
 from xraygan.memory import check_batch, diffusion_footprint
 from xraygan.options import DEVICE_HELP, PRECISION_HELP, opt
 from xraygan.runs import begin_run, check_run_target, fingerprint_arrays, trained_to
-from xraygan.runtime import (
-    DEVICES,
-    autocast,
-    autocast_dtype,
-    keep_freed_memory,
-    make_generator,
-    resolve_device,
-)
+from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator, resolve_device
 from xraygan.steploop import Cadence, Family, Position, StepLoop
 from xraygan.trainset import TrainingRun, image_grid, load_training_set, to_model_input
 

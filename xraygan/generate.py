@@ -92,7 +92,7 @@ def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Calla
 
         unet, net, meta = load_diffusion(cfg.checkpoint, device)
         if device.type == "cpu":
-            from xraygan.runtime import keep_freed_memory
+            from xraygan.allocator import keep_freed_memory
 
             keep_freed_memory()  # 128 px sampling about 2x faster (docs/performance.md)
 

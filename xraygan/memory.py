@@ -27,7 +27,7 @@ ENV = "XRAYGAN_MEMORY_LIMIT"
 # a small to a large batch divided by the growth in elements, at 128 px on the CPU in fp32
 # (benchmarks/bench_memory.py --calibrate --precision fp32), the larger of two machines' figures:
 # GAN 2.57 (Intel Xeon; 1.57 on an AMD EPYC), classifier 2.88 (AMD; 1.27 on the Xeon), diffusion
-# 4.84 (Xeon, with freed memory kept as train-diffusion keeps it, `runtime.keep_freed_memory`;
+# 4.84 (Xeon, with freed memory kept as train-diffusion keeps it, `allocator.keep_freed_memory`;
 # 3.59 without). bf16 needs less, and a GPU keeps no allocator slack between steps, so the fp32
 # figures are the conservative ones and are used everywhere.
 BYTES_PER_ELEMENT = {"gan": 2.57, "diffusion": 4.84, "classifier": 2.88}

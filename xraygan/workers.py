@@ -51,7 +51,7 @@ def step_main(argv: list[str], log: str, threads: int, env: dict | None = None, 
     import torch
 
     torch.set_num_threads(threads)
-    from xraygan.runtime import keep_freed_memory
+    from xraygan.allocator import keep_freed_memory
 
     keep_freed_memory(everywhere=True)  # as `xraygan` does (the fork server never set it)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
