@@ -173,7 +173,7 @@ import resource, torch
 from xraygan.allocator import keep_freed_memory
 kept = keep_freed_memory()
 rounds = []
-for _ in range(4):  # a step: activations of 64 MB each (over glibc's largest mmap threshold) made and freed
+for _ in range(8):  # a step: activations of 64 MB each (over glibc's largest mmap threshold) made and freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(16 << 20); y = torch.full((16 << 20,), 2.0); z = x * y + x
     del x, y, z
@@ -199,7 +199,10 @@ GLIBC = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("pla
 @pytest.mark.skipif(not GLIBC, reason="the allocator setting is for Linux with glibc")
 def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
     kept, first, last = _faults()
-    assert kept == "True" and last < first / 2  # later steps reuse the pages the first one faulted in
+    # the heap grows for the first few steps (glibc 2.36's aligned allocations do not fit a freed
+    # block of their own size until freed neighbours merge; measured: settled by the 4th of 8),
+    # then later steps reuse the pages the first ones faulted in
+    assert kept == "True" and last < first / 2
     kept, first, last = _faults(XRAYGAN_MALLOC="system")  # glibc's defaults: every step faults them in again
     assert kept == "False" and last > 0.9 * first
     # a setting of the user's own for the same thing is left alone; one about something else is not
