@@ -37,15 +37,13 @@ def run(cmd: list[str], system: bool) -> dict:
     err = p.stderr.read().decode(errors="replace") if p.stderr else ""
     if os.waitstatus_to_exitcode(status):
         sys.exit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
-    return {"wall": time.perf_counter() - t, "rss": usage.ru_maxrss / 2**20, "sys": usage.ru_stime,
-            "user": usage.ru_utime}
+    return {"wall": time.perf_counter() - t, "rss": usage.ru_maxrss / 2**20, "sys": usage.ru_stime}
 
 
-def step_seconds(log: Path) -> float | None:
+def step_seconds(log: Path) -> float:
     rows = list(csv.DictReader(log.open()))
     t = [float(r["seconds"]) for r in rows]
-    gaps = [b - a for a, b in zip(t[1:], t[2:])]  # the first step pays for warm-up
-    return statistics.median(gaps) if gaps else None
+    return statistics.median(b - a for a, b in zip(t[1:], t[2:]))  # the first step pays for warm-up
 
 
 def main() -> None:
@@ -55,6 +53,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None,
                     help="gan, diffusion, classifier, generate (default: all; generate needs diffusion)")
     a = ap.parse_args()
+    if a.steps < 3:
+        ap.error("--steps: at least 3 (the first step is left out, and a gap needs two more)")
     d = a.data
     common = ["--device", "cpu", "--precision", "fp32"]
     train = ["--steps", str(a.steps), "--log-every", "1", "--sample-every", "100000"]
