@@ -211,7 +211,7 @@ GLIBC = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("pla
 def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
     kept, first, last = _faults()
     # the heap grows for the first few steps (glibc 2.36's aligned allocations do not fit a freed
-    # block of their own size until freed neighbours merge; measured: settled by the 4th of 8),
+    # block of their own size until freed neighbours merge; measured: settled by the 3rd to 5th step),
     # then later steps reuse the pages the first ones faulted in
     assert kept == "True" and last < first / 2
     kept, first, last = _faults(XRAYGAN_MALLOC="system")  # glibc's defaults: every step faults them in again
