@@ -165,6 +165,40 @@ def test_diffusion_rows_in_the_plan(demo_data, tmp_path):
     assert by["rebalance ddpm seed 0"].deps == ["generate ddpm"] and "audit ddpm" in by
 
 
+def test_a_generator_setting_may_change_until_its_generators_have_started(demo_data, tmp_path):
+    """A finished GAN grid takes a diffusion row at a step count and DDIM steps of its own; a
+    setting a started step used, or one that shapes every row's classifiers, is refused."""
+    from dataclasses import replace
+
+    from xraygan.fsutil import atomic_write_json, record_header
+    from xraygan.study import check_study_folder
+
+    out = tmp_path / "s"
+    grid = StudyConfig(data=demo_data, out=out, rows=("oversample", "dcgan"), seeds=(0,), gan_steps=2)
+    out.mkdir()
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
+
+    def start(folder: str) -> None:
+        (out / folder).mkdir(parents=True)
+        (out / folder / "config.json").write_text("{}")
+
+    start("gan/dcgan")
+    added = replace(grid, rows=("cddpm",), diffusion_steps=9, sampling_steps=5)
+    assert check_study_folder(added) is not None  # continued, not refused
+    gen = {s.id: s for s in build_plan(added)[0]}["generate cddpm"].argv
+    assert gen[gen.index("--sampling-steps") + 1] == "5"
+    assert "--sampling-steps" not in {s.id: s for s in build_plan(grid)[0]}["generate dcgan"].argv
+    for changed, message in ((dict(gan_steps=3), "gan-steps 2 .now 3."), (dict(clf_epochs=3), "clf-epochs 20 .now 3.")):
+        with pytest.raises(InputError, match=message):
+            check_study_folder(replace(added, **changed))
+    start("diffusion/cddpm")
+    with pytest.raises(InputError, match="diffusion-steps 4000 .now 9."):
+        check_study_folder(added)
+    start("synth/cddpm")
+    with pytest.raises(InputError, match="sampling-steps 50 .now 5."):
+        check_study_folder(replace(added, diffusion_steps=4000))
+
+
 def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):
     """Adding a generator row to a finished study: its training and then its generation have
     nothing beside them, so they are found from the plan (not from timing) and get all cores."""

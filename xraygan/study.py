@@ -39,7 +39,14 @@ DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditiona
 RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
-            "diffusion_steps", "clf_accumulate")
+            "diffusion_steps", "clf_accumulate", "sampling_steps")
+# The generators' settings shape only the folders named here (under the study folder; "*" is any
+# row): while none of them holds anything, the setting may change between runs of one study, so a
+# diffusion row can be added to a finished GAN grid at a step count of its own. Every other
+# setting shapes the classifiers of all rows and never may.
+SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
+                   "diffusion_steps": ("diffusion/*",),
+                   "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS)}
 
 
 def is_gan_row(row: str) -> bool:
@@ -93,6 +100,7 @@ class StudyConfig:
     gan_steps: int = opt(3000, "Generator steps per GAN (each GAN is trained once, seed 0).")
     gan_batch: int = opt(64, "GAN batch size.")
     diffusion_steps: int = opt(4000, "Training steps per diffusion model (rows ddpm, cddpm).")
+    sampling_steps: int = opt(50, "DDIM steps when the diffusion rows generate (see generate --sampling-steps).")
     diffaugment: str = opt("auto", "DiffAugment policy for the GANs (see train-gan).")
     clf_epochs: int = opt(20, "Classifier epochs (early stopping may end sooner).")
     clf_accumulate: int = opt(1, "Classifier micro-batches per step, for a batch that does not fit in memory "
@@ -135,6 +143,7 @@ class StudyConfig:
         require(self.clf_accumulate <= batch // 2, f"--clf-accumulate {self.clf_accumulate}: more micro-batches "
                 f"than the classifier's batch of {batch} can fill with two images each")
         check_int("--diffusion-steps", self.diffusion_steps)
+        check_int("--sampling-steps", self.sampling_steps)
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
         require(self.weights is None or Path(self.weights).is_file(), f"{self.weights}: weights file not found")
@@ -153,7 +162,8 @@ class StudyConfig:
         return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps,
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
-                "diffusion_steps": self.diffusion_steps, "clf_accumulate": self.clf_accumulate}
+                "diffusion_steps": self.diffusion_steps, "clf_accumulate": self.clf_accumulate,
+                "sampling_steps": self.sampling_steps}
 
 
 @dataclass
@@ -264,7 +274,8 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
             steps.append(command_step(f"{trainer} {row}", trainer, c, run, again=["--resume"],
                                       done=lambda run=run: gan.is_done(run, cfg.gan_steps)))
         c = generate.GenerateConfig(checkpoint=run / model, out=synth, n=need, label=minority, seed=0,
-                                    preview=True, device=dev)
+                                    preview=True, device=dev,
+                                    **({"sampling_steps": cfg.sampling_steps} if row in DIFFUSION_ROWS else {}))
         steps.append(command_step(f"generate {row}", "generate", c, synth, deps=[f"{trainer} {row}"],
                                   done=lambda s=synth: generate.is_done(s, need)))
         if cfg.audit:
@@ -331,13 +342,19 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     if not isinstance(rec, dict) or rec.get("kind") != "xraygan-study":
         raise InputError(f"{rec_path}: not a study record written by xraygan study")
     mine, theirs = cfg.settings(), rec.get("settings", {})
-    changed = [k for k in SETTINGS if k in theirs and theirs[k] != mine[k]]  # (settings added later pass)
+    changed = [k for k in SETTINGS if k in theirs and theirs[k] != mine[k]  # (settings added later pass)
+               and (k not in SETTING_FOLDERS or _started(Path(cfg.out), SETTING_FOLDERS[k]))]
     if changed:
         k = changed[0]
         raise InputError(f"{rec_path}: this study was run with {k.replace('_', '-')} {theirs.get(k)} "
                          f"(now {mine[k]}); rerun with the same settings to continue it, or choose "
                          "another --out")
     return rec
+
+
+def _started(out: Path, patterns: tuple[str, ...]) -> bool:
+    """Whether any folder matching `patterns` under `out` holds anything."""
+    return any(d.is_dir() and any(d.iterdir()) for p in patterns for d in out.glob(p))
 
 
 def plan_text(steps: list[Step]) -> str:
