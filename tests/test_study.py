@@ -197,6 +197,12 @@ def test_a_generator_setting_may_change_until_its_generators_have_started(demo_d
     start("synth/cddpm")
     with pytest.raises(InputError, match="sampling-steps 50 .now 5."):
         check_study_folder(replace(added, diffusion_steps=4000))
+    # a record older than a setting: the study ran with the setting's default
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": {
+        k: v for k, v in grid.settings().items() if k != "sampling_steps"}})
+    assert check_study_folder(replace(added, diffusion_steps=4000, sampling_steps=50)) is not None
+    with pytest.raises(InputError, match="sampling-steps 50 .now 5."):
+        check_study_folder(replace(added, diffusion_steps=4000))
 
 
 def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):

@@ -341,12 +341,14 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     rec = read_json(rec_path)
     if not isinstance(rec, dict) or rec.get("kind") != "xraygan-study":
         raise InputError(f"{rec_path}: not a study record written by xraygan study")
-    mine, theirs = cfg.settings(), rec.get("settings", {})
-    changed = [k for k in SETTINGS if k in theirs and theirs[k] != mine[k]  # (settings added later pass)
+    mine = cfg.settings()
+    # a setting the record lacks is newer than the study, which then ran with its default
+    theirs = {**StudyConfig(data=cfg.data, out=cfg.out).settings(), **rec.get("settings", {})}
+    changed = [k for k in SETTINGS if theirs[k] != mine[k]
                and (k not in SETTING_FOLDERS or _started(Path(cfg.out), SETTING_FOLDERS[k]))]
     if changed:
         k = changed[0]
-        raise InputError(f"{rec_path}: this study was run with {k.replace('_', '-')} {theirs.get(k)} "
+        raise InputError(f"{rec_path}: this study was run with {k.replace('_', '-')} {theirs[k]} "
                          f"(now {mine[k]}); rerun with the same settings to continue it, or choose "
                          "another --out")
     return rec
