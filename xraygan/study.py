@@ -187,7 +187,7 @@ class Step:
         resume or redo (an earlier attempt left something: the command gets `again`)."""
         if self.done():
             return "done", list(self.argv)
-        if not any(p.is_dir() and any(p.iterdir()) for p in (self.out, *self.also)):
+        if not any(map(_holds_anything, (self.out, *self.also))):
             return "run", list(self.argv)
         if self.again == ["--resume"] and not (self.out / "state.safetensors").is_file():
             return "redo", list(self.argv) + ["--force"]  # stopped before its first checkpoint
@@ -354,9 +354,13 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     return rec
 
 
+def _holds_anything(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def _started(out: Path, patterns: tuple[str, ...]) -> bool:
     """Whether any folder matching `patterns` under `out` holds anything."""
-    return any(d.is_dir() and any(d.iterdir()) for p in patterns for d in out.glob(p))
+    return any(_holds_anything(d) for p in patterns for d in out.glob(p))
 
 
 def plan_text(steps: list[Step]) -> str:
