@@ -182,26 +182,25 @@ print(kept, rounds[0], rounds[-1])
 """
 
 
-def _faults(**env) -> tuple[str, int, int]:
-    """(whether the setting was made, page faults of the first round, of the last)"""
+def _fresh(code: str, **env) -> str:
+    """What `code` prints in a fresh Python under `env` and none of this process's malloc settings."""
     import os
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "XRAYGAN_MALLOC"}
-    r = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, env={**clean, **env},
-                       check=True)
-    kept, first, last = r.stdout.split()
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env},
+                          check=True).stdout
+
+
+def _faults(**env) -> tuple[str, int, int]:
+    """(whether the setting was made, page faults of the first round, of the last)"""
+    kept, first, last = _fresh(FAULTS, **env).split()
     return kept, int(first), int(last)
 
 
 def _kept(everywhere: bool = False, **env) -> str:
     """Whether a fresh process makes the setting under `env` ("True" / "False"); imports no torch."""
-    import os
-
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "XRAYGAN_MALLOC"}
     probe = f"from xraygan.allocator import keep_freed_memory as k; print(k(everywhere={everywhere}))"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**clean, **env},
-                       check=True)
-    return r.stdout.strip()
+    return _fresh(probe, **env).strip()
 
 
 GLIBC = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver())
