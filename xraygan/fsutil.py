@@ -158,13 +158,19 @@ def check_not_in_image_folder(out: Path) -> None:
                          "a folder there would be read as one more class of it: choose a folder outside it")
 
 
+def holds_anything(folder: Path) -> bool:
+    """Whether `folder` is a folder with anything in it (hidden files count)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def check_output_free(out: Path, force: bool, command: str | None = None) -> None:
     """Refuse to replace an existing, non-empty output unless --force was given, and with --force
     unless the folder is what `command` itself wrote (its record, and nothing else)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if not (out.is_dir() and any(out.iterdir())):
+    if not holds_anything(out):
         return
     if not force:
         raise InputError(f"{out}: already exists and is not empty (choose another --out, or "

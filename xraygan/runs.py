@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from xraygan.errors import InputError, Interrupted, TrainingError
-from xraygan.fsutil import check_output_free, make_dirs, read_json, write_csv
+from xraygan.fsutil import check_output_free, holds_anything, make_dirs, read_json, write_csv
 
 
 def check_run_target(run: Path, cfg, must_match: tuple[str, ...], command: str) -> None:
@@ -51,7 +51,7 @@ def start_run_folder(run: Path, resume: bool, force: bool) -> bool:
     run = Path(run)
     if resume:
         return False
-    if run.is_dir() and any(run.iterdir()):
+    if holds_anything(run):
         if not force:  # checked before; a folder that appeared since is not ours to touch
             raise InputError(f"{run}: already exists and is not empty")
         old = run.parent / f".{run.name}.old-{os.getpid()}"

@@ -26,7 +26,15 @@ from pathlib import Path
 
 from xraygan import __version__
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_int, require
-from xraygan.fsutil import atomic_write_json, continued_record, make_dirs, read_json, record_header, write_csv
+from xraygan.fsutil import (
+    atomic_write_json,
+    continued_record,
+    holds_anything,
+    make_dirs,
+    read_json,
+    record_header,
+    write_csv,
+)
 from xraygan.options import DEVICE_HELP, opt
 from xraygan.runtime import DEVICES
 
@@ -187,7 +195,7 @@ class Step:
         resume or redo (an earlier attempt left something: the command gets `again`)."""
         if self.done():
             return "done", list(self.argv)
-        if not any(map(_holds_anything, (self.out, *self.also))):
+        if not any(map(holds_anything, (self.out, *self.also))):
             return "run", list(self.argv)
         if self.again == ["--resume"] and not (self.out / "state.safetensors").is_file():
             return "redo", list(self.argv) + ["--force"]  # stopped before its first checkpoint
@@ -354,13 +362,9 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     return rec
 
 
-def _holds_anything(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
 def _started(out: Path, patterns: tuple[str, ...]) -> bool:
     """Whether any folder matching `patterns` under `out` holds anything."""
-    return any(_holds_anything(d) for p in patterns for d in out.glob(p))
+    return any(holds_anything(d) for p in patterns for d in out.glob(p))
 
 
 def plan_text(steps: list[Step]) -> str:
