@@ -146,6 +146,27 @@ def test_own_sheet_with_split_column_and_numeric_values(tmp_path):
     assert rec["counts"]["val"] == {"normal": 10, "pneumonia": 10}
 
 
+def test_a_sheet_without_its_options_is_refused_with_what_it_holds(tmp_path):
+    """The refusal lists the sheet's columns, then the label column's values with their counts
+    (NIH-style `|` findings counted one by one), so the user can write the option from it."""
+    src = tmp_path / "imgs"
+    write_img(src / "a.png", real_images(1, 0)[0])
+    sheet = write_csv(tmp_path / "sheet.csv", ["Image", "Finding Labels", "Patient"],
+                      [["a.png", "No Finding", "1"], ["b.png", "Pneumonia|Effusion", "2"],
+                       ["c.png", "Pneumonia", "3"], ["d.png", "", "4"]])
+    with pytest.raises(InputError, match=r"sheet\.csv: give --path-column COLUMN.*its columns: "
+                                         r"Image, Finding Labels, Patient"):
+        run(tmp_path, src, csv=(sheet,))
+    with pytest.raises(InputError, match=r"sheet\.csv: give --label-column COLUMN"):
+        run(tmp_path, src, csv=(sheet,), path_column="Image")
+    with pytest.raises(InputError) as e:
+        run(tmp_path, src, csv=(sheet,), path_column="Image", label_column="finding labels")
+    assert "which Finding Labels values mean which class" in str(e.value)
+    assert "its values: Pneumonia (2), " in str(e.value)
+    assert all(f"{v} (1)" in str(e.value) for v in ("No Finding", "Effusion", "(blank)"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_class_values_parse_and_compare():
     assert parse_classes("pneumonia=1;normal=0|(blank)") == {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}
     assert norm_value(" 1.0 ") == "1" and norm_value("No Finding") == "no finding" and norm_value("") == "(blank)"

@@ -100,13 +100,34 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
     for opt, v in (("--path-column", spec.path_column), ("--label-column", spec.label_column),
                    ("--classes", spec.classes)):
         if not v:
-            raise InputError(f"{opt} is needed with --labels (or --preset rsna|nih|chexpert)")
+            raise InputError(_what_is_missing(spec, opt))
     if spec.uncertain not in UNCERTAIN:
         raise InputError(f"--uncertain {spec.uncertain}: must be one of {', '.join(UNCERTAIN)}")
     if spec.test_list is not None and not Path(spec.test_list).is_file():
         raise InputError(f"{spec.test_list}: test list not found (--test-list)")
     parse_classes(spec.classes)
     return spec
+
+
+def _what_is_missing(spec: LabelSpec, opt: str) -> str:
+    """The error for a label sheet given without `opt`: what the sheet holds, so the user can
+    write the option from the message (its columns, or the label column's values by count)."""
+    path = spec.csv[0]
+    header, rows = read_csv_rows(path)
+    presets = "or --preset rsna|nih|chexpert for a public release's sheet"
+    if opt != "--classes":
+        what = "the image's path or file name" if opt == "--path-column" else "the label"
+        shown = ", ".join(header[:12]) + (" …" if len(header) > 12 else "")
+        return f"{path}: give {opt} COLUMN, the column holding {what} (its columns: {shown}), {presets}"
+    column = _column(path, header, spec.label_column, "--label-column")
+    values: Counter = Counter()
+    for row in rows:
+        cell = row.get(column) or ""
+        values.update({t.strip() or BLANK for t in cell.split("|")} if cell.strip() else {BLANK})
+    shown = ", ".join(f"{v} ({n})" for v, n in values.most_common(8)) + (" …" if len(values) > 8 else "")
+    return (f"{path}: give --classes to say which {column} values mean which class, e.g. "
+            '--classes "pneumonia=VALUE;normal=VALUE|VALUE" '
+            f"(its values: {shown or 'none'}), {presets}")
 
 
 def norm_value(v: str) -> str:
