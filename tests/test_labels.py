@@ -167,6 +167,26 @@ def test_a_sheet_without_its_options_is_refused_with_what_it_holds(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_class_no_row_gives_is_refused_not_a_one_class_dataset(tmp_path):
+    """'Normal' where the sheet writes 'No Finding' used to make a pneumonia-only dataset."""
+    src = tmp_path / "imgs"
+    rows = []
+    for i, a in enumerate(real_images(6, 0)):
+        write_img(src / f"n{i}.png", a)
+        rows.append([f"n{i}.png", "No Finding"])
+    for i, a in enumerate(real_images(6, 1)):
+        write_img(src / f"p{i}.png", a)
+        rows.append([f"p{i}.png" if i else "gone.png", "Pneumonia"])
+    sheet = write_csv(tmp_path / "sheet.csv", ["Image", "Finding"], rows)
+    spec = dict(csv=(sheet,), path_column="Image", label_column="Finding", min_val=1)
+    with pytest.raises(InputError, match=r"sheet\.csv: no image of class normal: .*'No Finding' \(6\)\)"
+                                         r"; 1 rows name no image found \(first: 'gone.png'"):
+        run(tmp_path, src, classes="pneumonia=Pneumonia;normal=Normal", **spec)
+    assert not (tmp_path / "out").exists()
+    rec = run(tmp_path, src, classes="pneumonia=Pneumonia;normal=No Finding", **spec)
+    assert sum(rec["counts"][s]["normal"] for s in ("train", "val", "test")) == 6
+
+
 def test_class_values_parse_and_compare():
     assert parse_classes("pneumonia=1;normal=0|(blank)") == {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}
     assert norm_value(" 1.0 ") == "1" and norm_value("No Finding") == "no finding" and norm_value("") == "(blank)"
@@ -192,5 +212,5 @@ def test_cli_reports_labels(tmp_path):
 def test_views_compare_in_upper_case_for_sheets_as_for_dicom(tmp_path):
     make_nih(tmp_path / "nih")
     rec = prepare(PrepareConfig(out=tmp_path / "o", src=tmp_path / "nih", size=32, workers=1, val_fraction=0.3,
-                                preset="nih", views=("pa",)))
-    assert set(rec["views_skipped"]) == {"AP", "LATERAL"}  # "pa" kept the PA rows, as PA would
+                                preset="nih", views=("ap",)))
+    assert set(rec["views_skipped"]) == {"PA", "LATERAL"}  # "ap" kept the AP rows, as AP would

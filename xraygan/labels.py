@@ -286,6 +286,28 @@ def _row_split(entry: dict, spec: LabelSpec) -> str | None:
     return split
 
 
+def _check_every_class_made(spec: LabelSpec, classes: dict, per_file: dict, items: list[Item],
+                            unmatched: Counter, views_skipped: Counter, counts: Counter,
+                            missing: list[str]) -> None:
+    """A class that --classes names but no image ends up in is refused: a value that does not
+    match the sheet's spelling ('Normal' for 'No Finding') would otherwise make a one-class
+    dataset, and the study's classifier would learn nothing from it."""
+    made = Counter(it.cls for it in items)
+    lacking = [c for c in classes if not made[c]]
+    if not lacking:
+        return
+    c = lacking[0]
+    if any(c in e["classes"] for e in per_file.values()):
+        raise InputError(f"{spec.csv[0]}: every image of class {c} was left out (views skipped: "
+                         f"{dict(views_skipped) or 'none'}; conflicting labels: {counts['conflicting']})")
+    common = ", ".join(f"{v!r} ({n})" for v, n in unmatched.most_common(8))
+    lost = (f"; {len(missing)} rows name no image found (first: {missing[0]!r}, --path-column "
+            f"{spec.path_column})" if missing else "")
+    raise InputError(f"{spec.csv[0]}: no image of class {c}: no row naming an image has a "
+                     f"'{spec.label_column}' value --classes {spec.classes!r} gives it (values matching no "
+                     f"class: {common or 'none'}){lost}")
+
+
 def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) -> tuple[Scan, dict]:
     """Items for the labelled images below IMAGES, and the `labels` report for dataset.json."""
     images = Path(images)
@@ -360,6 +382,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
     if not items:
         raise InputError(f"{images}: no labelled image is left (views skipped: "
                          f"{dict(views_skipped) or 'none'}; conflicting labels: {counts['conflicting']})")
+    _check_every_class_made(spec, classes, per_file, items, unmatched, views_skipped, counts, missing)
     private = any(it.dicom for it in items)
     report = {
         "files": [str(f) for f in spec.csv], "preset": spec.preset, "classes": spec.classes,
