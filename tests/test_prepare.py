@@ -81,6 +81,37 @@ def test_unsplit_folder_split_by_patient_and_fractions(tmp_path, rng):
             assert seen.setdefault(p, s) == s, f"patient {p} in {seen[p]} and {s}"
 
 
+def test_classes_say_which_folders_mean_which_class(tmp_path, rng):
+    """A hospital export's folder names ('0 - Normal', 'Pneumonia (bacterial)', 'viral', 'COVID')
+    become the study's classes with --classes: several folders merge into one class, folders it
+    does not name are left out and counted, and a class no folder is named for is refused."""
+    src = tmp_path / "export"
+    folders = {"0 - Normal": 12, "Pneumonia (bacterial)": 6, "viral": 6, "COVID": 5}
+    for k, (name, n) in enumerate(folders.items()):
+        for i in range(n):
+            write_img(src / name / f"p{k}{i:03d}_000.png", xray_like(rng, bright=k in (1, 2)))
+    classes = "pneumonia=pneumonia (bacterial)|Viral;normal=0 - normal"
+    rec = prepare(cfg(tmp_path / "out", src=src, size=16, classes=classes, split=(0.5, 0.25, 0.25)))
+    assert rec["classes"] == ["normal", "pneumonia"]
+    assert {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in rec["classes"]} == {"normal": 12,
+                                                                                            "pneumonia": 12}
+    assert rec["folders_left_out"] == {"COVID": 5} and rec["sources"][0]["classes"] == classes
+    with pytest.raises(InputError, match=r"export: no class folder is named as --classes gives class normal "
+                                         r"\(folders: 0 - Normal, COVID, Pneumonia \(bacterial\), viral\)"):
+        prepare(cfg(tmp_path / "o2", src=src, size=16, classes="pneumonia=viral;normal=Normal"))
+    assert not (tmp_path / "o2").exists()
+
+
+def test_classes_map_the_folders_of_every_split(tmp_path, rng):
+    src = make_kermany(tmp_path, rng)
+    rec = prepare(cfg(tmp_path / "out", src=src, size=16, classes="sick=PNEUMONIA;healthy=NORMAL"))
+    assert rec["classes"] == ["healthy", "sick"] and rec["counts"]["test"] == {"healthy": 6, "sick": 6}
+    (src / "test" / "PNEUMONIA").rename(src / "test" / "PNEUMONIA-old")
+    with pytest.raises(InputError, match=r"chest_xray/test: no class folder is named as --classes gives "
+                                         r"class sick \(folders: NORMAL, PNEUMONIA-old\)"):
+        prepare(cfg(tmp_path / "o2", src=src, size=16, classes="sick=PNEUMONIA;healthy=NORMAL"))
+
+
 def test_medmnist_npz_any_size(tmp_path, rng):
     npz = tmp_path / "tiny.npz"
     arrays = {}

@@ -171,6 +171,10 @@ def _print_prepared(rec: dict, local: list[dict], out: Path) -> None:
     if rec["views_skipped"]:
         err.print("views left out: " + ", ".join(f"{n} {v}" for v, n in rec["views_skipped"].items()),
                   highlight=False, soft_wrap=True)
+    if rec.get("folders_left_out"):
+        err.print("class folders left out (not in --classes): "
+                  + ", ".join(f"{d} ({n} images)" for d, n in rec["folders_left_out"].items()),
+                  highlight=False, soft_wrap=True)
     lab = rec["labels"]
     if lab:
         err.print(f"labels: {lab['images']} images from {lab['rows']} rows; "

@@ -33,7 +33,7 @@ from xraygan.dicom import DicomSkip, read_dicom
 from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import SQUARE_MODES, encode_png, load_gray, make_square, resize_gray
-from xraygan.labels import LabelSpec, scan_labelled
+from xraygan.labels import LabelSpec, norm_value, parse_classes, scan_labelled
 from xraygan.options import opt
 from xraygan.phantom import DEMO_NOTE
 from xraygan.sample import SHA256 as SAMPLE_SHA256
@@ -116,8 +116,10 @@ class PrepareConfig:
     min_val: int = 50  # a source val split smaller than this is folded into train
     classes: str | None = opt(None, "With --labels: which label values mean which class, CLASS=VALUE[|VALUE...] "
                                     "separated by ';' (\"pneumonia=Pneumonia;normal=No Finding\", "
-                                    "\"pneumonia=1;normal=0|(blank)\"). With MedMNIST: comma-separated names for "
-                                    "labels 0,1,... (default normal,pneumonia).")
+                                    "\"pneumonia=1;normal=0|(blank)\"). With class folders: which folders mean "
+                                    "which class, the same way (\"pneumonia=bacterial|viral;normal=0 - Normal\"; "
+                                    "other folders are left out and counted). With MedMNIST: comma-separated "
+                                    "names for labels 0,1,... (default normal,pneumonia).")
     label_csv: tuple[Path, ...] = opt((), "A CSV that labels the images below SRC (repeatable: CheXpert's "
                                           "train.csv and valid.csv). See --path-column, --label-column, "
                                           "--classes, or --preset.", flags=("--labels",))
@@ -171,7 +173,8 @@ class PrepareConfig:
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
-        """--classes for a MedMNIST source: the names of labels 0, 1, ..."""
+        """--classes for a MedMNIST source: the names of labels 0, 1, ... (for class folders and
+        label sheets it says which names or values mean which class)."""
         return _words(self.classes) if self.classes and self.labels is None else None
 
     def validate(self) -> None:
@@ -214,6 +217,14 @@ class PrepareConfig:
                 raise InputError(f"{', '.join(given)}: describe a label CSV; give --labels FILE.csv or --preset")
             if self.src is None or self.src.suffix == ".npz":
                 raise InputError("--labels/--preset label the images of a folder: give that folder as SRC")
+        if self.classes and (self.sample or self.demo):
+            raise InputError("--classes: the shipped sample and the phantoms have their classes; it names the "
+                             "classes of class folders, a label sheet or a MedMNIST file")
+        medmnist = self.medmnist is not None or (self.src is not None and self.src.suffix == ".npz")
+        if (self.classes and self.extra_normal is not None
+                and "normal" not in (self.class_names if medmnist else parse_classes(self.classes))):
+            raise InputError(f"--extra-normal adds to class normal, which --classes {self.classes!r} does not "
+                             "name")
         if self.views is not None and (not self.views or any(not v.isalnum() for v in self.views)):
             raise InputError(f"--views {','.join(self.views)}: a comma list of view positions, e.g. PA,AP")
         # before anything is read: the output is never the source, inside it or above it, and
@@ -445,8 +456,18 @@ def _scan(cfg: PrepareConfig, rng: np.random.Generator) -> tuple[list[Scan], lis
         scan, labels = scan_labelled(cfg.src, cfg.labels, wanted_views(cfg))
         src_desc = {"kind": labels["preset"] or "csv", "path": str(cfg.src)}
     else:
-        scan = scan_folder_source(cfg.src)
+        folder_class, wanted = None, ()
+        if cfg.classes:  # which folder names mean which class, as a sheet's values do
+            mapping = parse_classes(cfg.classes)
+            value_class = {v: c for c, vals in mapping.items() for v in vals}
+            wanted = tuple(mapping)
+
+            def folder_class(name: str) -> str | None:
+                return value_class.get(norm_value(name))
+        scan = scan_folder_source(cfg.src, folder_class, wanted)
         src_desc = {"kind": scan.layout, "path": str(cfg.src)}
+        if cfg.classes:
+            src_desc["classes"] = cfg.classes
     scans: list[Scan] = [scan]
     sources = [src_desc]
     if cfg.extra_normal is not None:
@@ -652,6 +673,8 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> dict:
             "duplicates": dup_report,
             "skipped": skipped, "skipped_count": len(skipped), "ignored_count": ignored,
             "views_skipped": dict(sorted(views_skipped.items())),
+            # class folders --classes gave no class: folder name → images
+            "folders_left_out": {k: v for sc in scans for k, v in sorted(sc.folders_left_out.items())},
             "dicom": {"images": sum(1 for it in dec.items if it.dicom),
                       "names": "salted hashes of the patient id and the image; no header value is written"}
                      if private else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class Scan:
     skipped: list[dict]  # files that look like data but are not images
     layout: str
     views_skipped: dict[str, int] = field(default_factory=dict)  # view → images left out for it
+    folders_left_out: dict[str, int] = field(default_factory=dict)  # class folder → images, not in --classes
 
 
 def list_files(root: Path) -> tuple[list[Path], int, list[dict]]:
@@ -162,34 +164,66 @@ def _class_dirs(d: Path) -> dict[str, Path]:
     return out
 
 
-def scan_folder_source(src: Path) -> Scan:
+def _map_class_dirs(where: Path, cdirs: dict[str, Path], folder_class: Callable[[str], str | None],
+                    wanted: tuple[str, ...], left_out: dict[str, int]) -> dict[str, list[Path]]:
+    """One split's class folders under --classes: class → its folders (several merge), the
+    others counted in `left_out`; a class with no folder here is refused, naming the folders."""
+    out: dict[str, list[Path]] = {}
+    for _, d in sorted(cdirs.items()):
+        c = folder_class(d.name)
+        if c is None:
+            left_out[d.name] = left_out.get(d.name, 0) + len(list_files(d)[0])
+        else:
+            out.setdefault(c, []).append(d)
+    for c in wanted:
+        if c not in out:
+            raise InputError(f"{where}: no class folder is named as --classes gives class {c} "
+                             f"(folders: {', '.join(d.name for d in cdirs.values()) or 'none'})")
+    return out
+
+
+def scan_folder_source(src: Path, folder_class: Callable[[str], str | None] | None = None,
+                       wanted: tuple[str, ...] = ()) -> Scan:
+    """Class folders, in a split layout or not. With `folder_class` (from --classes: a folder's
+    name → its class, or None to leave it out) the classes are `wanted`, each made of the
+    folders named for it; without, every folder is a class of its own (lower-cased name)."""
     kind, root = find_layout(Path(src))
     items: list[Item] = []
     ignored, skipped = 0, []
+    left_out: dict[str, int] = {}
     if kind == "split":
         splits = {s: _class_dirs(d) for s, d in _split_dirs(root).items()}
-        classes = sorted(set().union(*(set(c) for c in splits.values())))
-        if len(classes) < 2:
-            raise InputError(f"{root}: need at least two class folders, found {classes or 'none'}")
-        for s, cdirs in splits.items():
-            for c in classes:
-                if c not in cdirs:
-                    raise InputError(f"{root / _split_dirs(root)[s].name}: class folder '{c}' is "
-                                     f"missing (found: {', '.join(sorted(cdirs)) or 'none'})")
+        if folder_class is not None:
+            grouped = {s: _map_class_dirs(_split_dirs(root)[s], cdirs, folder_class, wanted, left_out)
+                       for s, cdirs in splits.items()}
+        else:
+            classes = sorted(set().union(*(set(c) for c in splits.values())))
+            if len(classes) < 2:
+                raise InputError(f"{root}: need at least two class folders, found {classes or 'none'}")
+            for s, cdirs in splits.items():
+                for c in classes:
+                    if c not in cdirs:
+                        raise InputError(f"{root / _split_dirs(root)[s].name}: class folder '{c}' is "
+                                         f"missing (found: {', '.join(sorted(cdirs)) or 'none'})")
+            grouped = {s: {c: [d] for c, d in cdirs.items()} for s, cdirs in splits.items()}
     else:
         cdirs = _class_dirs(root)
-        if len(cdirs) < 2:
-            raise InputError(f"{root}: need at least two class folders, found {sorted(cdirs)}")
-        splits = {None: cdirs}
-    for s, cdirs in splits.items():
-        for c, d in sorted(cdirs.items()):
-            files, ign, skip = list_files(d)
-            ignored += ign
-            skipped += skip
-            if not files:
-                raise InputError(f"{d}: class folder holds no images")
-            items += [file_item(f, c, "kermany" if kind == "split" else "folder", s) for f in files]
-    return Scan(items, ignored, skipped, kind)
+        if folder_class is not None:
+            grouped = {None: _map_class_dirs(root, cdirs, folder_class, wanted, left_out)}
+        else:
+            if len(cdirs) < 2:
+                raise InputError(f"{root}: need at least two class folders, found {sorted(cdirs)}")
+            grouped = {None: {c: [d] for c, d in cdirs.items()}}
+    for s, by_class in grouped.items():
+        for c, dirs in sorted(by_class.items()):
+            for d in dirs:
+                files, ign, skip = list_files(d)
+                ignored += ign
+                skipped += skip
+                if not files:
+                    raise InputError(f"{d}: class folder holds no images")
+                items += [file_item(f, c, "kermany" if kind == "split" else "folder", s) for f in files]
+    return Scan(items, ignored, skipped, kind, folders_left_out=left_out)
 
 
 def scan_medmnist(path: Path, class_names: tuple[str, ...] | None = None) -> Scan:
