@@ -84,6 +84,30 @@ def test_small_stem_keeps_resolution_and_pretrained_conversion(tmp_path):
         load_pretrained(big, tmp_path / "junk.safetensors")
 
 
+def test_pretrained_weights_from_training_frameworks_load_and_other_networks_are_refused(tmp_path):
+    """A ResNet-18 saved by a training framework (wrapped, keys under a prefix, a 14-finding head,
+    no batch norm counters) loads whole; a ResNet-34 (every ResNet-18 name, same shapes, more
+    blocks) or a ResNet-50 would load in part and is refused."""
+    from torchvision.models import resnet18, resnet34, resnet50
+
+    ref = resnet18(weights=None).state_dict()
+    wrapped = {"backbone." + k: v for k, v in ref.items() if not k.endswith("num_batches_tracked")}
+    wrapped["backbone.fc.weight"], wrapped["backbone.fc.bias"] = torch.zeros(14, 512), torch.zeros(14)
+    torch.save({"model": wrapped, "epoch": 3}, tmp_path / "framework.pth")
+    model = build_resnet18(ClassifierNetConfig(image_size=64, small_stem=False))
+    not_loaded = load_pretrained(model, tmp_path / "framework.pth")
+    assert set(not_loaded) == {"fc.weight", "fc.bias"} | {k for k in ref if k.endswith("num_batches_tracked")}
+    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], ref["layer4.1.conv2.weight"])
+    for net, says in ((resnet34, r"tensors ResNet-18 has not, e.g. layer1\.2\..*: a deeper ResNet"),
+                      (resnet50, r"does not look like ResNet-18 weights")):
+        torch.save(net(weights=None).state_dict(), tmp_path / "other.pth")
+        with pytest.raises(InputError, match=says):
+            load_pretrained(model, tmp_path / "other.pth")
+    torch.save({"step": torch.zeros(1), "note": "x"}, tmp_path / "none.pth")
+    with pytest.raises(InputError, match="no table of tensors"):
+        load_pretrained(model, tmp_path / "none.pth")
+
+
 def test_augment_is_small_and_seeded():
     x = torch.randn(4, 1, 16, 16)
     a = augment_batch(x, torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -101,17 +102,68 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
         raise InputError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    sd = _resnet_tensors(sd, path)
     if "conv1.weight" in sd and sd["conv1.weight"].shape[1] == 3:
         std = torch.tensor(IMAGENET_STD, dtype=sd["conv1.weight"].dtype).view(1, 3, 1, 1)
         sd["conv1.weight"] = (sd["conv1.weight"] / std).sum(dim=1, keepdim=True) * STD
     own = model.state_dict()
+    _check_resnet18(own, sd, path)
     skipped = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
     missing = [k for k in own if k not in sd]
-    if len(missing) > len(own) // 2:
-        raise InputError(f"{path}: does not look like ResNet-18 weights ({len(missing)} of "
-                         f"{len(own)} tensors missing)")
     model.load_state_dict({k: v for k, v in sd.items() if k not in skipped}, strict=False)
     return sorted(set(skipped) | set(missing))
+
+
+# where training frameworks keep a network's tensors inside their checkpoint files
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+
+
+def _tensor_table(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _resnet_tensors(sd, path: Path) -> dict[str, torch.Tensor]:
+    """The ResNet's tensors of a weights file: a plain table (torchvision), or one a training
+    framework wrapped (`{"state_dict": ...}`, keys under `module.`, `model.` or `backbone.`)."""
+    if not _tensor_table(sd):
+        inner = [sd[k] for k in _WRAPPERS if isinstance(sd, dict) and _tensor_table(sd.get(k))]
+        if not inner:
+            raise InputError(f"{path}: does not look like ResNet-18 weights (no table of tensors, in the file "
+                             f"or under {', '.join(_WRAPPERS)})")
+        sd = inner[0]
+    if "conv1.weight" not in sd:
+        found = [k[: -len("conv1.weight")] for k in sd if k.endswith(".conv1.weight")]
+        prefix = next((p for p in found if p + "layer1.0.conv1.weight" in sd), None)
+        if prefix is not None:
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return dict(sd)
+
+
+def _check_resnet18(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a file that is not ResNet-18 weights, whose layers would otherwise load in part and
+    leave the rest as initialised under the name of a pretrained run: a deeper ResNet (34 holds
+    every ResNet-18 name with the same shapes, and more blocks), a bottleneck one (50: other
+    shapes), or another network. The head (fc) and the first layer may differ (a task's classes,
+    a small stem); a file without batch norm counters is fine."""
+    def free(k: str) -> bool:
+        return k.startswith("fc.") or k == "conv1.weight" or k.endswith("num_batches_tracked")
+
+    def shape(t: torch.Tensor) -> str:
+        return "×".join(map(str, t.shape))
+
+    extra = [k for k in sd if k not in own and not free(k)]
+    wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape and not free(k)]
+    missing = [k for k in own if k not in sd and not free(k)]
+    if not (extra or wrong or missing):
+        return
+    if extra:
+        why = (f"{len(extra)} tensors ResNet-18 has not, e.g. {extra[0]}"
+               + (": a deeper ResNet" if any(re.match(r"layer\d\.[2-9]", k) for k in extra) else ""))
+    elif wrong:
+        why = f"{wrong[0]} is {shape(sd[wrong[0]])} here, {shape(own[wrong[0]])} in ResNet-18"
+    else:
+        why = f"{len(missing)} of {len(own)} tensors missing, e.g. {missing[0]}"
+    raise InputError(f"{path}: does not look like ResNet-18 weights ({why})")
 
 
 @dataclass(frozen=True)
