@@ -103,6 +103,9 @@ def test_pretrained_weights_from_training_frameworks_load_and_other_networks_are
         torch.save(net(weights=None).state_dict(), tmp_path / "other.pth")
         with pytest.raises(InputError, match=says):
             load_pretrained(model, tmp_path / "other.pth")
+    torch.save(resnet18(weights=None), tmp_path / "whole.pth")  # the pickled module, not its weights
+    with pytest.raises(InputError, match=r"whole\.pth: holds pickled Python objects .* state_dict\(\)"):
+        load_pretrained(model, tmp_path / "whole.pth")
     torch.save({"step": torch.zeros(1), "note": "x"}, tmp_path / "none.pth")
     with pytest.raises(InputError, match="no table of tensors"):
         load_pretrained(model, tmp_path / "none.pth")

@@ -101,6 +101,10 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
+        if "weights only load failed" in str(e).lower():
+            raise InputError(f"{path}: holds pickled Python objects (a whole model or a training state), which "
+                             "xraygan does not unpickle, as that can run code; save the network's "
+                             "state_dict() instead (torch.save(model.state_dict(), 'resnet18.pth'))") from None
         raise InputError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
     sd = _resnet_tensors(sd, path)
     if "conv1.weight" in sd and sd["conv1.weight"].shape[1] == 3:
