@@ -217,6 +217,16 @@ class PrepareConfig:
                 raise InputError(f"{', '.join(given)}: describe a label CSV; give --labels FILE.csv or --preset")
             if self.src is None or self.src.suffix == ".npz":
                 raise InputError("--labels/--preset label the images of a folder: give that folder as SRC")
+        # an option whose subject is absent would be passed over without a word
+        for given, needs, what in ((self.extra_normal_count is not None, self.extra_normal, "--extra-normal-count"),
+                                   (self.extra_normal_splits != ("train", "val"), self.extra_normal,
+                                    "--extra-normal-splits"),
+                                   (self.uncertain != "ignore", self.labels, "--uncertain"),
+                                   (self.minority != "pneumonia", self.imbalance, "--minority")):
+            if given and needs is None:
+                with_ = {"--uncertain": "a label sheet (--labels or --preset)",
+                         "--minority": "--imbalance R"}.get(what, "--extra-normal DIR")
+                raise InputError(f"{what}: only applies with {with_}, which was not given")
         if self.classes and (self.sample or self.demo):
             raise InputError("--classes: the shipped sample and the phantoms have their classes; it names the "
                              "classes of class folders, a label sheet or a MedMNIST file")
@@ -468,6 +478,10 @@ def _scan(cfg: PrepareConfig, rng: np.random.Generator) -> tuple[list[Scan], lis
         src_desc = {"kind": scan.layout, "path": str(cfg.src)}
         if cfg.classes:
             src_desc["classes"] = cfg.classes
+    if cfg.views is not None and not any(it.dicom for it in scan.items) and not (
+            labels and labels["columns"]["view_column"]):
+        raise InputError(f"--views {','.join(cfg.views)}: {cfg.src or cfg.medmnist or 'the source'} gives no "
+                         "view for its images (views come from DICOM headers or a label sheet's --view-column)")
     scans: list[Scan] = [scan]
     sources = [src_desc]
     if cfg.extra_normal is not None:
