@@ -119,7 +119,8 @@ def test_generation_is_deterministic_and_conditional(demo_data, tmp_path, monkey
     assert meta["conditional"] and meta["classes"] == ["normal", "pneumonia"]
 
     def make(out: str, **kw) -> list[bytes]:
-        generate(GenerateConfig(checkpoint=ckpt, out=tmp_path / out, n=3, sampling_steps=4, device="cpu", **kw))
+        kw.setdefault("sampling_steps", 4 if kw.get("sampler", "ddim") == "ddim" else 50)
+        generate(GenerateConfig(checkpoint=ckpt, out=tmp_path / out, n=3, device="cpu", **kw))
         rec = json.loads((tmp_path / out / "generation.json").read_text())
         steps = 4 if kw.get("sampler", "ddim") == "ddim" else 50  # the DDPM chain: every timestep
         assert rec["runs"][0]["family"] == "diffusion" and rec["runs"][0]["sampling_steps"] == steps
@@ -133,6 +134,8 @@ def test_generation_is_deterministic_and_conditional(demo_data, tmp_path, monkey
     assert make("d", guidance=1.0) != a  # guidance changes the images
     assert make("e", label="normal") != a
     assert make("f", sampler="ddpm", batch_size=1) == make("g", sampler="ddpm", batch_size=3)
+    with pytest.raises(InputError, match="--sampler ddpm runs all 50 steps"):  # not a quietly ignored 4
+        make("h", sampler="ddpm", sampling_steps=4)
 
 
 def test_the_default_unet_is_sized_by_image_size_and_predicts_v(tmp_path, rng):
@@ -185,6 +188,9 @@ def test_a_224_px_diffusion_model_trains_and_generates_224_px_images(tmp_path, r
                                          precision="fp32", cls="pneumonia"))
     generate(GenerateConfig(checkpoint=tmp_path / "r" / "diffusion.safetensors", out=tmp_path / "g", n=2,
                             sampling_steps=2, device="cpu"))
+    with pytest.raises(InputError, match="is an unconditional diffusion model; guidance needs a conditional"):
+        generate(GenerateConfig(checkpoint=tmp_path / "r" / "diffusion.safetensors", out=tmp_path / "h", n=2,
+                                sampling_steps=2, guidance=1.0, device="cpu"))
     from PIL import Image
     sizes = {Image.open(p).size for p in (tmp_path / "g").rglob("*.png")}
     assert sizes == {(224, 224)}

@@ -193,6 +193,7 @@ CASES = [
     ("generate {G} -n 5 --out {data}", 2, "did not write"),
     ("generate {G} -n 5 --out {gan}", 2, "contains the input"),
     ("generate {G} -n 0 --out {tmp}/s", 2, "-n 0"),
+    ("generate {G} -n 2 --out {tmp}/s --sampling-steps 5", 2, "only for diffusion models"),
     ("generate {G} -n -3 --out {tmp}/s", 2, "-n -3"),
     ("generate {G} -n 2 --batch-size 0 --out {tmp}/s", 2, "--batch-size 0"),
     ("generate {D} -n 2 --out {tmp}/s", 2, "discriminator checkpoint"),

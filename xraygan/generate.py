@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -87,10 +87,18 @@ def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Calla
     from xraygan.checkpoint import read_metadata
 
     kind = read_metadata(cfg.checkpoint).get("kind")
+    given = {f.name: f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(cfg)
+             if f.name in ("sampler", "sampling_steps", "guidance") and getattr(cfg, f.name) != f.default}
     if kind == "diffusion-model":
         from xraygan.diffusion import image_noise, load_diffusion, sample
 
         unet, net, meta = load_diffusion(cfg.checkpoint, device)
+        if cfg.guidance and not net.num_classes:
+            raise InputError(f"--guidance {cfg.guidance}: {cfg.checkpoint} is an unconditional diffusion model; "
+                             "guidance needs a conditional one (train-diffusion --conditional)")
+        if cfg.sampler == "ddpm" and "sampling_steps" in given:
+            raise InputError(f"--sampling-steps {cfg.sampling_steps}: --sampler ddpm runs all "
+                             f"{net.timesteps} steps; the number of steps is --sampler ddim's")
         if device.type == "cpu":
             from xraygan.allocator import keep_freed_memory
 
@@ -109,6 +117,9 @@ def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Calla
     if kind not in (None, "generator"):
         raise InputError(f"{cfg.checkpoint}: is a {kind} checkpoint, expected a generator "
                          "(RUN/generator.safetensors) or a diffusion model (RUN/diffusion.safetensors)")
+    if given:  # a GAN draws in one pass: the diffusion sampler's options have nothing to change
+        raise InputError(f"{next(iter(given.values()))}: only for diffusion models; {cfg.checkpoint} is a "
+                         "GAN generator")
     G, meta = load_generator(cfg.checkpoint, device)
 
     def make_gan(start: int, count: int, label_idx: int) -> torch.Tensor:
