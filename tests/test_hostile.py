@@ -212,6 +212,9 @@ CASES = [
     (RB + " --method gan --synthetic {root}/copies", 2, "the same file as the training image"),
     (RB.replace("{tmp}/b", "{data}/train/b") + " --method none", 2, "inside the input"),
     (RB + " --method smote --smote-k 0", 2, "--smote-k 0"),
+    (RB + " --method oversample --synthetic {tmp}/s", 2, "--synthetic: --method oversample does not use it"),
+    (RB + " --method none --ratio 0.5", 2, "--ratio: --method none does not use it"),
+    (RB + " --method augment --smote-space pca", 2, "--smote-space: --method augment does not use it"),
     (RB.replace("{tmp}/b", "{parent}") + " --method none --force", 2, "not an output of xraygan rebalance"),
     # train-classifier
     (TC + " --batch-size 0", 2, "--batch-size 0"),

@@ -165,6 +165,13 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
     check_output_free(cfg.out, cfg.force, "rebalance")
     if cfg.method == "gan" and not cfg.synthetic:
         raise InputError("--method gan needs --synthetic DIR (the output of xraygan generate)")
+    # an option the method does not use would be passed over, and the record would not say so
+    unused = [("--synthetic", bool(cfg.synthetic), ("gan",)), ("--ratio", cfg.ratio != 1.0, METHODS[1:]),
+              ("--smote-space", cfg.smote_space != "pixel", ("smote",)), ("--smote-k", cfg.smote_k != 5, ("smote",))]
+    for name, given, methods in unused:
+        if given and cfg.method not in methods:
+            raise InputError(f"{name}: --method {cfg.method} does not use it (it applies to --method "
+                             f"{' / '.join(methods)})")
     listing = list_image_folder(cfg.data)
     counts = {c: len(f) for c, f in listing.items()}
     if len(counts) < 2:
