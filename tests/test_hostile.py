@@ -233,6 +233,7 @@ CASES = [
     (EV + " --threshold 1.5", 2, "--threshold 1.5"),
     (EV + " --threshold nan", 2, "--threshold nan"),
     (EV + " --tune-for accuracy", 2, "--tune-for"),
+    (EV + " --tune-for youden", 2, "--tune-for youden needs --tune-on"),
     (EV.replace("{tmp}/r", "{data}/test/r"), 2, "inside the input"),
     (EV.replace("{tmp}/r", "{clf}"), 2, "contains the input"),
     ("evaluate {G} {data}/test", 2, "generator checkpoint"),

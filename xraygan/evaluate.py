@@ -83,6 +83,9 @@ class EvaluateConfig:
         check_int("--bootstrap", self.bootstrap, 0)
         check_int("--batch-size", self.batch_size)
         check_choice("--tune-for", self.tune_for, ("f1", "youden"))
+        if self.tune_for != "f1" and self.tune_on is None:
+            raise InputError(f"--tune-for {self.tune_for} needs --tune-on DATA/val: without it the threshold is "
+                             "--threshold, not tuned")
         check_choice("--device", self.device, DEVICES)
         if self.threshold is not None:
             check_float("--threshold", self.threshold, 0.0, 1.0, low_open=False)
