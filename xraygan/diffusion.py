@@ -38,7 +38,7 @@ from xraygan.fsutil import atomic_write_json, check_out_apart, record_header
 from xraygan.gan_models import base_and_doublings, ema_update, size_problem
 from xraygan.images import save_png
 from xraygan.memory import check_batch, diffusion_footprint
-from xraygan.options import DEVICE_HELP, PRECISION_HELP, opt
+from xraygan.options import DEVICE_HELP, PRECISION_HELP, given_options, opt
 from xraygan.runs import begin_run, check_run_target, fingerprint_arrays, trained_to
 from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator, resolve_device
 from xraygan.steploop import Cadence, Family, Position, StepLoop
@@ -232,6 +232,9 @@ class TrainDiffusionConfig(TrainingRun):
         check_int("--timesteps", self.timesteps, 10)
         check_choice("--prediction", self.prediction, tuple(PREDICTIONS))
         check_float("--p-uncond", self.p_uncond, 0.0, 1.0, low_open=False, high_open=True)
+        if given_options(self, "p_uncond") and not self.conditional:
+            raise InputError(f"--p-uncond {self.p_uncond}: drops the labels of a conditional model; give "
+                             "--conditional too (a one-class model has no labels to drop)")
         check_float("--ema", self.ema, 0.0, 1.0, low_open=False, high_open=True)
         check_int("--save-every", self.save_every)
         check_float("--save-seconds", self.save_seconds, 0.0)

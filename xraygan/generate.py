@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from xraygan.fsutil import (
 )
 from xraygan.gan_models import GanNetConfig, Generator
 from xraygan.images import save_png
-from xraygan.options import DEVICE_HELP, opt
+from xraygan.options import DEVICE_HELP, given_options, opt
 from xraygan.runtime import DEVICES, make_generator, resolve_device
 from xraygan.trainset import image_grid
 
@@ -87,8 +87,7 @@ def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Calla
     from xraygan.checkpoint import read_metadata
 
     kind = read_metadata(cfg.checkpoint).get("kind")
-    given = {f.name: f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(cfg)
-             if f.name in ("sampler", "sampling_steps", "guidance") and getattr(cfg, f.name) != f.default}
+    given = given_options(cfg, "sampler", "sampling_steps", "guidance")
     if kind == "diffusion-model":
         from xraygan.diffusion import image_noise, load_diffusion, sample
 

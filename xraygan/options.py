@@ -127,3 +127,23 @@ def config_values(declared_fields: tuple[CliField, ...], values: dict) -> dict:
         for name in (k, *declared[k].sets):
             out[name] = v
     return out
+
+
+def given_options(config: Any, *names: str) -> dict[str, str]:
+    """Of the options `names` of a config, those set to other than their declared default, as
+    field name → how the command line wrote it (`--sampling-steps 5`): a command refuses such an
+    option when what it applies to is absent, instead of passing over it in silence."""
+    declared = {f.name: f for f in dataclasses.fields(config)}
+    flags = {f.name: f.flag for f in cli_fields(type(config))}
+    out = {}
+    for name in names:
+        value, default = getattr(config, name), declared[name].default
+        if default is not MISSING and value != default:
+            text = flags[name] if isinstance(value, bool) else f"{flags[name]} {_shown(value)}"
+            out[name] = text
+    return out
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+

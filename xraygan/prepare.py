@@ -34,7 +34,7 @@ from xraygan.errors import InputError
 from xraygan.fsutil import atomic_write_json, check_out_apart, check_output_free, record_header, staged_dir
 from xraygan.images import SQUARE_MODES, encode_png, load_gray, make_square, resize_gray
 from xraygan.labels import LabelSpec, norm_value, parse_classes, scan_labelled
-from xraygan.options import opt
+from xraygan.options import given_options, opt
 from xraygan.phantom import DEMO_NOTE
 from xraygan.sample import SHA256 as SAMPLE_SHA256
 from xraygan.sources import (
@@ -218,15 +218,13 @@ class PrepareConfig:
             if self.src is None or self.src.suffix == ".npz":
                 raise InputError("--labels/--preset label the images of a folder: give that folder as SRC")
         # an option whose subject is absent would be passed over without a word
-        for given, needs, what in ((self.extra_normal_count is not None, self.extra_normal, "--extra-normal-count"),
-                                   (self.extra_normal_splits != ("train", "val"), self.extra_normal,
-                                    "--extra-normal-splits"),
-                                   (self.uncertain != "ignore", self.labels, "--uncertain"),
-                                   (self.minority != "pneumonia", self.imbalance, "--minority")):
-            if given and needs is None:
-                with_ = {"--uncertain": "a label sheet (--labels or --preset)",
-                         "--minority": "--imbalance R"}.get(what, "--extra-normal DIR")
-                raise InputError(f"{what}: only applies with {with_}, which was not given")
+        needs = {"extra_normal_count": (self.extra_normal, "--extra-normal DIR"),
+                 "extra_normal_splits": (self.extra_normal, "--extra-normal DIR"),
+                 "uncertain": (self.labels, "a label sheet (--labels or --preset)"),
+                 "minority": (self.imbalance, "--imbalance R")}
+        for name, text in given_options(self, *needs).items():
+            if needs[name][0] is None:
+                raise InputError(f"{text}: only applies with {needs[name][1]}, which was not given")
         if self.classes and (self.sample or self.demo):
             raise InputError("--classes: the shipped sample and the phantoms have their classes; it names the "
                              "classes of class folders, a label sheet or a MedMNIST file")

@@ -32,7 +32,7 @@ from xraygan.fsutil import (
     staged_dir,
 )
 from xraygan.images import encode_png, list_image_folder, read_image_folder
-from xraygan.options import TRAIN_FOLDER_HELP, opt
+from xraygan.options import TRAIN_FOLDER_HELP, given_options, opt
 from xraygan.provenance import file_sources, single_source
 
 METHODS = ("none", "oversample", "undersample", "gan", "smote", "augment")
@@ -166,12 +166,11 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
     if cfg.method == "gan" and not cfg.synthetic:
         raise InputError("--method gan needs --synthetic DIR (the output of xraygan generate)")
     # an option the method does not use would be passed over, and the record would not say so
-    unused = [("--synthetic", bool(cfg.synthetic), ("gan",)), ("--ratio", cfg.ratio != 1.0, METHODS[1:]),
-              ("--smote-space", cfg.smote_space != "pixel", ("smote",)), ("--smote-k", cfg.smote_k != 5, ("smote",))]
-    for name, given, methods in unused:
-        if given and cfg.method not in methods:
-            raise InputError(f"{name}: --method {cfg.method} does not use it (it applies to --method "
-                             f"{' / '.join(methods)})")
+    uses = {"synthetic": ("gan",), "ratio": METHODS[1:], "smote_space": ("smote",), "smote_k": ("smote",)}
+    for name, text in given_options(cfg, *uses).items():
+        if cfg.method not in uses[name]:
+            raise InputError(f"{text}: --method {cfg.method} does not use it (it applies to --method "
+                             f"{' / '.join(uses[name])})")
     listing = list_image_folder(cfg.data)
     counts = {c: len(f) for c, f in listing.items()}
     if len(counts) < 2:
