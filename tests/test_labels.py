@@ -187,6 +187,64 @@ def test_a_class_no_row_gives_is_refused_not_a_one_class_dataset(tmp_path):
     assert sum(rec["counts"][s]["normal"] for s in ("train", "val", "test")) == 6
 
 
+def write_csv_gz(path: Path, header: list[str], rows: list[list]) -> Path:
+    import gzip
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(buf.getvalue().encode()))
+    return path
+
+
+def make_mimic(root: Path) -> Path:
+    """MIMIC-CXR-JPG 2.0.0 in miniature: files/pNN/p<subject>/s<study>/<dicom_id>.jpg, and the
+    gzipped CheXpert-labeler sheet (one row per study), split and metadata sheets (per image)."""
+    normal, pneu = real_images(48, 0), real_images(48, 1)
+    labels, splits, meta = [], [], []
+    for k in range(24):  # 24 studies of 12 subjects, two images each (the second lateral in every 4th)
+        subject, study = 10000000 + k // 2, 50000000 + k
+        value = ["1.0", "0.0", "", "-1.0"][k % 4]  # pneumonia, negative, not mentioned, uncertain
+        split = "test" if subject >= 10000010 else ("validate" if subject == 10000008 else "train")
+        for j in range(2):
+            dicom_id = f"{k:04d}{j}aa-{study}"
+            a = (pneu if value == "1.0" else normal)[2 * k + j]
+            write_img(root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}.jpg",
+                      a, "JPEG")
+            splits.append([dicom_id, study, subject, split])
+            meta.append([dicom_id, subject, study, "LATERAL" if j and k % 4 == 0 else ("PA" if j else "AP")])
+        labels.append([subject, study, "", value, "1.0" if value in ("0.0", "") else ""])
+    write_csv_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz",
+                 ["subject_id", "study_id", "Atelectasis", "Pneumonia", "No Finding"], labels)
+    write_csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], splits)
+    write_csv_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz",
+                 ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta)
+    return root / "files"
+
+
+def test_mimic_preset_labels_every_image_of_a_study_with_the_official_split(tmp_path):
+    src = make_mimic(tmp_path / "mimic-cxr-jpg" / "2.0.0")
+    rec = run(tmp_path, src, preset="mimic", min_val=1)
+    lab = rec["labels"]
+    assert lab["preset"] == "mimic" and lab["rows"] == 24 and lab["image_splits"].endswith("split.csv.gz")
+    # uncertain studies dropped (U-Ignore); 6 pneumonia and 12 normal studies (negative or not
+    # mentioned), 2 images each, less the lateral of every 4th study (the pneumonia ones)
+    assert lab["uncertain_dropped"] == 6 and rec["views_skipped"] == {"LATERAL": 6}
+    total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in ("normal", "pneumonia")}
+    assert total == {"normal": 24, "pneumonia": 6}
+    # the official split, by subject: subjects 10 and 11 (studies 20-23) are test, 8 is validate
+    assert rec["counts"]["test"] == {"normal": 4, "pneumonia": 1} and rec["counts"]["val"] == {"normal": 2,
+                                                                                              "pneumonia": 1}
+    names = {p.name for p in (tmp_path / "out" / "test").rglob("*.png")}
+    assert len(names) == 5 and all(n.startswith(("0020", "0021", "0022")) for n in names)
+    rec = run(tmp_path, src, name="pos", preset="mimic", uncertain="positive", views=("PA", "AP", "LATERAL"),
+              min_val=1)
+    assert sum(rec["counts"][s]["pneumonia"] for s in rec["counts"]) == 24 and not rec["views_skipped"]
+
+
 def test_class_values_parse_and_compare():
     assert parse_classes("pneumonia=1;normal=0|(blank)") == {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}
     assert norm_value(" 1.0 ") == "1" and norm_value("No Finding") == "no finding" and norm_value("") == "(blank)"

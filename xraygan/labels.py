@@ -20,13 +20,18 @@ One option set covers the public chest X-ray releases and a hospital's own sheet
 - `--patient-column` (else the DICOM header's PatientID, else the patient in the path or file
   name), `--split-column` (train/val/test values), `--test-list FILE` (the official NIH
   `test_list.txt`: those images are the test split, the rest train), `--view-column`.
+- MIMIC-CXR labels studies, not images: its preset reads a row's `study_id` as the folder
+  `s<study_id>` and labels every image in it; per-image sheets (keyed by the file's stem, the
+  `dicom_id`) give the official split and the view. Sheets may be gzipped.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import re
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +58,11 @@ class LabelSpec:
     other: str | None = None  # class for rows that match none (default: left out)
     test_list: Path | None = None
     preset: str | None = None
+    # set by a preset whose rows name a study, not an image (MIMIC-CXR): a row labels every image
+    # in the folder `folder_format.format(value)`; per-image tables give the split and the view
+    folder_format: str | None = None
+    image_splits: Path | None = None  # CSV: IMAGE_KEY (the file's stem), split
+    image_views: Path | None = None  # CSV: IMAGE_KEY, view
 
 
 # The public layouts, as their releases write them. `csv` names the file looked for beside
@@ -66,7 +76,16 @@ PRESETS: dict[str, dict] = {
     "chexpert": dict(csv=("train.csv", "valid.csv"), path_column="Path", label_column="Pneumonia",
                      split_column=PATH_SPLIT, view_column="Frontal/Lateral",
                      classes=f"pneumonia=1;normal=0|{BLANK}"),
+    # MIMIC-CXR(-JPG) 2.0.0: files/p10/p10000032/s50414267/<dicom_id>.dcm|.jpg; the CheXpert
+    # labeler's sheet has one row per study; the official split and the views are per image
+    "mimic": dict(csv=("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"), path_column="study_id",
+                  label_column="Pneumonia", patient_column="subject_id", classes=f"pneumonia=1;normal=0|{BLANK}",
+                  folder_format="s{}",
+                  image_splits=("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"),
+                  image_views=("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")),
 }
+ONE_SHEET = ("nih", "mimic")  # presets that read the first of their label files found, not all
+IMAGE_TABLES = {"image_splits": ("dicom_id", "split"), "image_views": ("dicom_id", "ViewPosition")}
 
 
 def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
@@ -76,13 +95,14 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
         if spec.preset not in PRESETS:
             raise InputError(f"--preset {spec.preset}: must be one of {', '.join(PRESETS)}")
         p = PRESETS[spec.preset]
-        fill = {k: v for k, v in p.items() if k not in ("csv", "test_list") and getattr(spec, k) is None}
+        files = ("csv", "test_list", *IMAGE_TABLES)
+        fill = {k: v for k, v in p.items() if k not in files and getattr(spec, k) is None}
         spec = replace(spec, **fill)
         places = (images, images.parent)
         if not spec.csv:
             found = tuple(d / n for n in p["csv"] for d in places if (d / n).is_file())
-            if spec.preset == "nih":
-                found = found[:1]  # the 2020 file replaces the 2017 one
+            if spec.preset in ONE_SHEET:
+                found = found[:1]  # NIH's 2020 file replaces the 2017 one; MIMIC's .csv.gz as published
             if not found:
                 raise InputError(f"{images}: no {' or '.join(p['csv'])} here or in its parent "
                                  f"(give the label file with --labels)")
@@ -90,8 +110,12 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
         if spec.test_list is None and p.get("test_list"):
             where = [d / p["test_list"] for d in (spec.csv[0].parent, *places)]
             spec = replace(spec, test_list=next((w for w in where if w.is_file()), None))
+        for k in IMAGE_TABLES:  # optional: without them, split by patient, views from the DICOM header
+            if getattr(spec, k) is None and p.get(k):
+                where = [d / n for n in p[k] for d in (spec.csv[0].parent, *places)]
+                spec = replace(spec, **{k: next((w for w in where if w.is_file()), None)})
     if not spec.csv:
-        raise InputError("--labels FILE.csv is needed (or --preset rsna|nih|chexpert)")
+        raise InputError(f"--labels FILE.csv is needed (or --preset {'|'.join(PRESETS)})")
     for f in spec.csv:
         if f.is_dir():
             raise InputError(f"{f}: is a folder, not a CSV file (--labels)")
@@ -114,7 +138,7 @@ def _what_is_missing(spec: LabelSpec, opt: str) -> str:
     write the option from the message (its columns, or the label column's values by count)."""
     path = spec.csv[0]
     header, rows = read_csv_rows(path)
-    presets = "or --preset rsna|nih|chexpert for a public release's sheet"
+    presets = f"or --preset {'|'.join(PRESETS)} for a public release's sheet"
     if opt != "--classes":
         what = "the image's path or file name" if opt == "--path-column" else "the label"
         shown = ", ".join(header[:12]) + (" …" if len(header) > 12 else "")
@@ -167,11 +191,15 @@ def parse_classes(text: str) -> dict[str, frozenset[str]]:
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """A label sheet as header + rows: UTF-8 (with or without BOM) or UTF-16 with BOM (Excel's
-    "Unicode text"), comma, semicolon or tab separated."""
+    "Unicode text"), comma, semicolon or tab separated, plain or gzipped (`.csv.gz`)."""
     try:
         raw = Path(path).read_bytes()
+        if Path(path).suffix.lower() == ".gz":  # as PhysioNet publishes MIMIC-CXR's sheets
+            raw = gzip.decompress(raw)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({(e.strerror or type(e).__name__).lower()})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: not a readable .gz file ({e})") from None
     try:
         text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -197,9 +225,21 @@ class _FileIndex:
         self.rel = {f.relative_to(root).as_posix(): f for f in files}
         self.by_name: dict[str, list[Path]] = defaultdict(list)
         self.by_stem: dict[str, list[Path]] = defaultdict(list)
+        self.by_folder: dict[str, list[Path]] = defaultdict(list)
         for f in files:
             self.by_name[f.name].append(f)
             self.by_stem[f.stem].append(f)
+            self.by_folder[f.parent.name].append(f)
+
+    def find_all(self, value: str, folder_format: str | None) -> tuple[list[Path], str | None]:
+        """The images a row names: one file, or with `folder_format` every image in that folder
+        (a study id, `50414267` or `50414267.0` as a spreadsheet may write it → `s50414267`)."""
+        if folder_format is None:
+            f, why = self.find(value)
+            return ([f] if f is not None else []), why
+        v = value.strip()
+        v = v.split(".")[0] if re.fullmatch(r"\d+\.0*", v) else v
+        return (list(self.by_folder.get(folder_format.format(v), [])) if v else []), (None if v else "empty")
 
     def find(self, value: str) -> tuple[Path | None, str | None]:
         v = value.strip().replace("\\", "/").lstrip("./")
@@ -271,6 +311,23 @@ def _row_classes(cell: str, spec: LabelSpec, value_class: dict, counts: Counter,
     return hit
 
 
+def _image_table(spec: LabelSpec, kind: str) -> dict[str, str] | None:
+    """A preset's per-image table (`IMAGE_TABLES`) as image key → value, None when not found."""
+    path = getattr(spec, kind)
+    if path is None:
+        return None
+    header, rows = read_csv_rows(path)
+    key, value = (_column(path, header, c, f"the {kind.replace('_', ' ')} table") for c in IMAGE_TABLES[kind])
+    return {(r.get(key) or "").strip(): (r.get(value) or "").strip() for r in rows}
+
+
+def _split_value(path: Path, value: str) -> str:
+    split = SPLIT_NAMES.get(value.lower())
+    if split is None:
+        raise InputError(f"{path}: split value {value!r} is not train, validate or test")
+    return split
+
+
 def _row_split(entry: dict, spec: LabelSpec) -> str | None:
     """The split an image's first row gives (a split column, or the path's train/test folder)."""
     r, cols = entry["row"], entry["cols"]
@@ -323,6 +380,9 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
     if spec.test_list is not None:
         test_names = {ln.strip() for ln in Path(spec.test_list).read_text(encoding="utf-8-sig").splitlines()
                       if ln.strip()}
+    image_splits = _image_table(spec, "image_splits")
+    image_splits = image_splits and {k: _split_value(spec.image_splits, v) for k, v in image_splits.items()}
+    image_views = _image_table(spec, "image_views")
     # one entry per image: the classes its rows say, and the first row's patient/split/view
     per_file: dict[Path, dict] = {}
     named: set[Path] = set()  # every file some row names, labelled or not
@@ -337,17 +397,18 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         rows_total += len(rows)
         for r in rows:
             pv = (r.get(cols["path_column"]) or "").strip()
-            f, why = index.find(pv)
-            if f is None:
-                counts["ambiguous_path" if why else "missing_file"] += 1
+            found, why = index.find_all(pv, spec.folder_format)
+            if not found:
+                counts["ambiguous_path" if why and why != "empty" else "missing_file"] += 1
                 missing.append(pv + (f" ({why})" if why else ""))
                 continue
-            named.add(f)
+            named.update(found)
             hit = _row_classes(r.get(cols["label_column"]) or "", spec, value_class, counts, unmatched)
             if not hit:
                 continue
-            entry = per_file.setdefault(f, {"classes": set(), "row": r, "cols": cols, "value": pv})
-            entry["classes"] |= hit
+            for f in found:
+                entry = per_file.setdefault(f, {"classes": set(), "row": r, "cols": cols, "value": pv})
+                entry["classes"] |= hit
     if not per_file:  # every row that names an image matched no class: `unmatched` holds their values
         common = ", ".join(f"{v!r}" for v, _ in unmatched.most_common(8))
         if counts["missing_file"] + counts["ambiguous_path"] == rows_total and rows_total:
@@ -366,12 +427,14 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
             counts["conflicting"] += 1
             continue
         r, cols = e["row"], e["cols"]
-        if cols["view_column"]:
-            view = normalise_view(r.get(cols["view_column"]))
+        if cols["view_column"] or image_views is not None:
+            view = normalise_view(r.get(cols["view_column"]) if cols["view_column"] else image_views.get(f.stem))
             if not view_allowed(view, views):
                 views_skipped[view or "none"] += 1
                 continue
         split = _row_split(e, spec) if test_names is None else ("test" if f.name in test_names else "train")
+        if image_splits is not None:
+            split = image_splits.get(f.stem, split)
         patient = (r.get(cols["patient_column"]) or "").strip() if cols["patient_column"] else ""
         patient = patient or _path_patient(e["value"]) or None
         it = file_item(f, next(iter(e["classes"])), source, split, patient)
@@ -390,6 +453,8 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
                                                    "split_column", "view_column")},
         "uncertain": spec.uncertain, "other": spec.other,
         "test_list": str(spec.test_list) if spec.test_list else None,
+        "image_splits": str(spec.image_splits) if spec.image_splits else None,
+        "image_views": str(spec.image_views) if spec.image_views else None,
         "rows": rows_total, "images": len(items),
         "missing_count": counts["missing_file"], "ambiguous_path_count": counts["ambiguous_path"],
         "not_in_csv_count": len(not_in_csv),

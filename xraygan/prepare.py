@@ -125,8 +125,11 @@ class PrepareConfig:
                                           "--classes, or --preset.", flags=("--labels",))
     preset: str | None = opt(None, "The column layout of a public release: rsna (stage_2_train_labels.csv), nih "
                                    "(Data_Entry_2017.csv, with test_list.txt as the test split), chexpert "
-                                   "(train.csv, valid.csv). Found beside SRC or in its parent unless --labels is "
-                                   "given; any column option overrides the preset's.")
+                                   "(train.csv, valid.csv), mimic (MIMIC-CXR or -JPG 2.0.0: "
+                                   "mimic-cxr-2.0.0-chexpert.csv.gz, one row per study, with the -split and "
+                                   "-metadata sheets for the official split and the views). Found beside SRC or "
+                                   "in its parent unless --labels is given; any column option overrides the "
+                                   "preset's.")
     path_column: str | None = opt(None, "CSV column naming the image: a path below SRC, a file name, or a name "
                                         "without extension.")
     label_column: str | None = opt(None, "CSV column holding the label.")
@@ -477,7 +480,7 @@ def _scan(cfg: PrepareConfig, rng: np.random.Generator) -> tuple[list[Scan], lis
         if cfg.classes:
             src_desc["classes"] = cfg.classes
     if cfg.views is not None and not any(it.dicom for it in scan.items) and not (
-            labels and labels["columns"]["view_column"]):
+            labels and (labels["columns"]["view_column"] or labels["image_views"])):
         raise InputError(f"--views {','.join(cfg.views)}: {cfg.src or cfg.medmnist or 'the source'} gives no "
                          "view for its images (views come from DICOM headers or a label sheet's --view-column)")
     scans: list[Scan] = [scan]

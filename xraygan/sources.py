@@ -29,7 +29,7 @@ from xraygan.fsutil import RECORD_NAMES, xraygan_record
 from xraygan.images import is_ignored, is_image_name
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}
+               "validation": "val", "validate": "val", "test": "test", "testing": "test"}
 
 # File-name patterns that carry a patient id: Kermany pneumonia (`person123_bacteria_45`),
 # Kermany normal (`IM-0115-0001`, `NORMAL2-IM-1427-0001`), NIH ChestX-ray8 (`00000013_005`).
