@@ -151,7 +151,7 @@ CASES = [
     (L + " --uncertain maybe", 2, "--uncertain maybe"),
     (L + " --views 'P A'", 2, "--views P A"),
     (L + " --out {lab}/imgs/o", 2, "lies inside the input"),
-    ("prepare {lab}/imgs --preset padchest --out {tmp}/o", 2, "--preset padchest: must be one of rsna, nih, chexpert, mimic"),
+    ("prepare {lab}/imgs --preset vindr --out {tmp}/o", 2, "--preset vindr: must be one of rsna, nih, chexpert, padchest"),
     ("prepare {lab}/imgs --preset mimic --out {tmp}/o", 2, "no mimic-cxr-2.0.0-chexpert.csv.gz or mimic-cxr-2.0.0-chexpert.csv"),
     ("prepare {lab}/imgs --preset nih --out {tmp}/o", 2, "no Data_Entry_2017_v2020.csv or Data_Entry_2017.csv"),
     ("prepare {lab}/imgs --path-column file --out {tmp}/o", 2, "--path-column: describe a label CSV"),

@@ -4,12 +4,13 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_img
 from dicomfix import real_images, write_dicom
 
 from xraygan.errors import InputError
-from xraygan.labels import norm_value, parse_classes
+from xraygan.labels import cell_values, norm_value, parse_classes
 from xraygan.prepare import PrepareConfig, prepare
 
 
@@ -243,6 +244,30 @@ def test_mimic_preset_labels_every_image_of_a_study_with_the_official_split(tmp_
     rec = run(tmp_path, src, name="pos", preset="mimic", uncertain="positive", views=("PA", "AP", "LATERAL"),
               min_val=1)
     assert sum(rec["counts"][s]["pneumonia"] for s in rec["counts"]) == 24 and not rec["views_skipped"]
+
+
+def test_padchest_preset_reads_findings_written_as_a_list(tmp_path):
+    """PadChest: ImageID in numbered folders, 16-bit PNGs, `Labels` as a Python-style list,
+    `Projection` L for lateral."""
+    root = tmp_path / "padchest"
+    rows = []
+    normal, pneu = real_images(40, 0), real_images(40, 1)
+    findings = ["['normal']", "['pneumonia', 'infiltrates']", "[' chronic changes', 'pneumonia']",
+                "['cardiomegaly']", "['normal']"]
+    for i in range(40):
+        f = findings[i % 5]
+        a = (pneu if "pneumonia" in f else normal)[i].astype(np.uint16) * 257  # 16-bit, as released
+        name = f"{1000 + i}_{i:03d}.png"
+        write_img(root / str(i % 3) / name, a)
+        rows.append([name, str(i % 3), f"pat{i // 2}", "L" if i == 4 else "PA", f])
+    write_csv(root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
+              ["ImageID", "ImageDir", "PatientID", "Projection", "Labels"], rows)
+    rec = run(tmp_path, root, preset="padchest", min_val=1)
+    total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in ("normal", "pneumonia")}
+    assert total == {"normal": 15, "pneumonia": 16}  # 16 normal less one lateral; 8 'cardiomegaly' left out
+    assert rec["views_skipped"] == {"LATERAL": 1} and rec["labels"]["unmatched_values"] == {"['cardiomegaly']": 8}
+    assert cell_values("['pneumonia', 'infiltrates']") == ["pneumonia", "infiltrates"]
+    assert cell_values("Pneumonia|Effusion") == ["Pneumonia", "Effusion"] and cell_values("[]") == []
 
 
 def test_class_values_parse_and_compare():

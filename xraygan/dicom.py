@@ -27,7 +27,7 @@ from xraygan.images import MIN_SIDE, make_square, resize_fast
 DICOM_EXTS = frozenset({".dcm", ".dicom", ".dic"})
 # What `--views` sees: ViewPosition as written, with the usual spellings of a lateral view folded
 # into one word (DICOM CID 4014: LL, RL, and exports that write LAT or LATERAL).
-LATERAL = frozenset({"LATERAL", "LAT", "LL", "RL", "LLD", "RLD", "XTABLE LATERAL"})
+LATERAL = frozenset({"LATERAL", "LAT", "L", "LL", "RL", "LLD", "RLD", "XTABLE LATERAL"})  # L: PadChest
 _MISSING_PLUGIN = {  # transfer syntax family → the package that decodes it
     "JPEG 2000": "pylibjpeg-openjpeg",
     "JPEG-LS": "pylibjpeg-libjpeg",

@@ -76,6 +76,11 @@ PRESETS: dict[str, dict] = {
     "chexpert": dict(csv=("train.csv", "valid.csv"), path_column="Path", label_column="Pneumonia",
                      split_column=PATH_SPLIT, view_column="Frontal/Lateral",
                      classes=f"pneumonia=1;normal=0|{BLANK}"),
+    # PadChest: 16-bit PNGs in numbered folders, the findings as a list in one cell
+    "padchest": dict(csv=("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
+                          "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"),
+                     path_column="ImageID", label_column="Labels", patient_column="PatientID",
+                     view_column="Projection", classes="pneumonia=pneumonia;normal=normal"),
     # MIMIC-CXR(-JPG) 2.0.0: files/p10/p10000032/s50414267/<dicom_id>.dcm|.jpg; the CheXpert
     # labeler's sheet has one row per study; the official split and the views are per image
     "mimic": dict(csv=("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"), path_column="study_id",
@@ -84,7 +89,7 @@ PRESETS: dict[str, dict] = {
                   image_splits=("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"),
                   image_views=("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")),
 }
-ONE_SHEET = ("nih", "mimic")  # presets that read the first of their label files found, not all
+ONE_SHEET = ("nih", "mimic", "padchest")  # presets that read the first of their label files found, not all
 IMAGE_TABLES = {"image_splits": ("dicom_id", "split"), "image_views": ("dicom_id", "ViewPosition")}
 
 
@@ -147,7 +152,7 @@ def _what_is_missing(spec: LabelSpec, opt: str) -> str:
     values: Counter = Counter()
     for row in rows:
         cell = row.get(column) or ""
-        values.update({t.strip() or BLANK for t in cell.split("|")} if cell.strip() else {BLANK})
+        values.update({t.strip() or BLANK for t in cell_values(cell)} or {BLANK})
     shown = ", ".join(f"{v} ({n})" for v, n in values.most_common(8)) + (" …" if len(values) > 8 else "")
     return (f"{path}: give --classes to say which {column} values mean which class, e.g. "
             '--classes "pneumonia=VALUE;normal=VALUE|VALUE" '
@@ -291,11 +296,22 @@ def _column(path: Path, header: list[str], name: str | None, opt: str) -> str | 
                      + (" …" if len(header) > 12 else ""))
 
 
+def cell_values(cell: str) -> list[str]:
+    """The values one label cell holds: `|`-separated as NIH writes several findings, or a list
+    as PadChest writes them (`['pneumonia', 'infiltrates']`); none for an empty cell."""
+    text = cell.strip()
+    if text.startswith("[") and text.endswith("]"):
+        parts = [p.strip().strip("'\"").strip() for p in text[1:-1].split(",")]
+    else:
+        parts = text.split("|") if text else []
+    return [p for p in parts if p] if text.startswith("[") else parts
+
+
 def _row_classes(cell: str, spec: LabelSpec, value_class: dict, counts: Counter, unmatched: Counter) -> set:
     """The classes one row's label cell names (`|`-separated values), with CheXpert's uncertain
     -1 resolved by --uncertain and unmatched values sent to --other; empty when the row is dropped
     (`counts` and `unmatched` say why)."""
-    tokens = {norm_value(t) for t in cell.split("|")} if cell.strip() else {BLANK}
+    tokens = {norm_value(t) for t in cell_values(cell)} or {BLANK}
     if "-1" in tokens:
         counts["uncertain"] += 1
         if spec.uncertain == "ignore":

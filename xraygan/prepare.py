@@ -20,6 +20,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -125,7 +126,8 @@ class PrepareConfig:
                                           "--classes, or --preset.", flags=("--labels",))
     preset: str | None = opt(None, "The column layout of a public release: rsna (stage_2_train_labels.csv), nih "
                                    "(Data_Entry_2017.csv, with test_list.txt as the test split), chexpert "
-                                   "(train.csv, valid.csv), mimic (MIMIC-CXR or -JPG 2.0.0: "
+                                   "(train.csv, valid.csv), padchest (PADCHEST_..._labels_160K_01.02.19.csv, "
+                                   "findings as a list), mimic (MIMIC-CXR or -JPG 2.0.0: "
                                    "mimic-cxr-2.0.0-chexpert.csv.gz, one row per study, with the -split and "
                                    "-metadata sheets for the official split and the views). Found beside SRC or "
                                    "in its parent unless --labels is given; any column option overrides the "
@@ -236,7 +238,7 @@ class PrepareConfig:
                 and "normal" not in (self.class_names if medmnist else parse_classes(self.classes))):
             raise InputError(f"--extra-normal adds to class normal, which --classes {self.classes!r} does not "
                              "name")
-        if self.views is not None and (not self.views or any(not v.isalnum() for v in self.views)):
+        if self.views is not None and (not self.views or any(not re.fullmatch(r"\w+", v) for v in self.views)):
             raise InputError(f"--views {','.join(self.views)}: a comma list of view positions, e.g. PA,AP")
         # before anything is read: the output is never the source, inside it or above it, and
         # --force replaces only an earlier prepare output
