@@ -109,19 +109,21 @@ def make_chexpert(root: Path) -> Path:
             a = pneu[off + i] if v in ("1.0", "-1.0") else normal[off + i]
             rel = f"CheXpert-v1.0-small/{split}/patient{i // 2 + (0 if split == 'train' else 500):05d}/study1/view{i % 2 + 1}_frontal.jpg"
             write_img(root / rel, a, "JPEG")
-            rows.append([rel, "Female", 50, "Frontal", "AP", "", v])
+            no_finding = "1.0" if v == "" else ""  # a 0.0 for pneumonia is another finding's row
+            rows.append([rel, "Female", 50, "Frontal", "AP", no_finding, v])
         write_csv(root / "CheXpert-v1.0-small" / f"{split}.csv", header, rows)
     return root / "CheXpert-v1.0-small"
 
 
 @pytest.mark.parametrize("uncertain,pneumonia", [("ignore", 13), ("positive", 26), ("negative", 13)])
 def test_chexpert_preset_uncertain_policies(tmp_path, uncertain, pneumonia):
+    """Normal is No Finding: a row negative for pneumonia with another finding is left out."""
     src = make_chexpert(tmp_path / "cx")
     rec = run(tmp_path, src, preset="chexpert", uncertain=uncertain)
     total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in rec["classes"]}
-    assert total["pneumonia"] == pneumonia
-    assert total["normal"] == (26 if uncertain != "negative" else 39)
+    assert total["pneumonia"] == pneumonia and total["normal"] == 13
     assert rec["labels"]["uncertain_rows"] == 13
+    assert rec["labels"]["unmatched_rows"] == 13 + (13 if uncertain == "negative" else 0)
     assert rec["labels"]["files"][1].endswith("valid.csv")
     # the split comes from the path; valid/ is too small to keep (< 50) so it joins train, and the
     # test split (private in CheXpert) is carved by patient
@@ -208,7 +210,8 @@ def make_mimic(root: Path) -> Path:
     labels, splits, meta = [], [], []
     for k in range(24):  # 24 studies of 12 subjects, two images each (the second lateral in every 4th)
         subject, study = 10000000 + k // 2, 50000000 + k
-        value = ["1.0", "0.0", "", "-1.0"][k % 4]  # pneumonia, negative, not mentioned, uncertain
+        # pneumonia, not mentioned (No Finding), another finding, uncertain
+        value = ["1.0", "", "0.0", "", "1.0", "", "-1.0", ""][k % 8]
         split = "test" if subject >= 10000010 else ("validate" if subject == 10000008 else "train")
         for j in range(2):
             dicom_id = f"{k:04d}{j}aa-{study}"
@@ -217,7 +220,7 @@ def make_mimic(root: Path) -> Path:
                       a, "JPEG")
             splits.append([dicom_id, study, subject, split])
             meta.append([dicom_id, subject, study, "LATERAL" if j and k % 4 == 0 else ("PA" if j else "AP")])
-        labels.append([subject, study, "", value, "1.0" if value in ("0.0", "") else ""])
+        labels.append([subject, study, "1.0" if value == "0.0" else "", value, "1.0" if value == "" else ""])
     write_csv_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz",
                  ["subject_id", "study_id", "Atelectasis", "Pneumonia", "No Finding"], labels)
     write_csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], splits)
@@ -231,19 +234,19 @@ def test_mimic_preset_labels_every_image_of_a_study_with_the_official_split(tmp_
     rec = run(tmp_path, src, preset="mimic", min_val=1)
     lab = rec["labels"]
     assert lab["preset"] == "mimic" and lab["rows"] == 24 and lab["image_splits"].endswith("split.csv.gz")
-    # uncertain studies dropped (U-Ignore); 6 pneumonia and 12 normal studies (negative or not
-    # mentioned), 2 images each, less the lateral of every 4th study (the pneumonia ones)
-    assert lab["uncertain_dropped"] == 6 and rec["views_skipped"] == {"LATERAL": 6}
+    # 3 uncertain studies dropped (U-Ignore), 3 with another finding left out; 6 pneumonia and
+    # 12 No Finding studies, 2 images each, less the lateral of every 4th study (the pneumonia ones)
+    assert lab["uncertain_dropped"] == 3 and lab["unmatched_rows"] == 3 and rec["views_skipped"] == {"LATERAL": 6}
     total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in ("normal", "pneumonia")}
     assert total == {"normal": 24, "pneumonia": 6}
     # the official split, by subject: subjects 10 and 11 (studies 20-23) are test, 8 is validate
     assert rec["counts"]["test"] == {"normal": 4, "pneumonia": 1} and rec["counts"]["val"] == {"normal": 2,
                                                                                               "pneumonia": 1}
     names = {p.name for p in (tmp_path / "out" / "test").rglob("*.png")}
-    assert len(names) == 5 and all(n.startswith(("0020", "0021", "0022")) for n in names)
+    assert len(names) == 5 and all(n.startswith(("0020", "0021", "0023")) for n in names)
     rec = run(tmp_path, src, name="pos", preset="mimic", uncertain="positive", views=("PA", "AP", "LATERAL"),
               min_val=1)
-    assert sum(rec["counts"][s]["pneumonia"] for s in rec["counts"]) == 24 and not rec["views_skipped"]
+    assert sum(rec["counts"][s]["pneumonia"] for s in rec["counts"]) == 18 and not rec["views_skipped"]
 
 
 def test_padchest_preset_reads_findings_written_as_a_list(tmp_path):
@@ -268,6 +271,32 @@ def test_padchest_preset_reads_findings_written_as_a_list(tmp_path):
     assert rec["views_skipped"] == {"LATERAL": 1} and rec["labels"]["unmatched_values"] == {"['cardiomegaly']": 8}
     assert cell_values("['pneumonia', 'infiltrates']") == ["pneumonia", "infiltrates"]
     assert cell_values("Pneumonia|Effusion") == ["Pneumonia", "Effusion"] and cell_values("[]") == []
+
+
+def test_class_columns_read_a_sheet_with_a_column_per_finding(tmp_path):
+    """A sheet with a 0/1 column per finding (as CheXpert, MIMIC-CXR and VinDr-CXR write them):
+    a row is of the class whose column reads 1; two classes at once drop the image, none leaves
+    it out."""
+    src = tmp_path / "imgs"
+    rows = []
+    normal, pneu = real_images(30, 0), real_images(30, 1)
+    for i in range(30):
+        kind = i % 5  # 0, 1: pneumonia (1: with consolidation); 2: no finding; 3: effusion; 4: both flags
+        write_img(src / f"x{i}.png", (pneu if kind in (0, 1, 4) else normal)[i])
+        rows.append([f"x{i}.png", int(kind in (0, 1, 4)), int(kind == 1), int(kind in (2, 4)), int(kind == 3)])
+    sheet = write_csv(tmp_path / "findings.csv", ["image_id", "Pneumonia", "Consolidation", "No finding",
+                                                  "Pleural effusion"], rows)
+    rec = run(tmp_path, src, csv=(sheet,), path_column="image_id", min_val=1,
+              class_columns="pneumonia=pneumonia|Consolidation;normal=No finding")
+    total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in ("normal", "pneumonia")}
+    assert total == {"normal": 6, "pneumonia": 12}
+    assert rec["labels"]["conflicting_images"] == 6 and rec["labels"]["unmatched_rows"] == 6
+    with pytest.raises(InputError, match="give either --class-columns .* or --label-column"):
+        run(tmp_path, src, name="o2", csv=(sheet,), path_column="image_id", label_column="Pneumonia",
+            class_columns="pneumonia=Pneumonia;normal=No finding")
+    with pytest.raises(InputError, match=r"findings\.csv: no column 'Cardiomegaly' \(--class-columns\)"):
+        run(tmp_path, src, name="o2", csv=(sheet,), path_column="image_id",
+            class_columns="pneumonia=Pneumonia;normal=Cardiomegaly")
 
 
 def test_class_values_parse_and_compare():

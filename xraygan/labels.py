@@ -10,6 +10,9 @@ One option set covers the public chest X-ray releases and a hospital's own sheet
   the values that mean it, `|`-separated (`normal=0|(blank)`); a label cell is split on `|` as
   NIH writes several findings, and a class matches when one of its values is among them.
   Numbers compare as numbers (`1` = `1.0`). `(blank)` is an empty cell.
+- `--class-columns "pneumonia=Pneumonia;normal=No Finding"` instead, for a sheet with a 0/1
+  column per finding (the CheXpert labeler's, so the CheXpert and MIMIC presets): a row is of
+  the class whose column reads 1; normal is then No Finding, not "no pneumonia".
 - `--uncertain ignore|positive|negative` for `-1` cells (CheXpert): drop the row (U-Ignore),
   read it as 1 (U-Ones) or as 0 (U-Zeros), as in the CheXpert paper.
 - A row that matches no class (another finding) is left out by default: as `normal` it would
@@ -51,6 +54,7 @@ class LabelSpec:
     path_column: str | None = None
     label_column: str | None = None
     classes: str | None = None  # "pneumonia=1;normal=0"
+    class_columns: str | None = None  # "pneumonia=Pneumonia;normal=No Finding": a 0/1 column per class
     patient_column: str | None = None
     split_column: str | None = None
     view_column: str | None = None
@@ -65,6 +69,8 @@ class LabelSpec:
     image_views: Path | None = None  # CSV: IMAGE_KEY, view
 
 
+CHEXPERT_CLASSES = "pneumonia=Pneumonia;normal=No Finding"
+
 # The public layouts, as their releases write them. `csv` names the file looked for beside
 # IMAGES (and in its parent) when --labels is not given; `test_list` likewise.
 PRESETS: dict[str, dict] = {
@@ -73,9 +79,9 @@ PRESETS: dict[str, dict] = {
     "nih": dict(csv=("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"), path_column="Image Index",
                 label_column="Finding Labels", patient_column="Patient ID", view_column="View Position",
                 classes="pneumonia=Pneumonia;normal=No Finding", test_list="test_list.txt"),
-    "chexpert": dict(csv=("train.csv", "valid.csv"), path_column="Path", label_column="Pneumonia",
-                     split_column=PATH_SPLIT, view_column="Frontal/Lateral",
-                     classes=f"pneumonia=1;normal=0|{BLANK}"),
+    # the CheXpert labeler writes a 1 / 0 / -1 / blank column per finding: normal is No Finding
+    "chexpert": dict(csv=("train.csv", "valid.csv"), path_column="Path", class_columns=CHEXPERT_CLASSES,
+                     split_column=PATH_SPLIT, view_column="Frontal/Lateral"),
     # PadChest: 16-bit PNGs in numbered folders, the findings as a list in one cell
     "padchest": dict(csv=("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
                           "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"),
@@ -84,7 +90,7 @@ PRESETS: dict[str, dict] = {
     # MIMIC-CXR(-JPG) 2.0.0: files/p10/p10000032/s50414267/<dicom_id>.dcm|.jpg; the CheXpert
     # labeler's sheet has one row per study; the official split and the views are per image
     "mimic": dict(csv=("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"), path_column="study_id",
-                  label_column="Pneumonia", patient_column="subject_id", classes=f"pneumonia=1;normal=0|{BLANK}",
+                  class_columns=CHEXPERT_CLASSES, patient_column="subject_id",
                   folder_format="s{}",
                   image_splits=("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"),
                   image_views=("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")),
@@ -101,7 +107,11 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
             raise InputError(f"--preset {spec.preset}: must be one of {', '.join(PRESETS)}")
         p = PRESETS[spec.preset]
         files = ("csv", "test_list", *IMAGE_TABLES)
-        fill = {k: v for k, v in p.items() if k not in files and getattr(spec, k) is None}
+        # a label given by the user replaces the preset's in whichever form it is given
+        mine = spec.class_columns is not None or spec.label_column is not None or spec.classes is not None
+        label = ("class_columns", "label_column", "classes")
+        fill = {k: v for k, v in p.items() if k not in files and getattr(spec, k) is None
+                and not (mine and k in label)}
         spec = replace(spec, **fill)
         places = (images, images.parent)
         if not spec.csv:
@@ -126,15 +136,20 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
             raise InputError(f"{f}: is a folder, not a CSV file (--labels)")
         if not f.is_file():
             raise InputError(f"{f}: label file not found (--labels)")
-    for opt, v in (("--path-column", spec.path_column), ("--label-column", spec.label_column),
-                   ("--classes", spec.classes)):
+    if spec.class_columns is not None and (spec.label_column or spec.classes):
+        raise InputError("give either --class-columns (a 0/1 column per class) or --label-column with "
+                         "--classes (one column whose values name the class), not both")
+    needed = [("--path-column", spec.path_column)]
+    if spec.class_columns is None:
+        needed += [("--label-column", spec.label_column), ("--classes", spec.classes)]
+    for opt, v in needed:
         if not v:
             raise InputError(_what_is_missing(spec, opt))
     if spec.uncertain not in UNCERTAIN:
         raise InputError(f"--uncertain {spec.uncertain}: must be one of {', '.join(UNCERTAIN)}")
     if spec.test_list is not None and not Path(spec.test_list).is_file():
         raise InputError(f"{spec.test_list}: test list not found (--test-list)")
-    parse_classes(spec.classes)
+    parse_classes(*((spec.classes,) if spec.class_columns is None else (spec.class_columns, "--class-columns")))
     return spec
 
 
@@ -147,7 +162,10 @@ def _what_is_missing(spec: LabelSpec, opt: str) -> str:
     if opt != "--classes":
         what = "the image's path or file name" if opt == "--path-column" else "the label"
         shown = ", ".join(header[:12]) + (" …" if len(header) > 12 else "")
-        return f"{path}: give {opt} COLUMN, the column holding {what} (its columns: {shown}), {presets}"
+        also = (", or --class-columns \"pneumonia=COLUMN;normal=COLUMN\" for a 0/1 column per class"
+                if opt == "--label-column" else "")
+        return (f"{path}: give {opt} COLUMN, the column holding {what} (its columns: {shown}){also}, "
+                f"{presets}")
     column = _column(path, header, spec.label_column, "--label-column")
     values: Counter = Counter()
     for row in rows:
@@ -171,25 +189,35 @@ def norm_value(v: str) -> str:
     return str(int(f)) if f.is_integer() else repr(f)
 
 
-def parse_classes(text: str) -> dict[str, frozenset[str]]:
-    """`"pneumonia=1;normal=0|(blank)"` → {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}."""
+def _raw_values(text: str, cls: str) -> list[str]:
+    """The values (or column names) `CLASS=A|B;...` gives `cls`, as written."""
+    for part in text.split(";"):
+        name, _, values = part.partition("=")
+        if name.strip().lower() == cls:
+            return [v.strip() for v in values.split("|") if v.strip()]
+    return []
+
+
+def parse_classes(text: str, option: str = "--classes") -> dict[str, frozenset[str]]:
+    """`"pneumonia=1;normal=0|(blank)"` → {"pneumonia": {"1"}, "normal": {"0", "(blank)"}} (with
+    `--class-columns` the values are column names)."""
     out: dict[str, frozenset[str]] = {}
     for part in (p for p in text.split(";") if p.strip()):
         cls, sep, values = part.partition("=")
         cls = cls.strip().lower()
         if not sep or not cls or not values.strip() or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", cls):
-            raise InputError(f"--classes {text!r}: expected CLASS=VALUE[|VALUE...] separated by ';', "
+            raise InputError(f"{option} {text!r}: expected CLASS=VALUE[|VALUE...] separated by ';', "
                              "e.g. 'pneumonia=Pneumonia;normal=No Finding' (class names: letters, digits, - or _)")
         if cls in out:
-            raise InputError(f"--classes {text!r}: class {cls} given twice")
+            raise InputError(f"{option} {text!r}: class {cls} given twice")
         out[cls] = frozenset(norm_value(v) if v.strip() != BLANK else BLANK for v in values.split("|"))
     if len(out) < 2:
-        raise InputError(f"--classes {text!r}: need at least two classes")
+        raise InputError(f"{option} {text!r}: need at least two classes")
     seen: dict[str, str] = {}
     for c, vals in out.items():
         for v in vals:
             if v in seen:
-                raise InputError(f"--classes {text!r}: value {v!r} means both {seen[v]} and {c}")
+                raise InputError(f"{option} {text!r}: value {v!r} means both {seen[v]} and {c}")
             seen[v] = c
     return out
 
@@ -344,6 +372,26 @@ def _split_value(path: Path, value: str) -> str:
     return split
 
 
+def _row_classes_by_columns(row: dict, class_cols: dict[str, list[str]], spec: LabelSpec, counts: Counter,
+                            unmatched: Counter) -> set:
+    """The classes whose 0/1 columns read 1 in this row (CheXpert's -1, uncertain, resolved by
+    --uncertain); empty when the row is dropped (`counts` and `unmatched` say why)."""
+    cells = {c: {norm_value(row.get(col) or "") for col in cols} for c, cols in class_cols.items()}
+    if any("-1" in v for v in cells.values()):
+        counts["uncertain"] += 1
+        if spec.uncertain == "ignore":
+            counts["uncertain_dropped"] += 1
+            return set()
+    yes = {"1", "-1"} if spec.uncertain == "positive" else {"1"}
+    hit = {c for c, v in cells.items() if v & yes}
+    if not hit:
+        unmatched["no class column reads 1"] += 1
+        if spec.other is None:
+            return set()
+        hit = {spec.other}
+    return hit
+
+
 def _row_split(entry: dict, spec: LabelSpec) -> str | None:
     """The split an image's first row gives (a split column, or the path's train/test folder)."""
     r, cols = entry["row"], entry["cols"]
@@ -376,6 +424,9 @@ def _check_every_class_made(spec: LabelSpec, classes: dict, per_file: dict, item
     common = ", ".join(f"{v!r} ({n})" for v, n in unmatched.most_common(8))
     lost = (f"; {len(missing)} rows name no image found (first: {missing[0]!r}, --path-column "
             f"{spec.path_column})" if missing else "")
+    if spec.class_columns:
+        raise InputError(f"{spec.csv[0]}: no image of class {c}: no row naming an image reads 1 in its "
+                         f"column(s) {', '.join(_raw_values(spec.class_columns, c))} (--class-columns){lost}")
     raise InputError(f"{spec.csv[0]}: no image of class {c}: no row naming an image has a "
                      f"'{spec.label_column}' value --classes {spec.classes!r} gives it (values matching no "
                      f"class: {common or 'none'}){lost}")
@@ -388,7 +439,8 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         raise InputError(f"{images}: image folder not found" if not images.exists() else
                          f"{images}: not a folder (give the folder that holds the images)")
     spec = resolve_spec(images, spec)
-    classes = parse_classes(spec.classes)
+    classes = parse_classes(*((spec.classes,) if spec.class_columns is None else (spec.class_columns,
+                                                                                  "--class-columns")))
     value_class = {v: c for c, vals in classes.items() for v in vals}
     files, ignored, skipped = list_files(images)
     index = _FileIndex(images, files)
@@ -410,6 +462,8 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         header, rows = read_csv_rows(csv_path)
         cols = {k: _column(csv_path, header, getattr(spec, k), "--" + k.replace("_", "-"))
                 for k in ("path_column", "label_column", "patient_column", "split_column", "view_column")}
+        class_cols = spec.class_columns and {c: [_column(csv_path, header, name, "--class-columns") for name in
+                                                 _raw_values(spec.class_columns, c)] for c in classes}
         rows_total += len(rows)
         for r in rows:
             pv = (r.get(cols["path_column"]) or "").strip()
@@ -419,7 +473,8 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
                 missing.append(pv + (f" ({why})" if why else ""))
                 continue
             named.update(found)
-            hit = _row_classes(r.get(cols["label_column"]) or "", spec, value_class, counts, unmatched)
+            hit = (_row_classes_by_columns(r, class_cols, spec, counts, unmatched) if class_cols else
+                   _row_classes(r.get(cols["label_column"]) or "", spec, value_class, counts, unmatched))
             if not hit:
                 continue
             for f in found:
@@ -430,6 +485,9 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         if counts["missing_file"] + counts["ambiguous_path"] == rows_total and rows_total:
             raise InputError(f"{spec.csv[0]}: none of its {rows_total} rows names an image found below {images} "
                              f"(first: {missing[0]!r}; --path-column {spec.path_column})")
+        if spec.class_columns:
+            raise InputError(f"--class-columns {spec.class_columns!r}: no row of {spec.csv[0]} reads 1 in any "
+                             "of these columns")
         raise InputError(f"--classes {spec.classes!r}: matches no row of {spec.csv[0]} "
                          f"(values in '{spec.label_column}': {common or 'none'})")
     items: list[Item] = []
@@ -465,6 +523,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
     private = any(it.dicom for it in items)
     report = {
         "files": [str(f) for f in spec.csv], "preset": spec.preset, "classes": spec.classes,
+        "class_columns": spec.class_columns,
         "columns": {k: getattr(spec, k) for k in ("path_column", "label_column", "patient_column",
                                                    "split_column", "view_column")},
         "uncertain": spec.uncertain, "other": spec.other,

@@ -135,6 +135,11 @@ class PrepareConfig:
     path_column: str | None = opt(None, "CSV column naming the image: a path below SRC, a file name, or a name "
                                         "without extension.")
     label_column: str | None = opt(None, "CSV column holding the label.")
+    class_columns: str | None = opt(None, "Instead of --label-column and --classes, for sheets with a 0/1 column per "
+                                          "finding (CheXpert, MIMIC-CXR): which column means which class, "
+                                          "CLASS=COLUMN[|COLUMN...] separated by ';' (\"pneumonia=Pneumonia;normal=No "
+                                          "Finding\"); a row is of the class whose column reads 1 (-1 by "
+                                          "--uncertain).")
     patient_column: str | None = opt(None, "CSV column holding the patient id (default: DICOM PatientID, else "
                                            "the path or file name).")
     split_column: str | None = opt(None, "CSV column holding train/val/test (default: split by patient).")
@@ -167,12 +172,13 @@ class PrepareConfig:
     @property
     def labels(self) -> LabelSpec | None:
         """SRC's images labelled by a CSV (--labels / --preset / a column option), else None."""
-        described = [getattr(self, n) for n in ("path_column", "label_column", "patient_column", "split_column",
-                                                "view_column", "test_list", "other")]
+        described = [getattr(self, n) for n in ("path_column", "label_column", "class_columns", "patient_column",
+                                                "split_column", "view_column", "test_list", "other")]
         if not self.label_csv and self.preset is None and all(v is None for v in described):
             return None
         return LabelSpec(csv=tuple(self.label_csv), preset=self.preset, path_column=self.path_column,
-                         label_column=self.label_column, classes=self.classes, patient_column=self.patient_column,
+                         label_column=self.label_column, classes=self.classes, class_columns=self.class_columns,
+                         patient_column=self.patient_column,
                          split_column=self.split_column, view_column=self.view_column, uncertain=self.uncertain,
                          other=self.other, test_list=self.test_list)
 
@@ -216,7 +222,7 @@ class PrepareConfig:
             lab = self.labels
             if not lab.csv and lab.preset is None:
                 given = [o for o, v in (("--path-column", lab.path_column), ("--label-column", lab.label_column),
-                                        ("--patient-column", lab.patient_column),
+                                        ("--class-columns", lab.class_columns), ("--patient-column", lab.patient_column),
                                         ("--split-column", lab.split_column), ("--view-column", lab.view_column),
                                         ("--test-list", lab.test_list), ("--other", lab.other)) if v is not None]
                 raise InputError(f"{', '.join(given)}: describe a label CSV; give --labels FILE.csv or --preset")
