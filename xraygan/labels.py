@@ -329,10 +329,8 @@ def cell_values(cell: str) -> list[str]:
     as PadChest writes them (`['pneumonia', 'infiltrates']`); none for an empty cell."""
     text = cell.strip()
     if text.startswith("[") and text.endswith("]"):
-        parts = [p.strip().strip("'\"").strip() for p in text[1:-1].split(",")]
-    else:
-        parts = text.split("|") if text else []
-    return [p for p in parts if p] if text.startswith("[") else parts
+        return [v for v in (p.strip().strip("'\"").strip() for p in text[1:-1].split(",")) if v]
+    return text.split("|") if text else []
 
 
 def _row_classes(cell: str, spec: LabelSpec, value_class: dict, counts: Counter, unmatched: Counter) -> set:
@@ -365,7 +363,9 @@ def _image_table(spec: LabelSpec, kind: str) -> dict[str, str] | None:
     return {(r.get(key) or "").strip(): (r.get(value) or "").strip() for r in rows}
 
 
-def _split_value(path: Path, value: str) -> str:
+def _split_value(path: Path, value: str) -> str | None:
+    if not value:
+        return None  # split with the unsplit images, by patient
     split = SPLIT_NAMES.get(value.lower())
     if split is None:
         raise InputError(f"{path}: split value {value!r} is not train, validate or test")
