@@ -149,6 +149,8 @@ CASES = [
     (P + " --uncertain positive", 2, "--uncertain positive: only applies with a label sheet"),
     (P + " --minority normal", 2, "--minority normal: only applies with --imbalance R"),
     (L + " --uncertain maybe", 2, "--uncertain maybe"),
+    (L + " --agreement most", 2, "--agreement most: must be one of unanimous, majority"),
+    (P + " --agreement majority", 2, "--agreement majority: only applies with a label sheet"),
     (L + " --views 'P A'", 2, "--views P A"),
     (L + " --out {lab}/imgs/o", 2, "lies inside the input"),
     ("prepare {lab}/imgs --preset vindr --out {tmp}/o", 2, "--preset vindr: must be one of rsna, nih, chexpert, padchest"),

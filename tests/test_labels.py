@@ -299,6 +299,29 @@ def test_class_columns_read_a_sheet_with_a_column_per_finding(tmp_path):
             class_columns="pneumonia=Pneumonia;normal=Cardiomegaly")
 
 
+def test_majority_of_readers_decides_an_image_read_by_several(tmp_path):
+    """VinDr-CXR writes one row per radiologist: unanimous (the default) drops an image the
+    readers disagree on; --agreement majority keeps the class more than half of its rows name."""
+    src = tmp_path / "imgs"
+    rows = []
+    normal, pneu = real_images(30, 0), real_images(30, 1)
+    votes = [("1", "1", "1"), ("1", "1", "0"), ("0", "0", "0"), ("0", "0", "1"), ("1", "0", "")]
+    for i in range(30):
+        v = votes[i % 5]  # Pneumonia per reader; 0 = No finding, "" = another finding only
+        write_img(src / f"img{i:03d}.png", (pneu if v.count("1") >= 2 else normal)[i])
+        for rad, p in enumerate(v):
+            rows.append([f"img{i:03d}", f"R{rad + 1}", int(p == "1"), int(p == "0")])
+    sheet = write_csv(tmp_path / "image_labels_train.csv", ["image_id", "rad_id", "Pneumonia", "No finding"], rows)
+    spec = dict(csv=(sheet,), path_column="image_id", class_columns="pneumonia=Pneumonia;normal=No finding",
+                min_val=1)
+    rec = run(tmp_path, src, **spec)
+    total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in ("normal", "pneumonia")}
+    assert total == {"normal": 6, "pneumonia": 6} and rec["labels"]["conflicting_images"] == 18
+    rec = run(tmp_path, src, name="maj", agreement="majority", **spec)
+    total = {c: sum(rec["counts"][s][c] for s in rec["counts"]) for c in ("normal", "pneumonia")}
+    assert total == {"normal": 12, "pneumonia": 12} and rec["labels"]["no_majority_images"] == 6
+
+
 def test_class_values_parse_and_compare():
     assert parse_classes("pneumonia=1;normal=0|(blank)") == {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}
     assert norm_value(" 1.0 ") == "1" and norm_value("No Finding") == "no finding" and norm_value("") == "(blank)"

@@ -181,7 +181,9 @@ def _print_prepared(rec: dict, local: list[dict], out: Path) -> None:
                   f"{lab['missing_count']} named but not found, {lab['not_in_csv_count']} on disk but not in "
                   f"the CSV, {lab['unmatched_rows']} rows matching no class (left out"
                   f"{'' if not lab['other'] else ' → ' + lab['other']}), {lab['uncertain_rows']} uncertain, "
-                  f"{lab['conflicting_images']} with conflicting rows", highlight=False, soft_wrap=True)
+                  f"{lab['conflicting_images']} with conflicting rows"
+                  + (f", {lab['no_majority_images']} without a majority" if lab["agreement"] == "majority" else ""),
+                  highlight=False, soft_wrap=True)
     d = rec["duplicates"]
     err.print(f"duplicates: {d['images']} images in {d['groups']} groups of identical pixels "
               f"(kept together in one split; {d['dropped_across_splits']} dropped across splits)")

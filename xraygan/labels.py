@@ -44,6 +44,7 @@ from xraygan.errors import InputError
 from xraygan.sources import SPLIT_NAMES, Item, Scan, file_item, list_files
 
 UNCERTAIN = ("ignore", "positive", "negative")
+AGREEMENT = ("unanimous", "majority")
 BLANK = "(blank)"
 PATH_SPLIT = "(path)"  # split_column value: the split is a folder of the path (CheXpert's train/valid)
 
@@ -59,6 +60,7 @@ class LabelSpec:
     split_column: str | None = None
     view_column: str | None = None
     uncertain: str = "ignore"
+    agreement: str = "unanimous"  # several rows for one image: all that name a class agree, or a majority
     other: str | None = None  # class for rows that match none (default: left out)
     test_list: Path | None = None
     preset: str | None = None
@@ -147,6 +149,8 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
             raise InputError(_what_is_missing(spec, opt))
     if spec.uncertain not in UNCERTAIN:
         raise InputError(f"--uncertain {spec.uncertain}: must be one of {', '.join(UNCERTAIN)}")
+    if spec.agreement not in AGREEMENT:
+        raise InputError(f"--agreement {spec.agreement}: must be one of {', '.join(AGREEMENT)}")
     if spec.test_list is not None and not Path(spec.test_list).is_file():
         raise InputError(f"{spec.test_list}: test list not found (--test-list)")
     parse_classes(*((spec.classes,) if spec.class_columns is None else (spec.class_columns, "--class-columns")))
@@ -453,7 +457,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
     image_views = _image_table(spec, "image_views")
     # one entry per image: the classes its rows say, and the first row's patient/split/view
     per_file: dict[Path, dict] = {}
-    named: set[Path] = set()  # every file some row names, labelled or not
+    named: Counter = Counter()  # every file some row names, labelled or not: how many rows
     counts: Counter = Counter()
     unmatched: Counter = Counter()
     missing: list[str] = []
@@ -478,8 +482,10 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
             if not hit:
                 continue
             for f in found:
-                entry = per_file.setdefault(f, {"classes": set(), "row": r, "cols": cols, "value": pv})
+                entry = per_file.setdefault(f, {"classes": set(), "votes": Counter(), "row": r, "cols": cols,
+                                                "value": pv})
                 entry["classes"] |= hit
+                entry["votes"].update(hit)
     if not per_file:  # every row that names an image matched no class: `unmatched` holds their values
         common = ", ".join(f"{v!r}" for v, _ in unmatched.most_common(8))
         if counts["missing_file"] + counts["ambiguous_path"] == rows_total and rows_total:
@@ -497,9 +503,16 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         e = per_file.get(f)
         if e is None:
             continue
-        if len(e["classes"]) > 1:
+        if spec.agreement == "majority":  # the class more than half of the image's rows name
+            cls, n = e["votes"].most_common(1)[0]
+            if 2 * n <= named[f]:
+                counts["no_majority"] += 1
+                continue
+        elif len(e["classes"]) > 1:
             counts["conflicting"] += 1
             continue
+        else:
+            cls = next(iter(e["classes"]))
         r, cols = e["row"], e["cols"]
         if cols["view_column"] or image_views is not None:
             view = normalise_view(r.get(cols["view_column"]) if cols["view_column"] else image_views.get(f.stem))
@@ -511,7 +524,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
             split = image_splits.get(f.stem, split)
         patient = (r.get(cols["patient_column"]) or "").strip() if cols["patient_column"] else ""
         patient = patient or _path_patient(e["value"]) or None
-        it = file_item(f, next(iter(e["classes"])), source, split, patient)
+        it = file_item(f, cls, source, split, patient)
         if len(index.by_stem[f.stem]) > 1:  # CheXpert's view1_frontal.jpg in every study folder
             it.name = "_".join(f.relative_to(images).with_suffix("").parts)
         items.append(it)
@@ -534,7 +547,8 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         "missing_count": counts["missing_file"], "ambiguous_path_count": counts["ambiguous_path"],
         "not_in_csv_count": len(not_in_csv),
         "uncertain_rows": counts["uncertain"], "uncertain_dropped": counts["uncertain_dropped"],
-        "conflicting_images": counts["conflicting"],
+        "conflicting_images": counts["conflicting"], "agreement": spec.agreement,
+        "no_majority_images": counts["no_majority"],
         "unmatched_rows": sum(unmatched.values()),
         "unmatched_values": dict(unmatched.most_common(10)) if not private else None,
         # names from the sheet and the disk, so a user can find them; not with DICOM, whose

@@ -150,6 +150,10 @@ class PrepareConfig:
                                        "train by patient.")
     uncertain: str = opt("ignore", "Label -1 (CheXpert's uncertain): ignore (drop the image), positive (read as "
                                    "1) or negative (read as 0): the paper's U-Ignore, U-Ones, U-Zeros.")
+    agreement: str = opt("unanimous", "Several rows for one image (one per reader, as VinDr-CXR writes them): "
+                                      "unanimous (rows naming different classes drop the image; rows naming "
+                                      "none do not count) or majority (the class more than half of its rows "
+                                      "name).")
     other: str | None = opt(None, "A class name for images whose label matches no class (other findings); "
                                   "default: left out, and counted in dataset.json.")
     views: tuple[str, ...] | None = opt(None, "Keep only these views, e.g. PA,AP (images without a view are "
@@ -165,7 +169,7 @@ class PrepareConfig:
     force: bool = opt(False, "Replace an existing output folder.")
 
     def __post_init__(self):
-        for name in ("minority", "preset", "uncertain", "other"):
+        for name in ("minority", "preset", "uncertain", "agreement", "other"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, getattr(self, name).lower())
 
@@ -180,7 +184,7 @@ class PrepareConfig:
                          label_column=self.label_column, classes=self.classes, class_columns=self.class_columns,
                          patient_column=self.patient_column,
                          split_column=self.split_column, view_column=self.view_column, uncertain=self.uncertain,
-                         other=self.other, test_list=self.test_list)
+                         agreement=self.agreement, other=self.other, test_list=self.test_list)
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
@@ -232,6 +236,7 @@ class PrepareConfig:
         needs = {"extra_normal_count": (self.extra_normal, "--extra-normal DIR"),
                  "extra_normal_splits": (self.extra_normal, "--extra-normal DIR"),
                  "uncertain": (self.labels, "a label sheet (--labels or --preset)"),
+                 "agreement": (self.labels, "a label sheet (--labels or --preset)"),
                  "minority": (self.imbalance, "--imbalance R")}
         for name, text in given_options(self, *needs).items():
             if needs[name][0] is None:
