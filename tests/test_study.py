@@ -228,6 +228,10 @@ def test_weights_go_to_every_classifier(demo_data, tmp_path):
     assert len(trains) == 2 and all(a[a.index("--weights") + 1] == str(w.absolute()) for a in trains)
     with pytest.raises(InputError, match="weights file not found"):
         StudyConfig(data=demo_data, out=tmp_path / "t", weights=tmp_path / "none.safetensors").validate()
+    # read before any step: a file no classifier can start from fails now, not after the GANs
+    with pytest.raises(InputError, match=r"r18\.safetensors: cannot read weights"):
+        StudyConfig(data=demo_data, out=tmp_path / "t", weights=w).validate()
+    assert not (tmp_path / "t").exists()
 
 
 def test_a_step_runs_in_a_process_of_its_own_with_its_output_in_its_log(tmp_path):

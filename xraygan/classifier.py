@@ -118,6 +118,12 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
     return sorted(set(skipped) | set(missing))
 
 
+def check_weights(path: Path) -> None:
+    """Refuse, with load_pretrained's one line, a --weights file that a classifier could not start
+    from: for a command that runs the classifiers long after it starts (the study)."""
+    load_pretrained(build_resnet18(ClassifierNetConfig(small_stem=False)), path)
+
+
 # where training frameworks keep a network's tensors inside their checkpoint files
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
 

@@ -155,6 +155,10 @@ class StudyConfig:
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
         require(self.weights is None or Path(self.weights).is_file(), f"{self.weights}: weights file not found")
+        if self.weights is not None:  # read now, not in the first classifier step hours of GAN training later
+            from xraygan.classifier import check_weights
+
+            check_weights(Path(self.weights))
         check_choice("--device", self.device, DEVICES)
         if self.jobs is not None:
             check_int("--jobs", self.jobs)
