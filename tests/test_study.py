@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,6 @@ def test_diffusion_rows_in_the_plan(demo_data, tmp_path):
 def test_a_generator_setting_may_change_until_its_generators_have_started(demo_data, tmp_path):
     """A finished GAN grid takes a diffusion row at a step count and DDIM steps of its own; a
     setting a started step used, or one that shapes every row's classifiers, is refused."""
-    from dataclasses import replace
 
     from xraygan.fsutil import atomic_write_json, record_header
     from xraygan.study import check_study_folder
@@ -217,6 +217,21 @@ def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):
     assert alone_steps(steps, row) == {"train-diffusion ddpm", "generate ddpm"}
     one_run = {"train-classifier oversample seed 0", "evaluate oversample seed 0", "gradcam oversample seed 0"}
     assert alone_steps(steps, one_run) == {"train-classifier oversample seed 0"}
+
+
+def test_an_absent_device_is_refused_before_the_study_starts_but_may_be_planned_for(demo_data, tmp_path):
+    import torch
+
+    from xraygan.study import study
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the CUDA device the test asks for in vain")
+    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("baseline",), seeds=(0,), device="cuda")
+    with pytest.raises(InputError, match="--device cuda: no CUDA device"):
+        study(cfg)
+    assert not (tmp_path / "s").exists()  # refused before the folder, not in a failed first step
+    script = study(replace(cfg, print_commands=True))["script"]
+    assert "--device cuda" in script  # a plan for the cluster's GPU nodes, printed on a login node
 
 
 def test_weights_go_to_every_classifier(demo_data, tmp_path):

@@ -423,6 +423,9 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
     """Run what is not done yet, up to `jobs` steps at once. Returns a summary; raises
     TrainingError (exit 1) after the independent steps have run if any step failed."""
     cfg.validate()
+    from xraygan.runtime import resolve_device
+
+    resolve_device(cfg.device)  # here, not in every step: --print-commands may plan for another machine
     earlier = check_study_folder(cfg)
     steps, info = build_plan(cfg)
     cores = os.cpu_count() or 1
