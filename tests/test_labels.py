@@ -322,6 +322,33 @@ def test_majority_of_readers_decides_an_image_read_by_several(tmp_path):
     assert total == {"normal": 12, "pneumonia": 12} and rec["labels"]["no_majority_images"] == 6
 
 
+def test_vindr_preset_majority_of_readers_and_the_official_split_from_the_folders(tmp_path):
+    """VinDr-CXR: train/<image_id>.dicom read by three radiologists (a row each, a 0/1 column per
+    finding), test/ by a consensus row; the split is the folder the file lies in."""
+    root = tmp_path / "vindr"
+    normal, pneu = real_images(40, 0), real_images(40, 1)
+    header = ["image_id", "rad_id", "Pneumonia", "Other disease", "No finding"]
+    train, test = [], []
+    for i in range(40):
+        image_id = f"{i:03d}e1a2b3c4d5"
+        votes = [(1, 1, 1), (1, 1, 0), (0, 0, 0), (0, 0, 1)][i % 4]  # per reader: 1 pneumonia, 0 no finding
+        split = "test" if i >= 30 else "train"
+        write_dicom(root / split / f"{image_id}.dicom", (pneu if sum(votes) >= 2 else normal)[i],
+                    patient=None, uid=f"1.2.3.{i}")
+        if split == "train":
+            train += [[image_id, f"R{k}", v, 0, 1 - v] for k, v in enumerate(votes)]
+        else:
+            test.append([image_id, "R8", int(sum(votes) >= 2), 0, int(sum(votes) < 2)])
+    write_csv(root / "image_labels_train.csv", header, train)
+    write_csv(root / "image_labels_test.csv", header, test)
+    rec = run(tmp_path, root, preset="vindr", min_val=1)
+    assert rec["labels"]["agreement"] == "majority" and rec["labels"]["no_majority_images"] == 0
+    assert rec["counts"]["test"] == {"normal": 6, "pneumonia": 4}  # test/ as published
+    assert sum(rec["counts"][s]["pneumonia"] for s in ("train", "val")) == 16
+    rec = run(tmp_path, root, name="unanimous", preset="vindr", agreement="unanimous", min_val=1)
+    assert rec["labels"]["conflicting_images"] == 15  # the (1,1,0) and (0,0,1) images of train/
+
+
 def test_class_values_parse_and_compare():
     assert parse_classes("pneumonia=1;normal=0|(blank)") == {"pneumonia": {"1"}, "normal": {"0", "(blank)"}}
     assert norm_value(" 1.0 ") == "1" and norm_value("No Finding") == "no finding" and norm_value("") == "(blank)"

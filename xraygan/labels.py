@@ -60,7 +60,7 @@ class LabelSpec:
     split_column: str | None = None
     view_column: str | None = None
     uncertain: str = "ignore"
-    agreement: str = "unanimous"  # several rows for one image: all that name a class agree, or a majority
+    agreement: str | None = None  # several rows for one image: unanimous (None: the preset's, else this) or majority
     other: str | None = None  # class for rows that match none (default: left out)
     test_list: Path | None = None
     preset: str | None = None
@@ -89,6 +89,10 @@ PRESETS: dict[str, dict] = {
                           "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"),
                      path_column="ImageID", label_column="Labels", patient_column="PatientID",
                      view_column="Projection", classes="pneumonia=pneumonia;normal=normal"),
+    # VinDr-CXR 1.0.0: train/<image_id>.dicom read by 3 radiologists (a row each), test/ by a consensus
+    "vindr": dict(csv=("image_labels_train.csv", "image_labels_test.csv"), path_column="image_id",
+                  class_columns="pneumonia=Pneumonia;normal=No finding", split_column=PATH_SPLIT,
+                  agreement="majority"),
     # MIMIC-CXR(-JPG) 2.0.0: files/p10/p10000032/s50414267/<dicom_id>.dcm|.jpg; the CheXpert
     # labeler's sheet has one row per study; the official split and the views are per image
     "mimic": dict(csv=("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"), path_column="study_id",
@@ -149,6 +153,7 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
             raise InputError(_what_is_missing(spec, opt))
     if spec.uncertain not in UNCERTAIN:
         raise InputError(f"--uncertain {spec.uncertain}: must be one of {', '.join(UNCERTAIN)}")
+    spec = replace(spec, agreement=spec.agreement or "unanimous")
     if spec.agreement not in AGREEMENT:
         raise InputError(f"--agreement {spec.agreement}: must be one of {', '.join(AGREEMENT)}")
     if spec.test_list is not None and not Path(spec.test_list).is_file():
@@ -396,11 +401,13 @@ def _row_classes_by_columns(row: dict, class_cols: dict[str, list[str]], spec: L
     return hit
 
 
-def _row_split(entry: dict, spec: LabelSpec) -> str | None:
-    """The split an image's first row gives (a split column, or the path's train/test folder)."""
+def _row_split(entry: dict, spec: LabelSpec, on_disk: str) -> str | None:
+    """The split an image's first row gives (a split column), or with `--split-column (path)` the
+    train/valid/test folder in the path the row writes (CheXpert) or, failing that, in the
+    image's own path below IMAGES (VinDr-CXR's train/ and test/)."""
     r, cols = entry["row"], entry["cols"]
     if cols["split_column"] == PATH_SPLIT:
-        return _path_split(entry["value"])
+        return _path_split(entry["value"]) or _path_split(on_disk)
     if not cols["split_column"]:
         return None
     sv = (r.get(cols["split_column"]) or "").strip().lower()
@@ -519,7 +526,8 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
             if not view_allowed(view, views):
                 views_skipped[view or "none"] += 1
                 continue
-        split = _row_split(e, spec) if test_names is None else ("test" if f.name in test_names else "train")
+        split = (_row_split(e, spec, f.relative_to(images).as_posix()) if test_names is None
+                 else ("test" if f.name in test_names else "train"))
         if image_splits is not None:
             split = image_splits.get(f.stem, split)
         patient = (r.get(cols["patient_column"]) or "").strip() if cols["patient_column"] else ""

@@ -127,7 +127,8 @@ class PrepareConfig:
     preset: str | None = opt(None, "The column layout of a public release: rsna (stage_2_train_labels.csv), nih "
                                    "(Data_Entry_2017.csv, with test_list.txt as the test split), chexpert "
                                    "(train.csv, valid.csv), padchest (PADCHEST_..._labels_160K_01.02.19.csv, "
-                                   "findings as a list), mimic (MIMIC-CXR or -JPG 2.0.0: "
+                                   "findings as a list), vindr (image_labels_train.csv and _test.csv, a row per "
+                                   "reader), mimic (MIMIC-CXR or -JPG 2.0.0: "
                                    "mimic-cxr-2.0.0-chexpert.csv.gz, one row per study, with the -split and "
                                    "-metadata sheets for the official split and the views). Found beside SRC or "
                                    "in its parent unless --labels is given; any column option overrides the "
@@ -142,7 +143,8 @@ class PrepareConfig:
                                           "--uncertain).")
     patient_column: str | None = opt(None, "CSV column holding the patient id (default: DICOM PatientID, else "
                                            "the path or file name).")
-    split_column: str | None = opt(None, "CSV column holding train/val/test (default: split by patient).")
+    split_column: str | None = opt(None, "CSV column holding train/val/test, or '(path)': the train/valid/test "
+                                         "folder in the image's path (default: split by patient).")
     view_column: str | None = opt(None, "CSV column holding the view (PA, AP, LATERAL, Frontal/Lateral); DICOMs "
                                         "use ViewPosition.")
     test_list: Path | None = opt(None, "File of image names, one a line, that form the test split (NIH's "
@@ -150,10 +152,10 @@ class PrepareConfig:
                                        "train by patient.")
     uncertain: str = opt("ignore", "Label -1 (CheXpert's uncertain): ignore (drop the image), positive (read as "
                                    "1) or negative (read as 0): the paper's U-Ignore, U-Ones, U-Zeros.")
-    agreement: str = opt("unanimous", "Several rows for one image (one per reader, as VinDr-CXR writes them): "
+    agreement: str | None = opt(None, "Several rows for one image (one per reader, as VinDr-CXR writes them): "
                                       "unanimous (rows naming different classes drop the image; rows naming "
                                       "none do not count) or majority (the class more than half of its rows "
-                                      "name).")
+                                      "name). Default: unanimous; majority for --preset vindr.")
     other: str | None = opt(None, "A class name for images whose label matches no class (other findings); "
                                   "default: left out, and counted in dataset.json.")
     views: tuple[str, ...] | None = opt(None, "Keep only these views, e.g. PA,AP (images without a view are "
