@@ -158,8 +158,15 @@ def resolve_spec(images: Path, spec: LabelSpec) -> LabelSpec:
         raise InputError(f"--agreement {spec.agreement}: must be one of {', '.join(AGREEMENT)}")
     if spec.test_list is not None and not Path(spec.test_list).is_file():
         raise InputError(f"{spec.test_list}: test list not found (--test-list)")
-    parse_classes(*((spec.classes,) if spec.class_columns is None else (spec.class_columns, "--class-columns")))
+    spec_classes(spec)
     return spec
+
+
+def spec_classes(spec: LabelSpec) -> dict[str, frozenset[str]]:
+    """The classes a sheet's options give: --classes' values, or --class-columns' columns."""
+    if spec.class_columns is None:
+        return parse_classes(spec.classes)
+    return parse_classes(spec.class_columns, "--class-columns")
 
 
 def _what_is_missing(spec: LabelSpec, opt: str) -> str:
@@ -450,8 +457,7 @@ def scan_labelled(images: Path, spec: LabelSpec, views: tuple[str, ...] | None) 
         raise InputError(f"{images}: image folder not found" if not images.exists() else
                          f"{images}: not a folder (give the folder that holds the images)")
     spec = resolve_spec(images, spec)
-    classes = parse_classes(*((spec.classes,) if spec.class_columns is None else (spec.class_columns,
-                                                                                  "--class-columns")))
+    classes = spec_classes(spec)
     value_class = {v: c for c, vals in classes.items() for v in vals}
     files, ignored, skipped = list_files(images)
     index = _FileIndex(images, files)
