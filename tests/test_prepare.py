@@ -126,6 +126,18 @@ def test_medmnist_npz_any_size(tmp_path, rng):
     assert Image.open(tmp_path / "out" / "train" / "normal" / "train-00001.png").size == (32, 32)
 
 
+def test_npz_src_is_medmnist_but_a_folder_named_npz_stays_a_folder(tmp_path, rng):
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, **{f"{s}_{k}": v for s in ("train", "val", "test") for k, v in (
+        ("images", rng.integers(0, 255, (12, 8, 8), dtype=np.uint8)),
+        ("labels", (np.arange(12) % 3 == 0).astype(np.uint8)))})
+    rec = prepare(cfg(tmp_path / "a", src=npz, size=8, min_val=1))
+    assert rec["sources"][0]["kind"] == "medmnist"
+    folder = make_kermany(tmp_path / "export.npz", rng)
+    rec = prepare(cfg(tmp_path / "b", src=folder.parent, size=8))
+    assert rec["sources"][0]["kind"] != "medmnist" and rec["counts"]["test"] == {"normal": 6, "pneumonia": 6}
+
+
 def test_medmnist_bad_file(tmp_path):
     bad = tmp_path / "x.npz"
     np.savez(bad, images=np.zeros((2, 4, 4), np.uint8))

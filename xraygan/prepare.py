@@ -189,6 +189,15 @@ class PrepareConfig:
                          agreement=self.agreement, other=self.other, test_list=self.test_list)
 
     @property
+    def medmnist_source(self) -> Path | None:
+        """The MedMNIST .npz file this run reads: --medmnist, or SRC when it names an .npz file (a
+        folder that happens to end in .npz stays a folder)."""
+        if self.medmnist is not None:
+            return self.medmnist
+        src = self.src
+        return src if src is not None and src.suffix == ".npz" and not src.is_dir() else None
+
+    @property
     def class_names(self) -> tuple[str, ...] | None:
         """--classes for a MedMNIST source: the names of labels 0, 1, ... (for class folders and
         label sheets it says which names or values mean which class)."""
@@ -232,7 +241,7 @@ class PrepareConfig:
                                         ("--split-column", lab.split_column), ("--view-column", lab.view_column),
                                         ("--test-list", lab.test_list), ("--other", lab.other)) if v is not None]
                 raise InputError(f"{', '.join(given)}: describe a label CSV; give --labels FILE.csv or --preset")
-            if self.src is None or self.src.suffix == ".npz":
+            if self.src is None or self.medmnist_source is not None:
                 raise InputError("--labels/--preset label the images of a folder: give that folder as SRC")
         # an option whose subject is absent would be passed over without a word
         needs = {"extra_normal_count": (self.extra_normal, "--extra-normal DIR"),
@@ -246,9 +255,8 @@ class PrepareConfig:
         if self.classes and (self.sample or self.demo):
             raise InputError("--classes: the shipped sample and the phantoms have their classes; it names the "
                              "classes of class folders, a label sheet or a MedMNIST file")
-        medmnist = self.medmnist is not None or (self.src is not None and self.src.suffix == ".npz")
         if (self.classes and self.extra_normal is not None
-                and "normal" not in (self.class_names if medmnist else parse_classes(self.classes))):
+                and "normal" not in (self.class_names if self.medmnist_source else parse_classes(self.classes))):
             raise InputError(f"--extra-normal adds to class normal, which --classes {self.classes!r} does not "
                              "name")
         if self.views is not None and (not self.views or any(not re.fullmatch(r"\w+", v) for v in self.views)):
@@ -474,8 +482,7 @@ def _scan(cfg: PrepareConfig, rng: np.random.Generator) -> tuple[list[Scan], lis
     elif cfg.demo:
         scan = scan_demo(cfg.demo_count, cfg.seed)
         src_desc = {"kind": "demo", "count_per_class": cfg.demo_count}
-    elif cfg.medmnist is not None or cfg.src.suffix == ".npz" and cfg.src.is_file():
-        path = cfg.medmnist or cfg.src
+    elif (path := cfg.medmnist_source) is not None:
         scan = scan_medmnist(path, cfg.class_names)
         src_desc = {"kind": "medmnist", "path": str(path)}
     elif cfg.labels is not None:
