@@ -188,9 +188,12 @@ def test_a_generator_setting_may_change_until_its_generators_have_started(demo_d
     gen = {s.id: s for s in build_plan(added)[0]}["generate cddpm"].argv
     assert gen[gen.index("--sampling-steps") + 1] == "5"
     assert "--sampling-steps" not in {s.id: s for s in build_plan(grid)[0]}["generate dcgan"].argv
-    for changed, message in ((dict(gan_steps=3), "gan-steps 2 .now 3."), (dict(clf_epochs=3), "clf-epochs 20 .now 3.")):
-        with pytest.raises(InputError, match=message):
-            check_study_folder(replace(added, **changed))
+    with pytest.raises(InputError, match="--gan-steps 2 .now 3."):
+        check_study_folder(replace(added, gan_steps=3))
+    assert check_study_folder(replace(added, clf_epochs=3)) is not None  # no classifier yet
+    start("runs/oversample-seed0")
+    with pytest.raises(InputError, match="--clf-epochs 20 .now 3."):
+        check_study_folder(replace(added, clf_epochs=3))
     start("diffusion/cddpm")
     with pytest.raises(InputError, match="diffusion-steps 4000 .now 9."):
         check_study_folder(added)
@@ -203,6 +206,47 @@ def test_a_generator_setting_may_change_until_its_generators_have_started(demo_d
     assert check_study_folder(replace(added, diffusion_steps=4000, sampling_steps=50)) is not None
     with pytest.raises(InputError, match="sampling-steps 50 .now 5."):
         check_study_folder(replace(added, diffusion_steps=4000))
+
+
+def test_a_study_s_generators_can_be_given_to_classifiers_of_other_settings(demo_data, tmp_path):
+    """--clf-select and --weights are study settings: each row's classifier keeps the epoch the
+    study says, one study never mixes pretrained and scratch classifiers, and a copy of a study
+    without its runs/ reruns the classifiers with other settings on the same generators."""
+    from xraygan.fsutil import atomic_write_json, record_header
+    from xraygan.study import check_study_folder
+
+    w, w2 = tmp_path / "r18.pth", tmp_path / "other.pth"
+    w.write_bytes(b"one file")
+    w2.write_bytes(b"another file")
+    out = tmp_path / "s"
+    grid = StudyConfig(data=demo_data, out=out, rows=("baseline", "dcgan"), seeds=(0,), weights=w)
+    trains = [s.argv for s in build_plan(replace(grid, clf_select="auc"))[0] if s.id.startswith("train-classifier")]
+    assert len(trains) == 2 and all(a[a.index("--select") + 1] == "auc" for a in trains)
+    assert not any("--select" in s.argv for s in build_plan(grid)[0])  # f1, the command's default
+    out.mkdir()
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
+    (out / "gan" / "dcgan").mkdir(parents=True)
+    (out / "gan" / "dcgan" / "config.json").write_text("{}")
+    moved = tmp_path / "elsewhere.pth"
+    moved.write_bytes(w.read_bytes())  # the same weights under another name are the same setting
+    assert check_study_folder(replace(grid, weights=moved)) is not None
+    assert check_study_folder(replace(grid, weights=None, clf_select="auc")) is not None  # no run yet
+    (out / "runs" / "baseline-seed0").mkdir(parents=True)
+    (out / "runs" / "baseline-seed0" / "config.json").write_text("{}")
+    with pytest.raises(InputError, match=r"--weights \S*r18\.pth .now none."):
+        check_study_folder(replace(grid, weights=None))
+    with pytest.raises(InputError, match=r"--weights \S*r18\.pth .now \S*other\.pth."):
+        check_study_folder(replace(grid, weights=w2))
+    with pytest.raises(InputError, match="--clf-select f1 .now auc."):
+        check_study_folder(replace(grid, clf_select="auc"))
+    with pytest.raises(InputError, match="--clf-select 'loss': must be one of f1, auc"):
+        replace(grid, out=tmp_path / "t", clf_select="loss", weights=None).validate()
+    # a record from before the weights were recorded: they are not known, so not compared
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": {
+        k: v for k, v in grid.settings().items() if k not in ("weights", "clf_select")}})
+    assert check_study_folder(replace(grid, weights=w2)) is not None
+    with pytest.raises(InputError, match="--clf-select f1 .now auc."):
+        check_study_folder(replace(grid, clf_select="auc"))
 
 
 def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):

@@ -47,6 +47,7 @@ from xraygan.fsutil import (
     atomic_write_text,
     check_out_apart,
     check_output_free,
+    file_sha256,
     has_record,
     read_json,
     record_header,
@@ -359,14 +360,6 @@ def folder_key(folder: ImageFolder) -> str:
     return h.hexdigest()[:20]
 
 
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FeatureCache:
     """Classifier features per (folder contents, checkpoint), as .npy files in the cache folder."""
 
@@ -499,7 +492,7 @@ def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
         if int(meta["image_size"]) != real.size:
             raise InputError(f"{ckpt}: classifier was trained on {meta['image_size']} px images, "
                              f"the audited images are {real.size} px")
-        sha = file_sha(ckpt)[:16]
+        sha = file_sha256(ckpt)[:16]
         batch = inference_batch(meta, device, cfg.batch_size)
         feats["classifier"] = tuple(
             cache.get(f"{folder_key(f)}-{sha}", lambda f=f: classifier_features(model, f.images, device, batch))

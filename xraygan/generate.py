@@ -9,7 +9,6 @@ size, and `--append` continues the sequence instead of repeating it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from xraygan.fsutil import (
     atomic_write_json,
     check_out_apart,
     continued_record,
+    file_sha256,
     make_dirs,
     read_json,
     record_header,
@@ -297,7 +297,7 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    digest = hashlib.sha256(Path(cfg.checkpoint).read_bytes()).hexdigest()
+    digest = file_sha256(Path(cfg.checkpoint))
     new = {"run_name": run, "checkpoint": str(cfg.checkpoint), "checkpoint_sha256": digest,
            "seed": cfg.seed, "count": cfg.n, "label": label, "first_index": start + 1,
            "image_size": meta["image_size"], "conditional": meta["conditional"],

@@ -29,6 +29,7 @@ from xraygan.errors import InputError, Interrupted, TrainingError, check_choice,
 from xraygan.fsutil import (
     atomic_write_json,
     continued_record,
+    file_sha256,
     holds_anything,
     make_dirs,
     read_json,
@@ -47,14 +48,18 @@ DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditiona
 RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
-            "diffusion_steps", "clf_accumulate", "sampling_steps")
-# The generators' settings shape only the folders named here (under the study folder; "*" is any
-# row): while none of them holds anything, the setting may change between runs of one study, so a
-# diffusion row can be added to a finished GAN grid at a step count of its own. Every other
-# setting shapes the classifiers of all rows and never may.
+            "diffusion_steps", "clf_accumulate", "sampling_steps", "clf_select", "weights")
+# A setting shapes only the folders named here (under the study folder; "*" is any row): while
+# none of them holds anything, it may change between runs of one study, so a diffusion row can be
+# added to a finished GAN grid at a step count of its own, and a study's generators can be given
+# to classifiers of other settings (a copy of the study without its runs/). `data` shapes
+# everything and never may.
+_CLASSIFIERS = ("runs/*",)
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
                    "diffusion_steps": ("diffusion/*",),
-                   "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS)}
+                   "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
+                   **{k: _CLASSIFIERS for k in ("clf_epochs", "patience", "small_stem", "clf_accumulate",
+                                                "clf_select", "weights")}}
 
 
 def is_gan_row(row: str) -> bool:
@@ -114,6 +119,8 @@ class StudyConfig:
     clf_accumulate: int = opt(1, "Classifier micro-batches per step, for a batch that does not fit in memory "
                                  "(see train-classifier --accumulate).")
     patience: int = opt(5, "Classifier epochs without improvement before stopping.")
+    clf_select: str = opt("f1", "Keep each classifier's epoch with the best validation f1 or auc (see "
+                                "train-classifier --select).")
     small_stem: str = opt("auto", "Classifier stem: auto, yes or no (see train-classifier).")
     weights: Path | None = opt(None, "Local pretrained ResNet-18 weights (e.g. torchvision's ImageNet file) for "
                                      "every row's classifier (see train-classifier --weights).")
@@ -154,6 +161,7 @@ class StudyConfig:
         check_int("--sampling-steps", self.sampling_steps)
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
+        check_choice("--clf-select", self.clf_select, ("f1", "auc"))
         require(self.weights is None or Path(self.weights).is_file(), f"{self.weights}: weights file not found")
         if self.weights is not None:  # read now, not in the first classifier step hours of GAN training later
             from xraygan.classifier import check_weights
@@ -175,7 +183,9 @@ class StudyConfig:
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
                 "diffusion_steps": self.diffusion_steps, "clf_accumulate": self.clf_accumulate,
-                "sampling_steps": self.sampling_steps}
+                "sampling_steps": self.sampling_steps, "clf_select": self.clf_select,
+                "weights": self.weights and {"path": str(Path(self.weights).resolve()),
+                                             "sha256": file_sha256(Path(self.weights))}}
 
 
 @dataclass
@@ -309,7 +319,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                                       done=lambda b=bal: rebalance.is_done(b)))
             c = TrainClassifierConfig(data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs,
                                       accumulate=cfg.clf_accumulate, patience=cfg.patience,
-                                      small_stem=cfg.small_stem, seed=seed,
+                                      small_stem=cfg.small_stem, select=cfg.clf_select, seed=seed,
                                       class_weights="balanced" if row == "class_weights" else "none",
                                       weights=weights, device=dev)
             steps.append(command_step(f"train-classifier {name}", "train-classifier", c, run,
@@ -354,16 +364,26 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     if not isinstance(rec, dict) or rec.get("kind") != "xraygan-study":
         raise InputError(f"{rec_path}: not a study record written by xraygan study")
     mine = cfg.settings()
-    # a setting the record lacks is newer than the study, which then ran with its default
-    theirs = {**StudyConfig(data=cfg.data, out=cfg.out).settings(), **rec.get("settings", {})}
-    changed = [k for k in SETTINGS if theirs[k] != mine[k]
+    recorded = rec.get("settings", {})
+    # a setting the record lacks is newer than the study, which then ran with its default (the
+    # weights are not known then, so they are not compared)
+    theirs = {**StudyConfig(data=cfg.data, out=cfg.out).settings(), **recorded}
+    if "weights" not in recorded:
+        theirs["weights"] = mine["weights"]
+    same = {k: theirs[k] == mine[k] for k in SETTINGS}
+    same["weights"] = (theirs["weights"] or {}).get("sha256") == (mine["weights"] or {}).get("sha256")
+    changed = [k for k in SETTINGS if not same[k]
                and (k not in SETTING_FOLDERS or _started(Path(cfg.out), SETTING_FOLDERS[k]))]
     if changed:
         k = changed[0]
-        raise InputError(f"{rec_path}: this study was run with {k.replace('_', '-')} {theirs[k]} "
-                         f"(now {mine[k]}); rerun with the same settings to continue it, or choose "
-                         "another --out")
+        was, now = theirs[k], mine[k]
+        if k == "weights":
+            was, now = (w["path"] if w else "none" for w in (was, now))
+        option = "DATA" if k == "data" else "--" + k.replace("_", "-")
+        raise InputError(f"{rec_path}: this study was run with {option} {was} "
+                         f"(now {now}); rerun with the same settings to continue it, or choose another --out")
     return rec
+
 
 
 def _started(out: Path, patterns: tuple[str, ...]) -> bool:
