@@ -1,8 +1,9 @@
 """Figures and tables for docs/RESULTS.md from a finished `xraygan study` folder.
 
     python examples/figures.py DATA STUDY docs/figures [--audit NAME=AUDIT_DIR ...]
+        [--prefix NAME_] [--cell INCHES]
 
-Writes (small PNGs, to keep the repository small):
+Writes (small PNGs, to keep the repository small; --prefix before each name):
   samples.png   real pneumonia training images beside each generator's synthetic ones
   gradcam.png   Grad-CAMs of every row's seed-0 classifier on the same test images
 and prints Markdown tables: the audit figures per generator (the study's GAN and diffusion rows,
@@ -45,28 +46,28 @@ def save_small(fig, path: Path, dpi: int) -> None:
     Image.open(buf).convert("RGB").quantize(colors=128).save(path, optimize=True)
 
 
-def samples_figure(data: Path, study: Path, out: Path, n: int = 12) -> None:
+def samples_figure(data: Path, study: Path, out: Path, n: int = 12, cell: float = 0.75) -> None:
     rng = np.random.default_rng(0)
     rows = [("real pneumonia (train)", read_image_folder(data / "train", only=("pneumonia",)))]
     rows += [(g, read_image_folder(study / "synth" / g)) for g in GENERATORS if (study / "synth" / g).is_dir()]
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.75, len(rows) * 0.85), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * cell, len(rows) * (cell + 0.1)), squeeze=False)
     for r, (name, folder) in enumerate(rows):
         pick = rng.choice(len(folder.images), n, replace=False)
         for j, i in enumerate(pick):
             axes[r, j].imshow(folder.images[i], cmap="gray", vmin=0, vmax=255)
             axes[r, j].axis("off")
         axes[r, 0].set_title(name, fontsize=7, loc="left")
-    save_small(fig, out / "samples.png", dpi=80)
+    save_small(fig, out, dpi=80)
 
 
-def gradcam_figure(data: Path, study: Path, out: Path, per_class: int = 3) -> None:
+def gradcam_figure(data: Path, study: Path, out: Path, per_class: int = 3, cell: float = 0.9) -> None:
     test = read_image_folder(data / "test")
     rng = np.random.default_rng(0)
     idx = np.concatenate([rng.choice(np.flatnonzero(test.labels == c), per_class, replace=False)
                           for c in range(len(test.classes))])
     runs = sorted((p for p in (study / "runs").glob("*-seed0") if (p / "classifier.safetensors").is_file()),
                   key=lambda p: _row_order(p.name))
-    fig, axes = plt.subplots(len(runs), len(idx), figsize=(len(idx) * 0.9, len(runs) * 1.0), squeeze=False)
+    fig, axes = plt.subplots(len(runs), len(idx), figsize=(len(idx) * cell, len(runs) * (cell + 0.1)), squeeze=False)
     device = torch.device("cpu")
     for r, run in enumerate(runs):
         model, meta = load_classifier(run / "classifier.safetensors", device)
@@ -86,7 +87,7 @@ def gradcam_figure(data: Path, study: Path, out: Path, per_class: int = 3) -> No
                 ax.set_title(f"{test.classes[test.labels[i]]}", fontsize=6)
             ax.set_xlabel(f"P={prob[j]:.2f}", fontsize=5, labelpad=1)
         axes[r, 0].set_ylabel(run.name.removesuffix("-seed0") + f"\n{name}", fontsize=6)
-    save_small(fig, out / "gradcam.png", dpi=80)
+    save_small(fig, out, dpi=80)
 
 
 ORDER = ("baseline", "class_weights", "undersample", "oversample", "dcgan", "cdcgan_a0.25",
@@ -137,6 +138,9 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--audit", action="append", default=[], metavar="NAME=AUDIT_DIR",
                     help="an audit made outside the study, added to the audit table")
+    ap.add_argument("--prefix", default="", help="put before each figure's file name, e.g. study128_")
+    ap.add_argument("--cell", type=float, default=0.75,
+                    help="inches per image (0.75 for 32 px images; larger shows more of larger ones)")
     args = ap.parse_args()
     extra = {}
     for item in args.audit:
@@ -145,8 +149,8 @@ def main() -> None:
             ap.error(f"--audit {item}: give NAME=AUDIT_DIR")
         extra[name] = Path(folder)
     args.out.mkdir(parents=True, exist_ok=True)
-    samples_figure(args.data, args.study, args.out)
-    gradcam_figure(args.data, args.study, args.out)
+    samples_figure(args.data, args.study, args.out / f"{args.prefix}samples.png", cell=args.cell)
+    gradcam_figure(args.data, args.study, args.out / f"{args.prefix}gradcam.png", cell=args.cell * 1.2)
     print("## audit\n\n" + audit_table(args.study, extra) + "\n\n## wall time per stage\n\n" + times_table(args.study))
 
 
