@@ -137,10 +137,22 @@ def test_train_classifier_outputs_and_selection(split, tmp_path):
     assert len(rows) == 3 and {"train_loss", "val_f1", "val_auc"} <= set(rows[0])
     best = max(range(3), key=lambda i: float(rows[i]["val_f1"]))
     assert res["best_epoch"] == best + 1
+    assert res["warnings"] == []  # a balanced validation set: F1 favours neither class
     _, meta = load_checkpoint(tmp_path / "clf" / "classifier.safetensors", "classifier")
     assert meta["classes"] == ["normal", "pneumonia"] and meta["config"]["small_stem"]
     model, _ = load_classifier(tmp_path / "clf" / "classifier.safetensors", torch.device("cpu"))
     assert model(torch.randn(1, 1, 16, 16)).shape == (1, 2)
+
+
+def test_selecting_by_f1_on_a_mostly_pneumonia_validation_set_is_warned_of():
+    from xraygan.classifier import f1_selection_warning
+
+    w = f1_selection_warning({"normal": 134, "pneumonia": 387}, "pneumonia")  # the Kermany release's val
+    assert "74% pneumonia (387 of 521)" in w and "F1 0.85" in w and "--select auc" in w
+    assert f1_selection_warning({"normal": 134, "pneumonia": 387}, "pneumonia", "--clf-select auc").count(
+        "--clf-select auc") == 1
+    assert f1_selection_warning({"normal": 260, "pneumonia": 261}, "pneumonia") is None
+    assert f1_selection_warning({"normal": 387, "pneumonia": 134}, "pneumonia") is None  # all-pneumonia scores 0.41
 
 
 def test_pretrained_weights_keep_the_standard_stem_at_small_sizes(split, tmp_path):

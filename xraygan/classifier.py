@@ -360,6 +360,21 @@ def _read_log(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def f1_selection_warning(val_counts: dict[str, int], positive: str, option: str = "--select auc",
+                         share: float = 0.6) -> str | None:
+    """What keeping the epoch of best validation F1 means when the positive class is the
+    validation set's majority: a model that calls everything positive scores 2p / (1 + p) there
+    (0.85 at the Kermany release's 74%), so F1 favours positive-happy epochs. None otherwise."""
+    total = sum(val_counts.values())
+    p = val_counts.get(positive, 0) / total if total else 0.0
+    if p < share:
+        return None
+    return (f"the validation set is {p:.0%} {positive} ({val_counts[positive]} of {total}): there a model "
+            f"that calls every image {positive} scores F1 {2 * p / (1 + p):.2f}, so the epoch of best F1 "
+            f"favours {positive}-happy epochs; {option} does not depend on the class mix "
+            "(docs/RESULTS.md, 128 px)")
+
+
 def is_done(run: Path, epochs: int, patience: int) -> bool:
     """Whether the train-classifier run in `run` has finished: `epochs` epochs, or stopped early
     after `patience` epochs without improvement (what its own state file records)."""
@@ -680,8 +695,9 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     if not log_rows:
         raise InputError(f"{out}: nothing to resume, the run already has {cfg.epochs} epochs "
                          "(give a larger --epochs)")
+    warning = f1_selection_warning(val.counts(), cfg.positive) if cfg.select == "f1" else None
     return {"out": str(out), "best_epoch": best_epoch, f"best_val_{cfg.select}": best,
-            "epochs_run": len(log_rows), "seconds": round(time.perf_counter() - t0, 1),
+            "warnings": [warning] if warning else [], "epochs_run": len(log_rows), "seconds": round(time.perf_counter() - t0, 1),
             "images_per_s": float(log_rows[-1]["images_per_s"]), "device": str(device),
             "precision": str(amp) if amp else "fp32",
             "checkpoint": str(out / "classifier.safetensors")}

@@ -298,6 +298,7 @@ def _report_rebalance(rec: dict, cfg) -> None:
 def _report_classifier(res: dict, cfg) -> None:
     from xraygan.console import err
 
+    _warn(res.get("warnings"))
     err.print(f"best epoch {res['best_epoch']} of {res['epochs_run']} (validation "
               f"{cfg.select} {res[f'best_val_{cfg.select}']:.3f}); {res['images_per_s']:.0f} img/s; "
               f"checkpoint: {res['checkpoint']}", highlight=False)

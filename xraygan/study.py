@@ -448,6 +448,13 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
     resolve_device(cfg.device)  # here, not in every step: --print-commands may plan for another machine
     earlier = check_study_folder(cfg)
     steps, info = build_plan(cfg)
+    if cfg.clf_select == "f1" and say is not None:  # said before hours of training, not after
+        from xraygan.classifier import TrainClassifierConfig, f1_selection_warning
+
+        w = f1_selection_warning(class_counts(Path(cfg.data) / "val"), TrainClassifierConfig.positive,
+                                 "--clf-select auc")
+        if w:
+            say(f"warning: {w}")
     cores = os.cpu_count() or 1
     jobs = cfg.jobs if cfg.jobs is not None else default_jobs(cores, _cuda(cfg.device))
     out = Path(cfg.out)
