@@ -239,6 +239,14 @@ def test_a_study_s_generators_can_be_given_to_classifiers_of_other_settings(demo
         check_study_folder(replace(grid, weights=w2))
     with pytest.raises(InputError, match="--clf-select f1 .now auc."):
         check_study_folder(replace(grid, clf_select="auc"))
+    # the tuning criterion shapes only the tuned reports: classifiers may be kept for another one
+    evals = [s.argv for s in build_plan(replace(grid, tune_for="youden"))[0] if s.id.startswith("evaluate")]
+    assert len(evals) == 2 and all(a[a.index("--tune-for") + 1] == "youden" for a in evals)
+    assert check_study_folder(replace(grid, tune_for="youden")) is not None
+    (out / "runs" / "baseline-seed0" / "report-tuned").mkdir()
+    (out / "runs" / "baseline-seed0" / "report-tuned" / "metrics.json").write_text("{}")
+    with pytest.raises(InputError, match="--tune-for f1 .now youden."):
+        check_study_folder(replace(grid, tune_for="youden"))
     with pytest.raises(InputError, match="--clf-select 'loss': must be one of f1, auc"):
         replace(grid, out=tmp_path / "t", clf_select="loss", weights=None).validate()
     # a record from before the weights were recorded: they are not known, so not compared

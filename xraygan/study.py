@@ -48,18 +48,20 @@ DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditiona
 RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
-            "diffusion_steps", "clf_accumulate", "sampling_steps", "clf_select", "weights")
+            "diffusion_steps", "clf_accumulate", "sampling_steps", "clf_select", "weights", "tune_for")
 # A setting shapes only the folders named here (under the study folder; "*" is any row): while
 # none of them holds anything, it may change between runs of one study, so a diffusion row can be
 # added to a finished GAN grid at a step count of its own, and a study's generators can be given
-# to classifiers of other settings (a copy of the study without its runs/). `data` shapes
-# everything and never may.
+# to classifiers of other settings (a copy of the study without its runs/), or its classifiers
+# to another tuning criterion (a copy without runs/*/report-tuned). `data` shapes everything and
+# never may.
 _CLASSIFIERS = ("runs/*",)
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
                    "diffusion_steps": ("diffusion/*",),
                    "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
                    **{k: _CLASSIFIERS for k in ("clf_epochs", "patience", "small_stem", "clf_accumulate",
-                                                "clf_select", "weights")}}
+                                                "clf_select", "weights")},
+                   "tune_for": ("runs/*/report-tuned",)}
 
 
 def is_gan_row(row: str) -> bool:
@@ -121,6 +123,8 @@ class StudyConfig:
     patience: int = opt(5, "Classifier epochs without improvement before stopping.")
     clf_select: str = opt("f1", "Keep each classifier's epoch with the best validation f1 or auc (see "
                                 "train-classifier --select).")
+    tune_for: str = opt("f1", "What the tuned table's threshold maximises on the validation split: f1 or "
+                              "youden (see evaluate --tune-for).")
     small_stem: str = opt("auto", "Classifier stem: auto, yes or no (see train-classifier).")
     weights: Path | None = opt(None, "Local pretrained ResNet-18 weights (e.g. torchvision's ImageNet file) for "
                                      "every row's classifier (see train-classifier --weights).")
@@ -162,6 +166,7 @@ class StudyConfig:
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
         check_choice("--clf-select", self.clf_select, ("f1", "auc"))
+        check_choice("--tune-for", self.tune_for, ("f1", "youden"))
         require(self.weights is None or Path(self.weights).is_file(), f"{self.weights}: weights file not found")
         if self.weights is not None:  # read now, not in the first classifier step hours of GAN training later
             from xraygan.classifier import check_weights
@@ -183,7 +188,7 @@ class StudyConfig:
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
                 "diffusion_steps": self.diffusion_steps, "clf_accumulate": self.clf_accumulate,
-                "sampling_steps": self.sampling_steps, "clf_select": self.clf_select,
+                "sampling_steps": self.sampling_steps, "clf_select": self.clf_select, "tune_for": self.tune_for,
                 "weights": self.weights and {"path": str(Path(self.weights).resolve()),
                                              "sha256": file_sha256(Path(self.weights))}}
 
@@ -331,7 +336,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
             rep, rep_tuned = run / "report", run / "report-tuned"
             sid = f"evaluate {name}"
             c = EvaluateConfig(checkpoint=ckpt, data=data / "test", report=rep_tuned, tune_on=data / "val",
-                               untuned_report=rep, label=row, device=dev)
+                               tune_for=cfg.tune_for, untuned_report=rep, label=row, device=dev)
             steps.append(command_step(sid, "evaluate", c, rep_tuned, deps=[f"train-classifier {name}"], also=(rep,),
                                       done=lambda rs=(rep, rep_tuned): all(map(evaluate.is_done, rs))))
             tables["table"].append((sid, rep / "metrics.json"))
