@@ -697,7 +697,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
                          "(give a larger --epochs)")
     warning = f1_selection_warning(val.counts(), cfg.positive) if cfg.select == "f1" else None
     return {"out": str(out), "best_epoch": best_epoch, f"best_val_{cfg.select}": best,
-            "warnings": [warning] if warning else [], "epochs_run": len(log_rows), "seconds": round(time.perf_counter() - t0, 1),
+            "warnings": [warning] if warning else [], "epochs_run": len(log_rows),
+            "seconds": round(time.perf_counter() - t0, 1),
             "images_per_s": float(log_rows[-1]["images_per_s"]), "device": str(device),
             "precision": str(amp) if amp else "fp32",
             "checkpoint": str(out / "classifier.safetensors")}

@@ -390,7 +390,6 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     return rec
 
 
-
 def _started(out: Path, patterns: tuple[str, ...]) -> bool:
     """Whether any folder matching `patterns` under `out` holds anything."""
     return any(holds_anything(d) for p in patterns for d in out.glob(p))
