@@ -14,7 +14,7 @@ for stem in no yes; do
     [ -f "$run/report/metrics.json" ] && continue
     SECONDS=0
     $X train-classifier "$OUT/data/train" --val "$OUT/data/val" --out "$run" --epochs "$EPOCHS" \
-        --small-stem "$stem" --seed "$seed" --device "${DEVICE:-auto}" --force
+        --small-stem "$stem" --select f1 --seed "$seed" --device "${DEVICE:-auto}" --force
     $X evaluate "$run/classifier.safetensors" "$OUT/data/test" --report "$run/report" --force \
         --label "small-stem-$stem"
     echo "stem-$stem-seed$seed,$SECONDS" >> "$OUT/times.csv"

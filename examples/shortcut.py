@@ -69,7 +69,8 @@ def main() -> None:
         r = a.out / "runs" / f"pooled-seed{seed}"
         if not (r / "report" / "metrics.json").exists():
             run("train-classifier", str(data / "train"), "--val", str(data / "val"), "--out", str(r),
-                "--epochs", str(a.epochs), "--small-stem", "no", "--seed", str(seed), "--force")
+                "--epochs", str(a.epochs), "--small-stem", "no", "--select", "f1", "--seed", str(seed),
+                "--force")
             run("evaluate", str(r / "classifier.safetensors"), str(data / "test"), "--report", "--force")
     run("audit", "--sources", str(data / "train"))
     run("compare", str(a.out / "runs"))

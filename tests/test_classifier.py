@@ -129,14 +129,17 @@ def split(tmp_path, rng):
     return tmp_path
 
 
-def test_train_classifier_outputs_and_selection(split, tmp_path):
+@pytest.mark.parametrize("select", [None, "f1"])
+def test_train_classifier_outputs_and_selection(split, tmp_path, select):
+    """The kept epoch is the first with the best validation ROC-AUC (the default) or F1."""
     res = train_classifier(TrainClassifierConfig(
         data=split / "train", val=split / "val", out=tmp_path / "clf", epochs=3, batch_size=16,
-        class_weights="balanced", device="cpu", patience=0))
+        class_weights="balanced", device="cpu", patience=0, **({"select": select} if select else {})))
     rows = list(csv.DictReader(open(tmp_path / "clf" / "log.csv")))
     assert len(rows) == 3 and {"train_loss", "val_f1", "val_auc"} <= set(rows[0])
-    best = max(range(3), key=lambda i: float(rows[i]["val_f1"]))
-    assert res["best_epoch"] == best + 1
+    column = {None: "val_auc", "f1": "val_f1"}[select]
+    best = max(range(3), key=lambda i: float(rows[i][column]))
+    assert res["best_epoch"] == best + 1 and f"best_val_{select or 'auc'}" in res
     assert res["warnings"] == []  # a balanced validation set: F1 favours neither class
     _, meta = load_checkpoint(tmp_path / "clf" / "classifier.safetensors", "classifier")
     assert meta["classes"] == ["normal", "pneumonia"] and meta["config"]["small_stem"]
@@ -212,7 +215,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(split, tmp_path):
     la = [r["val_f1"] for r in csv.DictReader(open(tmp_path / "a" / "log.csv"))]
     lb = [r["val_f1"] for r in csv.DictReader(open(tmp_path / "b" / "log.csv"))]
     assert la == lb and len(la) == 3
-    with pytest.raises(InputError, match="--resume with different lr"):
+    with pytest.raises(InputError, match=r"started with: --lr [0-9.e-]+ \(now 0.1\)"):
         train_classifier(TrainClassifierConfig(out=tmp_path / "b", resume=True, **{**kw, "lr": 0.1}))
     with pytest.raises(InputError, match="nothing to resume"):
         train_classifier(TrainClassifierConfig(out=tmp_path / "c", resume=True, **kw))

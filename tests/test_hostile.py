@@ -189,7 +189,7 @@ CASES = [
     (TG.replace("{data}/train", "{root}/missing"), 2, "not found"),
     (TG + " --class covid", 2, "covid"),
     (TG + " --resume", 2, "nothing to resume"),
-    (TG.replace("{tmp}/g", "{gan}") + " --resume --lr 0.001", 2, "--resume with different lr"),
+    (TG.replace("{tmp}/g", "{gan}") + " --resume --lr 0.001", 2, "(now 0.001)"),
     (TG.replace("{tmp}/g", "{gan}"), 2, "already exists"),
     # generate: never into a folder of real images, --force or not
     ("generate {G} -n 5 --out {data}/train", 2, "did not write"),
@@ -238,6 +238,7 @@ CASES = [
     (EV + " --threshold nan", 2, "--threshold nan"),
     (EV + " --tune-for accuracy", 2, "--tune-for"),
     (EV + " --tune-for youden", 2, "--tune-for youden needs --tune-on"),
+    (EV + " --tune-for f1", 2, "--tune-for f1 needs --tune-on"),
     (EV.replace("{tmp}/r", "{data}/test/r"), 2, "inside the input"),
     (EV.replace("{tmp}/r", "{clf}"), 2, "contains the input"),
     ("evaluate {G} {data}/test", 2, "generator checkpoint"),

@@ -220,9 +220,9 @@ def test_a_study_s_generators_can_be_given_to_classifiers_of_other_settings(demo
     w2.write_bytes(b"another file")
     out = tmp_path / "s"
     grid = StudyConfig(data=demo_data, out=out, rows=("baseline", "dcgan"), seeds=(0,), weights=w)
-    trains = [s.argv for s in build_plan(replace(grid, clf_select="auc"))[0] if s.id.startswith("train-classifier")]
-    assert len(trains) == 2 and all(a[a.index("--select") + 1] == "auc" for a in trains)
-    assert not any("--select" in s.argv for s in build_plan(grid)[0])  # f1, the command's default
+    trains = [s.argv for s in build_plan(replace(grid, clf_select="f1"))[0] if s.id.startswith("train-classifier")]
+    assert len(trains) == 2 and all(a[a.index("--select") + 1] == "f1" for a in trains)
+    assert not any("--select" in s.argv for s in build_plan(grid)[0])  # auc, the command's default
     out.mkdir()
     atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
     (out / "gan" / "dcgan").mkdir(parents=True)
@@ -230,31 +230,34 @@ def test_a_study_s_generators_can_be_given_to_classifiers_of_other_settings(demo
     moved = tmp_path / "elsewhere.pth"
     moved.write_bytes(w.read_bytes())  # the same weights under another name are the same setting
     assert check_study_folder(replace(grid, weights=moved)) is not None
-    assert check_study_folder(replace(grid, weights=None, clf_select="auc")) is not None  # no run yet
+    assert check_study_folder(replace(grid, weights=None, clf_select="f1")) is not None  # no run yet
     (out / "runs" / "baseline-seed0").mkdir(parents=True)
     (out / "runs" / "baseline-seed0" / "config.json").write_text("{}")
     with pytest.raises(InputError, match=r"--weights \S*r18\.pth .now none."):
         check_study_folder(replace(grid, weights=None))
     with pytest.raises(InputError, match=r"--weights \S*r18\.pth .now \S*other\.pth."):
         check_study_folder(replace(grid, weights=w2))
-    with pytest.raises(InputError, match="--clf-select f1 .now auc."):
-        check_study_folder(replace(grid, clf_select="auc"))
+    with pytest.raises(InputError, match="--clf-select auc .now f1."):
+        check_study_folder(replace(grid, clf_select="f1"))
     # the tuning criterion shapes only the tuned reports: classifiers may be kept for another one
-    evals = [s.argv for s in build_plan(replace(grid, tune_for="youden"))[0] if s.id.startswith("evaluate")]
-    assert len(evals) == 2 and all(a[a.index("--tune-for") + 1] == "youden" for a in evals)
-    assert check_study_folder(replace(grid, tune_for="youden")) is not None
+    evals = [s.argv for s in build_plan(replace(grid, tune_for="f1"))[0] if s.id.startswith("evaluate")]
+    assert len(evals) == 2 and all(a[a.index("--tune-for") + 1] == "f1" for a in evals)
+    assert check_study_folder(replace(grid, tune_for="f1")) is not None
     (out / "runs" / "baseline-seed0" / "report-tuned").mkdir()
     (out / "runs" / "baseline-seed0" / "report-tuned" / "metrics.json").write_text("{}")
-    with pytest.raises(InputError, match="--tune-for f1 .now youden."):
-        check_study_folder(replace(grid, tune_for="youden"))
+    with pytest.raises(InputError, match="--tune-for youden .now f1."):
+        check_study_folder(replace(grid, tune_for="f1"))
     with pytest.raises(InputError, match="--clf-select 'loss': must be one of f1, auc"):
         replace(grid, out=tmp_path / "t", clf_select="loss", weights=None).validate()
-    # a record from before the weights were recorded: they are not known, so not compared
+    # a record from before the weights, the selection and the tuning criterion were recorded: the
+    # weights are not known, so not compared; the other two were F1 then, the default of the day
     atomic_write_json(out / "study.json", {**record_header("study"), "settings": {
-        k: v for k, v in grid.settings().items() if k not in ("weights", "clf_select")}})
-    assert check_study_folder(replace(grid, weights=w2)) is not None
+        k: v for k, v in grid.settings().items() if k not in ("weights", "clf_select", "tune_for")}})
+    assert check_study_folder(replace(grid, weights=w2, clf_select="f1", tune_for="f1")) is not None
     with pytest.raises(InputError, match="--clf-select f1 .now auc."):
-        check_study_folder(replace(grid, clf_select="auc"))
+        check_study_folder(replace(grid, tune_for="f1"))
+    with pytest.raises(InputError, match="--tune-for f1 .now youden."):
+        check_study_folder(replace(grid, clf_select="f1"))
 
 
 def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):

@@ -191,7 +191,8 @@ class TrainClassifierConfig:
     class_weights: str = opt("none", "'balanced' weighs the loss by n/(classes*count), the study's "
                                      "class-weights row; or 'none'.")
     augment: bool = opt(True, "Small random rotations and shifts (no flips).")
-    select: str = opt("f1", "Keep the epoch with the best validation f1 or auc.")
+    select: str = opt("auc", "Keep the epoch with the best validation auc (ROC-AUC: does not depend on the "
+                             "validation set's class mix) or f1.")
     patience: int = opt(5, "Stop after this many epochs without improvement (0 = never).")
     positive: str = opt("pneumonia", "The positive class for metrics.")
     small_stem: str = opt("auto", "3x3 stride-1 first conv without max-pool: auto (for images of 32 px or "

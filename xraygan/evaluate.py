@@ -49,6 +49,12 @@ TABLE_KEYS = ("precision", "recall", "specificity", "f1", "balanced_accuracy", "
 TABLE_NAMES = {"precision": "Precision", "recall": "Recall", "specificity": "Specificity",
                "f1": "F1", "balanced_accuracy": "Bal. acc.", "roc_auc": "ROC-AUC", "lung_energy": "CAM in lungs"}
 
+# What --tune-on maximises unless --tune-for says: Youden's J weighs sensitivity and specificity
+# alike whatever the validation split's class mix; F1 counts only the positive class, so on a
+# mostly-pneumonia split (Kermany's val is 74%) it moves the threshold towards calling
+# everything pneumonia (docs/RESULTS.md, 128 px).
+DEFAULT_TUNE_FOR = "youden"
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -60,7 +66,9 @@ class EvaluateConfig:
     threshold: float | None = opt(None, "Decision threshold on P(positive) (default 0.5).")
     tune_on: Path | None = opt(None, "Tune the threshold on this validation folder instead (see --tune-for).",
                                flags=("--tune-on",))
-    tune_for: str = opt("f1", "Tuning criterion: f1 or youden (J = sens + spec - 1).")
+    tune_for: str | None = opt(None, "With --tune-on: what the threshold maximises there, youden (J = sens + "
+                                     "spec - 1, the default: it does not depend on the class mix) or f1.",
+                               show_default=False)
     # with tune_on: also the report at the untuned threshold (`threshold`, default 0.5), from the
     # same scores, so both operating points cost one process
     untuned_report: Path | None = opt(None, "With --tune-on: also write the report at the untuned threshold "
@@ -77,13 +85,16 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.report is not None and str(self.report) == BESIDE:  # a bare --report
             object.__setattr__(self, "report", Path(self.checkpoint).parent / "report")
+        if self.tune_for is None and self.tune_on is not None:
+            object.__setattr__(self, "tune_for", DEFAULT_TUNE_FOR)
 
     def validate(self) -> None:
         """Every option checked, and the report folders found free, before any image is read."""
         check_int("--bootstrap", self.bootstrap, 0)
         check_int("--batch-size", self.batch_size)
-        check_choice("--tune-for", self.tune_for, ("f1", "youden"))
-        if self.tune_for != "f1" and self.tune_on is None:
+        if self.tune_for is not None:
+            check_choice("--tune-for", self.tune_for, ("f1", "youden"))
+        if self.tune_for is not None and self.tune_on is None:
             raise InputError(f"--tune-for {self.tune_for} needs --tune-on DATA/val: without it the threshold is "
                              "--threshold, not tuned")
         check_choice("--device", self.device, DEVICES)

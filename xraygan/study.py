@@ -56,6 +56,9 @@ SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "pati
 # to another tuning criterion (a copy without runs/*/report-tuned). `data` shapes everything and
 # never may.
 _CLASSIFIERS = ("runs/*",)
+# What a study ran with before its record held the setting (the default then, since changed):
+# a record without it is compared against this, not against today's default.
+RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1"}
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
                    "diffusion_steps": ("diffusion/*",),
                    "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
@@ -121,10 +124,10 @@ class StudyConfig:
     clf_accumulate: int = opt(1, "Classifier micro-batches per step, for a batch that does not fit in memory "
                                  "(see train-classifier --accumulate).")
     patience: int = opt(5, "Classifier epochs without improvement before stopping.")
-    clf_select: str = opt("f1", "Keep each classifier's epoch with the best validation f1 or auc (see "
-                                "train-classifier --select).")
-    tune_for: str = opt("f1", "What the tuned table's threshold maximises on the validation split: f1 or "
-                              "youden (see evaluate --tune-for).")
+    clf_select: str = opt("auc", "Keep each classifier's epoch with the best validation auc or f1 (see "
+                                 "train-classifier --select).")
+    tune_for: str = opt("youden", "What the tuned table's threshold maximises on the validation split: youden "
+                                  "or f1 (see evaluate --tune-for).")
     small_stem: str = opt("auto", "Classifier stem: auto, yes or no (see train-classifier).")
     weights: Path | None = opt(None, "Local pretrained ResNet-18 weights (e.g. torchvision's ImageNet file) for "
                                      "every row's classifier (see train-classifier --weights).")
@@ -370,9 +373,10 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
         raise InputError(f"{rec_path}: not a study record written by xraygan study")
     mine = cfg.settings()
     recorded = rec.get("settings", {})
-    # a setting the record lacks is newer than the study, which then ran with its default (the
-    # weights are not known then, so they are not compared)
-    theirs = {**StudyConfig(data=cfg.data, out=cfg.out).settings(), **recorded}
+    # a setting the record lacks is newer than the study, which then ran with the default of its
+    # day (RECORD_DEFAULTS where that has changed since; the weights are not known then, so they
+    # are not compared)
+    theirs = {**StudyConfig(data=cfg.data, out=cfg.out).settings(), **RECORD_DEFAULTS, **recorded}
     if "weights" not in recorded:
         theirs["weights"] = mine["weights"]
     same = {k: theirs[k] == mine[k] for k in SETTINGS}
