@@ -94,9 +94,9 @@ class EvaluateConfig:
         check_int("--batch-size", self.batch_size)
         if self.tune_for is not None:
             check_choice("--tune-for", self.tune_for, ("f1", "youden"))
-        if self.tune_for is not None and self.tune_on is None:
-            raise InputError(f"--tune-for {self.tune_for} needs --tune-on DATA/val: without it the threshold is "
-                             "--threshold, not tuned")
+            if self.tune_on is None:
+                raise InputError(f"--tune-for {self.tune_for} needs --tune-on DATA/val: without it the threshold "
+                                 "is --threshold, not tuned")
         check_choice("--device", self.device, DEVICES)
         if self.threshold is not None:
             check_float("--threshold", self.threshold, 0.0, 1.0, low_open=False)

@@ -139,11 +139,15 @@ def given_options(config: Any, *names: str) -> dict[str, str]:
     for name in names:
         value, default = getattr(config, name), declared[name].default
         if default is not MISSING and value != default:
-            text = flags[name] if isinstance(value, bool) else f"{flags[name]} {_shown(value)}"
+            text = flags[name] if isinstance(value, bool) else f"{flags[name]} {shown(value)}"
             out[name] = text
     return out
 
 
-def _shown(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+def shown(value: Any) -> str:
+    """An option's value as a message writes it: several joined by commas (a tuple, or the list
+    a JSON record holds), yes/no, none."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return "none" if value is None else ("yes" if value is True else ("no" if value is False else str(value)))
 

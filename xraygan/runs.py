@@ -40,7 +40,7 @@ def check_run_target(run: Path, cfg, must_match: tuple[str, ...], command: str) 
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     changed = sorted(k for k in must_match if saved.get(k, defaults.get(k)) != asked[k])
     if changed:
-        from xraygan.options import cli_fields
+        from xraygan.options import cli_fields, shown
 
         fields = {f.name: f for f in cli_fields(type(cfg))}
 
@@ -48,14 +48,10 @@ def check_run_target(run: Path, cfg, must_match: tuple[str, ...], command: str) 
             f = fields.get(k)
             return "--" + k.replace("_", "-") if f is None else (k.upper() if f.argument else f.flag)
 
-        was = "; ".join(f"{name(k)} {_shown(saved.get(k, defaults.get(k)))} (now {_shown(asked[k])})"
+        was = "; ".join(f"{name(k)} {shown(saved.get(k, defaults.get(k)))} (now {shown(asked[k])})"
                         for k in changed)
         raise InputError(f"{run / 'config.json'}: --resume with different options than the run was started "
                          f"with: {was}; resume with those, or start a new run in another folder")
-
-
-def _shown(value) -> str:
-    return "none" if value is None else ("yes" if value is True else ("no" if value is False else str(value)))
 
 
 def start_run_folder(run: Path, resume: bool, force: bool) -> bool:
