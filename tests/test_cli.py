@@ -156,3 +156,27 @@ def test_a_224_px_set_flows_through_every_command(tmp_path):
     ok("evaluate", ckpt, data / "test", "--report", tmp_path / "rep", "--bootstrap", "20")
     r = ok("gradcam", ckpt, data / "test", "--out", tmp_path / "cams", "-n", "1", "--json")
     assert json.loads(r.stdout)["layer"] == "layer4"  # 7×7 at 224 px
+
+
+def test_progress_in_a_log_is_a_few_plain_lines_with_the_pace_since_the_first_report(monkeypatch, capsys):
+    """Written to a file (a cluster job's log, a study step's log), progress is plain lines: at the
+    start, at most one per PLAIN_EVERY_S, at the end; img/s leaves out the work done before the
+    first report (it once counted it, and overstated the pace)."""
+    from xraygan import console
+
+    now = [0.0]
+    monkeypatch.setattr(console.time, "perf_counter", lambda: now[0])
+    with console.progress_bar() as cb:
+        for t, done, figures in [(0, 10, {}),  # the first report, after 10 steps
+                                 (5, 20, {"loss": 0.5}),  # too soon for another line
+                                 (31, 40, {"loss": 0.25}),  # a line
+                                 (40, 100, {"loss": 0.125}),  # the end
+                                 (41, 100, {"loss": 0.125})]:  # said once
+            now[0] = float(t)
+            cb("train-clf", done, 100, **figures, images=64 * done)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].split() == ["train-clf", "10/100", "10%", "0:00:00"]
+    # 1920 images in 31 s since the first report: 61.9 img/s (not 2560 / 31 = 82.6), 60 steps left
+    assert "40/100 40%  loss 0.25  img/s 61.9  0:00:31  ETA 0:01:02" in lines[1]
+    assert "100/100 100%  loss 0.125  img/s 144  0:00:40" in lines[2] and "ETA" not in lines[2]

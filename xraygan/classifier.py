@@ -656,6 +656,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             progress("train-clf", (epoch - 1) * steps + s + 1, cfg.epochs * steps,
                      epoch=f"{epoch}/{cfg.epochs}", loss=mean, images=(images_before + seen) * dist.world)
 
+    if progress and start <= cfg.epochs:  # the clock starts before the first step, which counts in the pace
+        progress("train-clf", (start - 1) * steps, cfg.epochs * steps, epoch=f"{start}/{cfg.epochs}", images=0)
     for epoch in range(start, cfg.epochs + 1):
         images_before += seen
         model.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 
@@ -20,33 +21,110 @@ from rich.table import Table
 err = Console(stderr=True)
 
 
+PLAIN_EVERY_S = 30.0  # at most one plain progress line per stage this often (logs, not terminals)
+
+
+class _Rate:
+    """A stage's pace since its first report: work units (and images) per second over the time it
+    was watched. The first report comes after some work is done, so that work is the baseline,
+    not part of the rate (counting it would overstate the first minutes' img/s)."""
+
+    def __init__(self, done: int, images: int | None):
+        self.t0, self.done0, self.images0 = time.perf_counter(), done, images or 0
+
+    def add_to(self, figures: dict, images: int | None) -> float:
+        """Add img/s to `figures` once it means something; return the seconds watched."""
+        dt = time.perf_counter() - self.t0
+        if images is not None and dt > 0.25 and images > self.images0:  # over a few ms it is noise
+            figures["img/s"] = (images - self.images0) / dt
+        return dt
+
+
+def _figures_text(figures: dict) -> str:
+    def shown(v) -> str:
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"  # 3204 img/s, not 3.2e+03
+    return "  ".join(f"{k} {shown(v)}" for k, v in figures.items())
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 @contextlib.contextmanager
 def progress_bar(disable: bool = False) -> Iterator:
-    """Yield a callback `cb(stage, done, total, **figures)` that drives one bar per stage.
+    """Yield a callback `cb(stage, done, total, **figures)` that reports one stage's progress.
 
-    Figures (losses, img/s, ...) are shown after the bar; img/s is computed here from `done`
-    when the caller passes `images=<count so far>`.
+    Figures (losses, img/s, ...) are shown after the count; img/s is computed here when the caller
+    passes `images=<count so far>`. On a terminal (or in Jupyter) each stage is a rich bar; written
+    to a file or a pipe (a cluster job's log, a study step's log) it is one plain line when the
+    stage starts, at most one every PLAIN_EVERY_S seconds, and one when it ends, since a bar is
+    only drawn there once the command is done.
     """
+    if disable:
+        yield lambda *a, **k: None
+        return
+    if err.is_terminal or err.is_jupyter:
+        with _rich_bar() as cb:
+            yield cb
+    else:
+        yield _plain_lines()
+
+
+@contextlib.contextmanager
+def _rich_bar() -> Iterator:
+    # ETA from the pace over five minutes: a 224 px epoch on a CPU reports every ~45 s, and rich's
+    # default 30 s window would hold one report, so no ETA at all
     prog = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=err, disable=disable, transient=False)
+                    TimeRemainingColumn(), console=err, transient=False, speed_estimate_period=300)
     tasks: dict[str, int] = {}
-    started: dict[str, float] = {}
+    rates: dict[str, _Rate] = {}
 
     def cb(stage: str, done: int, total: int, **figures) -> None:
-        if stage not in tasks:
-            tasks[stage] = prog.add_task(stage, total=total, figures="")
-            started[stage] = time.perf_counter()
         images = figures.pop("images", None)
-        dt = time.perf_counter() - started[stage]
-        if images is not None and dt > 0.25:  # a rate over a few milliseconds is noise
-            figures["img/s"] = images / dt
-        text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in figures.items())
-        prog.update(tasks[stage], completed=done, total=total, figures=text)
+        if stage not in tasks:
+            tasks[stage] = prog.add_task(stage, total=total, completed=done, figures="")
+            rates[stage] = _Rate(done, images)
+        rates[stage].add_to(figures, images)
+        prog.update(tasks[stage], completed=done, total=total, figures=_figures_text(figures))
 
     with prog:
         yield cb
+
+
+def _plain_lines():
+    rates: dict[str, _Rate] = {}
+    printed: dict[str, float] = {}
+    ended: set[str] = set()
+
+    def cb(stage: str, done: int, total: int, **figures) -> None:
+        images = figures.pop("images", None)
+        first = stage not in rates
+        if first:
+            rates[stage] = _Rate(done, images)
+        now, end = time.perf_counter(), done >= total
+        if stage in ended or not (first or end or now - printed[stage] >= PLAIN_EVERY_S):
+            return
+        printed[stage] = now
+        if end:
+            ended.add(stage)
+        r = rates[stage]
+        dt = r.add_to(figures, images)
+        line = f"{stage:<10} {done}/{total}"
+        if total:
+            line += f" {100 * done // total}%"
+        if figures:
+            line += "  " + _figures_text(figures)
+        line += f"  {_clock(dt)}"
+        if 0 < done - r.done0 and done < total:
+            line += f"  ETA {_clock((total - done) * dt / (done - r.done0))}"
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    return cb
 
 
 def counts_table(title: str, counts: dict[str, dict[str, int]]) -> Table:

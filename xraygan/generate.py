@@ -278,6 +278,8 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     written: list[str] = []
     preview = []
     try:
+        if progress:  # the clock starts before the first batch, so it counts in the pace
+            progress("generate", 0, cfg.n, images=0)
         with torch.no_grad():
             for b in range(0, cfg.n, batch):
                 k = min(batch, cfg.n - b)
@@ -291,7 +293,7 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
                 if cfg.preview and shown < 64:
                     preview.append(x[: 64 - shown].cpu())
                 if progress:
-                    progress("generate", b + k, cfg.n)
+                    progress("generate", b + k, cfg.n, images=b + k)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if created:

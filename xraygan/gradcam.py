@@ -242,6 +242,8 @@ def gradcam(cfg: GradcamConfig, progress=None) -> dict:
     batch = inference_batch(meta, device, cfg.batch_size)
     cams = np.zeros(data.images.shape, dtype=np.float32)
     probs = np.zeros((n_img, len(classes)), dtype=np.float32)
+    if progress:
+        progress("grad-cam", 0, n_img, images=0)
     with GradCam(model, layer) as gc:
         for s in range(0, n_img, batch):
             x = to_input(torch.from_numpy(data.images[s:s + batch]).to(device))

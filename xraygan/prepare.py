@@ -322,6 +322,7 @@ def decode_items(items: list[Item], cfg: PrepareConfig, work: Path, progress: Pr
         if progress and (done % 32 == 0 or done == total):
             progress("decode", done, total, images=done)
 
+    tick()  # the clock starts before the first image, so starting the workers counts in the pace
     for i, it in enumerate(items):  # in-memory sources (MedMNIST, sample, phantoms)
         if it.path is None:
             a = resize_gray(make_square(it.array, cfg.square), cfg.size)

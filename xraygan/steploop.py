@@ -176,6 +176,8 @@ class StepLoop:
         self._t0 = time.perf_counter()
         try:
             prologue()
+            if self.progress and self.pos.step < self.cadence.total:  # the clock starts before the first step
+                self.progress(self.family.command, self.pos.step, self.cadence.total, images=0)
             with deferred_interrupt() as stop:
                 while self.pos.step < self.cadence.total:
                     in_step = True
