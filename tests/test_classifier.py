@@ -131,20 +131,34 @@ def split(tmp_path, rng):
 
 @pytest.mark.parametrize("select", [None, "f1"])
 def test_train_classifier_outputs_and_selection(split, tmp_path, select):
-    """The kept epoch is the first with the best validation ROC-AUC (the default) or F1."""
+    """The kept epoch is the first with the best validation F1, or the best validation ROC-AUC
+    (the default), ties in it going to the lower validation loss."""
     res = train_classifier(TrainClassifierConfig(
         data=split / "train", val=split / "val", out=tmp_path / "clf", epochs=3, batch_size=16,
         class_weights="balanced", device="cpu", patience=0, **({"select": select} if select else {})))
     rows = list(csv.DictReader(open(tmp_path / "clf" / "log.csv")))
     assert len(rows) == 3 and {"train_loss", "val_f1", "val_auc"} <= set(rows[0])
-    column = {None: "val_auc", "f1": "val_f1"}[select]
-    best = max(range(3), key=lambda i: float(rows[i][column]))
+    if select == "f1":
+        best = max(range(3), key=lambda i: float(rows[i]["val_f1"]))
+    else:
+        best = max(range(3), key=lambda i: (float(rows[i]["val_auc"]), -float(rows[i]["val_loss"])))
     assert res["best_epoch"] == best + 1 and f"best_val_{select or 'auc'}" in res
     assert res["warnings"] == []  # a balanced validation set: F1 favours neither class
     _, meta = load_checkpoint(tmp_path / "clf" / "classifier.safetensors", "classifier")
     assert meta["classes"] == ["normal", "pneumonia"] and meta["config"]["small_stem"]
     model, _ = load_classifier(tmp_path / "clf" / "classifier.safetensors", torch.device("cpu"))
     assert model(torch.randn(1, 1, 16, 16)).shape == (1, 2)
+
+
+def test_an_auc_tie_goes_to_the_lower_validation_loss_and_an_f1_tie_to_the_earlier_epoch():
+    from xraygan.classifier import improves
+
+    assert improves("auc", 0.91, 9.0, 0.90, 0.1) and not improves("auc", 0.89, 0.01, 0.90, 0.1)
+    assert improves("auc", 1.0, 0.2, 1.0, 0.3)  # a perfectly ranked validation set: the loss decides
+    assert not improves("auc", 1.0, 0.3, 1.0, 0.3) and not improves("auc", 1.0, 0.4, 1.0, 0.3)
+    assert not improves("auc", 1.0, 0.300001, 1.0, 0.3)  # equal as log.csv writes them: resumes decide alike
+    assert not improves("f1", 0.8, 0.2, 0.8, 0.3) and improves("f1", 0.81, 0.9, 0.8, 0.3)
+    assert improves("auc", 0.5, 0.7, -1.0, float("inf"))  # the first epoch
 
 
 def test_selecting_by_f1_on_a_mostly_pneumonia_validation_set_is_warned_of():

@@ -361,6 +361,22 @@ def _read_log(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def improves(select: str, score: float, val_loss: float, best: float, best_loss: float) -> bool:
+    """Whether an epoch beats the one kept so far. A tie in ROC-AUC (a validation set the model
+    already ranks perfectly, or a small one: AUC moves in steps of 1/(positives x negatives)) goes
+    to the lower validation loss, so training is not stopped at the first epoch to reach it.
+    F1 ties keep the earlier epoch. Losses are compared as log.csv rounds them, so a resumed run,
+    which reads the kept epoch's loss back from there, decides exactly as an uninterrupted one."""
+    if score != best:
+        return score > best
+    return select == "auc" and round(val_loss, 5) < round(best_loss, 5)
+
+
+def _kept_loss(log_rows: list[dict], best_epoch: int) -> float:
+    """The kept epoch's validation loss as log.csv holds it (inf when none was kept)."""
+    return next((float(r["val_loss"]) for r in log_rows if int(r["epoch"]) == best_epoch), math.inf)
+
+
 def f1_selection_warning(val_counts: dict[str, int], positive: str, option: str = "--select auc",
                          share: float = 0.6) -> str | None:
     """What keeping the epoch of best validation F1 means when the positive class is the
@@ -627,6 +643,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     elif dist.main:
         for stale_file in ("log.csv", "state.safetensors"):
             (out / stale_file).unlink(missing_ok=True)
+    best_loss = _kept_loss(log_rows, best_epoch)
     fwd = model
     if dist.active:  # DDP broadcasts rank 0's weights now and averages gradients in backward
         from torch.nn.parallel import DistributedDataParallel
@@ -681,8 +698,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
                          "seconds": f"{time.perf_counter() - t0:.1f}",
                          "fp32_steps": guard.retries if guard else 0})
         write_csv(out / "log.csv", LOG_FIELDS, log_rows)
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
+        if improves(cfg.select, score, vloss, best, best_loss):
+            best, best_epoch, best_loss, stale = score, epoch, vloss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             _save_best(out, best_state, net, train, cfg, epoch, m)
         else:
