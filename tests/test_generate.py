@@ -48,6 +48,28 @@ def test_generate_deterministic_streaming_and_labels(cgan_run, tmp_path):
         generate(GenerateConfig(cgan_run, tmp_path / "c", n=3, label="covid", device="cpu"))
 
 
+def test_a_batch_too_large_for_the_memory_is_made_in_smaller_ones_with_the_same_images(cgan_run, tmp_path,
+                                                                                     monkeypatch):
+    """generate cuts its batch to what fits the free memory (XRAYGAN_MEMORY_LIMIT simulates a small
+    machine), records the batch it used, says so when --batch-size was given, and draws the same files."""
+    from xraygan.gan_models import GanNetConfig
+    from xraygan.generate import load_generator
+    from xraygan.memory import BYTES_PER_ELEMENT, ENV, _resident_bytes, generator_footprint
+
+    full = generate(GenerateConfig(cgan_run, tmp_path / "full", n=12, device="cpu"))
+    assert full["batch_size"] == 12 and full["warnings"] == []  # never more than -n, nothing cut
+    G, _ = load_generator(cgan_run, torch.device("cpu"))
+    per, params = generator_footprint(GanNetConfig(**G.cfg.__dict__))
+    # room for the weights and about 3 images beyond what this process holds now
+    monkeypatch.setenv(ENV, str(_resident_bytes() + int((16 * params + BYTES_PER_ELEMENT["gan"] * per * 3.5) / 0.9)))
+    short = generate(GenerateConfig(cgan_run, tmp_path / "short", n=12, batch_size=256, device="cpu"))
+    assert 1 <= short["batch_size"] < 12 and "--batch-size 256: made in batches of" in short["warnings"][0]
+    rec = json.loads((tmp_path / "short" / "generation.json").read_text())
+    assert rec["runs"][0]["batch_size"] == short["batch_size"]
+    fa, fb = (sorted((tmp_path / d / "pneumonia").glob("*.png")) for d in ("full", "short"))
+    assert [f.name for f in fa] == [f.name for f in fb] and all(a.read_bytes() == b.read_bytes() for a, b in zip(fa, fb))
+
+
 def test_generate_no_clobber_append_force(cgan_run, tmp_path):
     out = tmp_path / "s"
     generate(GenerateConfig(cgan_run, out, n=4, device="cpu"))

@@ -287,6 +287,7 @@ def _report_generate(res: dict, cfg) -> None:
 
     err.print(f"wrote {res['count']} {res['label']} images to {res['folder']} "
               f"({res['first']} … {res['last']})", highlight=False)
+    _warn(res["warnings"])
 
 
 def _report_rebalance(rec: dict, cfg) -> None:

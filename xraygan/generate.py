@@ -32,6 +32,7 @@ from xraygan.fsutil import (
 )
 from xraygan.gan_models import GanNetConfig, Generator
 from xraygan.images import save_png
+from xraygan.memory import diffusion_footprint, fitting_batch, generator_footprint
 from xraygan.options import DEVICE_HELP, given_options, opt
 from xraygan.runtime import DEVICES, make_generator, resolve_device
 from xraygan.trainset import image_grid
@@ -81,9 +82,10 @@ def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict]:
     return G.to(device).eval(), meta
 
 
-def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Callable, dict]:
+def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Callable, dict, tuple[int, int]]:
     """The checkpoint's metadata, a function (start, count, label index) → images in [-1, 1],
-    and what the record should say about how they were sampled."""
+    what the record should say about how they were sampled, and the network's footprint
+    (activation elements per image, parameters) for the batch's memory check."""
     from xraygan.checkpoint import read_metadata
 
     kind = read_metadata(cfg.checkpoint).get("kind")
@@ -112,7 +114,7 @@ def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Calla
         how = {"family": "diffusion", "sampler": cfg.sampler,
                "sampling_steps": cfg.sampling_steps if cfg.sampler == "ddim" else net.timesteps,
                "guidance": cfg.guidance if net.num_classes else None}
-        return meta, make, how
+        return meta, make, how, diffusion_footprint(net)
     if kind not in (None, "generator"):
         raise InputError(f"{cfg.checkpoint}: is a {kind} checkpoint, expected a generator "
                          "(RUN/generator.safetensors) or a diffusion model (RUN/diffusion.safetensors)")
@@ -126,7 +128,7 @@ def load_sampler(cfg: GenerateConfig, device: torch.device) -> tuple[dict, Calla
         labels = torch.full((count,), label_idx, device=device) if G.cfg.num_classes else None
         return G(z, labels).float()
 
-    return meta, make_gan, {"family": "gan"}
+    return meta, make_gan, {"family": "gan"}, generator_footprint(G.cfg)
 
 
 def _noise(seed: int, start: int, count: int, nz: int) -> torch.Tensor:
@@ -248,8 +250,11 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     out = Path(cfg.out)
     rec = read_record(out)
     device = resolve_device(cfg.device)
-    meta, make, how = load_sampler(cfg, device)
-    batch = cfg.batch_size or default_batch(how["family"], device)
+    meta, make, how, footprint = load_sampler(cfg, device)
+    # the images do not depend on the batch, so one too large for the free memory is cut to the
+    # largest that fits (a 256 px diffusion model's default 256 on a GPU), never an out-of-memory error
+    wanted = min(cfg.batch_size or default_batch(how["family"], device), cfg.n)
+    batch = fitting_batch(how["family"], *footprint, device, wanted)
     classes = meta["classes"]
     label = (cfg.label or meta["default_label"]).lower()
     if label not in classes:
@@ -304,7 +309,7 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
            "seed": cfg.seed, "count": cfg.n, "label": label, "first_index": start + 1,
            "image_size": meta["image_size"], "conditional": meta["conditional"],
            "generator_epoch": meta.get("epoch"), "generator_step": meta.get("step"), **how,
-           "xraygan_version": __version__}
+           "batch_size": batch, "xraygan_version": __version__}
     replacing = cfg.force and rec is not None
     # 1. the record lists everything that may be on disk while files move
     kept = [] if replacing else old_runs
@@ -329,5 +334,8 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     _write_record(out, [*kept, {**new, "status": "done"}], cfg)
     if cfg.preview:
         save_png(out / "preview.png", image_grid(torch.cat(preview)))
+    cut = (f"--batch-size {cfg.batch_size}: made in batches of {batch}, the most that fit the free memory "
+           "(the images are the same)") if batch < wanted and cfg.batch_size else None
     return {"out": str(out), "folder": str(folder), "label": label, "count": cfg.n,
-            "first": written[0], "last": written[-1], "checkpoint_sha256": digest}
+            "first": written[0], "last": written[-1], "checkpoint_sha256": digest, "batch_size": batch,
+            "warnings": [cut] if cut else []}

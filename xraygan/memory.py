@@ -185,6 +185,17 @@ def gan_footprint(net, r1: bool = False) -> tuple[int, int]:
     return g + (3 if r1 else 2) * d, parameter_count(lambda: Generator(net)) + parameter_count(lambda: Discriminator(net))
 
 
+def generator_footprint(net) -> tuple[int, int]:
+    """(activation elements per image, parameters) of the DCGAN generator alone: what `generate`
+    runs. Sampling keeps no activations for backward, so counting them as a training step's is
+    an upper bound."""
+    from xraygan.gan_models import Generator
+
+    labels = (lambda: torch.zeros(1, dtype=torch.long)) if net.num_classes else (lambda: None)
+    return (activation_elements(lambda: Generator(net), lambda m: m(torch.zeros(1, net.nz), labels())),
+            parameter_count(lambda: Generator(net)))
+
+
 def diffusion_footprint(net) -> tuple[int, int]:
     """(activation elements per image, parameters) of a U-Net training step."""
     from xraygan.diffusion import build_unet
