@@ -18,7 +18,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-err = Console(stderr=True)
+# soft_wrap: a line is never broken at the console's width (80 columns in a log file), so a path
+# in a summary stays whole for copying and grep; tables still fit the width
+err = Console(stderr=True, soft_wrap=True)
 
 
 PLAIN_EVERY_S = 30.0  # at most one plain progress line per stage this often (logs, not terminals)
