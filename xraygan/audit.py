@@ -537,6 +537,8 @@ def _audit(cfg: AuditConfig, t0: float, scratch: Path, progress) -> dict:
                 "flagged_share": _r(len(flag) / max(1, len(s_sim))),
             },
         }
+    if progress:
+        progress("audit", len(synth.classes), len(synth.classes))
     rec = {
         **record_header("audit"), "real": str(cfg.real),
         "synthetic": str(cfg.synthetic), "image_size": real.size,

@@ -61,9 +61,9 @@ def progress_bar(disable: bool = False) -> Iterator:
 
     Figures (losses, img/s, ...) are shown after the count; img/s is computed here when the caller
     passes `images=<count so far>`. On a terminal (or in Jupyter) each stage is a rich bar; written
-    to a file or a pipe (a cluster job's log, a study step's log) it is one plain line when the
-    stage starts, at most one every PLAIN_EVERY_S seconds, and one when it ends, since a bar is
-    only drawn there once the command is done.
+    to a file or a pipe (a cluster job's log, a study step's log) it is a plain line every
+    PLAIN_EVERY_S seconds and one when the stage ends, since a bar is only drawn there once the
+    command is done.
     """
     if disable:
         yield lambda *a, **k: None
@@ -99,16 +99,15 @@ def _rich_bar() -> Iterator:
 
 def _plain_lines():
     rates: dict[str, _Rate] = {}
-    printed: dict[str, float] = {}
+    printed: dict[str, float] = {}  # when each stage last printed (or started)
     ended: set[str] = set()
 
     def cb(stage: str, done: int, total: int, **figures) -> None:
         images = figures.pop("images", None)
-        first = stage not in rates
-        if first:
-            rates[stage] = _Rate(done, images)
         now, end = time.perf_counter(), done >= total
-        if stage in ended or not (first or end or now - printed[stage] >= PLAIN_EVERY_S):
+        if stage not in rates:
+            rates[stage], printed[stage] = _Rate(done, images), now
+        if stage in ended or not (end or now - printed[stage] >= PLAIN_EVERY_S):
             return
         printed[stage] = now
         if end:
