@@ -53,6 +53,12 @@ def test_gradcam_outputs_and_masks(trained, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "cams" / "cams.csv")))
     assert len(rows) == 20
     assert json.loads((tmp_path / "cams" / "gradcam.json").read_text())["kind"] == "xraygan-gradcam"
+    # the batch is memory and speed only: batches of 3 write the same files as the default
+    gradcam(GradcamConfig(checkpoint=ckpt, data=trained / "test", out=tmp_path / "cams3", n=3, batch_size=3,
+                          device="cpu"))
+    for f in (tmp_path / "cams").rglob("*"):
+        if f.is_file():
+            assert f.read_bytes() == (tmp_path / "cams3" / f.relative_to(tmp_path / "cams")).read_bytes(), f.name
     # masks covering everything put all energy in the lungs
     for cls in ("normal", "pneumonia"):
         for f in (trained / "test" / cls).glob("*.png"):

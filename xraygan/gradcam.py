@@ -55,7 +55,9 @@ class GradcamConfig:
     label: str | None = opt(None, "Model label in the summary (default: run folder name).")
     seed: int = opt(0, "Seed for picking the images shown.")
     device: str = opt("auto", DEVICE_HELP)
-    batch_size: int = 128
+    # 32: on two cores as fast as 128 or faster and much lighter (224 px: 24 s, 2.4 GB vs 44 s,
+    # 6.5 GB; 128 px: 12.8 s vs 15.4 s; 32 px: 6.5 vs 6.9 s), with the same CAMs and gradcam.json
+    batch_size: int = 32
     force: bool = opt(False, "Replace an existing output folder.")
 
 class GradCam:
