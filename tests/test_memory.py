@@ -24,6 +24,7 @@ from xraygan.memory import (
     diffusion_footprint,
     free_bytes,
     gan_footprint,
+    generator_footprint,
     parse_bytes,
     training_bytes,
 )
@@ -45,6 +46,10 @@ def test_footprints_grow_with_the_image_and_match_the_real_parameter_counts():
     (e64, p64), (e128, _) = gan_footprint(g64), gan_footprint(g128)
     assert 3.5 < e128 / e64 < 4.5  # activations follow the pixels: 4x from 64 to 128 px
     assert p64 == sum(p.numel() for m in (Generator(g64), Discriminator(g64)) for p in m.parameters())
+    # generate's footprint is G's part of a step, for a conditional G too (its labels made on meta)
+    gen, gen_p = generator_footprint(g64)
+    assert 0 < gen < e64 and gen_p == sum(p.numel() for p in Generator(g64).parameters())
+    assert generator_footprint(GanNetConfig(image_size=64, num_classes=2))[0] >= gen
     c = ClassifierNetConfig(num_classes=2, image_size=64, small_stem=False)
     assert classifier_footprint(c)[1] == sum(p.numel() for p in build_resnet18(c).parameters())
     d32, d64 = (diffusion_footprint(DiffusionNetConfig(image_size=s, width=8, layers_per_block=1))[0] for s in (32, 64))

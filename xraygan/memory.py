@@ -171,29 +171,29 @@ def check_batch(family: str, elements_per_image: int, parameters: int, batch: in
                      f"{device.type} has {free / gib:.1f} GiB ({source}); {hint}")
 
 
+def generator_footprint(net) -> tuple[int, int]:
+    """(activation elements per image, parameters) of the DCGAN generator alone: what `generate`
+    runs, and the G part of a training step. Sampling keeps no activations for backward, so
+    counting them as a training step's is an upper bound there."""
+    from xraygan.gan_models import Generator
+
+    labels = (lambda: torch.zeros(1, dtype=torch.long)) if net.num_classes else (lambda: None)  # made on meta
+    return (activation_elements(lambda: Generator(net), lambda m: m(torch.zeros(1, net.nz), labels())),
+            parameter_count(lambda: Generator(net)))
+
+
 def gan_footprint(net, r1: bool = False) -> tuple[int, int]:
     """(activation elements per image, parameters) of a DCGAN step: G once, D on real and fake;
     with the R1 penalty D's pass on the real images is differentiated twice, counted as one more
     pass of D (an upper bound: at 128 px, batch 64, the whole command's peak grew 1%, 2.04 to
     2.06 GB)."""
-    from xraygan.gan_models import Discriminator, Generator
+    from xraygan.gan_models import Discriminator
 
+    g, g_params = generator_footprint(net)
     labels = (lambda: torch.zeros(1, dtype=torch.long)) if net.num_classes else (lambda: None)
-    g = activation_elements(lambda: Generator(net), lambda m: m(torch.zeros(1, net.nz), labels()))
     d = activation_elements(lambda: Discriminator(net),
                             lambda m: m(torch.zeros(1, net.channels, net.image_size, net.image_size), labels()))
-    return g + (3 if r1 else 2) * d, parameter_count(lambda: Generator(net)) + parameter_count(lambda: Discriminator(net))
-
-
-def generator_footprint(net) -> tuple[int, int]:
-    """(activation elements per image, parameters) of the DCGAN generator alone: what `generate`
-    runs. Sampling keeps no activations for backward, so counting them as a training step's is
-    an upper bound."""
-    from xraygan.gan_models import Generator
-
-    labels = (lambda: torch.zeros(1, dtype=torch.long)) if net.num_classes else (lambda: None)
-    return (activation_elements(lambda: Generator(net), lambda m: m(torch.zeros(1, net.nz), labels())),
-            parameter_count(lambda: Generator(net)))
+    return g + (3 if r1 else 2) * d, g_params + parameter_count(lambda: Discriminator(net))
 
 
 def diffusion_footprint(net) -> tuple[int, int]:
