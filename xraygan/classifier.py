@@ -476,15 +476,21 @@ def _val_columns(m: dict) -> dict:
             "val_specificity": f"{m['specificity']:.4f}"}
 
 
+def net_config(cfg: TrainClassifierConfig, size: int, n_classes: int) -> ClassifierNetConfig:
+    """The network `train-classifier` with `cfg` builds for `size` px images of `n_classes`
+    classes. --small-stem auto: the small stem at ≤ 32 px, but never under pretrained weights,
+    whose conv1 is the 7×7/2 stem."""
+    small = {"auto": size <= SMALL_STEM_UP_TO and cfg.weights is None, "yes": True,
+             "no": False}[cfg.small_stem]  # checked in validate
+    return ClassifierNetConfig(num_classes=n_classes, image_size=size, small_stem=small)
+
+
 def _build(cfg: TrainClassifierConfig, train: ImageFolder, dist: Dist, device: torch.device
            ) -> tuple[ClassifierNetConfig, nn.Module, list[str], bool, int]:
     """The network for these images (after the batch-memory check), seeded, pretrained weights
     loaded, on the device. Returns (net config, model, layers not loaded, channels-last,
     validation's batch)."""
-    # auto: the small stem at ≤ 32 px, but never under pretrained weights, whose conv1 is the 7×7/2 stem
-    small = {"auto": train.size <= SMALL_STEM_UP_TO and cfg.weights is None, "yes": True,
-             "no": False}[cfg.small_stem]  # checked in validate
-    net = ClassifierNetConfig(num_classes=len(train.classes), image_size=train.size, small_stem=small)
+    net = net_config(cfg, train.size, len(train.classes))
     per_process = -(-cfg.batch_size // dist.world)
     footprint = classifier_footprint(net)
     check_batch("classifier", *footprint, -(-per_process // cfg.accumulate), device,

@@ -250,6 +250,14 @@ RESUME_KEYS = ("conditional", "cls", "batch_size", "lr", "width", "layers_per_bl
                "p_uncond", "ema", "seed")
 
 
+def net_config(cfg: TrainDiffusionConfig, size: int, n_classes: int) -> DiffusionNetConfig:
+    """The U-Net `train-diffusion` with `cfg` builds for `size` px images of `n_classes` classes."""
+    width, layers = default_shape(size)
+    return DiffusionNetConfig(image_size=size, width=cfg.width or width, layers_per_block=cfg.layers_per_block or layers,
+                              num_classes=n_classes if cfg.conditional else 0, timesteps=cfg.timesteps,
+                              prediction=PREDICTIONS[cfg.prediction])
+
+
 def is_done(run: Path, steps: int) -> bool:
     """Whether the train-diffusion run in `run` has trained at least `steps` steps and kept its model."""
     return trained_to(run, steps, "diffusion.safetensors")
@@ -267,11 +275,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
     # the same training set as train-gan's; refuses the sizes no generator makes
     data, classes, label = load_training_set(cfg.data, cfg.conditional, cfg.cls, cfg.batch_size)
     fingerprint = fingerprint_arrays(data.images, data.labels, list(classes))
-    width, layers = default_shape(data.size)
-    net = DiffusionNetConfig(image_size=data.size, width=cfg.width or width,
-                             layers_per_block=cfg.layers_per_block or layers,
-                             num_classes=len(classes) if cfg.conditional else 0, timesteps=cfg.timesteps,
-                             prediction=PREDICTIONS[cfg.prediction])
+    net = net_config(cfg, data.size, len(classes))
     check_batch("diffusion", *diffusion_footprint(net), cfg.batch_size, device, str(cfg.data), data.size)
     torch.manual_seed(cfg.seed)
     model = _Model(cfg, net, device)

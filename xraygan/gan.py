@@ -457,6 +457,12 @@ def _warnings(cfg: TrainGanConfig, label: str) -> list[str]:
     return out
 
 
+def net_config(cfg: TrainGanConfig, size: int, n_classes: int) -> GanNetConfig:
+    """The networks `train-gan` with `cfg` builds for `size` px images of `n_classes` classes."""
+    return GanNetConfig(image_size=size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
+                        num_classes=n_classes if cfg.conditional else 0, spectral_norm=cfg.spectral_norm)
+
+
 def is_done(run: Path, steps: int) -> bool:
     """Whether the train-gan run in `run` has trained at least `steps` steps and kept its generator."""
     return trained_to(run, steps, "generator.safetensors")
@@ -486,8 +492,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
     asked = cfg.to_json()  # as given (e.g. diffaugment "auto"); --resume compares against this
     cfg = replace(cfg, diffaugment=resolve_diffaugment(cfg.diffaugment, len(data.images)))
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
-    net = GanNetConfig(image_size=data.size, nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf,
-                       num_classes=len(classes) if cfg.conditional else 0, spectral_norm=cfg.spectral_norm)
+    net = net_config(cfg, data.size, len(classes))
     check_batch("gan", *gan_footprint(net, cfg.r1 > 0), -(-cfg.batch_size // dist.world), device, str(cfg.data), data.size)
     trainer = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs, dist=dist)
     x_all = to_model_input(data.images, device, cfg.channels_last and device.type != "mps")

@@ -136,6 +136,9 @@ class StudyConfig:
                                  "one per core up to 8; with a GPU min(8, cores/2); see docs/commands/study.md).",
                            flags=("--jobs", "-j"))
     dry_run: bool = opt(False, "Print the plan (what is done, what would run) and exit.", flags=("--dry-run",))
+    estimate: bool = opt(False, "Print the plan with each step's time on this machine, measured now from a step or "
+                                "two of each network at the data's size with the threads each step will get, and "
+                                "the study's total; then exit.", flags=("--estimate",))
     print_commands: bool = opt(False, "Print the steps not done yet as a bash script, one command a line tagged "
                                       "with its stage (for GNU parallel or a SLURM job array), and exit.",
                                flags=("--print-commands",))
@@ -439,12 +442,59 @@ def _slug(step_id: str) -> str:
 def study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
     """`xraygan study`: with --dry-run or --print-commands, the plan as text (`script`) and nothing
     run; else `run_study`."""
-    if not (cfg.dry_run or cfg.print_commands):
+    if not (cfg.dry_run or cfg.print_commands or cfg.estimate):
         return run_study(cfg, say)
     cfg.validate()
+    require(not (cfg.estimate and cfg.print_commands), "--estimate prints the plan with times; "
+            "--print-commands prints it as a script: give one of them")
     check_study_folder(cfg)
     steps = build_plan(cfg)[0]
+    if cfg.estimate:
+        return {"script": estimate_text(cfg, steps, say)}
     return {"script": commands_script(steps, cfg.program) if cfg.print_commands else plan_text(steps)}
+
+
+def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None] | None = None) -> str:
+    """--estimate: the plan, each step not done with its estimated time, then the study's total
+    and the time of each command summed (xraygan/estimate.py says how they are measured)."""
+    from xraygan.estimate import estimate, hours
+    from xraygan.images import image_side, list_image_folder
+    from xraygan.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    states = {s.id: "always" if s.inputs is not None else s.attempt()[0] for s in steps}
+    todo = {sid for sid, st in states.items() if st != "done"}
+    first = next(f for fs in list_image_folder(Path(cfg.data) / "train").values() for f in fs)
+    cores = os.cpu_count() or 1
+    jobs = cfg.jobs if cfg.jobs is not None else default_jobs(cores, device.type == "cuda")
+    threads = max(1, cores // jobs)
+    lone = alone_steps(steps, todo) if threads < cores else set()  # as the executor decides
+    est = estimate(steps, todo, Path(cfg.data), image_side(first), jobs,
+                   lambda sid: cores if sid in lone else threads, device, say or (lambda line: None))
+    lines = plan_text(steps).splitlines()
+    width = max(map(len, lines))
+    out = [f"{line:<{width}}  {hours(est.seconds[s.id]) if s.id in est.seconds and s.inputs is None else ''}".rstrip()
+           for line, s in zip(lines, steps)]
+    by_command: dict[str, list[float]] = {}
+    for s in steps:
+        if s.id in est.seconds and s.inputs is None:
+            by_command.setdefault(s.argv[0], []).append(est.seconds[s.id])
+    # steps that share a GPU slow each other, which the schedule does not know: there the one-after-
+    # another sum is the other bound
+    about = hours(est.wall) if device.type == "cpu" or jobs == 1 else f"{hours(est.wall)} to {hours(est.serial)}"
+    out += ["", f"{len(todo)} steps to run, {len(steps) - len(todo)} done: about {about} on this machine "
+            f"({device.type}, {jobs} step{'s' if jobs > 1 else ''} at a time with {threads} CPU "
+            f"thread{'s' if threads > 1 else ''} each" + (f", {len(lone)} that can only run alone with {cores}"
+                                                          if lone else "")
+            + (f"; {hours(est.serial)} one after another)." if device.type == "cpu" else
+               f"; the first figure if steps sharing the {device.type.upper()} GPU did not slow each other, the "
+               "second one after another).")]
+    out += [f"  {cmd:<17}{len(v):>4} step{'s' if len(v) > 1 else ' '}  {hours(sum(v)):>9}"
+            for cmd, v in sorted(by_command.items(), key=lambda kv: -sum(kv[1]))]
+    out += [f"Measured in {est.measuring:.0f} s from a step or two of each network; a classifier is counted at "
+            f"--clf-epochs {cfg.clf_epochs} (early stopping after {cfg.patience} without improvement often ends it "
+            "sooner)." if cfg.patience else f"Measured in {est.measuring:.0f} s from a step or two of each network."]
+    return "\n".join(out) + "\n"
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
