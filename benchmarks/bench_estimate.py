@@ -53,6 +53,7 @@ def main() -> None:
                            lambda sid: threads.get(sid, max(1, cores // jobs)), resolve_device("cpu"), print)
         took = recorded(study)
         print(f"\n{study}: {image_side(first)} px, jobs {jobs}; estimate measured in {est.measuring:.0f} s")
+        print("units (seconds): " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(est.units.items())))
         print(f"{'command':<17}{'steps':>6}{'recorded':>11}{'estimated':>11}{'est/rec':>9}")
         by: dict[str, list[tuple[float, float]]] = {}
         for s in steps:

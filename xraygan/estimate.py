@@ -27,20 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xraygan.errors import InputError
+from xraygan.errors import InputError, TrainingError
 from xraygan.memory import check_batch, classifier_footprint, diffusion_footprint, gan_footprint
 
 MEASURE_SECONDS = 1.0  # time repeated calls until this much has passed (at least one call)
 MAX_CALLS = 20
-WARMUP_ENOUGH = 30.0  # a warm-up call this long is the measurement itself
+WARMUP_ENOUGH = 120.0  # a warm-up call this long is the measurement itself
 PNG_SAMPLE = 16  # training images decoded and encoded to time a PNG
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int = 1) -> float:
     """Seconds per call of `fn`: after `warmup` calls (the first call of a network chooses its
-    kernels and takes its memory: at 128 px on one core a diffusion step's first call took 1.5-2x
-    the next), calls until MEASURE_SECONDS have passed. A warm-up call longer than WARMUP_ENOUGH
-    is taken as the measurement, so a network whose step takes minutes is not run twice."""
+    kernels and takes its memory: at 128 px on two cores a diffusion step's first call took 34 s
+    and the next six 19-21 s; a DCGAN step's 1.25x the next), calls until MEASURE_SECONDS have
+    passed. A warm-up call longer than WARMUP_ENOUGH is taken as the measurement (an over-
+    estimate), so a network whose step takes minutes is not run twice."""
     for _ in range(warmup):
         t0 = time.perf_counter()
         fn()
@@ -94,6 +95,7 @@ def diffusion_step(cfg, size: int, n_classes: int, device: torch.device) -> floa
     from xraygan.steploop import Position
     from xraygan.trainset import to_model_input
 
+    _keep_freed(device)  # as train-diffusion does
     net = net_config(cfg, size, n_classes)
     check_batch("diffusion", *diffusion_footprint(net), cfg.batch_size, device, str(cfg.data), size)
     torch.manual_seed(cfg.seed)
@@ -112,6 +114,7 @@ def diffusion_images(cfg, gen, size: int, n_classes: int, device: torch.device) 
     from xraygan.diffusion import build_unet, net_config, sample
     from xraygan.generate import default_batch
 
+    _keep_freed(device)  # as generate does for a diffusion model
     net = net_config(cfg, size, n_classes)
     unet = build_unet(net).to(device).eval()
     steps = gen.sampling_steps if gen.sampler == "ddim" else net.timesteps
@@ -219,6 +222,62 @@ def product_rate(size: int, device: torch.device) -> float:
     return timed(lambda: a @ b, device) / (256 * 256)
 
 
+# --- each measurement in a process of its own ----------------------------------------------------
+
+
+class Apart:
+    """Runs each measurement in a process of its own, forked from a server that imported torch
+    once (xraygan/workers.py), as the study runs each step: its memory is its own (the next
+    measurement's memory check sees what a step would see, not what the last network left in
+    this process's heap), and so are its thread count and allocator setting. Where there is no
+    fork server, or with `separate=False`, it runs them in this process."""
+
+    def __init__(self, separate: bool = True):
+        from xraygan.workers import context
+
+        self.ctx = context() if separate else None
+
+    def __call__(self, fn: Callable, args: tuple, threads: int, what: str):
+        if self.ctx is None:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return fn(*args)
+            finally:
+                torch.set_num_threads(before)
+        receive, send = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=_measure, args=(send, threads, fn, args))
+        p.start()
+        send.close()
+        try:
+            kind, value = receive.recv()
+        except EOFError:  # it ended without a word: killed (the out-of-memory killer) or crashed
+            p.join()
+            raise TrainingError(f"measuring {what}: its process ended with exit code {p.exitcode}") from None
+        p.join()
+        if kind == "input":
+            raise InputError(value)
+        if kind == "error":
+            raise TrainingError(f"measuring {what}: {value}")
+        return value
+
+
+def _measure(send, threads: int, fn: Callable, args: tuple) -> None:
+    """A measurement's process: `threads` CPU threads, the result (or the error) sent back."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        send.send(("ok", fn(*args)))
+    except InputError as e:
+        send.send(("input", str(e)))
+    except Exception as e:  # noqa: BLE001 - reported by the study process, which ends with it
+        send.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
+
+
 # --- the plan's steps in those units ------------------------------------------------------------
 
 
@@ -233,12 +292,6 @@ class Estimate:
     measuring: float = 0.0
 
 
-def _counts(folder: Path) -> dict[str, int]:
-    from xraygan.images import list_image_folder
-
-    return {c: len(f) for c, f in list_image_folder(folder).items()}
-
-
 def _balanced_size(method: str, counts: dict[str, int], ratio: float) -> int:
     """Images in `rebalance`'s output for `method` (the rule rebalance applies)."""
     if method == "none":
@@ -250,9 +303,10 @@ def _balanced_size(method: str, counts: dict[str, int], ratio: float) -> int:
 
 
 def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, threads: Callable[[str], int],
-             device: torch.device, say: Callable[[str], None] = lambda line: None) -> Estimate:
-    """Measure the units the steps of `todo` need (each once per thread count), and price every
-    step of `todo`; `threads(step id)` is the CPU threads the study gives that step."""
+             device: torch.device, say: Callable[[str], None] = lambda line: None, separate: bool = True) -> Estimate:
+    """Measure the units the steps of `todo` need (each once per thread count, each in a process
+    of its own unless `separate` is False), and price every step of `todo`; `threads(step id)`
+    is the CPU threads the study gives that step."""
     from xraygan.audit import AuditConfig
     from xraygan.classifier import TrainClassifierConfig, net_config
     from xraygan.diffusion import TrainDiffusionConfig
@@ -260,26 +314,26 @@ def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, thre
     from xraygan.generate import GenerateConfig
     from xraygan.images import list_image_folder
     from xraygan.rebalance import RebalanceConfig
+    from xraygan.study import class_counts
 
     t_start = time.perf_counter()
     listing = list_image_folder(data / "train")
     classes = tuple(listing)
     train_counts = {c: len(f) for c, f in listing.items()}
-    split = {s: sum(_counts(data / s).values()) for s in ("val", "test")}
+    split = {s: sum(class_counts(data / s).values()) for s in ("val", "test")}
     n_train = sum(train_counts.values())
     minority = min(train_counts, key=lambda c: (train_counts[c], c))
     by = {s.id: s for s in steps}
     units: dict[str, float] = {}
     measured: dict[tuple, object] = {}
 
-    def unit(key: tuple, what: str, fn: Callable[[], object]):
+    def unit(key: tuple, what: str, fn: Callable, *args):
+        """fn(*args), measured once per key and thread count, in a process of its own."""
         key = (*key, n_threads)  # the same network on more threads is another measurement
         if key not in measured:
             say(f"measuring {what} at {size} px on {device.type}"
-                + (f" ({n_threads} thread{'s' if n_threads > 1 else ''})" if device.type == "cpu" and key[0] != "png"
-                   else ""))
-            torch.set_num_threads(key[-1])
-            measured[key] = fn()
+                + (f" ({n_threads} thread{'s' if n_threads > 1 else ''})" if device.type == "cpu" else ""))
+            measured[key] = apart(fn, args, n_threads, what)
         return measured[key]
 
     def dep(s, kind):  # the config of the step `s` needs that is a `kind`
@@ -288,7 +342,7 @@ def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, thre
     def clf(c) -> tuple[float, float, float]:  # the classifier `c` builds, timed once per stem
         stem = net_config(c, size, len(classes)).small_stem
         t = unit(("classifier", stem), f"a ResNet-18 ({'small' if stem else 'standard'} stem)",
-                 lambda: classifier_rates(c, size, len(classes), device))
+                 classifier_rates, c, size, len(classes), device)
         units["classifier_train_image_s"], units["classifier_infer_image_s"], units["gradcam_image_s"] = t
         return t
 
@@ -304,25 +358,23 @@ def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, thre
             left = c.steps - _done(c.out, c.steps, "step")
             if isinstance(c, TrainGanConfig):
                 t = unit(("gan", c.conditional), f"a {'c' if c.conditional else ''}DCGAN step (batch {c.batch_size})",
-                         lambda: gan_step(c, size, classes, used, device))
+                         gan_step, c, size, classes, used, device)
                 units[f"{'c' if c.conditional else ''}dcgan_step_s"] = t
             else:
-                _keep_freed(device)
                 t = unit(("diffusion", c.conditional), f"a {'conditional ' if c.conditional else ''}diffusion "
-                         f"step (batch {c.batch_size})", lambda: diffusion_step(c, size, len(classes), device))
+                         f"step (batch {c.batch_size})", diffusion_step, c, size, len(classes), device)
                 units[f"{'c' if c.conditional else ''}ddpm_step_s"] = t
             return left * t + used * dec
         if isinstance(c, GenerateConfig):
             tc = dep(s, (TrainGanConfig, TrainDiffusionConfig))
             if isinstance(tc, TrainDiffusionConfig):
-                _keep_freed(device)
                 t = unit(("sample", tc.conditional), f"diffusion sampling ({c.sampling_steps} steps)",
-                         lambda: diffusion_images(tc, c, size, len(classes), device))
+                         diffusion_images, tc, c, size, len(classes), device)
                 units[f"{'c' if tc.conditional else ''}ddpm_image_s"] = t
             else:
                 tc = tc or TrainGanConfig(data=data, out=data)
                 t = unit(("generator", tc.conditional), "a generator",
-                         lambda: gan_images(tc, size, len(classes), c, device))
+                         gan_images, tc, size, len(classes), c, device)
                 units["generator_image_s"] = t
             return c.n * (t + enc)
         if isinstance(c, RebalanceConfig):  # links files; smote and augment make and write images
@@ -336,7 +388,7 @@ def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, thre
             return (n + split["val"]) * dec + left * (n * tr + split["val"] * inf)
         if isinstance(c, AuditConfig):
             tr, inf, _ = clf(replace(default_clf, small_stem="no"))  # its feature classifier
-            pair = unit(("pairs",), "the near-copy search", lambda: product_rate(size, device))
+            pair = unit(("pairs",), "the near-copy search", product_rate, size, device)
             units["pixel_pair_s"] = pair
             gen = dep(s, GenerateConfig)
             n_syn, n_min = (gen.n if gen else 0), train_counts[minority]
@@ -354,28 +406,18 @@ def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, thre
         return 0.0  # the tables: reading a few records
 
     seconds: dict[str, float] = {}
-    before = torch.get_num_threads()
     n_threads = 1
-    try:
-        dec, enc = unit(("png",), "reading and writing PNGs",  # (on the CPU, whatever the device)
-                        lambda: png_rates([f for fs in listing.values() for f in fs]))
-        units["png_decode_s"], units["png_encode_s"] = dec, enc
-        # the diffusion family's steps last: they set the allocator to keep freed memory, as the
-        # diffusion commands do, and that setting lasts for the process (GAN and classifier steps
-        # run without it in theirs)
-        for s in sorted((s for s in steps if s.id in todo), key=lambda s: _diffusion_step(s, by)):
-            try:
-                seconds[s.id] = price(s)
-            except InputError as e:  # a batch the step's command would refuse
-                raise InputError(f"study step {s.id}: {e}") from None
-    finally:
-        torch.set_num_threads(before)
+    apart = Apart(separate)
+    say("measuring reading and writing PNGs")
+    dec, enc = png_rates([f for fs in listing.values() for f in fs])
+    units["png_decode_s"], units["png_encode_s"] = dec, enc
+    for s in (s for s in steps if s.id in todo):
+        try:
+            seconds[s.id] = price(s)
+        except InputError as e:  # a batch the step's command would refuse
+            raise InputError(f"study step {s.id}: {e}") from None
     return Estimate(seconds, schedule(steps, todo, seconds, jobs), sum(seconds.values()), units,
                     time.perf_counter() - t_start)
-def _diffusion_step(step, by: dict) -> bool:
-    from xraygan.diffusion import TrainDiffusionConfig
-
-    return any(isinstance(c, TrainDiffusionConfig) for c in (step.config, *(by[d].config for d in step.deps)))
 
 
 def _keep_freed(device: torch.device) -> None:
