@@ -491,9 +491,11 @@ def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None
                "second one after another).")]
     out += [f"  {cmd:<17}{len(v):>4} step{'s' if len(v) > 1 else ' '}  {hours(sum(v)):>9}"
             for cmd, v in sorted(by_command.items(), key=lambda kv: -sum(kv[1]))]
-    out += [f"Measured in {est.measuring:.0f} s from a step or two of each network; a classifier is counted at "
-            f"--clf-epochs {cfg.clf_epochs} (early stopping after {cfg.patience} without improvement often ends it "
-            "sooner)." if cfg.patience else f"Measured in {est.measuring:.0f} s from a step or two of each network."]
+    if est.units:  # (a study with only its tables left measures nothing)
+        out += [f"Measured in {est.measuring:.0f} s from a step or two of each network"
+                + (f"; a classifier is counted at --clf-epochs {cfg.clf_epochs} (early stopping after {cfg.patience} "
+                   "without improvement often ends it sooner)." if cfg.patience and "train-classifier" in by_command
+                   else ".")]
     return "\n".join(out) + "\n"
 
 
