@@ -4,6 +4,7 @@ every step counts as to run), beside the seconds its times.csv recorded per step
 "done" time of each), summed per command. Run it on the machine the studies ran on.
 
     python benchmarks/bench_estimate.py /work/grid/study32auc /work/grid/grid128s
+    python benchmarks/bench_estimate.py --device cuda study64            # (benchmarks/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def recorded_threads(study: Path) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("studies", nargs="+", type=Path)
+    ap.add_argument("--device", default="cpu", help="the device the studies ran on (cpu, cuda)")
     args = ap.parse_args()
     for study in args.studies:
         rec = json.loads((study / "study.json").read_text())
@@ -50,7 +52,7 @@ def main() -> None:
             threads = recorded_threads(study)  # as each step ran (a step that ran alone had all cores)
             cores = os.cpu_count() or 1
             est = estimate(steps, {s.id for s in steps}, Path(st["data"]), image_side(first), jobs,
-                           lambda sid: threads.get(sid, max(1, cores // jobs)), resolve_device("cpu"), print)
+                           lambda sid: threads.get(sid, max(1, cores // jobs)), resolve_device(args.device), print)
         took = recorded(study)
         print(f"\n{study}: {image_side(first)} px, jobs {jobs}; estimate measured in {est.measuring:.0f} s")
         print("units (seconds): " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(est.units.items())))

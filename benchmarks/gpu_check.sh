@@ -21,8 +21,8 @@
 #     && export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 \
 #     && bash benchmarks/gpu_check.sh .gpu/kermany64 "$OUT" .gpu/kermany128
 # What comes back: $OUT/log.txt (everything printed), bench_gan.txt, table.md, study.err,
-# gpu_util.csv, results.tgz (times.csv, the tables, every run's metrics) and gan128.txt (the
-# generator comparison's audits).
+# gpu_util.csv, results.tgz (times.csv, the tables, every run's metrics), estimate.txt (study
+# --estimate beside the grid's times.csv) and gan128.txt (the generator comparison's audits).
 set -u
 DATA=$1 DEST=$2 DATA128=${3:-}
 DEVICE=${DEVICE:-cuda} JOBS=${JOBS:-8} PY=${PYTHON:-python3}
@@ -70,6 +70,10 @@ print("step kind, count, mean s, sum s")
 for k, v in sorted(agg.items(), key=lambda kv: -sum(kv[1])):
     print(f"{k}, {len(v)}, {sum(v) / len(v):.1f}, {sum(v):.0f}")
 PY
+
+echo "== study --estimate for the same grid beside what it took (steps share the GPU: each step's time is inflated)"
+timeout -s INT "${ESTIMATE_LIMIT:-60}" "$PY" benchmarks/bench_estimate.py --device "$DEVICE" "$WORK/study64" \
+    | grep -v '^measuring' | tee "$DEST/estimate.txt"
 
 if [ -n "$DATA128" ]; then
     # the same steps, seed and audit features for each generator; R1 gamma 10 as in Mescheder et al.
