@@ -100,9 +100,10 @@ def test_estimate_on_the_command_line_writes_nothing(demo_data, tmp_path):
 
 def test_a_batch_a_step_would_refuse_is_said_before_anything_is_measured_at_it(demo_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "xraygan", "study", str(demo_data), "--out", str(tmp_path / "s"),
-                        "--estimate", "--rows", "dcgan", "--seeds", "0", "--gan-batch", "4096"],
-                       capture_output=True, text=True, env={**os.environ, "XRAYGAN_MEMORY_LIMIT": "300M"})
+                        "--estimate", "--rows", "dcgan", "--seeds", "0", "--gan-batch", "8192"],
+                       capture_output=True, text=True, env={**os.environ, "XRAYGAN_MEMORY_LIMIT": "2500M"})
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: study step train-gan dcgan: ") and "a batch of 4096 at 32 px" in last
+    assert last.startswith("error: study step train-gan dcgan: ") and "a batch of 8192 at 32 px" in last
+    assert "give --gan-batch " in last  # the study's option, not train-gan's --batch-size
     assert "Traceback" not in r.stderr

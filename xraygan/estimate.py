@@ -80,7 +80,8 @@ def gan_step(cfg, size: int, classes: tuple[str, ...], n_images: int, device: to
     cfg = replace(cfg, diffaugment=resolve_diffaugment(cfg.diffaugment, n_images))
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
     net = net_config(cfg, size, len(classes))
-    check_batch("gan", *gan_footprint(net, cfg.r1 > 0), cfg.batch_size, device, str(cfg.data), size)  # as train-gan
+    check_batch("gan", *gan_footprint(net, cfg.r1 > 0), cfg.batch_size, device, str(cfg.data), size,
+                flags=("--gan-batch", ""))  # as train-gan does, in the study's terms
     tr = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs)
     x = to_model_input(_images(cfg.batch_size, size), device, cfg.channels_last and device.type != "mps")
     idx = torch.arange(cfg.batch_size, device=device)
@@ -163,7 +164,8 @@ def classifier_rates(cfg, size: int, n_classes: int, device: torch.device) -> tu
 
     net = net_config(cfg, size, n_classes)
     check_batch("classifier", *classifier_footprint(net), -(-cfg.batch_size // cfg.accumulate), device,
-                str(cfg.data), size, accumulate=(cfg.accumulate, cfg.batch_size))
+                str(cfg.data), size, accumulate=(cfg.accumulate, cfg.batch_size),
+                flags=(None, "--clf-accumulate"))  # the study sets no classifier batch
     torch.manual_seed(0)
     model = build_resnet18(net).to(device)
     cl = cfg.channels_last and device.type != "mps"

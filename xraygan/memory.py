@@ -145,11 +145,13 @@ def _largest(family: str, elements_per_image: int, parameters: int, free: int) -
 
 
 def check_batch(family: str, elements_per_image: int, parameters: int, batch: int, device: torch.device,
-                what: str, size: int, accumulate: tuple[int, int] | None = None) -> None:
+                what: str, size: int, accumulate: tuple[int, int] | None = None,
+                flags: tuple[str | None, str] = ("--batch-size", "--accumulate")) -> None:
     """Refuse a batch whose estimated peak does not fit in the free memory, with the largest that does.
     `batch` is what one forward pass holds; a command that accumulates gradients passes
     `accumulate` = (micro-batches now, images per step), and the refusal then also names the
-    --accumulate that keeps the step's batch."""
+    --accumulate that keeps the step's batch. `flags`: the options that set the batch (None:
+    none does) and the micro-batches, as the caller's user types them (the study's differ)."""
     free, source = free_bytes(device)
     if free is None or elements_per_image == 0:
         return
@@ -161,12 +163,12 @@ def check_batch(family: str, elements_per_image: int, parameters: int, batch: in
     if fits < 1:
         hint = "no batch fits: free memory or use a smaller --width"
     elif accumulate is None:
-        hint = f"give --batch-size {fits} or less"
+        hint = f"give {flags[0]} {fits} or less"
     else:
         k, step_batch = accumulate
         keep = -(-step_batch // fits)  # micro-batches of at most `fits` images
-        hint = (f"give --accumulate {keep} to keep the batch of {step_batch} in micro-batches of "
-                f"{-(-step_batch // keep)}, or --batch-size {fits * k} or less")
+        hint = (f"give {flags[1]} {keep} to keep the batch of {step_batch} in micro-batches of "
+                f"{-(-step_batch // keep)}" + (f", or {flags[0]} {fits * k} or less" if flags[0] else ""))
     raise InputError(f"{what}: a batch of {batch} at {size} px needs about {need / gib:.1f} GiB and "
                      f"{device.type} has {free / gib:.1f} GiB ({source}); {hint}")
 
