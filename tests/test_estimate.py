@@ -3,6 +3,7 @@ follow, the executor's schedule replayed, nothing written."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,18 +85,28 @@ def test_estimate_on_the_command_line_writes_nothing(demo_data, tmp_path):
     out = tmp_path / "s"
     r = subprocess.run([sys.executable, "-m", "xraygan", "study", str(demo_data), "--out", str(out), "--estimate",
                         "--rows", "baseline", "dcgan", "--seeds", "0", "--gan-steps", "50", "--clf-epochs", "2",
-                        "--jobs", "1"], capture_output=True, text=True)
+                        "--patience", "1", "--jobs", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     gan = next(ln for ln in lines if "train-gan dcgan" in ln)
     assert gan.startswith("run    stage 1") and gan.split()[-1] in ("s", "min", "h")
     assert "steps to run, 0 done: about" in r.stdout and "1 step at a time" in r.stdout
-    assert "counted at --clf-epochs 2" in r.stdout
+    assert "counted at --clf-epochs 2 (early stopping after 1 " in r.stdout
     assert "measuring a DCGAN step (batch 64) at 32 px on cpu" in r.stderr
     assert not out.exists()
     r = subprocess.run([sys.executable, "-m", "xraygan", "study", str(demo_data), "--out", str(out), "--estimate",
                         "--print-commands"], capture_output=True, text=True)
     assert r.returncode == 2 and "give one of them" in r.stderr.strip().splitlines()[-1]
+    # --json: the figures for a script, the same plan text beside them
+    r = subprocess.run([sys.executable, "-m", "xraygan", "study", str(demo_data), "--out", str(out), "--estimate",
+                        "--rows", "baseline", "--seeds", "0", "--clf-epochs", "1", "--json"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)
+    e = rec["estimate"]
+    assert e["steps"]["train-classifier baseline seed 0"] > 0 and 0 < e["seconds"] <= e["one_after_another"]
+    assert "train-classifier baseline seed 0" in rec["script"] and "early stopping" not in rec["script"]
+    assert not out.exists()
 
 
 def test_a_batch_a_step_would_refuse_is_said_before_anything_is_measured_at_it(demo_data, tmp_path):

@@ -302,6 +302,9 @@ CASES = [
     (TC + " --accumulate 40", 2, "--accumulate 40: more micro-batches than --batch-size 64 can fill"),
     ("study {data} --out {tmp}/st --rows baseline --seeds 0 --clf-accumulate 33 --device cpu", 2,
      "--clf-accumulate 33: more micro-batches than the classifier's batch of 64 can fill"),
+    # --estimate is the plan with times, --print-commands the plan as a script: not both
+    ("study {data} --out {tmp}/st --rows baseline --seeds 0 --estimate --print-commands", 2, "give one of them"),
+    ("study {data} --out {data}/st --rows baseline --seeds 0 --estimate", 2, "inside"),
     # an output folder under a file: `--out results.csv/run`
     *[(c.replace("{tmp}/", "{root}/afile/"), 2, "afile is a file, not a folder")
       for c in (P, TG, TC, EV, GC, RB + " --method oversample", DM,

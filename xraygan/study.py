@@ -450,13 +450,17 @@ def study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
     check_study_folder(cfg)
     steps = build_plan(cfg)[0]
     if cfg.estimate:
-        return {"script": estimate_text(cfg, steps, say)}
+        text, est = estimate_text(cfg, steps, say)
+        return {"script": text, "estimate": {"seconds": round(est.wall, 1), "one_after_another": round(est.serial, 1),
+                                             "steps": {k: round(v, 1) for k, v in est.seconds.items()},
+                                             "units": est.units, "measuring_seconds": round(est.measuring, 1)}}
     return {"script": commands_script(steps, cfg.program) if cfg.print_commands else plan_text(steps)}
 
 
-def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None] | None = None) -> str:
+def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None] | None = None):
     """--estimate: the plan, each step not done with its estimated time, then the study's total
-    and the time of each command summed (xraygan/estimate.py says how they are measured)."""
+    and the time of each command summed (xraygan/estimate.py says how they are measured); and
+    the `Estimate` itself (for --json)."""
     from xraygan.estimate import estimate, hours
     from xraygan.images import image_side, list_image_folder
     from xraygan.runtime import resolve_device
@@ -494,9 +498,10 @@ def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None
     if est.units:  # (a study with only its tables left measures nothing)
         out += [f"Measured in {est.measuring:.0f} s from a step or two of each network"
                 + (f"; a classifier is counted at --clf-epochs {cfg.clf_epochs} (early stopping after {cfg.patience} "
-                   "without improvement often ends it sooner)." if cfg.patience and "train-classifier" in by_command
+                   "without improvement often ends it sooner)."
+                   if 0 < cfg.patience < cfg.clf_epochs and "train-classifier" in by_command
                    else ".")]
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n", est
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
