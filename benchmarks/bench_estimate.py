@@ -51,7 +51,7 @@ def main() -> None:
             first = next(f for fs in list_image_folder(Path(st["data"]) / "train").values() for f in fs)
             threads = recorded_threads(study)  # as each step ran (a step that ran alone had all cores)
             cores = os.cpu_count() or 1
-            est = estimate(steps, {s.id for s in steps}, Path(st["data"]), image_side(first), jobs,
+            est = estimate(steps, {s.id for s in steps}, Path(st["data"]), jobs,
                            lambda sid: threads.get(sid, max(1, cores // jobs)), resolve_device(args.device), print)
         took = recorded(study)
         print(f"\n{study}: {image_side(first)} px, jobs {jobs}; estimate measured in {est.measuring:.0f} s")

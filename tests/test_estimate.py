@@ -61,7 +61,7 @@ def test_steps_are_priced_from_the_units_by_the_commands_rules(demo_data, tmp_pa
     save_checkpoint(run / "state.safetensors", {"x": torch.zeros(1)}, "gan-state", {}, step=30)
     todo = {s.id for s in steps if s.inputs is not None or s.attempt()[0] != "done"}
     seen = []
-    e = est.estimate(steps, todo, demo_data, 32, 2, lambda sid: 1, torch.device("cpu"), seen.append, separate=False)
+    e = est.estimate(steps, todo, demo_data, 2, lambda sid: 1, torch.device("cpu"), seen.append, separate=False)
     sec = e.seconds
     assert sec["train-gan dcgan"] == pytest.approx(10 * unit + mn * 0.001)
     per_img = unit / 64  # a classifier step of 64 images, an inference batch of 64, a CAM batch of 32

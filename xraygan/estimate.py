@@ -28,7 +28,13 @@ import numpy as np
 import torch
 
 from xraygan.errors import InputError, TrainingError
-from xraygan.memory import check_batch, classifier_footprint, diffusion_footprint, gan_footprint
+from xraygan.memory import (
+    check_batch,
+    classifier_footprint,
+    diffusion_footprint,
+    gan_footprint,
+    generator_footprint,
+)
 
 MEASURE_SECONDS = 1.0  # time repeated calls until this much has passed (at least one call)
 MAX_CALLS = 20
@@ -113,13 +119,13 @@ def diffusion_images(cfg, gen, size: int, n_classes: int, device: torch.device) 
     """Seconds per image `generate` takes from a diffusion model of `cfg` with the sampling of
     `gen`: two sampler steps of a batch timed, scaled to its sampling steps."""
     from xraygan.diffusion import build_unet, net_config, sample
-    from xraygan.generate import default_batch
+    from xraygan.generate import sampling_batch
 
     _keep_freed(device)  # as generate does for a diffusion model
     net = net_config(cfg, size, n_classes)
     unet = build_unet(net).to(device).eval()
     steps = gen.sampling_steps if gen.sampler == "ddim" else net.timesteps
-    batch = min(gen.batch_size or default_batch("diffusion", device), max(1, gen.n))
+    batch = sampling_batch(gen, "diffusion", diffusion_footprint(net), device)[0]
     noise = torch.randn(batch, 1, size, size, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device) if net.num_classes else None
     guidance = gen.guidance if net.num_classes else 0.0
@@ -131,11 +137,12 @@ def gan_images(checkpoint_cfg, size: int, n_classes: int, gen, device: torch.dev
     """Seconds per image `generate` takes from a generator of `checkpoint_cfg` (its forward pass)."""
     from xraygan.gan import net_config
     from xraygan.gan_models import Generator
-    from xraygan.generate import default_batch
+    from xraygan.generate import sampling_batch
 
     c = checkpoint_cfg
-    G = Generator(net_config(c, size, n_classes)).to(device).eval()
-    batch = min(gen.batch_size or default_batch("gan", device), max(1, gen.n))
+    net = net_config(c, size, n_classes)
+    G = Generator(net).to(device).eval()
+    batch = sampling_batch(gen, "gan", generator_footprint(net), device)[0]
     z = torch.randn(batch, c.nz, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device) if c.conditional else None
 
@@ -304,7 +311,7 @@ def _balanced_size(method: str, counts: dict[str, int], ratio: float) -> int:
     return sum(max(n, int(round(ratio * top))) for n in counts.values())
 
 
-def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, threads: Callable[[str], int],
+def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callable[[str], int],
              device: torch.device, say: Callable[[str], None] = lambda line: None, separate: bool = True) -> Estimate:
     """Measure the units the steps of `todo` need (each once per thread count, each in a process
     of its own unless `separate` is False), and price every step of `todo`; `threads(step id)`
@@ -314,12 +321,13 @@ def estimate(steps: list, todo: set[str], data: Path, size: int, jobs: int, thre
     from xraygan.diffusion import TrainDiffusionConfig
     from xraygan.gan import TrainGanConfig
     from xraygan.generate import GenerateConfig
-    from xraygan.images import list_image_folder
+    from xraygan.images import image_side, list_image_folder
     from xraygan.rebalance import RebalanceConfig
     from xraygan.study import class_counts
 
     t_start = time.perf_counter()
     listing = list_image_folder(data / "train")
+    size = image_side(next(f for fs in listing.values() for f in fs))  # prepare made them all one size
     classes = tuple(listing)
     train_counts = {c: len(f) for c, f in listing.items()}
     split = {s: sum(class_counts(data / s).values()) for s in ("val", "test")}

@@ -72,6 +72,15 @@ def default_batch(family: str, device: torch.device) -> int:
     return DIFFUSION_CPU_BATCH if family == "diffusion" and device.type == "cpu" else 256
 
 
+def sampling_batch(cfg: GenerateConfig, family: str, footprint: tuple[int, int], device: torch.device
+                   ) -> tuple[int, int]:
+    """(the batch images are made in, the batch asked for or the default, at most -n). The
+    images do not depend on the batch, so one too large for the free memory is cut to the largest
+    that fits (a 256 px diffusion model's default 256 on a GPU), never an out-of-memory error."""
+    wanted = min(cfg.batch_size or default_batch(family, device), cfg.n)
+    return fitting_batch(family, *footprint, device, wanted), wanted
+
+
 def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict]:
     tensors, meta = load_checkpoint(path, "generator")
     try:
@@ -251,10 +260,7 @@ def generate(cfg: GenerateConfig, progress: Callable[..., None] | None = None) -
     rec = read_record(out)
     device = resolve_device(cfg.device)
     meta, make, how, footprint = load_sampler(cfg, device)
-    # the images do not depend on the batch, so one too large for the free memory is cut to the
-    # largest that fits (a 256 px diffusion model's default 256 on a GPU), never an out-of-memory error
-    wanted = min(cfg.batch_size or default_batch(how["family"], device), cfg.n)
-    batch = fitting_batch(how["family"], *footprint, device, wanted)
+    batch, wanted = sampling_batch(cfg, how["family"], footprint, device)
     classes = meta["classes"]
     label = (cfg.label or meta["default_label"]).lower()
     if label not in classes:

@@ -251,6 +251,13 @@ def alone_steps(steps: list[Step], todo: set[str]) -> set[str]:
     return {a for a in todo if all(b == a or a in up(b) or b in up(a) for b in todo)}
 
 
+def thread_plan(steps: list[Step], todo: set[str], jobs: int, cores: int) -> tuple[int, set[str]]:
+    """(CPU threads of a step, the steps of `todo` that run alone with all `cores`) when `jobs`
+    steps run at once: cores/jobs each, except what can only run alone (`alone_steps`)."""
+    threads = max(1, cores // jobs)
+    return threads, (alone_steps(steps, todo) if threads < cores else set())
+
+
 def class_counts(train: Path) -> dict[str, int]:
     from xraygan.images import list_image_folder
 
@@ -402,11 +409,18 @@ def _started(out: Path, patterns: tuple[str, ...]) -> bool:
     return any(holds_anything(d) for p in patterns for d in out.glob(p))
 
 
-def plan_text(steps: list[Step]) -> str:
-    """--dry-run: one line per step: its state, stage, name and what it waits for."""
+def plan_states(steps: list[Step]) -> dict[str, str]:
+    """Each step's state now (done, run, resume, redo; a table: always), its record read once."""
+    return {s.id: "always" if s.inputs is not None else s.attempt()[0] for s in steps}
+
+
+def plan_text(steps: list[Step], states: dict[str, str] | None = None) -> str:
+    """--dry-run: one line per step: its state (`states`, or read now), stage, name and what it
+    waits for."""
+    states = states or plan_states(steps)
     lines = []
     for s in steps:
-        state = "always" if s.inputs is not None else s.attempt()[0]
+        state = states[s.id]
         after = f"  (after {len(s.deps)} steps)" if len(s.deps) > 3 else \
             (f"  (after {', '.join(s.deps)})" if s.deps else "")
         lines.append(f"{state:<7}stage {s.stage}  {s.id}{after}")
@@ -462,20 +476,17 @@ def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None
     and the time of each command summed (xraygan/estimate.py says how they are measured); and
     the `Estimate` itself (for --json)."""
     from xraygan.estimate import estimate, hours
-    from xraygan.images import image_side, list_image_folder
     from xraygan.runtime import resolve_device
 
     device = resolve_device(cfg.device)
-    states = {s.id: "always" if s.inputs is not None else s.attempt()[0] for s in steps}
+    states = plan_states(steps)
     todo = {sid for sid, st in states.items() if st != "done"}
-    first = next(f for fs in list_image_folder(Path(cfg.data) / "train").values() for f in fs)
     cores = os.cpu_count() or 1
     jobs = cfg.jobs if cfg.jobs is not None else default_jobs(cores, device.type == "cuda")
-    threads = max(1, cores // jobs)
-    lone = alone_steps(steps, todo) if threads < cores else set()  # as the executor decides
-    est = estimate(steps, todo, Path(cfg.data), image_side(first), jobs,
-                   lambda sid: cores if sid in lone else threads, device, say or (lambda line: None))
-    lines = plan_text(steps).splitlines()
+    threads, lone = thread_plan(steps, todo, jobs, cores)
+    est = estimate(steps, todo, Path(cfg.data), jobs, lambda sid: cores if sid in lone else threads, device,
+                   say or (lambda line: None))
+    lines = plan_text(steps, states).splitlines()
     width = max(map(len, lines))
     out = [f"{line:<{width}}  {hours(est.seconds[s.id]) if s.id in est.seconds and s.inputs is None else ''}".rstrip()
            for line, s in zip(lines, steps)]
@@ -567,13 +578,12 @@ class _Executor:
 
     def __init__(self, cfg: StudyConfig, steps: list[Step], jobs: int, cores: int, say: Callable[[str], None]):
         self.cfg, self.steps, self.jobs, self.cores, self.say = cfg, steps, jobs, cores, say
-        self.threads = max(1, cores // jobs)
         self.out = Path(cfg.out)
         self.by = {s.id: s for s in steps}
         self.state: dict[str, str] = {s.id: "done" for s in steps if s.inputs is None and s.done()}
         self.skipped = len(self.state)
         todo = {s.id for s in steps if s.id not in self.state}
-        self.lone = alone_steps(steps, todo) if self.threads < cores else set()
+        self.threads, self.lone = thread_plan(steps, todo, jobs, cores)
         self.times = _read_times(self.out / "times.csv")
         self.failed: list[tuple[str, Path]] = []
         self.running: dict[Future, tuple[Step, float, Path, list[str]]] = {}
