@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -118,3 +120,31 @@ def test_a_batch_a_step_would_refuse_is_said_before_anything_is_measured_at_it(d
     assert last.startswith("error: study step train-gan dcgan: ") and "a batch of 8192 at 32 px" in last
     assert "give --gan-batch " in last  # the study's option, not train-gan's --batch-size
     assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_while_measuring_is_one_line_and_leaves_no_process(demo_data, tmp_path):
+    """Ctrl-C reaches the study and the measurement's process alike: the measurement ends, the
+    study says so in one line, and nothing is left running or written."""
+    p = subprocess.Popen([sys.executable, "-m", "xraygan", "study", str(demo_data), "--out", str(tmp_path / "s"),
+                          "--estimate", "--rows", "dcgan", "--seeds", "0", "--gan-batch", "2048"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in p.stderr:  # wait until the slow measurement has started
+        seen.append(line)
+        if "measuring a DCGAN step" in line:
+            break
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 130
+    err = "".join(seen) + rest
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
+    assert not (tmp_path / "s").exists()
+    deadline = time.monotonic() + 15  # the fork server ends with the study, then what it forked
+    while True:
+        ps = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(p.pid)], capture_output=True, text=True).stdout
+        alive = [ln.split()[0] for ln in ps.splitlines() if ln.split() and not ln.split()[1].startswith("Z")]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert alive == [], f"processes left running: {alive}"

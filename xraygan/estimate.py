@@ -256,13 +256,18 @@ class Apart:
                 torch.set_num_threads(before)
         receive, send = self.ctx.Pipe(duplex=False)
         p = self.ctx.Process(target=_measure, args=(send, threads, fn, args))
-        p.start()
-        send.close()
         try:
+            p.start()  # (waits for the fork server, which imports torch first: Ctrl-C may come here)
+            send.close()
             kind, value = receive.recv()
         except EOFError:  # it ended without a word: killed (the out-of-memory killer) or crashed
             p.join()
             raise TrainingError(f"measuring {what}: its process ended with exit code {p.exitcode}") from None
+        except BaseException:  # Ctrl-C or SIGTERM: the measurement is ended before the study says so
+            if p.pid is not None:
+                p.terminate()
+                p.join()
+            raise
         p.join()
         if kind == "input":
             raise InputError(value)
@@ -272,19 +277,42 @@ class Apart:
 
 
 def _measure(send, threads: int, fn: Callable, args: tuple) -> None:
-    """A measurement's process: `threads` CPU threads, the result (or the error) sent back."""
+    """A measurement's process: `threads` CPU threads, the result (or the error) sent back. It
+    ignores Ctrl-C, which reaches the whole process group: the study process ends it and says so
+    in one line."""
     import os
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     try:
-        send.send(("ok", fn(*args)))
+        answer = ("ok", fn(*args))
     except InputError as e:
-        send.send(("input", str(e)))
+        answer = ("input", str(e))
     except Exception as e:  # noqa: BLE001 - reported by the study process, which ends with it
-        send.send(("error", f"{type(e).__name__}: {e}"))
+        answer = ("error", f"{type(e).__name__}: {e}")
+    try:
+        send.send(answer)
+    except OSError:  # the study process is gone (stopped while this was being started): no one to tell
+        pass
     finally:
         send.close()
+
+
+def _end_with_parent() -> None:
+    """Linux: end this process when its parent, the fork server, ends, which it does with the
+    study process: a measurement started just as the study was stopped is not left running."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 # --- the plan's steps in those units ------------------------------------------------------------

@@ -484,8 +484,12 @@ def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None
     cores = os.cpu_count() or 1
     jobs = cfg.jobs if cfg.jobs is not None else default_jobs(cores, device.type == "cuda")
     threads, lone = thread_plan(steps, todo, jobs, cores)
-    est = estimate(steps, todo, Path(cfg.data), jobs, lambda sid: cores if sid in lone else threads, device,
-                   say or (lambda line: None))
+    restore = _stop_on_signals()  # SIGTERM too ends the measurement running, as Ctrl-C does
+    try:
+        est = estimate(steps, todo, Path(cfg.data), jobs, lambda sid: cores if sid in lone else threads, device,
+                       say or (lambda line: None))
+    finally:
+        restore()
     lines = plan_text(steps, states).splitlines()
     width = max(map(len, lines))
     out = [f"{line:<{width}}  {hours(est.seconds[s.id]) if s.id in est.seconds and s.inputs is None else ''}".rstrip()

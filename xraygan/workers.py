@@ -22,11 +22,28 @@ PRELOAD = ["torch", "torchvision", "xraygan.cli", "xraygan.commands", "xraygan.c
 
 
 def context():
-    """The fork-server context with PRELOAD imported in the server, or None where there is none."""
+    """The fork-server context with PRELOAD imported in the server, or None where there is none.
+
+    The server is started here, with Ctrl-C ignored while it starts: it imports PRELOAD for a few
+    seconds before it protects itself from SIGINT, and a Ctrl-C at the terminal in that time
+    printed its traceback after the command's own last line. It keeps SIGINT ignored (an ignored
+    signal stays ignored across exec), and so would the processes it forks: `step_main` restores
+    Python's Ctrl-C in each step."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # (signal handlers are the main thread's)
+        from multiprocessing import forkserver
+
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, before)
     return ctx
 
 
@@ -36,6 +53,9 @@ def step_main(argv: list[str], log: str, threads: int, env: dict | None = None, 
     now (`env`, `cwd`: the server kept those it started with), `threads` CPU threads, stdout and
     stderr appended to `log` at the file-descriptor level; exits with the command's exit code."""
     os.setsid()
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores it; a step stops on it
     if env is not None:
         os.environ.clear()
         os.environ.update(env)
