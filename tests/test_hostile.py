@@ -302,6 +302,7 @@ CASES = [
     (TC + " --accumulate 40", 2, "--accumulate 40: more micro-batches than --batch-size 64 can fill"),
     ("study {data} --out {tmp}/st --rows baseline --seeds 0 --clf-accumulate 33 --device cpu", 2,
      "--clf-accumulate 33: more micro-batches than the classifier's batch of 64 can fill"),
+    ("study {data} --out {tmp}/st --rows ddpm --seeds 0 --diffusion-batch 1 --device cpu", 2, "--diffusion-batch 1"),
     # --estimate is the plan with times, --print-commands the plan as a script: not both
     ("study {data} --out {tmp}/st --rows baseline --seeds 0 --estimate --print-commands", 2, "give one of them"),
     ("study {data} --out {data}/st --rows baseline --seeds 0 --estimate", 2, "inside"),

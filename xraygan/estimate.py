@@ -28,13 +28,8 @@ import numpy as np
 import torch
 
 from xraygan.errors import InputError, TrainingError
-from xraygan.memory import (
-    check_batch,
-    classifier_footprint,
-    diffusion_footprint,
-    gan_footprint,
-    generator_footprint,
-)
+from xraygan.memory import diffusion_footprint, generator_footprint
+from xraygan.stepmemory import PlanMemory, balanced_size
 
 MEASURE_SECONDS = 1.0  # time repeated calls until this much has passed (at least one call)
 MAX_CALLS = 20
@@ -85,9 +80,7 @@ def gan_step(cfg, size: int, classes: tuple[str, ...], n_images: int, device: to
 
     cfg = replace(cfg, diffaugment=resolve_diffaugment(cfg.diffaugment, n_images))
     probs = fake_label_probs(classes, cfg.healthy, cfg.alpha_value) if cfg.conditional else None
-    net = net_config(cfg, size, len(classes))
-    check_batch("gan", *gan_footprint(net, cfg.r1 > 0), cfg.batch_size, device, str(cfg.data), size,
-                flags=("--gan-batch", ""))  # as train-gan does, in the study's terms
+    net = net_config(cfg, size, len(classes))  # (its batch was checked with the plan's: stepmemory)
     tr = GanTrainer(cfg, net, device, probs, cuda_graphs=cfg.cuda_graphs)
     x = to_model_input(_images(cfg.batch_size, size), device, cfg.channels_last and device.type != "mps")
     idx = torch.arange(cfg.batch_size, device=device)
@@ -104,7 +97,6 @@ def diffusion_step(cfg, size: int, n_classes: int, device: torch.device) -> floa
 
     _keep_freed(device)  # as train-diffusion does
     net = net_config(cfg, size, n_classes)
-    check_batch("diffusion", *diffusion_footprint(net), cfg.batch_size, device, str(cfg.data), size)
     torch.manual_seed(cfg.seed)
     m = _Model(cfg, net, device)
     x_all = to_model_input(_images(cfg.batch_size, size), device, False)
@@ -170,9 +162,6 @@ def classifier_rates(cfg, size: int, n_classes: int, device: torch.device) -> tu
     from xraygan.runtime import autocast_dtype
 
     net = net_config(cfg, size, n_classes)
-    check_batch("classifier", *classifier_footprint(net), -(-cfg.batch_size // cfg.accumulate), device,
-                str(cfg.data), size, accumulate=(cfg.accumulate, cfg.batch_size),
-                flags=(None, "--clf-accumulate"))  # the study sets no classifier batch
     torch.manual_seed(0)
     model = build_resnet18(net).to(device)
     cl = cfg.channels_last and device.type != "mps"
@@ -327,16 +316,8 @@ class Estimate:
     serial: float
     units: dict[str, float] = field(default_factory=dict)
     measuring: float = 0.0
-
-
-def _balanced_size(method: str, counts: dict[str, int], ratio: float) -> int:
-    """Images in `rebalance`'s output for `method` (the rule rebalance applies)."""
-    if method == "none":
-        return sum(counts.values())
-    top, low = max(counts.values()), min(counts.values())
-    if method == "undersample":
-        return sum(min(n, int(round(low / ratio))) for n in counts.values())
-    return sum(max(n, int(round(ratio * top))) for n in counts.values())
+    memory: PlanMemory | None = None
+    waited: set[str] = field(default_factory=set)  # steps that waited for memory, not a slot
 
 
 def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callable[[str], int],
@@ -349,18 +330,17 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
     from xraygan.diffusion import TrainDiffusionConfig
     from xraygan.gan import TrainGanConfig
     from xraygan.generate import GenerateConfig
-    from xraygan.images import image_side, list_image_folder
+    from xraygan.images import list_image_folder
     from xraygan.rebalance import RebalanceConfig
-    from xraygan.study import class_counts
+    from xraygan.stepmemory import plan_data, plan_memory
 
     t_start = time.perf_counter()
-    listing = list_image_folder(data / "train")
-    size = image_side(next(f for fs in listing.values() for f in fs))  # prepare made them all one size
-    classes = tuple(listing)
-    train_counts = {c: len(f) for c, f in listing.items()}
-    split = {s: sum(class_counts(data / s).values()) for s in ("val", "test")}
-    n_train = sum(train_counts.values())
-    minority = min(train_counts, key=lambda c: (train_counts[c], c))
+    pd = plan_data(data)
+    # a batch a step's command would refuse is refused now, in the study's options; and the
+    # schedule waits for memory where the executor would
+    memory = plan_memory(steps, todo, pd, device)
+    size, classes, train_counts, n_train, minority = pd.size, pd.classes, pd.train, pd.n_train, pd.minority
+    split = {"val": pd.val, "test": pd.test}
     by = {s.id: s for s in steps}
     units: dict[str, float] = {}
     measured: dict[tuple, object] = {}
@@ -416,12 +396,12 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
                 units["generator_image_s"] = t
             return c.n * (t + enc)
         if isinstance(c, RebalanceConfig):  # links files; smote and augment make and write images
-            made = _balanced_size(c.method, train_counts, c.ratio) - n_train
+            made = balanced_size(c.method, train_counts, c.ratio) - n_train
             return made * (dec + enc) if c.method in ("smote", "augment") and made > 0 else 0.0
         if isinstance(c, TrainClassifierConfig):
             tr, inf, _ = clf(c)
             reb = dep(s, RebalanceConfig)
-            n = _balanced_size(reb.method, train_counts, reb.ratio) if reb else n_train
+            n = balanced_size(reb.method, train_counts, reb.ratio) if reb else n_train
             left = c.epochs - _done(c.out, c.epochs, "epoch")
             return (n + split["val"]) * dec + left * (n * tr + split["val"] * inf)
         if isinstance(c, AuditConfig):
@@ -449,15 +429,13 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
     dec = enc = 0.0
     if any(s.inputs is None for s in steps if s.id in todo):  # (not for the tables alone)
         say("measuring reading and writing PNGs")
-        dec, enc = png_rates([f for fs in listing.values() for f in fs])
+        dec, enc = png_rates([f for fs in list_image_folder(data / "train").values() for f in fs])
         units["png_decode_s"], units["png_encode_s"] = dec, enc
     for s in (s for s in steps if s.id in todo):
-        try:
-            seconds[s.id] = price(s)
-        except InputError as e:  # a batch the step's command would refuse
-            raise InputError(f"study step {s.id}: {e}") from None
-    return Estimate(seconds, schedule(steps, todo, seconds, jobs), sum(seconds.values()), units,
-                    time.perf_counter() - t_start)
+        seconds[s.id] = price(s)
+    waited: set[str] = set()
+    wall = schedule(steps, todo, seconds, jobs, memory, waited)
+    return Estimate(seconds, wall, sum(seconds.values()), units, time.perf_counter() - t_start, memory, waited)
 
 
 def _keep_freed(device: torch.device) -> None:
@@ -475,9 +453,12 @@ def _done(run, total: int, key: str) -> int:
     return min(total, int(m.get(key, 0))) if m else 0
 
 
-def schedule(steps: list, todo: set[str], seconds: dict[str, float], jobs: int) -> float:
+def schedule(steps: list, todo: set[str], seconds: dict[str, float], jobs: int,
+             memory: PlanMemory | None = None, waited: set[str] | None = None) -> float:
     """The wall time of running `todo` as the study's executor does: in plan order, up to `jobs`
-    at once, each once the steps it needs have ended, one step of an exclusive group at a time."""
+    at once, each once the steps it needs have ended, one step of an exclusive group at a time,
+    and (with `memory`) none beside running steps whose peaks leave it no room; those are added
+    to `waited`."""
     by = {s.id: s for s in steps}
     waiting = [s for s in steps if s.id in todo]
     ended = {s.id for s in steps if s.id not in todo}
@@ -489,6 +470,10 @@ def schedule(steps: list, todo: set[str], seconds: dict[str, float], jobs: int) 
             if len(running) >= jobs:
                 break
             if all(d in ended for d in s.deps) and not (s.exclusive and s.exclusive in busy):
+                if memory is not None and not memory.fits([i for _, _, i in running], s.id):
+                    if waited is not None:
+                        waited.add(s.id)
+                    continue
                 running.append((now + seconds.get(s.id, 0.0), started, s.id))
                 started += 1
                 waiting.remove(s)

@@ -32,6 +32,25 @@ ENV = "XRAYGAN_MEMORY_LIMIT"
 # figures are the conservative ones and are used everywhere.
 BYTES_PER_ELEMENT = {"gan": 2.57, "diffusion": 4.84, "classifier": 2.88}
 HEADROOM = 0.9  # refuse above 90 % of the free memory: the estimate is measured, not exact
+# What a study counts for steps that may run side by side (xraygan/stepmemory.py), where a step
+# counted at twice what it holds halves how many run at once. In bf16 on a CPU that computes it
+# natively, a GAN or diffusion step holds about half its fp32 activations: the same calibration in
+# bf16 on the AMD EPYC gave GAN 1.40 and diffusion 2.30 bytes per element against 2.49 and 4.64
+# in fp32 there (`bench_memory.py --sizes 128 --calibrate --precision bf16`, and `fp32`); the
+# ratios scale the figures above. (The classifier's whole-command peak is set by its validation
+# pass, so its bf16 figure says nothing about its batch: it keeps the fp32 one.) A command's own
+# check keeps the fp32 figures everywhere.
+BF16_CPU_RATIO = {"gan": 1.40 / 2.49, "diffusion": 2.30 / 4.64}
+# Scoring and sampling keep no activations for backward: their batches are fit to the memory by
+# the training figures (an upper bound), but counted at this share of them. Measured at 128 px on
+# the AMD EPYC, the whole command's peak less a bare torch process (0.66 GB): DDIM sampling of 64
+# images 0.23, evaluate's batches of 256 0.30 (`/usr/bin/time -v xraygan generate DIFFUSION -n 64
+# --sampling-steps 2`, `... evaluate CLASSIFIER k128/test`).
+INFERENCE_SHARE = 0.3
+# A step's process beside its batch: the whole command's peak at the calibration's smallest
+# batch, less that batch's estimate, was 1.3 GiB resident (GAN and diffusion, 128 px, either
+# precision): torch, the decoded images, buffers. On a GPU it stands for the CUDA context.
+PROCESS_BYTES = int(1.3 * 2**30)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -136,10 +155,10 @@ def fitting_batch(family: str, elements_per_image: int, parameters: int, device:
     free, _ = free_bytes(device)
     if free is None or elements_per_image == 0:
         return wanted
-    return max(1, min(wanted, _largest(family, elements_per_image, parameters, free)))
+    return max(1, min(wanted, largest_batch(family, elements_per_image, parameters, free)))
 
 
-def _largest(family: str, elements_per_image: int, parameters: int, free: int) -> int:
+def largest_batch(family: str, elements_per_image: int, parameters: int, free: int) -> int:
     """The largest batch whose estimated training peak stays under HEADROOM of `free` bytes."""
     return int((HEADROOM * free - 16 * parameters) // (BYTES_PER_ELEMENT[family] * elements_per_image))
 
@@ -153,12 +172,23 @@ def check_batch(family: str, elements_per_image: int, parameters: int, batch: in
     --accumulate that keeps the step's batch. `flags`: the options that set the batch (None:
     none does) and the micro-batches, as the caller's user types them (the study's differ)."""
     free, source = free_bytes(device)
+    why = refusal(family, elements_per_image, parameters, batch, free, source, device, size, accumulate, flags)
+    if why:
+        raise InputError(f"{what}: {why}")
+
+
+def refusal(family: str, elements_per_image: int, parameters: int, batch: int, free: int | None, source: str,
+            device: torch.device, size: int, accumulate: tuple[int, int] | None = None,
+            flags: tuple[str | None, str] = ("--batch-size", "--accumulate"), held: int = 0) -> str | None:
+    """Why `batch` does not fit `free` bytes (`check_batch`'s words), None where it fits or
+    nothing is known. `held`: bytes the command will also hold (its decoded images), when `free`
+    was measured before it read them (the study's check of its steps)."""
     if free is None or elements_per_image == 0:
-        return
+        return None
     need = training_bytes(family, elements_per_image, batch, parameters)
-    if need <= HEADROOM * free:
-        return
-    fits = _largest(family, elements_per_image, parameters, free)
+    if need + held <= HEADROOM * free:
+        return None
+    fits = largest_batch(family, elements_per_image, parameters, max(0, free - held))
     gib = 2**30
     if fits < 1:
         hint = "no batch fits: free memory or use a smaller --width"
@@ -169,8 +199,9 @@ def check_batch(family: str, elements_per_image: int, parameters: int, batch: in
         keep = -(-step_batch // fits)  # micro-batches of at most `fits` images
         hint = (f"give {flags[1]} {keep} to keep the batch of {step_batch} in micro-batches of "
                 f"{-(-step_batch // keep)}" + (f", or {flags[0]} {fits * k} or less" if flags[0] else ""))
-    raise InputError(f"{what}: a batch of {batch} at {size} px needs about {need / gib:.1f} GiB and "
-                     f"{device.type} has {free / gib:.1f} GiB ({source}); {hint}")
+    besides = f" besides {held / gib:.1f} GiB of decoded images" if held >= gib / 10 else ""
+    return (f"a batch of {batch} at {size} px needs about {need / gib:.1f} GiB{besides} and "
+            f"{device.type} has {free / gib:.1f} GiB ({source}); {hint}")
 
 
 def generator_footprint(net) -> tuple[int, int]:

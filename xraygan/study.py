@@ -48,7 +48,8 @@ DIFFUSION_ROWS = ("ddpm", "cddpm")  # a DDPM on the minority class; a conditiona
 RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
-            "diffusion_steps", "clf_accumulate", "sampling_steps", "clf_select", "weights", "tune_for")
+            "diffusion_steps", "diffusion_batch", "clf_accumulate", "sampling_steps", "clf_select", "weights",
+            "tune_for")
 # A setting shapes only the folders named here (under the study folder; "*" is any row): while
 # none of them holds anything, it may change between runs of one study, so a diffusion row can be
 # added to a finished GAN grid at a step count of its own, and a study's generators can be given
@@ -60,7 +61,7 @@ _CLASSIFIERS = ("runs/*",)
 # a record without it is compared against this, not against today's default.
 RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1"}
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
-                   "diffusion_steps": ("diffusion/*",),
+                   "diffusion_steps": ("diffusion/*",), "diffusion_batch": ("diffusion/*",),
                    "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
                    **{k: _CLASSIFIERS for k in ("clf_epochs", "patience", "small_stem", "clf_accumulate",
                                                 "clf_select", "weights")},
@@ -118,6 +119,7 @@ class StudyConfig:
     gan_steps: int = opt(3000, "Generator steps per GAN (each GAN is trained once, seed 0).")
     gan_batch: int = opt(64, "GAN batch size.")
     diffusion_steps: int = opt(4000, "Training steps per diffusion model (rows ddpm, cddpm).")
+    diffusion_batch: int = opt(64, "Diffusion batch size (rows ddpm, cddpm; see train-diffusion --batch-size).")
     sampling_steps: int = opt(50, "DDIM steps when the diffusion rows generate (see generate --sampling-steps).")
     diffaugment: str = opt("auto", "DiffAugment policy for the GANs (see train-gan).")
     clf_epochs: int = opt(20, "Classifier epochs (early stopping may end sooner).")
@@ -168,6 +170,7 @@ class StudyConfig:
         require(self.clf_accumulate <= batch // 2, f"--clf-accumulate {self.clf_accumulate}: more micro-batches "
                 f"than the classifier's batch of {batch} can fill with two images each")
         check_int("--diffusion-steps", self.diffusion_steps)
+        check_int("--diffusion-batch", self.diffusion_batch, 2)
         check_int("--sampling-steps", self.sampling_steps)
         check_int("--patience", self.patience, 0)
         check_choice("--small-stem", self.small_stem, ("auto", "yes", "no"))
@@ -193,7 +196,8 @@ class StudyConfig:
         return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps,
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
-                "diffusion_steps": self.diffusion_steps, "clf_accumulate": self.clf_accumulate,
+                "diffusion_steps": self.diffusion_steps, "diffusion_batch": self.diffusion_batch,
+                "clf_accumulate": self.clf_accumulate,
                 "sampling_steps": self.sampling_steps, "clf_select": self.clf_select, "tune_for": self.tune_for,
                 "weights": self.weights and {"path": str(Path(self.weights).resolve()),
                                              "sha256": file_sha256(Path(self.weights))}}
@@ -300,7 +304,8 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
         if row in DIFFUSION_ROWS:
             run, trainer, model = out / "diffusion" / row, "train-diffusion", "diffusion.safetensors"
             c = diffusion.TrainDiffusionConfig(data=train, out=run, conditional=row == "cddpm", cls=minority,
-                                               steps=cfg.diffusion_steps, seed=0, device=dev)
+                                               steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch, seed=0,
+                                               device=dev)
             steps.append(command_step(f"{trainer} {row}", trainer, c, run, again=["--resume"],
                                       done=lambda run=run: diffusion.is_done(run, cfg.diffusion_steps)))
         else:
@@ -510,6 +515,15 @@ def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None
                "second one after another).")]
     out += [f"  {cmd:<17}{len(v):>4} step{'s' if len(v) > 1 else ' '}  {hours(sum(v)):>9}"
             for cmd, v in sorted(by_command.items(), key=lambda kv: -sum(kv[1]))]
+    m = est.memory
+    if m is not None and m.free is not None and m.peaks:
+        from xraygan.stepmemory import gib
+
+        top = max(m.peaks, key=m.peaks.get)
+        n = len(est.waited)
+        out.append(f"Memory: the largest step, {top}, needs about {gib(m.peaks[top])} of the {gib(m.free)} free "
+                   f"({m.source})" + (f"; {n} step{'s' if n > 1 else ''} will wait for memory rather than run "
+                                      "beside another" if n else "") + ".")
     if est.units:  # (a study with only its tables left measures nothing)
         out += [f"Measured in {est.measuring:.0f} s from a step or two of each network"
                 + (f"; a classifier is counted at --clf-epochs {cfg.clf_epochs} (early stopping after {cfg.patience} "
@@ -525,9 +539,15 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
     cfg.validate()
     from xraygan.runtime import resolve_device
 
-    resolve_device(cfg.device)  # here, not in every step: --print-commands may plan for another machine
+    device = resolve_device(cfg.device)  # here, not in every step: --print-commands may plan for another machine
     earlier = check_study_folder(cfg)
     steps, info = build_plan(cfg)
+    done = {s.id for s in steps if s.inputs is None and s.done()}
+    from xraygan.stepmemory import plan_data, plan_memory
+
+    # every step's batch against the free memory before any folder is made or step started; the
+    # executor starts no step beside others whose peaks leave it no room
+    memory = plan_memory(steps, {s.id for s in steps} - done, plan_data(Path(cfg.data)), device)
     if cfg.clf_select == "f1" and say is not None:  # said before hours of training, not after
         from xraygan.classifier import TrainClassifierConfig, f1_selection_warning
 
@@ -544,7 +564,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
               "rows": list(dict.fromkeys([*(earlier or {}).get("rows", []), *cfg.rows])),
               "seeds": list(dict.fromkeys([*(earlier or {}).get("seeds", []), *cfg.seeds]))}
     atomic_write_json(out / RECORD, record)
-    ex = _Executor(cfg, steps, jobs, cores, say or (lambda line: None))
+    ex = _Executor(cfg, steps, jobs, cores, say or (lambda line: None), done, memory)
     ex.run()
     record["last_run"] = {"seconds": round(ex.wall, 1), "jobs": jobs, "threads": ex.threads,
                           "steps_run": ex.finished, "skipped": ex.skipped, "failed": [f for f, _ in ex.failed]}
@@ -580,11 +600,14 @@ class _Executor:
     Ctrl-C (a training step saves first). A step's log starts with its shell command, and
     times.csv records it."""
 
-    def __init__(self, cfg: StudyConfig, steps: list[Step], jobs: int, cores: int, say: Callable[[str], None]):
+    def __init__(self, cfg: StudyConfig, steps: list[Step], jobs: int, cores: int, say: Callable[[str], None],
+                 done: set[str], memory):
         self.cfg, self.steps, self.jobs, self.cores, self.say = cfg, steps, jobs, cores, say
+        self.memory = memory  # stepmemory.PlanMemory: each step's peak and the free memory
         self.out = Path(cfg.out)
         self.by = {s.id: s for s in steps}
-        self.state: dict[str, str] = {s.id: "done" for s in steps if s.inputs is None and s.done()}
+        self.state: dict[str, str] = dict.fromkeys(done, "done")
+        self.told_wait: set[str] = set()
         self.skipped = len(self.state)
         todo = {s.id for s in steps if s.id not in self.state}
         self.threads, self.lone = thread_plan(steps, todo, jobs, cores)
@@ -647,9 +670,26 @@ class _Executor:
                 ts.done(s.id)
             elif verdict == "wait" or len(self.running) >= self.jobs:
                 left.append(s)
+            elif not self.memory.fits([st.id for st, *_ in self.running.values()], s.id):
+                left.append(s)
+                self._say_waiting(s)
             else:
                 self._launch(s)
         return left
+
+    def _say_waiting(self, s: Step) -> None:
+        """Said once per step: it waits for running steps to end, not to run beside them."""
+        if s.id in self.told_wait:
+            return
+        self.told_wait.add(s.id)
+        from xraygan.stepmemory import gib
+
+        m = self.memory
+        names = [st.id for st, *_ in self.running.values()]
+        held = sum(m.peaks.get(n, 0) for n in names)
+        self.say(f"wait   {s.id}: needs about {gib(m.peaks[s.id])} of memory and {', '.join(names)} "
+                 f"{'holds' if len(names) == 1 else 'hold'} about {gib(held)} of the {gib(m.free)} free "
+                 f"({m.source}); it starts when memory is freed")
 
     def _ready(self, s: Step) -> str:
         """run, wait (its exclusive group is busy) or blocked (a step it needs failed); the table

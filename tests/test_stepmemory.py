@@ -1,0 +1,121 @@
+"""A study's memory: every step's batch checked against the free memory before any step runs (in
+the study's options), and no steps started together whose peaks add up to more than is free."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from xraygan import estimate as est
+from xraygan import stepmemory
+from xraygan.errors import InputError
+from xraygan.stepmemory import PlanMemory, fits, plan_data, step_needs
+from xraygan.study import StudyConfig, build_plan, run_study
+
+GIB = 2**30
+
+
+@dataclass
+class S:  # the fields of a study step the schedule reads
+    id: str
+    deps: list[str] = field(default_factory=list)
+    exclusive: str | None = None
+
+
+def test_steps_start_together_only_where_their_peaks_fit_the_free_memory():
+    assert fits([], 50 * GIB, 10 * GIB)  # alone a step always starts (the plan's check passed it)
+    assert fits([4 * GIB], 5 * GIB, 10 * GIB)  # 9 of the 9 GiB (90 %) that may be taken
+    assert not fits([4 * GIB], 5 * GIB + 1, 10 * GIB)
+    assert fits([4 * GIB], 50 * GIB, None)  # the device does not say: nothing waits
+    assert fits([50 * GIB], 0, 10 * GIB)  # a step that holds no network (rebalance) never waits
+    # two diffusion models of 6 GiB each on 10 GiB free run one after the other; the 1 GiB
+    # classifier runs beside the first, so it is not on the critical path
+    steps = [S("ddpm"), S("cddpm"), S("clf")]
+    secs = {"ddpm": 10.0, "cddpm": 10.0, "clf": 5.0}
+    todo = {s.id for s in steps}
+    assert est.schedule(steps, todo, secs, 2) == 15.0  # (no memory: ddpm and cddpm together)
+    waited: set[str] = set()
+    mem = PlanMemory({"ddpm": 6 * GIB, "cddpm": 6 * GIB, "clf": GIB}, 10 * GIB, "test")
+    assert est.schedule(steps, todo, secs, 2, mem, waited) == 20.0
+    assert waited == {"cddpm"}
+    assert est.schedule(steps, todo, secs, 2, PlanMemory(mem.peaks, 20 * GIB, "test")) == 15.0
+
+
+def test_each_step_s_need_is_its_command_s_batch_in_the_study_s_options(demo_data, tmp_path):
+    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("baseline", "dcgan", "ddpm"), seeds=(0,),
+                      gan_batch=16, diffusion_batch=8, clf_accumulate=2)
+    steps = build_plan(cfg)[0]
+    pd = plan_data(demo_data)
+    needs = step_needs(steps, {s.id for s in steps}, pd, torch.device("cpu"))
+    gan, = needs["train-gan dcgan"]
+    assert (gan.family, gan.batch, gan.flags, gan.images) == ("gan", 16, ("--gan-batch", ""), pd.train[pd.minority])
+    diff, = needs["train-diffusion ddpm"]
+    assert (diff.family, diff.batch, diff.flags) == ("diffusion", 8, ("--diffusion-batch", ""))
+    clf = needs["train-classifier baseline seed 0"]
+    assert clf[0].batch == 32 and clf[0].accumulate == (2, 64) and clf[0].flags == (None, "--clf-accumulate")
+    assert clf[0].images == pd.n_train + pd.val  # the set it trains on and the validation split, decoded
+    assert not any(k.startswith(("rebalance", "compare")) for k in needs)  # no network: nothing to hold
+    # a command that fits its batch to the free memory is counted at the batch it would take
+    gen, = needs["generate dcgan"]
+    assert gen.adapts and gen.bytes(pd.size, None) > gen.bytes(pd.size, 1)
+    # the peak grows with the batch as memory.training_bytes does
+    assert diff.bytes(pd.size, None) < stepmemory.Need(**{**diff.__dict__, "batch": 16}).bytes(pd.size, None)
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_the_study_makes_anything(demo_data, tmp_path):
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-m", "xraygan", "study", str(demo_data), "--out", str(out), "--rows", "ddpm",
+                        "--seeds", "0", "--diffusion-batch", "4096"], capture_output=True, text=True,
+                       env={**os.environ, "XRAYGAN_MEMORY_LIMIT": "2500M"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: study step train-diffusion ddpm: a batch of 4096 at 32 px needs about "), last
+    assert "give --diffusion-batch " in last and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_steps_whose_peaks_do_not_fit_together_run_one_after_the_other(demo_data, tmp_path, monkeypatch):
+    """With --jobs 2 two GANs start together, unless the memory found free cannot hold both: then
+    the second waits for the first to end, and says so once."""
+    real = stepmemory.plan_memory
+
+    def tight(steps, todo, pd, device):  # the plan's own peaks, with room for one GAN at a time
+        m = real(steps, todo, pd, device)
+        gans = [m.peaks[s] for s in todo if s.startswith("train-gan")]
+        return PlanMemory(m.peaks, int(1.2 * max(gans) / 0.9), "test")
+
+    monkeypatch.setattr(stepmemory, "plan_memory", tight)
+    said: list[str] = []
+    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("dcgan", "cdcgan_a0.5"), seeds=(0,), gan_steps=2,
+                      gan_batch=8, clf_epochs=1, audit=False, jobs=2, device="cpu")
+    run_study(cfg, said.append)
+    at = {line: i for i, line in enumerate(said)}
+    first, second = "train-gan dcgan", "train-gan cdcgan_a0.5"
+    wait = [line for line in said if line.startswith(f"wait   {second}: needs about ")]
+    assert len(wait) == 1 and f"and {first} holds about " in wait[0], said
+    done_first = next(i for line, i in at.items() if line.startswith(f"done   {first} "))
+    assert at[f"start  {first}"] < at[wait[0]] < done_first < at[f"start  {second}"]
+
+
+def test_a_gpu_s_free_memory_is_read_outside_the_study_s_process(monkeypatch):
+    """CUDA started in the study's process would hold GPU memory all study long: on a GPU the
+    free memory is asked in a measurement's process."""
+    asked = []
+
+    class Apart:
+        def __call__(self, fn, args, threads, what):
+            asked.append((fn, args, what))
+            return 8 * GIB, "free GPU memory"
+
+    monkeypatch.setattr(est, "Apart", Apart)
+    assert stepmemory.device_free(torch.device("cuda")) == (8 * GIB, "free GPU memory")
+    assert asked and asked[0][0] is stepmemory.free_bytes
+    with pytest.raises(InputError):  # (on the CPU it is read here; a bad limit is one error line)
+        monkeypatch.setenv("XRAYGAN_MEMORY_LIMIT", "lots")
+        stepmemory.device_free(torch.device("cpu"))

@@ -1,0 +1,256 @@
+"""What each step of a study holds in memory at its peak, by the estimate each command checks its
+own batch with (xraygan/memory.py), so that the study
+
+- refuses a batch that can never fit before any step runs, in one line that names the step and
+  the study's option that sets the batch (`--gan-batch`, `--diffusion-batch`, `--clf-accumulate`),
+  not hours later in a step's log in the words of the step's own command;
+- never starts steps together whose peaks add up to more than the device had free when the study
+  began: a step then waits for memory as it waits for a free slot. Each step checks its batch at
+  its own start, but two steps that start together both see the memory neither has taken yet:
+  two 128 px diffusion models at batch 64 in fp32 each pass on a 24 GiB machine, and started
+  together the out-of-memory killer ended one (`benchmarks/bench_study_memory.py`).
+
+The refusal is each command's own rule (its batch's estimated peak, `memory.training_bytes`,
+within HEADROOM of the free memory). What runs together is decided on a closer count of what a
+step holds: its activations (in bf16 on a CPU, a GAN's and a diffusion model's at
+`memory.BF16_CPU_RATIO`; without backward, scoring and sampling, at `memory.INFERENCE_SHARE`),
+its weights and optimizer state, its process (`memory.PROCESS_BYTES`) and the images it holds
+decoded (one byte a pixel, up to the size above which a set is memory-mapped instead). Commands
+that fit their batch to the free memory are counted at the batch they would take from what the
+study found free. Only the study's device is counted: on a GPU, its memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xraygan.errors import InputError
+from xraygan.images import MEMMAP_OVER
+from xraygan.memory import (
+    BF16_CPU_RATIO,
+    HEADROOM,
+    INFERENCE_SHARE,
+    PROCESS_BYTES,
+    classifier_footprint,
+    diffusion_footprint,
+    free_bytes,
+    gan_footprint,
+    generator_footprint,
+    largest_batch,
+    refusal,
+    training_bytes,
+)
+
+
+@dataclass(frozen=True)
+class PlanData:
+    """What the plan's needs and times depend on in the prepared data: the image side, the class
+    names and the training images per class, and the images in val/ and test/."""
+    size: int
+    classes: tuple[str, ...]
+    train: dict[str, int]
+    val: int
+    test: int
+
+    @property
+    def n_train(self) -> int:
+        return sum(self.train.values())
+
+    @property
+    def minority(self) -> str:
+        return min(self.train, key=lambda c: (self.train[c], c))
+
+
+def plan_data(data: Path) -> PlanData:
+    from xraygan.images import image_side, list_image_folder
+    from xraygan.study import class_counts
+
+    listing = list_image_folder(data / "train")
+    size = image_side(next(f for fs in listing.values() for f in fs))  # prepare made them all one size
+    return PlanData(size, tuple(listing), {c: len(f) for c, f in listing.items()},
+                    sum(class_counts(data / "val").values()), sum(class_counts(data / "test").values()))
+
+
+def balanced_size(method: str, counts: dict[str, int], ratio: float) -> int:
+    """Images in `rebalance`'s output for `method` (the rule rebalance applies)."""
+    if method == "none":
+        return sum(counts.values())
+    top, low = max(counts.values()), min(counts.values())
+    if method == "undersample":
+        return sum(min(n, int(round(low / ratio))) for n in counts.values())
+    return sum(max(n, int(round(ratio * top))) for n in counts.values())
+
+
+@dataclass(frozen=True)
+class Need:
+    """One step's peak: `batch` images a pass of a network with `elements` activation elements an
+    image and `parameters` weights, plus `images` held decoded. `adapts`: the command takes a
+    smaller batch where memory is short. `accumulate` and `flags` as `memory.check_batch` takes
+    them (the study's options)."""
+    family: str
+    elements: int
+    parameters: int
+    batch: int
+    images: int = 0
+    adapts: bool = False
+    accumulate: tuple[int, int] | None = None
+    flags: tuple[str | None, str] = (None, "")
+    scale: float = 1.0  # of the activations' bytes: BF16_CPU_RATIO where the step computes in bf16 on a CPU
+    inference: bool = False  # no backward (scoring, sampling): INFERENCE_SHARE of a training step's activations
+
+    def bytes(self, size: int, free: int | None) -> int:
+        """What the step holds at its peak, its process included, for deciding what runs
+        together (the refusal is `check_needs`'s, by the command's own rule)."""
+        b = self.batch
+        if self.adapts and free is not None and self.elements:
+            b = max(1, min(b, largest_batch(self.family, self.elements, self.parameters, free)))
+        activations = training_bytes(self.family, self.elements, b, 0) * self.scale
+        if self.inference:
+            activations *= INFERENCE_SHARE
+        return int(activations) + 16 * self.parameters + PROCESS_BYTES + self.held(size)
+
+    def held(self, size: int) -> int:
+        """The decoded images' bytes in the process: above MEMMAP_OVER a set is decoded into a
+        memory-mapped file instead (the page cache holds it, which the kernel can reclaim)."""
+        n = self.images * size * size
+        return n if n <= MEMMAP_OVER else 0
+
+
+def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) -> dict[str, list[Need]]:
+    """The needs of each step of `todo` whose command holds a network (a step's largest counts)."""
+    from xraygan import classifier, diffusion, gan
+    from xraygan.audit import AuditConfig
+    from xraygan.classifier import EVAL_BATCH, TrainClassifierConfig
+    from xraygan.diffusion import TrainDiffusionConfig
+    from xraygan.evaluate import EvaluateConfig
+    from xraygan.gan import TrainGanConfig
+    from xraygan.generate import GenerateConfig, default_batch
+    from xraygan.gradcam import GradcamConfig
+    from xraygan.rebalance import RebalanceConfig
+    from xraygan.runtime import autocast_dtype
+
+    by = {s.id: s for s in steps}
+    n = len(pd.classes)
+
+    def dep(s, kind):
+        return next((by[d].config for d in s.deps if d in by and isinstance(by[d].config, kind)), None)
+
+    def scoring(c: TrainClassifierConfig, batch: int, images: int, inference: bool = True) -> Need:
+        return Need("classifier", *classifier_footprint(classifier.net_config(c, pd.size, n)), batch, images,
+                    adapts=True, inference=inference)
+
+    default_clf = TrainClassifierConfig(data=Path("."), val=Path("."), out=Path("."))
+    needs: dict[str, list[Need]] = {}
+    for s in (s for s in steps if s.id in todo):
+        c = s.config
+        if isinstance(c, (TrainGanConfig, TrainDiffusionConfig)):
+            used = pd.n_train if c.conditional else pd.train.get(c.cls or pd.minority, 0)
+            family = "gan" if isinstance(c, TrainGanConfig) else "diffusion"
+            scale = BF16_CPU_RATIO[family] if device.type == "cpu" and autocast_dtype(device, c.precision) else 1.0
+            if family == "gan":
+                fp = gan_footprint(gan.net_config(c, pd.size, n), c.r1 > 0)
+                needs[s.id] = [Need("gan", *fp, c.batch_size, used, flags=("--gan-batch", ""), scale=scale)]
+            else:
+                fp = diffusion_footprint(diffusion.net_config(c, pd.size, n))
+                needs[s.id] = [Need("diffusion", *fp, c.batch_size, used, flags=("--diffusion-batch", ""),
+                                    scale=scale)]
+        elif isinstance(c, TrainClassifierConfig):
+            reb = dep(s, RebalanceConfig)
+            held = (balanced_size(reb.method, pd.train, reb.ratio) if reb else pd.n_train) + pd.val
+            fp = classifier_footprint(classifier.net_config(c, pd.size, n))
+            micro = -(-c.batch_size // c.accumulate)
+            needs[s.id] = [Need("classifier", *fp, micro, held, accumulate=(c.accumulate, c.batch_size),
+                                flags=(None, "--clf-accumulate"))]
+            if c.accumulate == 1:  # validation scores in batches fit to the free memory
+                needs[s.id].append(Need("classifier", *fp, EVAL_BATCH, held, adapts=True, inference=True))
+        elif isinstance(c, GenerateConfig):
+            tc = dep(s, (TrainGanConfig, TrainDiffusionConfig))
+            if isinstance(tc, TrainDiffusionConfig):
+                family, fp = "diffusion", diffusion_footprint(diffusion.net_config(tc, pd.size, n))
+            else:
+                family = "gan"
+                fp = generator_footprint(gan.net_config(tc or TrainGanConfig(data=Path("."), out=Path(".")), pd.size, n))
+            wanted = min(c.batch_size or default_batch(family, device), c.n)
+            needs[s.id] = [Need(family, *fp, wanted, adapts=True, inference=True)]
+        elif isinstance(c, AuditConfig):  # its feature classifier (3 epochs), then scoring real and synthetic
+            gen = dep(s, GenerateConfig)
+            held = pd.n_train + (gen.n if gen else 0)
+            fp = classifier_footprint(classifier.net_config(TrainClassifierConfig(
+                data=Path("."), val=Path("."), out=Path("."), small_stem="no"), pd.size, n))
+            needs[s.id] = [Need("classifier", *fp, default_clf.batch_size, held),
+                           Need("classifier", *fp, c.batch_size, held, adapts=True, inference=True)]
+        elif isinstance(c, EvaluateConfig):
+            needs[s.id] = [scoring(dep(s, TrainClassifierConfig) or default_clf, c.batch_size, pd.test + pd.val)]
+        elif isinstance(c, GradcamConfig):
+            # Grad-CAM differentiates: its batch holds activations for backward
+            needs[s.id] = [scoring(dep(s, TrainClassifierConfig) or default_clf, c.batch_size, pd.test, False)]
+    return needs
+
+
+def peak(needs: list[Need], size: int, free: int | None) -> int:
+    return max((x.bytes(size, free) for x in needs), default=0)
+
+
+def check_needs(needs: dict[str, list[Need]], pd: PlanData, free: int | None, source: str,
+                device: torch.device) -> None:
+    """Refuse, naming the step and the study's option, the first step whose batch cannot fit the
+    free memory even alone."""
+    if free is None:
+        return
+    for sid, ns in needs.items():
+        for x in ns:
+            if x.adapts:
+                continue
+            why = refusal(x.family, x.elements, x.parameters, x.batch, free, source, device, pd.size,
+                          x.accumulate, x.flags, held=x.held(pd.size))
+            if why:
+                raise InputError(f"study step {sid}: {why}")
+
+
+def device_free(device: torch.device) -> tuple[int | None, str]:
+    """(the device's free bytes now, what they are), as `memory.free_bytes`. On a GPU it is asked
+    in a process of its own (the fork server's): CUDA started in the study's process would hold
+    memory all study long."""
+    if device.type == "cuda":
+        from xraygan.estimate import Apart
+
+        return Apart()(free_bytes, (device,), 1, "the free GPU memory")
+    return free_bytes(device)
+
+
+def fits(held: Iterable[int], need: int, free: int | None) -> bool:
+    """Whether a step needing `need` bytes may start beside running steps holding `held` of the
+    `free` bytes the study found: always when nothing runs (alone it passed `check_needs`) or it
+    holds no network (rebalance, the tables), else when together they stay within HEADROOM of it,
+    the margin each command keeps."""
+    held = list(held)
+    return free is None or not held or need == 0 or sum(held) + need <= HEADROOM * free
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+@dataclass(frozen=True)
+class PlanMemory:
+    """The plan's memory: each step's peak (bytes, by step id) and the device's free bytes when
+    the study began (None: the device does not say, and nothing waits for memory)."""
+    peaks: dict[str, int]
+    free: int | None
+    source: str
+
+    def fits(self, running: Iterable[str], sid: str) -> bool:
+        return fits((self.peaks.get(r, 0) for r in running), self.peaks.get(sid, 0), self.free)
+
+
+def plan_memory(steps: list, todo: set[str], pd: PlanData, device: torch.device) -> PlanMemory:
+    """Every step of `todo` checked against the device's free memory now (one line naming the
+    first that cannot fit, in the study's options), and each one's peak for the executor."""
+    needs = step_needs(steps, todo, pd, device)
+    free, source = device_free(device)
+    check_needs(needs, pd, free, source, device)
+    return PlanMemory({sid: peak(ns, pd.size, free) for sid, ns in needs.items()}, free, source)
