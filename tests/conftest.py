@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,13 @@ import pytest
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@dataclass
+class PlanStep:  # the fields of a study step the estimate's schedule reads
+    id: str
+    deps: list[str] = field(default_factory=list)
+    exclusive: str | None = None
 
 
 @pytest.fixture

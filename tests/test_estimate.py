@@ -9,21 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import PlanStep
 
 from xraygan import estimate as est
 from xraygan.checkpoint import save_checkpoint
 from xraygan.study import StudyConfig, build_plan
 
-
-@dataclass
-class S:  # the fields of a study step the schedule reads
-    id: str
-    deps: list[str] = field(default_factory=list)
-    exclusive: str | None = None
+S = PlanStep
 
 
 def test_schedule_replays_the_executor():

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import PlanStep
 
 from xraygan import estimate as est
 from xraygan import stepmemory
@@ -20,11 +20,7 @@ from xraygan.study import StudyConfig, build_plan, run_study
 GIB = 2**30
 
 
-@dataclass
-class S:  # the fields of a study step the schedule reads
-    id: str
-    deps: list[str] = field(default_factory=list)
-    exclusive: str | None = None
+S = PlanStep
 
 
 def test_steps_start_together_only_where_their_peaks_fit_the_free_memory():
