@@ -29,6 +29,10 @@ def test_steps_start_together_only_where_their_peaks_fit_the_free_memory():
     assert not fits([4 * GIB], 5 * GIB + 1, 10 * GIB)
     assert fits([4 * GIB], 50 * GIB, None)  # the device does not say: nothing waits
     assert fits([50 * GIB], 0, 10 * GIB)  # a step that holds no network (rebalance) never waits
+    # the step's own check at its start asks for its upper bound of what the running ones leave
+    # (4 GiB held of 10: it may ask 5.4); refused there, the step would fail, so it waits
+    assert fits([4 * GIB], GIB, 10 * GIB, rule=5 * GIB)
+    assert not fits([4 * GIB], GIB, 10 * GIB, rule=6 * GIB)
     # two diffusion models of 6 GiB each on 10 GiB free run one after the other; the 1 GiB
     # classifier runs beside the first, so it is not on the critical path
     steps = [S("ddpm"), S("cddpm"), S("clf")]

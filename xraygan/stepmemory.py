@@ -23,7 +23,7 @@ study found free. Only the study's device is counted: on a GPU, its memory.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,6 +112,13 @@ class Need:
         if self.inference:
             activations *= INFERENCE_SHARE
         return int(activations) + 16 * self.parameters + PROCESS_BYTES + self.held(size)
+
+    def rule(self, size: int) -> int:
+        """What the command's own check at its start asks to be free (it reads its images first),
+        0 for a batch the command fits to the memory instead."""
+        if self.adapts:
+            return 0
+        return training_bytes(self.family, self.elements, self.batch, self.parameters) + self.held(size)
 
     def held(self, size: int) -> int:
         """The decoded images' bytes in the process: above MEMMAP_OVER a set is decoded into a
@@ -222,13 +229,16 @@ def device_free(device: torch.device) -> tuple[int | None, str]:
     return free_bytes(device)
 
 
-def fits(held: Iterable[int], need: int, free: int | None) -> bool:
+def fits(held: Iterable[int], need: int, free: int | None, rule: int = 0) -> bool:
     """Whether a step needing `need` bytes may start beside running steps holding `held` of the
     `free` bytes the study found: always when nothing runs (alone it passed `check_needs`) or it
-    holds no network (rebalance, the tables), else when together they stay within HEADROOM of it,
-    the margin each command keeps."""
+    holds no network (rebalance, the tables); else when together they stay within HEADROOM of
+    it, the margin each command keeps, and the step's own check at its start (`rule` bytes, the
+    command's upper bound) passes on what the running steps leave."""
     held = list(held)
-    return free is None or not held or need == 0 or sum(held) + need <= HEADROOM * free
+    if free is None or not held or need == 0:
+        return True
+    return sum(held) + need <= HEADROOM * free and rule <= HEADROOM * (free - sum(held))
 
 
 def gib(n: int) -> str:
@@ -242,9 +252,11 @@ class PlanMemory:
     peaks: dict[str, int]
     free: int | None
     source: str
+    rules: dict[str, int] = field(default_factory=dict)  # what each step's own check asks for (0: it adapts)
 
     def fits(self, running: Iterable[str], sid: str) -> bool:
-        return fits((self.peaks.get(r, 0) for r in running), self.peaks.get(sid, 0), self.free)
+        return fits((self.peaks.get(r, 0) for r in running), self.peaks.get(sid, 0), self.free,
+                    self.rules.get(sid, 0))
 
 
 def plan_memory(steps: list, todo: set[str], pd: PlanData, device: torch.device) -> PlanMemory:
@@ -253,4 +265,5 @@ def plan_memory(steps: list, todo: set[str], pd: PlanData, device: torch.device)
     needs = step_needs(steps, todo, pd, device)
     free, source = device_free(device)
     check_needs(needs, pd, free, source, device)
-    return PlanMemory({sid: peak(ns, pd.size, free) for sid, ns in needs.items()}, free, source)
+    return PlanMemory({sid: peak(ns, pd.size, free) for sid, ns in needs.items()}, free, source,
+                      {sid: max(x.rule(pd.size) for x in ns) for sid, ns in needs.items()})
