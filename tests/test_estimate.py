@@ -89,6 +89,7 @@ def test_estimate_on_the_command_line_writes_nothing(demo_data, tmp_path):
     assert gan.startswith("run    stage 1") and gan.split()[-1] in ("s", "min", "h")
     assert "steps to run, 0 done: about" in r.stdout and "1 step at a time" in r.stdout
     assert "counted at --clf-epochs 2 (early stopping after 1 " in r.stdout
+    assert "Memory: the largest step, " in r.stdout and " free (available memory)." in r.stdout
     assert "measuring a DCGAN step (batch 64) at 32 px on cpu" in r.stderr
     assert not out.exists()
     r = subprocess.run([sys.executable, "-m", "xraygan", "study", str(demo_data), "--out", str(out), "--estimate",
@@ -102,6 +103,7 @@ def test_estimate_on_the_command_line_writes_nothing(demo_data, tmp_path):
     rec = json.loads(r.stdout)
     e = rec["estimate"]
     assert e["steps"]["train-classifier baseline seed 0"] > 0 and 0 < e["seconds"] <= e["one_after_another"]
+    assert e["memory"]["peak_bytes"]["train-classifier baseline seed 0"] > 2**30 and e["memory"]["waiting"] == []
     assert "train-classifier baseline seed 0" in rec["script"] and "early stopping" not in rec["script"]
     assert not out.exists()
 

@@ -472,7 +472,10 @@ def study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
         text, est = estimate_text(cfg, steps, say)
         return {"script": text, "estimate": {"seconds": round(est.wall, 1), "one_after_another": round(est.serial, 1),
                                              "steps": {k: round(v, 1) for k, v in est.seconds.items()},
-                                             "units": est.units, "measuring_seconds": round(est.measuring, 1)}}
+                                             "units": est.units, "measuring_seconds": round(est.measuring, 1),
+                                             "memory": est.memory and {"free_bytes": est.memory.free,
+                                                                       "peak_bytes": est.memory.peaks,
+                                                                       "waiting": sorted(est.waited)}}}
     return {"script": commands_script(steps, cfg.program) if cfg.print_commands else plan_text(steps)}
 
 
