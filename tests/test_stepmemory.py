@@ -119,3 +119,21 @@ def test_a_gpu_s_free_memory_is_read_outside_the_study_s_process(monkeypatch):
     with pytest.raises(InputError):  # (on the CPU it is read here; a bad limit is one error line)
         monkeypatch.setenv("XRAYGAN_MEMORY_LIMIT", "lots")
         stepmemory.device_free(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("command, family, accumulate, ours", [
+    ("train-gan", "gan", None, ("--gan-batch", "")),
+    ("train-diffusion", "diffusion", None, ("--diffusion-batch", "")),
+    ("train-classifier", "classifier", (2, 64), (None, "--clf-accumulate")),
+])
+def test_a_step_s_own_memory_refusal_is_told_in_the_study_s_options(command, family, accumulate, ours):
+    """Memory taken by another program while the study runs can still make a step refuse its
+    batch at its start: the study's FAILED line names the study's option, as its own check does."""
+    from xraygan.memory import refusal
+    from xraygan.study import _in_study_terms
+
+    args = (family, 50_000_000, 1_000_000, 64, 2 * GIB, "available memory", torch.device("cpu"), 64, accumulate)
+    step_says = refusal(*args)  # in the command's own options
+    assert "--batch-size" in step_says or "--accumulate" in step_says
+    assert _in_study_terms(command, step_says) == refusal(*args, ours)
+    assert _in_study_terms(command, "error: something else --batch-size") == "error: something else --batch-size"

@@ -762,7 +762,7 @@ class _Executor:
             self.say(f"done   {s.id} ({secs:.1f} s) [{n_done}/{len(self.steps)}]")
         else:
             self.failed.append((s.id, log))
-            self.say(f"FAILED {s.id} (exit {rc}): {_last_line(log)} — log: {log}")
+            self.say(f"FAILED {s.id} (exit {rc}): {_in_study_terms(s.argv[0], _last_line(log))} — log: {log}")
         return s.id
 
     def _interrupted(self) -> None:
@@ -826,6 +826,24 @@ def _stop_on_signals() -> Callable[[], None]:
             signal.signal(sig, h)
 
     return restore
+
+
+# The options a step's memory refusal names, as the study's user types them (the study checks
+# every batch before it starts, so a step refuses only when memory was taken while it ran)
+STUDY_OPTIONS = {"train-gan": {"--batch-size": "--gan-batch"}, "train-diffusion": {"--batch-size": "--diffusion-batch"},
+                 "train-classifier": {"--accumulate": "--clf-accumulate"}}
+
+
+def _in_study_terms(command: str, line: str) -> str:
+    """A step's memory refusal (`memory.check_batch`: "... give --batch-size 12 or less") in the
+    study's options; any other line as it is."""
+    if " needs about " not in line:
+        return line
+    for theirs, ours in STUDY_OPTIONS.get(command, {}).items():
+        line = line.replace(f"give {theirs} ", f"give {ours} ").replace(f"or {theirs} ", f"or {ours} ")
+    if command == "train-classifier":  # the study sets no classifier batch: only the micro-batches
+        line = re.sub(r", or --batch-size \d+ or less", "", line)
+    return line
 
 
 def _last_line(log: Path) -> str:
