@@ -53,6 +53,7 @@ echo "== the 64 px grid, seeds $SEEDS, $GAN_STEPS GAN steps, $CLF_EPOCHS epochs,
     --device "$DEVICE" ${STUDY_ARGS:-} > "$DEST/table.md" 2> "$DEST/study.err"
 echo "study exit $?"
 tail -3 "$DEST/study.err"
+echo "steps that waited for GPU memory: $(grep -c '^wait ' "$DEST/study.err")"  # (the study's peaks, stepmemory.py)
 [ -n "$MON" ] && kill "$MON" 2> /dev/null
 ( cd "$WORK" && tar czf "$DEST/results.tgz" --ignore-failed-read study64/table study64/table-tuned \
     study64/times.csv study64/study.json study64/audit/*/audit.json study64/runs/*/report*/metrics.json \
