@@ -142,12 +142,18 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
 
     by = {s.id: s for s in steps}
     n = len(pd.classes)
+    counted: dict[tuple, tuple[int, int]] = {}
+
+    def once(fn, *net) -> tuple[int, int]:  # a footprint per network, not per step (a plan has ~100 classifiers)
+        if (fn, *net) not in counted:
+            counted[(fn, *net)] = fn(*net)
+        return counted[(fn, *net)]
 
     def dep(s, kind):
         return next((by[d].config for d in s.deps if d in by and isinstance(by[d].config, kind)), None)
 
     def scoring(c: TrainClassifierConfig, batch: int, images: int, inference: bool = True) -> Need:
-        return Need("classifier", *classifier_footprint(classifier.net_config(c, pd.size, n)), batch, images,
+        return Need("classifier", *once(classifier_footprint, classifier.net_config(c, pd.size, n)), batch, images,
                     adapts=True, inference=inference)
 
     default_clf = TrainClassifierConfig(data=Path("."), val=Path("."), out=Path("."))
@@ -159,16 +165,16 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
             family = "gan" if isinstance(c, TrainGanConfig) else "diffusion"
             scale = BF16_CPU_RATIO[family] if device.type == "cpu" and autocast_dtype(device, c.precision) else 1.0
             if family == "gan":
-                fp = gan_footprint(gan.net_config(c, pd.size, n), c.r1 > 0)
+                fp = once(gan_footprint, gan.net_config(c, pd.size, n), c.r1 > 0)
                 needs[s.id] = [Need("gan", *fp, c.batch_size, used, flags=("--gan-batch", ""), scale=scale)]
             else:
-                fp = diffusion_footprint(diffusion.net_config(c, pd.size, n))
+                fp = once(diffusion_footprint, diffusion.net_config(c, pd.size, n))
                 needs[s.id] = [Need("diffusion", *fp, c.batch_size, used, flags=("--diffusion-batch", ""),
                                     scale=scale)]
         elif isinstance(c, TrainClassifierConfig):
             reb = dep(s, RebalanceConfig)
             held = (balanced_size(reb.method, pd.train, reb.ratio) if reb else pd.n_train) + pd.val
-            fp = classifier_footprint(classifier.net_config(c, pd.size, n))
+            fp = once(classifier_footprint, classifier.net_config(c, pd.size, n))
             micro = -(-c.batch_size // c.accumulate)
             needs[s.id] = [Need("classifier", *fp, micro, held, accumulate=(c.accumulate, c.batch_size),
                                 flags=(None, "--clf-accumulate"))]
@@ -177,16 +183,16 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
         elif isinstance(c, GenerateConfig):
             tc = dep(s, (TrainGanConfig, TrainDiffusionConfig))
             if isinstance(tc, TrainDiffusionConfig):
-                family, fp = "diffusion", diffusion_footprint(diffusion.net_config(tc, pd.size, n))
+                family, fp = "diffusion", once(diffusion_footprint, diffusion.net_config(tc, pd.size, n))
             else:
                 family = "gan"
-                fp = generator_footprint(gan.net_config(tc or TrainGanConfig(data=Path("."), out=Path(".")), pd.size, n))
+                fp = once(generator_footprint, gan.net_config(tc or TrainGanConfig(data=Path("."), out=Path(".")), pd.size, n))
             wanted = min(c.batch_size or default_batch(family, device), c.n)
             needs[s.id] = [Need(family, *fp, wanted, adapts=True, inference=True)]
         elif isinstance(c, AuditConfig):  # its feature classifier (3 epochs), then scoring real and synthetic
             gen = dep(s, GenerateConfig)
             held = pd.n_train + (gen.n if gen else 0)
-            fp = classifier_footprint(classifier.net_config(TrainClassifierConfig(
+            fp = once(classifier_footprint, classifier.net_config(TrainClassifierConfig(
                 data=Path("."), val=Path("."), out=Path("."), small_stem="no"), pd.size, n))
             needs[s.id] = [Need("classifier", *fp, default_clf.batch_size, held),
                            Need("classifier", *fp, c.batch_size, held, adapts=True, inference=True)]
