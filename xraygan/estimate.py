@@ -34,7 +34,6 @@ from xraygan.stepmemory import PlanMemory, balanced_size
 MEASURE_SECONDS = 1.0  # time repeated calls until this much has passed (at least one call)
 MAX_CALLS = 20
 WARMUP_ENOUGH = 120.0  # a warm-up call this long is the measurement itself
-PNG_SAMPLE = 16  # training images decoded and encoded to time a PNG
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int = 1) -> float:
@@ -189,11 +188,10 @@ def classifier_rates(cfg, size: int, n_classes: int, device: torch.device) -> tu
     return train, infer, cam
 
 
-def png_rates(files: list[Path]) -> tuple[float, float]:
-    """(decode, encode) seconds per image, on up to PNG_SAMPLE of the training images."""
+def png_rates(sample: tuple[Path, ...]) -> tuple[float, float]:
+    """(decode, encode) seconds per image, on a few training images (`stepmemory.PlanData.sample`)."""
     from xraygan.images import encode_png
 
-    sample = files[:PNG_SAMPLE]
     if not sample:
         return 0.0, 0.0
     t0 = time.perf_counter()
@@ -330,7 +328,6 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
     from xraygan.diffusion import TrainDiffusionConfig
     from xraygan.gan import TrainGanConfig
     from xraygan.generate import GenerateConfig
-    from xraygan.images import list_image_folder
     from xraygan.rebalance import RebalanceConfig
     from xraygan.stepmemory import plan_data, plan_memory
 
@@ -429,7 +426,7 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
     dec = enc = 0.0
     if any(s.inputs is None for s in steps if s.id in todo):  # (not for the tables alone)
         say("measuring reading and writing PNGs")
-        dec, enc = png_rates([f for fs in list_image_folder(data / "train").values() for f in fs])
+        dec, enc = png_rates(pd.sample)
         units["png_decode_s"], units["png_encode_s"] = dec, enc
     for s in (s for s in steps if s.id in todo):
         seconds[s.id] = price(s)

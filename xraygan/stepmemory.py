@@ -22,6 +22,7 @@ study found free. Only the study's device is counted: on a GPU, its memory.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,16 +46,20 @@ from xraygan.memory import (
     training_bytes,
 )
 
+SAMPLE = 16  # training images kept by name: the estimate times reading and writing PNGs on them
+
 
 @dataclass(frozen=True)
 class PlanData:
     """What the plan's needs and times depend on in the prepared data: the image side, the class
-    names and the training images per class, and the images in val/ and test/."""
+    names and the training images per class, the images in val/ and test/, and the first
+    SAMPLE training images (the folder is listed once)."""
     size: int
     classes: tuple[str, ...]
     train: dict[str, int]
     val: int
     test: int
+    sample: tuple[Path, ...] = ()
 
     @property
     def n_train(self) -> int:
@@ -70,9 +75,10 @@ def plan_data(data: Path) -> PlanData:
     from xraygan.study import class_counts
 
     listing = list_image_folder(data / "train")
-    size = image_side(next(f for fs in listing.values() for f in fs))  # prepare made them all one size
+    sample = tuple(itertools.islice((f for fs in listing.values() for f in fs), SAMPLE))
+    size = image_side(sample[0])  # prepare made them all one size
     return PlanData(size, tuple(listing), {c: len(f) for c, f in listing.items()},
-                    sum(class_counts(data / "val").values()), sum(class_counts(data / "test").values()))
+                    sum(class_counts(data / "val").values()), sum(class_counts(data / "test").values()), sample)
 
 
 def balanced_size(method: str, counts: dict[str, int], ratio: float) -> int:
