@@ -46,6 +46,10 @@ from xraygan.memory import (
     training_bytes,
 )
 
+# The options that set each trainer's batch and micro-batches in a study, as `memory.check_batch`
+# takes them (the commands' own are ("--batch-size", "--accumulate"); None: the study sets none)
+STUDY_FLAGS = {"train-gan": ("--gan-batch", ""), "train-diffusion": ("--diffusion-batch", ""),
+               "train-classifier": (None, "--clf-accumulate")}
 SAMPLE = 16  # training images kept by name: the estimate times reading and writing PNGs on them
 
 
@@ -172,10 +176,10 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
             scale = BF16_CPU_RATIO[family] if device.type == "cpu" and autocast_dtype(device, c.precision) else 1.0
             if family == "gan":
                 fp = once(gan_footprint, gan.net_config(c, pd.size, n), c.r1 > 0)
-                needs[s.id] = [Need("gan", *fp, c.batch_size, used, flags=("--gan-batch", ""), scale=scale)]
+                needs[s.id] = [Need("gan", *fp, c.batch_size, used, flags=STUDY_FLAGS["train-gan"], scale=scale)]
             else:
                 fp = once(diffusion_footprint, diffusion.net_config(c, pd.size, n))
-                needs[s.id] = [Need("diffusion", *fp, c.batch_size, used, flags=("--diffusion-batch", ""),
+                needs[s.id] = [Need("diffusion", *fp, c.batch_size, used, flags=STUDY_FLAGS["train-diffusion"],
                                     scale=scale)]
         elif isinstance(c, TrainClassifierConfig):
             reb = dep(s, RebalanceConfig)
@@ -183,7 +187,7 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
             fp = once(classifier_footprint, classifier.net_config(c, pd.size, n))
             micro = -(-c.batch_size // c.accumulate)
             needs[s.id] = [Need("classifier", *fp, micro, held, accumulate=(c.accumulate, c.batch_size),
-                                flags=(None, "--clf-accumulate"))]
+                                flags=STUDY_FLAGS["train-classifier"])]
             if c.accumulate == 1:  # validation scores in batches fit to the free memory
                 needs[s.id].append(Need("classifier", *fp, EVAL_BATCH, held, adapts=True, inference=True))
         elif isinstance(c, GenerateConfig):
@@ -192,7 +196,8 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
                 family, fp = "diffusion", once(diffusion_footprint, diffusion.net_config(tc, pd.size, n))
             else:
                 family = "gan"
-                fp = once(generator_footprint, gan.net_config(tc or TrainGanConfig(data=Path("."), out=Path(".")), pd.size, n))
+                gc = tc or TrainGanConfig(data=Path("."), out=Path("."))
+                fp = once(generator_footprint, gan.net_config(gc, pd.size, n))
             wanted = min(c.batch_size or default_batch(family, device), c.n)
             needs[s.id] = [Need(family, *fp, wanted, adapts=True, inference=True)]
         elif isinstance(c, AuditConfig):  # its feature classifier (3 epochs), then scoring real and synthetic

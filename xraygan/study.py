@@ -828,21 +828,19 @@ def _stop_on_signals() -> Callable[[], None]:
     return restore
 
 
-# The options a step's memory refusal names, as the study's user types them (the study checks
-# every batch before it starts, so a step refuses only when memory was taken while it ran)
-STUDY_OPTIONS = {"train-gan": {"--batch-size": "--gan-batch"}, "train-diffusion": {"--batch-size": "--diffusion-batch"},
-                 "train-classifier": {"--accumulate": "--clf-accumulate"}}
-
-
 def _in_study_terms(command: str, line: str) -> str:
     """A step's memory refusal (`memory.check_batch`: "... give --batch-size 12 or less") in the
-    study's options; any other line as it is."""
-    if " needs about " not in line:
+    study's options (`stepmemory.STUDY_FLAGS`; the study checks every batch before it starts, so a
+    step refuses only when memory was taken while it ran); any other line as it is."""
+    from xraygan.stepmemory import STUDY_FLAGS
+
+    if " needs about " not in line or command not in STUDY_FLAGS:
         return line
-    for theirs, ours in STUDY_OPTIONS.get(command, {}).items():
-        line = line.replace(f"give {theirs} ", f"give {ours} ").replace(f"or {theirs} ", f"or {ours} ")
-    if command == "train-classifier":  # the study sets no classifier batch: only the micro-batches
-        line = re.sub(r", or --batch-size \d+ or less", "", line)
+    for theirs, ours in zip(("--batch-size", "--accumulate"), STUDY_FLAGS[command]):
+        if ours is None:  # no study option sets it: the alternative is not offered
+            line = re.sub(rf", or {theirs} \d+ or less", "", line)
+        elif ours:
+            line = line.replace(f"give {theirs} ", f"give {ours} ").replace(f"or {theirs} ", f"or {ours} ")
     return line
 
 
