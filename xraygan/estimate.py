@@ -369,7 +369,7 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
         nonlocal n_threads
         c, n_threads = s.config, threads(s.id)
         if isinstance(c, (TrainGanConfig, TrainDiffusionConfig)):
-            used = n_train if c.conditional else train_counts[c.cls or minority]
+            used = pd.generator_images(c)
             left = c.steps - _done(c.out, c.steps, "step")
             if isinstance(c, TrainGanConfig):
                 t = unit(("gan", c.conditional), f"a {'c' if c.conditional else ''}DCGAN step (batch {c.batch_size})",
@@ -398,7 +398,7 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
         if isinstance(c, TrainClassifierConfig):
             tr, inf, _ = clf(c)
             reb = dep(s, RebalanceConfig)
-            n = balanced_size(reb.method, train_counts, reb.ratio) if reb else n_train
+            n = pd.classifier_images(reb)
             left = c.epochs - _done(c.out, c.epochs, "epoch")
             return (n + split["val"]) * dec + left * (n * tr + split["val"] * inf)
         if isinstance(c, AuditConfig):

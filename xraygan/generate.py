@@ -72,12 +72,17 @@ def default_batch(family: str, device: torch.device) -> int:
     return DIFFUSION_CPU_BATCH if family == "diffusion" and device.type == "cpu" else 256
 
 
+def wanted_batch(cfg: GenerateConfig, family: str, device: torch.device) -> int:
+    """The batch asked for or the default, at most -n."""
+    return min(cfg.batch_size or default_batch(family, device), cfg.n)
+
+
 def sampling_batch(cfg: GenerateConfig, family: str, footprint: tuple[int, int], device: torch.device
                    ) -> tuple[int, int]:
-    """(the batch images are made in, the batch asked for or the default, at most -n). The
-    images do not depend on the batch, so one too large for the free memory is cut to the largest
-    that fits (a 256 px diffusion model's default 256 on a GPU), never an out-of-memory error."""
-    wanted = min(cfg.batch_size or default_batch(family, device), cfg.n)
+    """(the batch images are made in, `wanted_batch`). The images do not depend on the batch, so
+    one too large for the free memory is cut to the largest that fits (a 256 px diffusion model's
+    default 256 on a GPU), never an out-of-memory error."""
+    wanted = wanted_batch(cfg, family, device)
     return fitting_batch(family, *footprint, device, wanted), wanted
 
 

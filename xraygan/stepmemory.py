@@ -73,6 +73,14 @@ class PlanData:
     def minority(self) -> str:
         return min(self.train, key=lambda c: (self.train[c], c))
 
+    def generator_images(self, c) -> int:
+        """The training images a train-gan or train-diffusion config `c` trains on."""
+        return self.n_train if c.conditional else self.train.get(c.cls or self.minority, 0)
+
+    def classifier_images(self, reb) -> int:
+        """The images a classifier trains on: rebalance `reb`'s output, or the training set."""
+        return balanced_size(reb.method, self.train, reb.ratio) if reb else self.n_train
+
 
 def plan_data(data: Path) -> PlanData:
     from xraygan.images import image_side, list_image_folder
@@ -145,7 +153,7 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
     from xraygan.diffusion import TrainDiffusionConfig
     from xraygan.evaluate import EvaluateConfig
     from xraygan.gan import TrainGanConfig
-    from xraygan.generate import GenerateConfig, default_batch
+    from xraygan.generate import GenerateConfig, wanted_batch
     from xraygan.gradcam import GradcamConfig
     from xraygan.rebalance import RebalanceConfig
     from xraygan.runtime import autocast_dtype
@@ -171,7 +179,7 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
     for s in (s for s in steps if s.id in todo):
         c = s.config
         if isinstance(c, (TrainGanConfig, TrainDiffusionConfig)):
-            used = pd.n_train if c.conditional else pd.train.get(c.cls or pd.minority, 0)
+            used = pd.generator_images(c)
             family = "gan" if isinstance(c, TrainGanConfig) else "diffusion"
             scale = BF16_CPU_RATIO[family] if device.type == "cpu" and autocast_dtype(device, c.precision) else 1.0
             if family == "gan":
@@ -183,7 +191,7 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
                                     scale=scale)]
         elif isinstance(c, TrainClassifierConfig):
             reb = dep(s, RebalanceConfig)
-            held = (balanced_size(reb.method, pd.train, reb.ratio) if reb else pd.n_train) + pd.val
+            held = pd.classifier_images(reb) + pd.val
             fp = once(classifier_footprint, classifier.net_config(c, pd.size, n))
             micro = -(-c.batch_size // c.accumulate)
             needs[s.id] = [Need("classifier", *fp, micro, held, accumulate=(c.accumulate, c.batch_size),
@@ -198,8 +206,7 @@ def step_needs(steps: list, todo: set[str], pd: PlanData, device: torch.device) 
                 family = "gan"
                 gc = tc or TrainGanConfig(data=Path("."), out=Path("."))
                 fp = once(generator_footprint, gan.net_config(gc, pd.size, n))
-            wanted = min(c.batch_size or default_batch(family, device), c.n)
-            needs[s.id] = [Need(family, *fp, wanted, adapts=True, inference=True)]
+            needs[s.id] = [Need(family, *fp, wanted_batch(c, family, device), adapts=True, inference=True)]
         elif isinstance(c, AuditConfig):  # its feature classifier (3 epochs), then scoring real and synthetic
             gen = dep(s, GenerateConfig)
             held = pd.n_train + (gen.n if gen else 0)
