@@ -18,6 +18,7 @@ from xraygan.classifier import (
     augment_batch,
     build_resnet18,
     class_weight_tensor,
+    epoch_order,
     load_classifier,
     load_pretrained,
     train_classifier,
@@ -183,6 +184,42 @@ def test_pretrained_weights_keep_the_standard_stem_at_small_sizes(split, tmp_pat
     assert not meta["config"]["small_stem"]  # 16 px, --small-stem auto: the stem the weights were made for
     rec = json.loads((tmp_path / "pre" / "config.json").read_text())
     assert res["best_epoch"] == 1 and "conv1.weight" not in rec["pretrained_layers_not_loaded"]
+
+
+def test_an_epoch_of_k_draws_repeats_no_image_more_than_it_must():
+    """k draws from n images: one permutation when k == n (the draw of a one-pass epoch), a random k
+    of them when k < n, every image ⌊k/n⌋ or ⌈k/n⌉ times when k > n."""
+    def g():
+        return torch.Generator().manual_seed(3)
+
+    assert torch.equal(epoch_order(10, 10, g()), torch.randperm(10, generator=g()))
+    for k in (4, 10, 25):
+        order = epoch_order(10, k, g())
+        counts = torch.bincount(order, minlength=10)
+        assert len(order) == k and counts.max() - counts.min() <= 1 and counts.max() == -(-k // 10)
+    assert not torch.equal(epoch_order(10, 4, g()), epoch_order(10, 4, torch.Generator().manual_seed(4)))
+
+
+def test_epoch_images_sets_every_epoch_s_steps_and_one_pass_is_the_default(split, tmp_path):
+    """48 training images in batches of 16: --epoch-images k trains ceil(k/16) steps of k images an
+    epoch; k = 48 is the same run as the default, draw for draw."""
+    kw = dict(data=split / "train", val=split / "val", epochs=2, batch_size=16, device="cpu", patience=0)
+    for k, steps in ((None, 3), (48, 3), (20, 2), (100, 7)):
+        said = []
+        train_classifier(TrainClassifierConfig(out=tmp_path / f"k{k}", epoch_images=k, **kw),
+                         lambda stage, done, total, **fig: said.append((done, total, fig.get("images"))))
+        assert said[-1] == (2 * steps, 2 * steps, 2 * (k or 48))
+        rec = json.loads((tmp_path / f"k{k}" / "config.json").read_text())
+        assert rec["images_per_epoch"] == (k or 48) and rec["train"]["epoch_images"] == k
+    a, _ = load_checkpoint(tmp_path / "kNone" / "classifier.safetensors", "classifier")
+    b, _ = load_checkpoint(tmp_path / "k48" / "classifier.safetensors", "classifier")
+    c, _ = load_checkpoint(tmp_path / "k100" / "classifier.safetensors", "classifier")
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
+    with pytest.raises(InputError, match=r"started with: --epoch-images 100 \(now 20\)"):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "k100", resume=True,
+                                               **{**kw, "epochs": 3, "epoch_images": 20}))
+    with pytest.raises(InputError, match="--epoch-images 1: must be at least 2"):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "k1", epoch_images=1, **kw))
 
 
 def test_train_classifier_errors(split, tmp_path, rng):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,6 +67,12 @@ def test_steps_are_priced_from_the_units_by_the_commands_rules(demo_data, tmp_pa
         (n + n_val) * 0.001 + 3 * (n * per_img + n_val * per_img))
     assert sec["train-classifier oversample seed 0"] == pytest.approx(
         (2 * maj + n_val) * 0.001 + 3 * (2 * maj * per_img + n_val * per_img))
+    # --clf-equal-steps: an epoch is the real training set's count of the over-sampled set's images
+    eq = est.estimate(build_plan(replace(cfg, clf_equal_steps=True))[0], todo, demo_data, 2, lambda sid: 1,
+                      torch.device("cpu"), lambda line: None, separate=False).seconds
+    assert eq["train-classifier oversample seed 0"] == pytest.approx(
+        (2 * maj + n_val) * 0.001 + 3 * (n * per_img + n_val * per_img))
+    assert eq["train-classifier baseline seed 0"] == pytest.approx(sec["train-classifier baseline seed 0"])
     assert sec["generate dcgan"] == pytest.approx(need * (unit / min(256, need) + 0.002))
     assert sec["evaluate baseline seed 0"] == pytest.approx((n_test + n_val) * (0.001 + per_img))
     assert sec["gradcam baseline seed 0"] == pytest.approx(n_test * (0.001 + unit / 32))

@@ -226,6 +226,8 @@ CASES = [
     (TC + " --lr nan", 2, "--lr nan"),
     (TC.replace("--epochs 1", "--epochs 0"), 2, "--epochs 0"),
     (TC + " --patience -1", 2, "--patience -1"),
+    (TC + " --epoch-images 1", 2, "--epoch-images 1: must be at least 2"),
+    (TC + " --epoch-images many", 2, "--epoch-images"),
     (TC.replace("--val {data}/val", "--val {data}/train"), 2, "that is the training folder itself"),
     (TC + " --class-weights maybe", 2, "--class-weights"),
     (TC + " --small-stem perhaps", 2, "--small-stem"),

@@ -260,6 +260,34 @@ def test_a_study_s_generators_can_be_given_to_classifiers_of_other_settings(demo
         check_study_folder(replace(grid, clf_select="f1"))
 
 
+def test_equal_steps_gives_every_classifier_the_real_training_set_s_count_per_epoch(demo_data, tmp_path):
+    """--clf-equal-steps: each row's classifier takes --epoch-images of the training set's count,
+    so over- and under-sampled rows train the baseline's steps; a study setting like the others."""
+    from xraygan.fsutil import atomic_write_json, record_header
+    from xraygan.study import check_study_folder
+
+    out = tmp_path / "s"
+    grid = StudyConfig(data=demo_data, out=out, rows=("baseline", "undersample", "oversample"), seeds=(0, 1))
+    steps, info = build_plan(replace(grid, clf_equal_steps=True))
+    trains = [s.argv for s in steps if s.id.startswith("train-classifier")]
+    n = sum(info["counts"].values())
+    assert len(trains) == 6 and all(a[a.index("--epoch-images") + 1] == str(n) for a in trains)
+    assert not any("--epoch-images" in s.argv for s in build_plan(grid)[0])  # one pass of each row's set
+    out.mkdir()
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
+    assert check_study_folder(replace(grid, clf_equal_steps=True)) is not None  # no classifier yet
+    (out / "runs" / "baseline-seed0").mkdir(parents=True)
+    (out / "runs" / "baseline-seed0" / "config.json").write_text("{}")
+    with pytest.raises(InputError, match=r"run with --no-clf-equal-steps \(now --clf-equal-steps\)"):
+        check_study_folder(replace(grid, clf_equal_steps=True))
+    # a record from before the setting: its classifiers took one pass
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": {
+        k: v for k, v in grid.settings().items() if k != "clf_equal_steps"}})
+    assert check_study_folder(grid) is not None
+    with pytest.raises(InputError, match="--no-clf-equal-steps"):
+        check_study_folder(replace(grid, clf_equal_steps=True))
+
+
 def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):
     """Adding a generator row to a finished study: its training and then its generation have
     nothing beside them, so they are found from the plan (not from timing) and get all cores."""

@@ -182,6 +182,11 @@ class TrainClassifierConfig:
     val: Path = opt(help="Validation image folder, e.g. DATA/val.")
     out: Path = opt(help="Run folder.", flags=("--out", "-o"))
     epochs: int = opt(20, "At most this many epochs.")
+    epoch_images: int | None = opt(None, "Images per epoch; default: the training folder's count (one pass). "
+                                         "Each epoch draws them in a fresh random order, without repeats up to "
+                                         "the folder's count. Give every row of a comparison the real training "
+                                         "set's count, and rows whose rebalancing made more or fewer images train "
+                                         "the same steps.")
     batch_size: int = opt(64, TORCHRUN_BATCH_HELP)
     accumulate: int = opt(1, "Split each step's batch into N micro-batches and add their gradients: the "
                              "memory of a batch of B/N, the step of a batch of B (batch norm normalises each "
@@ -220,7 +225,7 @@ class TrainClassifierConfig:
 
 # Options that must match when a run is resumed (epochs may grow; device/precision may change).
 RESUME_KEYS = ("data", "val", "batch_size", "lr", "weight_decay", "class_weights", "augment",
-               "select", "positive", "small_stem", "weights", "seed", "accumulate")
+               "select", "positive", "small_stem", "weights", "seed", "accumulate", "epoch_images")
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -237,6 +242,14 @@ def augment_params(n: int, g: torch.Generator, max_deg: float = 10.0, max_shift:
     ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(max_deg)
     shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * max_shift)  # grid units are [-1, 1]
     return torch.cat([ang[:, None], shift], 1)
+
+
+def epoch_order(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """An epoch of `k` draws from `n` images: a random permutation, and as many more as `k` needs,
+    cut to `k` (each image then comes ⌊k/n⌋ or ⌈k/n⌉ times; k < n: a random k of them). With
+    k == n it is exactly one permutation, the same draw as an epoch of one pass."""
+    perms = [torch.randperm(n, generator=g) for _ in range(-(-k // n))]
+    return torch.cat(perms)[:k] if len(perms) > 1 or k < n else perms[0]
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, max_deg: float = 10.0,
@@ -407,6 +420,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
     """Every option checked before any folder is made or any image read."""
     check_choice("--select", cfg.select, ("f1", "auc"))
     check_int("--epochs", cfg.epochs)
+    if cfg.epoch_images is not None:
+        check_int("--epoch-images", cfg.epoch_images, 2)  # batch norm: two images at least
     check_int("--batch-size", cfg.batch_size, 2)  # batch norm cannot train on one image
     check_int("--accumulate", cfg.accumulate, 1)
     require(cfg.accumulate <= cfg.batch_size // 2, f"--accumulate {cfg.accumulate}: more micro-batches than "
@@ -662,9 +677,10 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             "data_fingerprint": fingerprint, "device": str(device), "precision": str(amp) if amp else "fp32",
             "class_weights": weights.tolist() if weights is not None else None,
             "pretrained_layers_not_loaded": not_loaded, "processes": dist.world,
-            "validation_batch": eval_batch,
+            "validation_batch": eval_batch, "images_per_epoch": cfg.epoch_images or len(train.labels),
             "xraygan_version": __version__, "torch_version": torch.__version__})
-    steps = math.ceil(len(x_all) / cfg.batch_size)
+    per_epoch = cfg.epoch_images or len(x_all)
+    steps = math.ceil(per_epoch / cfg.batch_size)
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)
     t0 = time.perf_counter()
@@ -686,8 +702,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         model.train()
         # the epoch's order and augmentation draws in one go, moved to the device once: a draw per
         # step would be a blocking host-to-device copy per step on a GPU
-        perm = torch.randperm(len(x_all), generator=g).to(device)
-        warp = augment_params(len(x_all), g).to(device) if cfg.augment else None
+        perm = epoch_order(len(x_all), per_epoch, g).to(device)
+        warp = augment_params(per_epoch, g).to(device) if cfg.augment else None
         te = time.perf_counter()
         total, seen = _epoch_steps(loop, perm, warp, report)
         sched.step()

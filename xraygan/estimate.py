@@ -398,9 +398,9 @@ def estimate(steps: list, todo: set[str], data: Path, jobs: int, threads: Callab
         if isinstance(c, TrainClassifierConfig):
             tr, inf, _ = clf(c)
             reb = dep(s, RebalanceConfig)
-            n = pd.classifier_images(reb)
+            n = pd.classifier_images(reb)  # decoded once; an epoch trains on --epoch-images of them
             left = c.epochs - _done(c.out, c.epochs, "epoch")
-            return (n + split["val"]) * dec + left * (n * tr + split["val"] * inf)
+            return (n + split["val"]) * dec + left * ((c.epoch_images or n) * tr + split["val"] * inf)
         if isinstance(c, AuditConfig):
             tr, inf, _ = clf(replace(default_clf, small_stem="no"))  # its feature classifier
             pair = unit(("pairs",), "the near-copy search", product_rate, size, device)

@@ -49,7 +49,7 @@ RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
             "diffusion_steps", "diffusion_batch", "clf_accumulate", "sampling_steps", "clf_select", "weights",
-            "tune_for")
+            "tune_for", "clf_equal_steps")
 # A setting shapes only the folders named here (under the study folder; "*" is any row): while
 # none of them holds anything, it may change between runs of one study, so a diffusion row can be
 # added to a finished GAN grid at a step count of its own, and a study's generators can be given
@@ -64,7 +64,7 @@ SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugmen
                    "diffusion_steps": ("diffusion/*",), "diffusion_batch": ("diffusion/*",),
                    "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
                    **{k: _CLASSIFIERS for k in ("clf_epochs", "patience", "small_stem", "clf_accumulate",
-                                                "clf_select", "weights")},
+                                                "clf_select", "weights", "clf_equal_steps")},
                    "tune_for": ("runs/*/report-tuned",)}
 
 
@@ -125,6 +125,10 @@ class StudyConfig:
     clf_epochs: int = opt(20, "Classifier epochs (early stopping may end sooner).")
     clf_accumulate: int = opt(1, "Classifier micro-batches per step, for a batch that does not fit in memory "
                                  "(see train-classifier --accumulate).")
+    clf_equal_steps: bool = opt(False, "Every row's classifier epoch takes as many images as the real training "
+                                       "set holds (train-classifier --epoch-images), so every row trains the same "
+                                       "optimizer steps; off: an epoch is one pass over each row's own set, and "
+                                       "over-sampled rows take more steps than the baseline, under-sampled fewer.")
     patience: int = opt(5, "Classifier epochs without improvement before stopping.")
     clf_select: str = opt("auc", "Keep each classifier's epoch with the best validation auc or f1 (see "
                                  "train-classifier --select).")
@@ -197,7 +201,7 @@ class StudyConfig:
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
                 "diffusion_steps": self.diffusion_steps, "diffusion_batch": self.diffusion_batch,
-                "clf_accumulate": self.clf_accumulate,
+                "clf_accumulate": self.clf_accumulate, "clf_equal_steps": self.clf_equal_steps,
                 "sampling_steps": self.sampling_steps, "clf_select": self.clf_select, "tune_for": self.tune_for,
                 "weights": self.weights and {"path": str(Path(self.weights).resolve()),
                                              "sha256": file_sha256(Path(self.weights))}}
@@ -341,6 +345,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                                       deps=[f"generate {row}"] if is_gan_row(row) else [],
                                       done=lambda b=bal: rebalance.is_done(b)))
             c = TrainClassifierConfig(data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs,
+                                      epoch_images=sum(counts.values()) if cfg.clf_equal_steps else None,
                                       accumulate=cfg.clf_accumulate, patience=cfg.patience,
                                       small_stem=cfg.small_stem, select=cfg.clf_select, seed=seed,
                                       class_weights="balanced" if row == "class_weights" else "none",
@@ -404,7 +409,10 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
         if k == "weights":
             was, now = (w["path"] if w else "none" for w in (was, now))
         option = "DATA" if k == "data" else "--" + k.replace("_", "-")
-        raise InputError(f"{rec_path}: this study was run with {option} {was} "
+        if isinstance(now, bool):  # a switch: its two spellings
+            was, now = (option if v else "--no-" + option[2:] for v in (was, now))
+            option = ""
+        raise InputError(f"{rec_path}: this study was run with {option + ' ' if option else ''}{was} "
                          f"(now {now}); rerun with the same settings to continue it, or choose another --out")
     return rec
 
