@@ -15,7 +15,14 @@ import pytest
 from conftest import make_folder
 
 from xraygan.errors import InputError
-from xraygan.study import StudyConfig, build_plan, commands_script, default_jobs, plan_text
+from xraygan.study import (
+    StudyConfig,
+    build_plan,
+    commands_script,
+    default_jobs,
+    plan_text,
+    unequal_steps_note,
+)
 
 pytestmark = pytest.mark.slow  # whole pipelines: `pytest -m "not slow"` leaves them out
 
@@ -273,6 +280,12 @@ def test_equal_steps_gives_every_classifier_the_real_training_set_s_count_per_ep
     n = sum(info["counts"].values())
     assert len(trains) == 6 and all(a[a.index("--epoch-images") + 1] == str(n) for a in trains)
     assert not any("--epoch-images" in s.argv for s in build_plan(grid)[0])  # one pass of each row's set
+    # without it, the study says at its start what one pass means for each row's steps
+    note = unequal_steps_note(grid, build_plan(grid)[0], info["counts"])
+    assert note.startswith("at the same --clf-epochs the rows train") and "oversample 1.5×; undersample 0.5×" in note
+    assert unequal_steps_note(replace(grid, clf_equal_steps=True), steps, info["counts"]) is None
+    only = replace(grid, rows=("baseline", "class_weights"))
+    assert unequal_steps_note(only, build_plan(only)[0], info["counts"]) is None
     out.mkdir()
     atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
     assert check_study_folder(replace(grid, clf_equal_steps=True)) is not None  # no classifier yet

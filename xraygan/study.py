@@ -544,6 +544,29 @@ def estimate_text(cfg: StudyConfig, steps: list[Step], say: Callable[[str], None
     return "\n".join(out) + "\n", est
 
 
+def unequal_steps_note(cfg: StudyConfig, steps: list[Step], counts: dict[str, int]) -> str | None:
+    """What an epoch of one pass over each row's own set means for the rows' optimizer steps, when
+    their sets differ in size and --clf-equal-steps is off (None otherwise)."""
+    if cfg.clf_equal_steps:
+        return None
+    from xraygan.rebalance import RebalanceConfig
+    from xraygan.stepmemory import balanced_size
+
+    n, times = sum(counts.values()), {}
+    for s in steps:
+        if isinstance(s.config, RebalanceConfig):  # "rebalance <row> seed <seed>"
+            times.setdefault(s.id.split()[1], balanced_size(s.config.method, counts, s.config.ratio) / n)
+    by: dict[float, list[str]] = {}
+    for row, x in times.items():
+        if round(x, 2) != 1:
+            by.setdefault(round(x, 2), []).append(row)
+    if not by:
+        return None
+    parts = "; ".join(f"{', '.join(rows)} {x:g}×" for x, rows in sorted(by.items(), reverse=True))
+    return (f"at the same --clf-epochs the rows train these multiples of the baseline's optimizer steps: {parts} "
+            "(an epoch is one pass over each row's own set); --clf-equal-steps trains every row the same steps")
+
+
 def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
     """Run what is not done yet, up to `jobs` steps at once. Returns a summary; raises
     TrainingError (exit 1) after the independent steps have run if any step failed."""
@@ -566,6 +589,9 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
                                  "--clf-select auc")
         if w:
             say(f"warning: {w}")
+    note = unequal_steps_note(cfg, steps, info["counts"])
+    if note and say is not None:
+        say(f"note: {note}")
     cores = os.cpu_count() or 1
     jobs = cfg.jobs if cfg.jobs is not None else default_jobs(cores, _cuda(cfg.device))
     out = Path(cfg.out)
