@@ -160,6 +160,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     assert "| oversample | 2 |" in (out / "table" / "table.md").read_text()
     r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--dry-run", cwd=tmp_path)
     assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 3 + 3 * 2 * 4
+    assert "note: at the same --clf-epochs the rows train these multiples" in r.stderr  # before the plan is run
 
 
 def test_diffusion_rows_in_the_plan(demo_data, tmp_path):

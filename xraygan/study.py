@@ -475,7 +475,9 @@ def study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
     require(not (cfg.estimate and cfg.print_commands), "--estimate prints the plan with times; "
             "--print-commands prints it as a script: give one of them")
     check_study_folder(cfg)
-    steps = build_plan(cfg)[0]
+    steps, info = build_plan(cfg)
+    if not cfg.print_commands:  # a plan is read before hours are committed to it
+        say_unequal_steps(cfg, steps, info["counts"], say)
     if cfg.estimate:
         text, est = estimate_text(cfg, steps, say)
         return {"script": text, "estimate": {"seconds": round(est.wall, 1), "one_after_another": round(est.serial, 1),
@@ -567,6 +569,13 @@ def unequal_steps_note(cfg: StudyConfig, steps: list[Step], counts: dict[str, in
             "(an epoch is one pass over each row's own set); --clf-equal-steps trains every row the same steps")
 
 
+def say_unequal_steps(cfg: StudyConfig, steps: list[Step], counts: dict[str, int],
+                      say: Callable[[str], None] | None) -> None:
+    note = unequal_steps_note(cfg, steps, counts)
+    if note and say is not None:
+        say(f"note: {note}")
+
+
 def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dict:
     """Run what is not done yet, up to `jobs` steps at once. Returns a summary; raises
     TrainingError (exit 1) after the independent steps have run if any step failed."""
@@ -589,9 +598,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] | None = None) -> dic
                                  "--clf-select auc")
         if w:
             say(f"warning: {w}")
-    note = unequal_steps_note(cfg, steps, info["counts"])
-    if note and say is not None:
-        say(f"note: {note}")
+    say_unequal_steps(cfg, steps, info["counts"], say)
     cores = os.cpu_count() or 1
     jobs = cfg.jobs if cfg.jobs is not None else default_jobs(cores, _cuda(cfg.device))
     out = Path(cfg.out)
