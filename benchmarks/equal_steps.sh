@@ -8,15 +8,17 @@
 set -euo pipefail
 SRC=$1 OUT=$2 SIZE=${3:-32}
 X=${XRAYGAN:-xraygan}
-ROWS=${ROWS:-baseline undersample oversample dcgan} SEEDS=${SEEDS:-0 1 2}
+ROWS=${ROWS:-baseline undersample oversample dcgan cdcgan_a0.5} SEEDS=${SEEDS:-0 1 2}
 SET=(--rows $ROWS --seeds $SEEDS --gan-steps "${GAN_STEPS:-1500}" --clf-epochs "${EPOCHS:-12}"
      --device "${DEVICE:-auto}")
 [ -d "$OUT/data" ] || $X prepare "$SRC" --out "$OUT/data" --size "$SIZE" --imbalance 3 --seed 0
 $X study "$OUT/data" --out "$OUT/pass" "${SET[@]}"
-if [ ! -f "$OUT/eq/study.json" ]; then  # the generators, their images and audits are done already
-  mkdir -p "$OUT/eq"
-  cp -r "$OUT"/pass/{study.json,gan,synth,audit,cache} "$OUT/eq/"
-fi
+# the generators, their images and audits are done already (-n: rows added later join too)
+mkdir -p "$OUT/eq"
+[ -f "$OUT/eq/study.json" ] || cp "$OUT/pass/study.json" "$OUT/eq/"
+for d in gan synth audit cache; do
+  if [ -d "$OUT/pass/$d" ]; then mkdir -p "$OUT/eq/$d" && cp -rn "$OUT/pass/$d/." "$OUT/eq/$d/"; fi
+done
 $X study "$OUT/data" --out "$OUT/eq" "${SET[@]}" --clf-equal-steps
 for run in "$OUT"/eq/runs/*; do
   row=$(basename "$run"); row=${row%-seed*}
