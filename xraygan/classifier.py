@@ -248,8 +248,7 @@ def epoch_order(n: int, k: int, g: torch.Generator) -> torch.Tensor:
     """An epoch of `k` draws from `n` images: a random permutation, and as many more as `k` needs,
     cut to `k` (each image then comes ⌊k/n⌋ or ⌈k/n⌉ times; k < n: a random k of them). With
     k == n it is exactly one permutation, the same draw as an epoch of one pass."""
-    perms = [torch.randperm(n, generator=g) for _ in range(-(-k // n))]
-    return torch.cat(perms)[:k] if len(perms) > 1 or k < n else perms[0]
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(-(-k // n))])[:k]
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, max_deg: float = 10.0,
@@ -670,6 +669,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         from torch.nn.parallel import DistributedDataParallel
 
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    per_epoch = cfg.epoch_images or len(x_all)  # images an epoch trains on
     if dist.main:
         atomic_write_json(out / "config.json", {
             **record_header("classifier-run"), "train": cfg.to_json(), "net": net.to_dict(),
@@ -677,9 +677,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             "data_fingerprint": fingerprint, "device": str(device), "precision": str(amp) if amp else "fp32",
             "class_weights": weights.tolist() if weights is not None else None,
             "pretrained_layers_not_loaded": not_loaded, "processes": dist.world,
-            "validation_batch": eval_batch, "images_per_epoch": cfg.epoch_images or len(train.labels),
+            "validation_batch": eval_batch, "images_per_epoch": per_epoch,
             "xraygan_version": __version__, "torch_version": torch.__version__})
-    per_epoch = cfg.epoch_images or len(x_all)
     steps = math.ceil(per_epoch / cfg.batch_size)
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)

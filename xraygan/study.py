@@ -409,11 +409,11 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
         if k == "weights":
             was, now = (w["path"] if w else "none" for w in (was, now))
         option = "DATA" if k == "data" else "--" + k.replace("_", "-")
+        said = f"{option} {was} (now {now})"
         if isinstance(now, bool):  # a switch: its two spellings
-            was, now = (option if v else "--no-" + option[2:] for v in (was, now))
-            option = ""
-        raise InputError(f"{rec_path}: this study was run with {option + ' ' if option else ''}{was} "
-                         f"(now {now}); rerun with the same settings to continue it, or choose another --out")
+            said = "{} (now {})".format(*(option if v else "--no-" + option[2:] for v in (was, now)))
+        raise InputError(f"{rec_path}: this study was run with {said}; rerun with the same settings to "
+                         "continue it, or choose another --out")
     return rec
 
 
