@@ -211,6 +211,10 @@ def test_epoch_images_sets_every_epoch_s_steps_and_one_pass_is_the_default(split
         assert said[-1] == (2 * steps, 2 * steps, 2 * (k or 48))
         rec = json.loads((tmp_path / f"k{k}" / "config.json").read_text())
         assert rec["images_per_epoch"] == (k or 48) and rec["train"]["epoch_images"] == k
+        # the checkpoint carries the budget it was given, and the steps to its kept epoch
+        _, meta = load_checkpoint(tmp_path / f"k{k}" / "classifier.safetensors", "classifier")
+        assert meta["training"] == {"train_images": 48, "images_per_epoch": k or 48, "batch_size": 16,
+                                    "steps_per_epoch": steps, "epochs": 2, "steps": meta["epoch"] * steps}
     a, _ = load_checkpoint(tmp_path / "kNone" / "classifier.safetensors", "classifier")
     b, _ = load_checkpoint(tmp_path / "k48" / "classifier.safetensors", "classifier")
     c, _ = load_checkpoint(tmp_path / "k100" / "classifier.safetensors", "classifier")
@@ -220,6 +224,13 @@ def test_epoch_images_sets_every_epoch_s_steps_and_one_pass_is_the_default(split
                                                **{**kw, "epochs": 3, "epoch_images": 20}))
     with pytest.raises(InputError, match="--epoch-images 1: must be at least 2"):
         train_classifier(TrainClassifierConfig(out=tmp_path / "k1", epoch_images=1, **kw))
+
+
+def test_steps_per_epoch_skips_a_last_batch_too_small_for_batch_norm():
+    from xraygan.classifier import steps_per_epoch
+
+    assert [steps_per_epoch(n, 16) for n in (16, 17, 18, 100, 8)] == [1, 1, 2, 7, 1]
+    assert [steps_per_epoch(n, 16, world=2) for n in (19, 20, 33)] == [1, 2, 2]  # two images a process
 
 
 def test_train_classifier_errors(split, tmp_path, rng):

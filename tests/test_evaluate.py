@@ -58,6 +58,11 @@ def test_evaluate_report_and_files(trained, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "rep" / "predictions.csv")))
     tp = sum(r["class"] == "pneumonia" and r["predicted_positive"] == "1" for r in rows)
     assert saved["metrics"]["confusion"]["tp"] == tp and len(rows) == 20
+    # the run's training budget (48 images, batch 16, 2 epochs) travels with its metrics
+    t = saved["training"]
+    assert (t["steps_per_epoch"], t["epochs"], t["steps"]) == (3, 2, 3 * saved["epoch"])
+    assert f"- training: {t['steps']} optimizer steps to the kept epoch, of 6 at most" in \
+        (tmp_path / "rep" / "report.md").read_text()
     with pytest.raises(InputError, match="already exists"):
         evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", report=tmp_path / "rep"))
     tuned = evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=trained / "val",
@@ -122,11 +127,14 @@ def test_evaluate_errors(trained, tmp_path):
         evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=tmp_path / "test-copy"))
 
 
-def _metrics_file(path, label, f1, recall, fp="abc"):
+def _metrics_file(path, label, f1, recall, fp="abc", steps_per_epoch=None):
     m = {"precision": 0.8, "recall": recall, "specificity": 0.7, "f1": f1, "roc_auc": None}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"kind": "xraygan-metrics", "label": label, "metrics": m,
-                                "test_fingerprint": fp, "threshold": 0.5}))
+    rec = {"kind": "xraygan-metrics", "label": label, "metrics": m, "test_fingerprint": fp, "threshold": 0.5}
+    if steps_per_epoch:
+        rec["training"] = {"train_images": 64 * steps_per_epoch, "images_per_epoch": 64 * steps_per_epoch,
+                           "batch_size": 64, "steps_per_epoch": steps_per_epoch, "epochs": 10, "steps": 40}
+    path.write_text(json.dumps(rec))
     return path
 
 
@@ -152,6 +160,31 @@ def test_compare_groups_by_label_mean_and_std(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no metrics.json"):
         compare([tmp_path / "empty"])
+
+
+def test_compare_says_when_rows_were_given_different_steps(tmp_path):
+    """Rows trained for the same epochs on sets of different sizes: the table says each row's
+    steps against the baseline's, on stderr and in table.md; equal budgets (or records without
+    one) say nothing."""
+    for label, spe in (("baseline", 26), ("oversample", 38), ("dcgan", 38), ("undersample", 13)):
+        for seed in (0, 1):
+            _metrics_file(tmp_path / "r" / f"{label}-seed{seed}" / "metrics.json", label, 0.7, 0.8,
+                          steps_per_epoch=spe)
+    res = compare([tmp_path / "r"], out=tmp_path / "t", references=())
+    note = ("the rows' classifiers were given different numbers of optimizer steps: baseline 260; "
+            "dcgan, oversample 380 (1.5×); undersample 130 (0.5×); a difference between these rows is partly "
+            "one of training length")
+    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith(note)
+    assert f"**Warning:** {note}" in (tmp_path / "t" / "table.md").read_text()
+    # without a baseline the first row is the unit; a row whose seeds differ shows its range
+    _metrics_file(tmp_path / "s" / "a-seed0" / "metrics.json", "a", 0.7, 0.8, steps_per_epoch=20)
+    _metrics_file(tmp_path / "s" / "b-seed0" / "metrics.json", "b", 0.7, 0.8, steps_per_epoch=10)
+    _metrics_file(tmp_path / "s" / "b-seed1" / "metrics.json", "b", 0.7, 0.8, steps_per_epoch=30)
+    assert "steps: a 200; b 100–300 (0.5–1.5×);" in compare([tmp_path / "s"], references=())["warnings"][0]
+    for spe in (26, None):  # the same budget everywhere, or none recorded
+        for label in ("baseline", "oversample"):
+            _metrics_file(tmp_path / f"u{spe}" / label / "metrics.json", label, 0.7, 0.8, steps_per_epoch=spe)
+        assert compare([tmp_path / f"u{spe}"], references=())["warnings"] == []
 
 
 def test_vectorised_bootstrap_matches_the_scikit_learn_loop():

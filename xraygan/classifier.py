@@ -251,6 +251,13 @@ def epoch_order(n: int, k: int, g: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.randperm(n, generator=g) for _ in range(-(-k // n))])[:k]
 
 
+def steps_per_epoch(per_epoch: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps in an epoch of `per_epoch` images: one a batch, less a last batch too small
+    for batch norm (under two images a process), which is skipped."""
+    full, rest = divmod(per_epoch, batch_size)
+    return full + (rest >= 2 * world)
+
+
 def augment_batch(x: torch.Tensor, g: torch.Generator, max_deg: float = 10.0,
                   max_shift: float = 0.08) -> torch.Tensor:
     """One batched affine warp: rotation ±max_deg, shift ±max_shift of the size, per image."""
@@ -545,12 +552,13 @@ def _validate(model: nn.Module, val: ImageFolder, pos: int, device: torch.device
 
 
 def _save_best(out: Path, state: dict, net: ClassifierNetConfig, train: ImageFolder,
-               cfg: TrainClassifierConfig, epoch: int, m: dict) -> None:
+               cfg: TrainClassifierConfig, epoch: int, m: dict, budget: dict) -> None:
     save_checkpoint(out / "classifier.safetensors", state, "classifier", net.to_dict(),
                     classes=list(train.classes), image_size=train.size, positive=cfg.positive,
                     epoch=epoch, seed=cfg.seed, normalization={"mean": MEAN, "std": STD},
                     val_metrics={k: m[k] for k in ("f1", "roc_auc", "precision", "recall", "specificity")},
-                    selected_by=cfg.select, train_source=str(cfg.data), xraygan_version=__version__)
+                    selected_by=cfg.select, train_source=str(cfg.data),
+                    training={**budget, "steps": epoch * budget["steps_per_epoch"]}, xraygan_version=__version__)
 
 
 @dataclass(frozen=True)
@@ -680,6 +688,9 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             "validation_batch": eval_batch, "images_per_epoch": per_epoch,
             "xraygan_version": __version__, "torch_version": torch.__version__})
     steps = math.ceil(per_epoch / cfg.batch_size)
+    # what the run was given, kept in the checkpoint: rows are compared on equal terms only when it is equal
+    budget = {"train_images": len(x_all), "images_per_epoch": per_epoch, "batch_size": cfg.batch_size,
+              "steps_per_epoch": steps_per_epoch(per_epoch, cfg.batch_size, dist.world), "epochs": cfg.epochs}
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)
     t0 = time.perf_counter()
@@ -722,7 +733,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         if improves(cfg.select, score, vloss, best, best_loss):
             best, best_epoch, best_loss, stale = score, epoch, vloss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _save_best(out, best_state, net, train, cfg, epoch, m)
+            _save_best(out, best_state, net, train, cfg, epoch, m, budget)
         else:
             stale += 1
         _save_state(out, model, opt, sched, g, best_state, net, epoch=epoch, best=best,

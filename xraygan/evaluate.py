@@ -315,7 +315,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "method": "percentile"},
             "by_source": per_source, "warnings": source_warnings,
             "train_source": meta.get("train_source"), "seed": meta.get("seed"),
-            "epoch": meta.get("epoch"), "xraygan_version": __version__,
+            "epoch": meta.get("epoch"), "training": meta.get("training"), "xraygan_version": __version__,
         }
 
     def write(folder: Path, rec: dict) -> None:
@@ -436,6 +436,7 @@ def report_markdown(rec: dict, plots: dict[str, str]) -> str:
         thr += f" (tuned for {t['for']} on {t['on']}, {t['n']} images)"
     lines = [f"# Evaluation: {rec['label']}", "",
              f"- checkpoint: `{rec['checkpoint']}` (epoch {rec['epoch']}, seed {rec['seed']})",
+             *([f"- training: {budget_phrase(rec['training'])}"] if rec.get("training") else []),
              f"- test set: `{rec['test']}` {rec['test_counts']} (fingerprint {rec['test_fingerprint']})",
              f"- positive class: {rec['positive']}; threshold {thr}",
              f"- 95% intervals: percentile bootstrap, {rec['bootstrap']['resamples']} resamples of the test images",
@@ -458,6 +459,42 @@ def report_markdown(rec: dict, plots: dict[str, str]) -> str:
     lines += ["", f"Written by xraygan {rec['xraygan_version']}: "
               f"`xraygan evaluate {rec['checkpoint']} {rec['test']} --report DIR`", ""]
     return "\n".join(lines)
+
+
+def budget_phrase(t: dict) -> str:
+    """A checkpoint's training budget in words (the `training` of its metadata)."""
+    return (f"{t['steps']} optimizer steps to the kept epoch, of {t['epochs'] * t['steps_per_epoch']} "
+            f"at most ({t['epochs']} epochs of {t['steps_per_epoch']} steps: {t['images_per_epoch']} images "
+            f"an epoch from a set of {t['train_images']}, batch {t['batch_size']})")
+
+
+def steps_budget(rec: dict) -> int | None:
+    """The optimizer steps a run was given (its epochs' steps, whether or not it stopped early);
+    None for a record from before checkpoints carried their budget."""
+    t = rec.get("training")
+    return t["epochs"] * t["steps_per_epoch"] if t else None
+
+
+def unequal_budget_note(groups: dict[str, list[dict]], references: tuple[str, ...]) -> str | None:
+    """When the rows were given different optimizer steps, what each row had, as a multiple of
+    the first reference row's (or the first row's); None when they were equal or not recorded."""
+    budgets = {label: sorted({b for r in runs if (b := steps_budget(r)) is not None})
+               for label, runs in groups.items()}
+    budgets = {label: b for label, b in budgets.items() if b}
+    if len({b for bs in budgets.values() for b in bs}) < 2:
+        return None
+    ref = next((r for r in references if r in budgets), next(iter(budgets)))
+    unit = budgets[ref][0]
+    by: dict[str, list[str]] = {}  # the reference first, then the most steps first
+    for label, bs in sorted(budgets.items(), key=lambda kv: (kv[0] != ref, -kv[1][0], kv[0])):
+        span = f"{bs[0]}" if len(bs) == 1 else f"{bs[0]}–{bs[-1]}"
+        times = "" if bs == [unit] else f" ({bs[0] / unit:.2g}×)" if len(bs) == 1 else \
+            f" ({bs[0] / unit:.2g}–{bs[-1] / unit:.2g}×)"
+        by.setdefault(f"{span}{times}", []).append(label)
+    parts = "; ".join(f"{', '.join(labels)} {what}" for what, labels in by.items())
+    return (f"the rows' classifiers were given different numbers of optimizer steps: {parts}; a difference "
+            "between these rows is partly one of training length (train-classifier --epoch-images, or study "
+            "--clf-equal-steps, gives every row the same steps)")
 
 
 # --- compare ----------------------------------------------------------------------------------
@@ -577,6 +614,9 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False,
                         "data and the others did not; their rows are not comparable")
     elif len(thr) > 1:
         warnings.append(f"the runs used {len(thr)} different thresholds")
+    budget = unequal_budget_note(groups, references if references is not None else DEFAULT_REFERENCES)
+    if budget:
+        warnings.append(budget)
     paired = _paired(metrics, groups, references, resamples, seed, power)
     table = table_markdown(rows, keys)
     res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics), "paired": paired,
@@ -584,7 +624,8 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False,
            "markdown": table + paired_markdown(paired), "csv": table_csv(rows, keys)}
     if out is not None:
         with staged_dir(Path(out), force, "compare") as tmp:
-            atomic_write_text(tmp / "table.md", res["markdown"])
+            # the file is read without the command's stderr: its warnings go with it
+            atomic_write_text(tmp / "table.md", res["markdown"] + "".join(f"\n**Warning:** {w}\n" for w in warnings))
             atomic_write_text(tmp / "table.csv", res["csv"])
             if paired["comparisons"]:
                 write_csv(tmp / "paired.csv", PAIRED_CSV, paired_rows(paired))
