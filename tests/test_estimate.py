@@ -47,7 +47,7 @@ def test_steps_are_priced_from_the_units_by_the_commands_rules(demo_data, tmp_pa
     monkeypatch.setattr(est, "timed", lambda fn, device, warmup=1: unit)
     monkeypatch.setattr(est, "png_rates", lambda files: (0.001, 0.002))
     cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("baseline", "oversample", "dcgan"), seeds=(0,),
-                      gan_steps=40, gan_batch=8, clf_epochs=3)
+                      gan_steps=40, gan_batch=8, clf_epochs=3, clf_equal_steps=False)
     steps, info = build_plan(cfg)
     counts, need = info["counts"], info["synthetic_needed"]
     n, maj, mn = sum(counts.values()), max(counts.values()), min(counts.values())
@@ -67,7 +67,7 @@ def test_steps_are_priced_from_the_units_by_the_commands_rules(demo_data, tmp_pa
         (n + n_val) * 0.001 + 3 * (n * per_img + n_val * per_img))
     assert sec["train-classifier oversample seed 0"] == pytest.approx(
         (2 * maj + n_val) * 0.001 + 3 * (2 * maj * per_img + n_val * per_img))
-    # --clf-equal-steps: an epoch is the real training set's count of the over-sampled set's images
+    # with equal steps (the default), an epoch is the real training set's count of the over-sampled set's images
     eq = est.estimate(build_plan(replace(cfg, clf_equal_steps=True))[0], todo, demo_data, 2, lambda sid: 1,
                       torch.device("cpu"), lambda line: None, separate=False).seconds
     assert eq["train-classifier oversample seed 0"] == pytest.approx(

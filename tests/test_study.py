@@ -160,6 +160,12 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     assert "| oversample | 2 |" in (out / "table" / "table.md").read_text()
     r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--dry-run", cwd=tmp_path)
     assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 3 + 3 * 2 * 4
+    assert "note: at the same --clf-epochs" not in r.stderr  # every row trains the baseline's steps
+    r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--no-clf-equal-steps", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "this study was run with --clf-equal-steps (now --no-clf-equal-steps)" in \
+        r.stderr.strip().splitlines()[-1]
+    r = xraygan(*args[:3], str(tmp_path / "one-pass"), *args[4:], "--rows", "baseline", "oversample",
+                "--no-clf-equal-steps", "--dry-run", cwd=tmp_path)
     assert "note: at the same --clf-epochs the rows train these multiples" in r.stderr  # before the plan is run
 
 
@@ -269,37 +275,40 @@ def test_a_study_s_generators_can_be_given_to_classifiers_of_other_settings(demo
 
 
 def test_equal_steps_gives_every_classifier_the_real_training_set_s_count_per_epoch(demo_data, tmp_path):
-    """--clf-equal-steps: each row's classifier takes --epoch-images of the training set's count,
-    so over- and under-sampled rows train the baseline's steps; a study setting like the others."""
+    """Each row's classifier takes --epoch-images of the training set's count (the default), so
+    over- and under-sampled rows train the baseline's steps; --no-clf-equal-steps gives one pass
+    over each row's own set. A study setting like the others; a record from before it was one
+    pass."""
     from xraygan.fsutil import atomic_write_json, record_header
     from xraygan.study import check_study_folder
 
     out = tmp_path / "s"
     grid = StudyConfig(data=demo_data, out=out, rows=("baseline", "undersample", "oversample"), seeds=(0, 1))
-    steps, info = build_plan(replace(grid, clf_equal_steps=True))
+    one_pass = replace(grid, clf_equal_steps=False)
+    steps, info = build_plan(grid)
     trains = [s.argv for s in steps if s.id.startswith("train-classifier")]
     n = sum(info["counts"].values())
     assert len(trains) == 6 and all(a[a.index("--epoch-images") + 1] == str(n) for a in trains)
-    assert not any("--epoch-images" in s.argv for s in build_plan(grid)[0])  # one pass of each row's set
-    # without it, the study says at its start what one pass means for each row's steps
-    note = unequal_steps_note(grid, build_plan(grid)[0], info["counts"])
+    assert not any("--epoch-images" in s.argv for s in build_plan(one_pass)[0])
+    # with one pass, the study says at its start what that means for each row's steps
+    note = unequal_steps_note(one_pass, build_plan(one_pass)[0], info["counts"])
     assert note.startswith("at the same --clf-epochs the rows train") and "oversample 1.5×; undersample 0.5×" in note
-    assert unequal_steps_note(replace(grid, clf_equal_steps=True), steps, info["counts"]) is None
-    only = replace(grid, rows=("baseline", "class_weights"))
+    assert unequal_steps_note(grid, steps, info["counts"]) is None
+    only = replace(one_pass, rows=("baseline", "class_weights"))
     assert unequal_steps_note(only, build_plan(only)[0], info["counts"]) is None
     out.mkdir()
-    atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
-    assert check_study_folder(replace(grid, clf_equal_steps=True)) is not None  # no classifier yet
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": one_pass.settings()})
+    assert check_study_folder(grid) is not None  # no classifier yet
     (out / "runs" / "baseline-seed0").mkdir(parents=True)
     (out / "runs" / "baseline-seed0" / "config.json").write_text("{}")
     with pytest.raises(InputError, match=r"run with --no-clf-equal-steps \(now --clf-equal-steps\)"):
-        check_study_folder(replace(grid, clf_equal_steps=True))
-    # a record from before the setting: its classifiers took one pass
+        check_study_folder(grid)
+    # a record from before the setting: its classifiers took one pass, and it goes on that way
     atomic_write_json(out / "study.json", {**record_header("study"), "settings": {
         k: v for k, v in grid.settings().items() if k != "clf_equal_steps"}})
-    assert check_study_folder(grid) is not None
+    assert check_study_folder(one_pass) is not None
     with pytest.raises(InputError, match="--no-clf-equal-steps"):
-        check_study_folder(replace(grid, clf_equal_steps=True))
+        check_study_folder(grid)
 
 
 def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):

@@ -32,7 +32,8 @@ class DemoConfig:
     out: Path = opt(Path("demo"), "Output folder for the whole run.", flags=("--out", "-o"))
     size: int = opt(32, "Image size in pixels: 32 fits a laptop CPU; 64 wants a GPU.")
     gan_steps: int = opt(400, "DCGAN training steps.")
-    clf_epochs: int = opt(6, "Classifier epochs per row.")
+    clf_epochs: int = opt(6, "Classifier epochs per row, each of as many images as the training set holds "
+                                "(every row trains the same steps).")
     phantom: bool = opt(False, "Run on procedural phantom X-rays instead of the real sample (tests).",
                         flags=("--phantom",))
     count: int = opt(500, "--phantom: phantom images per class before splitting.")
@@ -150,6 +151,7 @@ def _demo(cfg: DemoConfig, out: Path, progress) -> dict:
             force=cfg.force), stage(row))
         timed(f"train-classifier {row}", train_classifier, TrainClassifierConfig(
             data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs, batch_size=64, patience=0,
+            epoch_images=sum(counts.values()),  # every row the baseline's steps, as in the study
             small_stem="no", seed=cfg.seed, device=cfg.device, force=cfg.force), stage(row))
         ckpt = run / "classifier.safetensors"
         timed(f"evaluate {row}", evaluate, EvaluateConfig(

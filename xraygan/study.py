@@ -59,7 +59,7 @@ SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "pati
 _CLASSIFIERS = ("runs/*",)
 # What a study ran with before its record held the setting (the default then, since changed):
 # a record without it is compared against this, not against today's default.
-RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1"}
+RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1", "clf_equal_steps": False}
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
                    "diffusion_steps": ("diffusion/*",), "diffusion_batch": ("diffusion/*",),
                    "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
@@ -125,10 +125,12 @@ class StudyConfig:
     clf_epochs: int = opt(20, "Classifier epochs (early stopping may end sooner).")
     clf_accumulate: int = opt(1, "Classifier micro-batches per step, for a batch that does not fit in memory "
                                  "(see train-classifier --accumulate).")
-    clf_equal_steps: bool = opt(False, "Every row's classifier epoch takes as many images as the real training "
-                                       "set holds (train-classifier --epoch-images), so every row trains the same "
-                                       "optimizer steps; off: an epoch is one pass over each row's own set, and "
-                                       "over-sampled rows take more steps than the baseline, under-sampled fewer.")
+    clf_equal_steps: bool = opt(True, "Every row's classifier epoch takes as many images as the real training "
+                                      "set holds (train-classifier --epoch-images), so every row trains the same "
+                                      "optimizer steps and rows differ in their images alone; off: an epoch is one "
+                                      "pass over each row's own set, and over-sampled rows take more steps than the "
+                                      "baseline, under-sampled fewer (the design of the study this toolkit "
+                                      "reproduces).")
     patience: int = opt(5, "Classifier epochs without improvement before stopping.")
     clf_select: str = opt("auc", "Keep each classifier's epoch with the best validation auc or f1 (see "
                                  "train-classifier --select).")
