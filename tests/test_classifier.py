@@ -19,6 +19,7 @@ from xraygan.classifier import (
     build_resnet18,
     class_weight_tensor,
     epoch_order,
+    is_done,
     load_classifier,
     load_pretrained,
     train_classifier,
@@ -281,6 +282,22 @@ def test_resume_after_interrupt_matches_uninterrupted_run(split, tmp_path):
         train_classifier(TrainClassifierConfig(out=tmp_path / "b", resume=True, **{**kw, "lr": 0.1}))
     with pytest.raises(InputError, match="nothing to resume"):
         train_classifier(TrainClassifierConfig(out=tmp_path / "c", resume=True, **kw))
+    # --no-keep-state: an interrupted run keeps all it needs; the finished one its record alone
+    with pytest.raises(Interrupted):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "d", keep_state=False, **kw), interrupt_in_epoch_2)
+    assert load_file(tmp_path / "d" / "state.safetensors").keys() == sa.keys()
+    train_classifier(TrainClassifierConfig(out=tmp_path / "d", keep_state=False, resume=True, **kw))
+    d = load_file(tmp_path / "d" / "classifier.safetensors")
+    assert all(torch.equal(a[k], d[k]) for k in a)
+    assert load_file(tmp_path / "d" / "state.safetensors") == {}
+    size = (tmp_path / "d" / "state.safetensors").stat().st_size
+    assert size < 20_000 < (tmp_path / "a" / "state.safetensors").stat().st_size
+    assert is_done(tmp_path / "d", 3, 0) and not is_done(tmp_path / "d", 4, 0)
+    train_classifier(TrainClassifierConfig(out=tmp_path / "d", keep_state=False, resume=True, **kw))  # done
+    assert all(torch.equal(d[k], v) for k, v in load_file(tmp_path / "d" / "classifier.safetensors").items())
+    with pytest.raises(InputError, match="finished after 3 epochs with --no-keep-state, so it kept no training "
+                                         "state to continue to --epochs 4"):
+        train_classifier(TrainClassifierConfig(out=tmp_path / "d", resume=True, **{**kw, "epochs": 4}))
 
 
 @pytest.mark.parametrize("small_stem", [True, False])

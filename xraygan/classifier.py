@@ -211,6 +211,10 @@ class TrainClassifierConfig:
     channels_last: bool = True
     resume: bool = opt(False, "Continue an interrupted run from its last finished epoch (same options; "
                               "--epochs may grow).")
+    keep_state: bool = opt(True, "Keep a finished run's training state (weights, optimizer moments, best "
+                                 "weights: 4x the model), so --resume with more --epochs can extend it; "
+                                 "off: only its record is kept once the run ends (an interrupted run keeps "
+                                 "all it needs to resume either way).")
     force: bool = opt(False, "Replace an existing run folder.")
     # library callers only: validate on the training folder itself, on purpose (the audit's feature
     # classifier, which has no other split); the command line refuses it
@@ -359,15 +363,20 @@ class Bf16Guard:
 
 
 def _save_state(out: Path, model: nn.Module, opt, sched, g: torch.Generator,
-                best_state: dict | None, net: ClassifierNetConfig, **meta) -> None:
+                best_state: dict | None, net: ClassifierNetConfig, keep: bool = True, **meta) -> None:
     """All that --resume needs after an epoch, without pickle: weights, optimizer moments,
-    schedule, the data/augmentation random state and the best weights so far."""
-    t = state_dict_to_tensors("model.", model.state_dict())
+    schedule, the data/augmentation random state and the best weights so far. `keep=False` (a
+    finished run, --no-keep-state) writes the record alone: where the run ended, without tensors."""
     o, groups = optimizer_to_tensors("opt.", opt)
-    t.update(o)
-    t["rng"] = g.get_state()
-    if best_state is not None:
-        t.update(state_dict_to_tensors("best.", best_state))
+    t = {}
+    if keep:
+        t = state_dict_to_tensors("model.", model.state_dict())
+        t.update(o)
+        t["rng"] = g.get_state()
+        if best_state is not None:
+            t.update(state_dict_to_tensors("best.", best_state))
+    else:
+        meta["tensors_dropped"] = True
     save_checkpoint(out / "state.safetensors", {k: v.contiguous() for k, v in t.items()},
                     "classifier-state", net.to_dict(), param_groups=groups,
                     scheduler=sched.state_dict(), **meta)
@@ -531,6 +540,13 @@ def _resume(out: Path, cfg: TrainClassifierConfig, model: nn.Module, opt, sched,
     """Load `state.safetensors` into the model, optimizer, schedule and random stream. Returns
     (best weights, best score, best epoch, stale epochs, first epoch to run, log rows so far)."""
     t, meta = load_checkpoint(out / "state.safetensors", "classifier-state")
+    log_rows = _read_log(out / "log.csv")[:meta["epoch"]]
+    if meta.get("tensors_dropped"):  # a finished run that kept its record alone
+        if meta["epoch"] < cfg.epochs and not (cfg.patience and meta["stale"] >= cfg.patience):
+            raise InputError(f"{out / 'state.safetensors'}: the run finished after {meta['epoch']} epochs "
+                             f"with --no-keep-state, so it kept no training state to continue to "
+                             f"--epochs {cfg.epochs} (train a new run)")
+        return None, meta["best"], meta["best_epoch"], meta["stale"], cfg.epochs + 1, log_rows
     model.load_state_dict(tensors_to_state_dict("model.", t))
     optimizer_from_tensors("opt.", opt, t, meta["param_groups"])
     sched.load_state_dict(meta["scheduler"])
@@ -539,8 +555,8 @@ def _resume(out: Path, cfg: TrainClassifierConfig, model: nn.Module, opt, sched,
     start = meta["epoch"] + 1
     if cfg.patience and meta["stale"] >= cfg.patience:
         start = cfg.epochs + 1  # it had stopped early: nothing left to do
-    return (tensors_to_state_dict("best.", t) or None, meta["best"], meta["best_epoch"], meta["stale"], start,
-            _read_log(out / "log.csv")[:meta["epoch"]])
+    best_state = tensors_to_state_dict("best.", t) or None
+    return best_state, meta["best"], meta["best_epoch"], meta["stale"], start, log_rows
 
 
 def _validate(model: nn.Module, val: ImageFolder, pos: int, device: torch.device, cl: bool,
@@ -736,9 +752,10 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             _save_best(out, best_state, net, train, cfg, epoch, m, budget)
         else:
             stale += 1
-        _save_state(out, model, opt, sched, g, best_state, net, epoch=epoch, best=best,
-                    best_epoch=best_epoch, stale=stale)
         stop = bool(cfg.patience and stale >= cfg.patience)
+        finished = stop or epoch == cfg.epochs
+        _save_state(out, model, opt, sched, g, best_state, net, keep=cfg.keep_state or not finished,
+                    epoch=epoch, best=best, best_epoch=best_epoch, stale=stale)
         broadcast_floats(dist, [float(stop)], device)
         if stop:
             break

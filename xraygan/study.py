@@ -351,7 +351,8 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                                       accumulate=cfg.clf_accumulate, patience=cfg.patience,
                                       small_stem=cfg.small_stem, select=cfg.clf_select, seed=seed,
                                       class_weights="balanced" if row == "class_weights" else "none",
-                                      weights=weights, device=dev)
+                                      weights=weights, device=dev,
+                                      keep_state=False)  # its settings are locked: never extended
             steps.append(command_step(f"train-classifier {name}", "train-classifier", c, run,
                                       deps=[f"rebalance {name}"], again=["--resume"],
                                       done=lambda r=run: classifier.is_done(r, cfg.clf_epochs, cfg.patience)))
