@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Does rebalancing still look the same when every row's classifier trains the baseline's number of
-# optimizer steps? One study with an epoch of one pass over each row's own set (the default), then
-# the same study's generators given to classifiers with --clf-equal-steps, then each rebalanced
-# row of the second tested against the same row of the first (its reports relabelled `<row>_eq`).
+# optimizer steps? One study with an epoch of one pass over each row's own set (--no-clf-equal-steps),
+# then the same study's generators given to classifiers with the baseline's steps (the default), then
+# each rebalanced row of the second tested against the same row of the first (its reports
+# relabelled `<row>_eq`).
 #   bash benchmarks/equal_steps.sh ../shared/data/chest_xray_224 OUT [SIZE]
 # Rows, seeds and budgets as in docs/RESULTS.md; ROWS / SEEDS / GAN_STEPS / EPOCHS override them.
 set -euo pipefail
 SRC=$1 OUT=$2 SIZE=${3:-32}
 X=${XRAYGAN:-xraygan}
-ROWS=${ROWS:-baseline undersample oversample dcgan cdcgan_a0.5} SEEDS=${SEEDS:-0 1 2}
+ROWS=${ROWS:-baseline undersample oversample dcgan cdcgan_a0.5 cdcgan_a0.25 cdcgan_a0.75} SEEDS=${SEEDS:-0 1 2}
 SET=(--rows $ROWS --seeds $SEEDS --gan-steps "${GAN_STEPS:-1500}" --clf-epochs "${EPOCHS:-12}"
      --device "${DEVICE:-auto}")
 [ -d "$OUT/data" ] || $X prepare "$SRC" --out "$OUT/data" --size "$SIZE" --imbalance 3 --seed 0
-$X study "$OUT/data" --out "$OUT/pass" "${SET[@]}"
+$X study "$OUT/data" --out "$OUT/pass" "${SET[@]}" --no-clf-equal-steps
 # the generators, their images and audits are done already (-n: rows added later join too)
 mkdir -p "$OUT/eq"
 [ -f "$OUT/eq/study.json" ] || cp "$OUT/pass/study.json" "$OUT/eq/"
