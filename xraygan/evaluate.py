@@ -493,8 +493,8 @@ def unequal_budget_note(groups: dict[str, list[dict]], references: tuple[str, ..
         by.setdefault(f"{span}{times}", []).append(label)
     parts = "; ".join(f"{', '.join(labels)} {what}" for what, labels in by.items())
     return (f"the rows' classifiers were given different numbers of optimizer steps: {parts}; a difference "
-            "between these rows is partly one of training length (train-classifier --epoch-images, or study "
-            "--clf-equal-steps, gives every row the same steps)")
+            "between these rows is partly one of training length (train-classifier --epoch-images gives "
+            "every row the same steps, as study does unless told --no-clf-equal-steps)")
 
 
 # --- compare ----------------------------------------------------------------------------------
@@ -625,7 +625,8 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False,
     if out is not None:
         with staged_dir(Path(out), force, "compare") as tmp:
             # the file is read without the command's stderr: its warnings go with it
-            atomic_write_text(tmp / "table.md", res["markdown"] + "".join(f"\n**Warning:** {w}\n" for w in warnings))
+            notes = "".join(f"\n**Warning:** {w}\n" for w in warnings)
+            atomic_write_text(tmp / "table.md", res["markdown"] + notes)
             atomic_write_text(tmp / "table.csv", res["csv"])
             if paired["comparisons"]:
                 write_csv(tmp / "paired.csv", PAIRED_CSV, paired_rows(paired))
