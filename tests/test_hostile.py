@@ -305,6 +305,10 @@ CASES = [
     ("study {data} --out {tmp}/st --rows baseline --seeds 0 --clf-accumulate 33 --device cpu", 2,
      "--clf-accumulate 33: more micro-batches than the classifier's batch of 64 can fill"),
     ("study {data} --out {tmp}/st --rows ddpm --seeds 0 --diffusion-batch 1 --device cpu", 2, "--diffusion-batch 1"),
+    ("study {data} --out {tmp}/st --rows dcgan --seeds 0 --gan-seeds x --device cpu", 2,
+     "--gan-seeds 'x': seeds are whole numbers"),
+    ("study {data} --out {tmp}/st --rows dcgan --seeds 0 --gan-seeds 1 1 --device cpu", 2,
+     "--gan-seeds: a seed is named twice"),
     # --estimate is the plan with times, --print-commands the plan as a script: not both
     ("study {data} --out {tmp}/st --rows baseline --seeds 0 --estimate --print-commands", 2, "give one of them"),
     ("study {data} --out {data}/st --rows baseline --seeds 0 --estimate", 2, "inside"),

@@ -313,6 +313,38 @@ def test_equal_steps_gives_every_classifier_the_real_training_set_s_count_per_ep
         check_study_folder(grid)
 
 
+def test_gan_seeds_give_each_classifier_seed_a_generator_of_its_own(demo_data, tmp_path):
+    """--gan-seeds 0 1: each generator row trains a generator per seed (seed 0 keeps the row's
+    folders, so a one-generator study keeps its layout), and classifier seed s rebalances with
+    the generator seeded gan_seeds[s mod n]; a setting locked once a rebalanced set exists."""
+    from xraygan.fsutil import atomic_write_json, record_header
+    from xraygan.study import check_study_folder
+
+    out = tmp_path / "s"
+    grid = StudyConfig(data=demo_data, out=out, rows=("baseline", "dcgan"), seeds=(0, 1, 2), gan_seeds=(0, 1))
+    by = {s.id: s for s in build_plan(grid)[0]}
+    assert {i for i in by if i.startswith(("train-gan", "generate", "audit"))} == {
+        "train-gan dcgan", "generate dcgan", "audit dcgan", "train-gan dcgan-gan1", "generate dcgan-gan1",
+        "audit dcgan-gan1"}
+    gan1 = by["train-gan dcgan-gan1"].argv
+    assert gan1[gan1.index("--out") + 1] == str(out / "gan" / "dcgan-gan1") and gan1[gan1.index("--seed") + 1] == "1"
+    assert "--seed" not in by["train-gan dcgan"].argv  # the one-generator study's command, unchanged
+    for seed, tag in ((0, "dcgan"), (1, "dcgan-gan1"), (2, "dcgan")):
+        step = by[f"rebalance dcgan seed {seed}"]
+        assert step.deps == [f"generate {tag}"]
+        assert step.argv[step.argv.index("--synthetic") + 1] == str(out / "synth" / tag)
+    assert by["rebalance baseline seed 1"].deps == []
+    out.mkdir()
+    atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
+    assert check_study_folder(replace(grid, gan_seeds=(0,))) is not None  # nothing rebalanced yet
+    (out / "balanced" / "dcgan-seed0").mkdir(parents=True)
+    (out / "balanced" / "dcgan-seed0" / "rebalance.json").write_text("{}")
+    with pytest.raises(InputError, match=r"run with --gan-seeds 0 1 \(now 0\)"):
+        check_study_folder(replace(grid, gan_seeds=(0,)))
+    with pytest.raises(InputError, match="--gan-seeds: a seed is named twice"):
+        replace(grid, gan_seeds=(1, 1)).validate()
+
+
 def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):
     """Adding a generator row to a finished study: its training and then its generation have
     nothing beside them, so they are found from the plan (not from timing) and get all cores."""

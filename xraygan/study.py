@@ -49,7 +49,7 @@ RECORD = "study.json"
 # Settings a study folder keeps: rerunning into it with other values would mix two studies.
 SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "patience", "small_stem",
             "diffusion_steps", "diffusion_batch", "clf_accumulate", "sampling_steps", "clf_select", "weights",
-            "tune_for", "clf_equal_steps")
+            "tune_for", "clf_equal_steps", "gan_seeds")
 # A setting shapes only the folders named here (under the study folder; "*" is any row): while
 # none of them holds anything, it may change between runs of one study, so a diffusion row can be
 # added to a finished GAN grid at a step count of its own, and a study's generators can be given
@@ -61,11 +61,19 @@ _CLASSIFIERS = ("runs/*",)
 # a record without it is compared against this, not against today's default.
 RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1", "clf_equal_steps": False}
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
+                   # which generator's images each seed's set holds
+                   "gan_seeds": ("balanced/*", "runs/*"),
                    "diffusion_steps": ("diffusion/*",), "diffusion_batch": ("diffusion/*",),
                    "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
                    **{k: _CLASSIFIERS for k in ("clf_epochs", "patience", "small_stem", "clf_accumulate",
                                                 "clf_select", "weights", "clf_equal_steps")},
                    "tune_for": ("runs/*/report-tuned",)}
+
+
+def generator_tag(row: str, gan_seed: int) -> str:
+    """The name of a generator row's generator of one seed (folders gan/, synth/, audit/ and its
+    steps): the row's own for seed 0, so a study of one generator per row keeps its layout."""
+    return row if gan_seed == 0 else f"{row}-gan{gan_seed}"
 
 
 def is_gan_row(row: str) -> bool:
@@ -90,11 +98,15 @@ def _rows(values: list[str]) -> tuple[str, ...]:
     return tuple(v.strip() for x in values for v in x.split(",") if v.strip())
 
 
-def _seeds(values: list[str]) -> tuple[int, ...]:
+def _seeds(values: list[str], option: str = "--seeds") -> tuple[int, ...]:
     words = _rows(values)
     if not all(w.isdigit() for w in words):
-        raise InputError(f"--seeds '{' '.join(values)}': seeds are whole numbers, e.g. --seeds 0 1 2")
+        raise InputError(f"{option} '{' '.join(values)}': seeds are whole numbers, e.g. {option} 0 1 2")
     return tuple(int(w) for w in words)
+
+
+def _gan_seeds(values: list[str]) -> tuple[int, ...]:
+    return _seeds(values, "--gan-seeds")
 
 
 # the words `--rows` takes after it (a row, or rows joined by commas): only row names, so the data
@@ -116,7 +128,13 @@ class StudyConfig:
     seeds: tuple[int, ...] = opt((0, 1, 2), "Classifier seeds per row (each also draws the rebalanced set), e.g. "
                                             "--seeds 0 1 2.", cli=list[str], parse=_seeds,
                                  text=lambda v: [str(x) for x in v], several=r"^\d+(,\d+)*$")
-    gan_steps: int = opt(3000, "Generator steps per GAN (each GAN is trained once, seed 0).")
+    gan_seeds: tuple[int, ...] = opt((0,), "Seeds of each generator row's generators (GANs and diffusion models): "
+                                           "with several, classifier seed s takes the images of the generator "
+                                           "seeded gan_seeds[s mod n], so a row's spread over seeds includes its "
+                                           "generators' (e.g. --gan-seeds 0 1 2 with --seeds 0 1 2).",
+                                     cli=list[str], parse=_gan_seeds, text=lambda v: [str(x) for x in v],
+                                     several=r"^\d+(,\d+)*$")
+    gan_steps: int = opt(3000, "Generator steps per GAN.")
     gan_batch: int = opt(64, "GAN batch size.")
     diffusion_steps: int = opt(4000, "Training steps per diffusion model (rows ddpm, cddpm).")
     diffusion_batch: int = opt(64, "Diffusion batch size (rows ddpm, cddpm; see train-diffusion --batch-size).")
@@ -166,6 +184,10 @@ class StudyConfig:
         require(len(set(self.seeds)) == len(self.seeds), "--seeds: a seed is named twice")
         for s in self.seeds:
             check_int("--seeds", s, 0)
+        require(len(self.gan_seeds) > 0, "--gan-seeds: give at least one seed")
+        require(len(set(self.gan_seeds)) == len(self.gan_seeds), "--gan-seeds: a seed is named twice")
+        for s in self.gan_seeds:
+            check_int("--gan-seeds", s, 0)
         check_int("--gan-steps", self.gan_steps)
         check_int("--gan-batch", self.gan_batch, 2)
         check_int("--clf-epochs", self.clf_epochs)
@@ -199,7 +221,7 @@ class StudyConfig:
         check_out_apart(self.out, data=self.data)
 
     def settings(self) -> dict:
-        return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps,
+        return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps, "gan_seeds": list(self.gan_seeds),
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
                 "diffusion_steps": self.diffusion_steps, "diffusion_batch": self.diffusion_batch,
@@ -306,45 +328,49 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
     for row in cfg.rows:
         if not is_gan_row(row):
             continue
-        synth = out / "synth" / row
-        if row in DIFFUSION_ROWS:
-            run, trainer, model = out / "diffusion" / row, "train-diffusion", "diffusion.safetensors"
-            c = diffusion.TrainDiffusionConfig(data=train, out=run, conditional=row == "cddpm", cls=minority,
-                                               steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch, seed=0,
-                                               device=dev)
-            steps.append(command_step(f"{trainer} {row}", trainer, c, run, again=["--resume"],
-                                      done=lambda run=run: diffusion.is_done(run, cfg.diffusion_steps)))
-        else:
-            run, trainer, model = out / "gan" / row, "train-gan", "generator.safetensors"
-            alpha = CDCGAN.match(row)
-            c = gan.TrainGanConfig(data=train, out=run, conditional=alpha is not None,
-                                   cls=None if alpha else minority, alpha=float(alpha["alpha"]) if alpha else None,
-                                   steps=cfg.gan_steps, batch_size=cfg.gan_batch,
-                                   diffaugment="" if cfg.diffaugment == "none" else cfg.diffaugment, seed=0,
-                                   device=dev)
-            steps.append(command_step(f"{trainer} {row}", trainer, c, run, again=["--resume"],
-                                      done=lambda run=run: gan.is_done(run, cfg.gan_steps)))
-        c = generate.GenerateConfig(checkpoint=run / model, out=synth, n=need, label=minority, seed=0,
-                                    preview=True, device=dev,
-                                    **({"sampling_steps": cfg.sampling_steps} if row in DIFFUSION_ROWS else {}))
-        steps.append(command_step(f"generate {row}", "generate", c, synth, deps=[f"{trainer} {row}"],
-                                  done=lambda s=synth: generate.is_done(s, need)))
-        if cfg.audit:
-            a = out / "audit" / row
-            c = AuditConfig(real=train, synthetic=synth, out=a, cache=out / "cache", device=dev)
-            steps.append(command_step(f"audit {row}", "audit", c, a, deps=[f"generate {row}"],
-                                      done=lambda a=a: audit.is_done(a),
-                                      exclusive="audit"))  # the first audit trains the cached feature classifier
+        for g in cfg.gan_seeds:
+            tag = generator_tag(row, g)  # its folders' and steps' name
+            synth = out / "synth" / tag
+            if row in DIFFUSION_ROWS:
+                run, trainer, model = out / "diffusion" / tag, "train-diffusion", "diffusion.safetensors"
+                c = diffusion.TrainDiffusionConfig(data=train, out=run, conditional=row == "cddpm", cls=minority,
+                                                   steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch,
+                                                   seed=g, device=dev)
+                steps.append(command_step(f"{trainer} {tag}", trainer, c, run, again=["--resume"],
+                                          done=lambda run=run: diffusion.is_done(run, cfg.diffusion_steps)))
+            else:
+                run, trainer, model = out / "gan" / tag, "train-gan", "generator.safetensors"
+                alpha = CDCGAN.match(row)
+                c = gan.TrainGanConfig(data=train, out=run, conditional=alpha is not None,
+                                       cls=None if alpha else minority,
+                                       alpha=float(alpha["alpha"]) if alpha else None, steps=cfg.gan_steps,
+                                       batch_size=cfg.gan_batch,
+                                       diffaugment="" if cfg.diffaugment == "none" else cfg.diffaugment, seed=g,
+                                       device=dev)
+                steps.append(command_step(f"{trainer} {tag}", trainer, c, run, again=["--resume"],
+                                          done=lambda run=run: gan.is_done(run, cfg.gan_steps)))
+            c = generate.GenerateConfig(checkpoint=run / model, out=synth, n=need, label=minority, seed=g,
+                                        preview=True, device=dev,
+                                        **({"sampling_steps": cfg.sampling_steps} if row in DIFFUSION_ROWS else {}))
+            steps.append(command_step(f"generate {tag}", "generate", c, synth, deps=[f"{trainer} {tag}"],
+                                      done=lambda s=synth: generate.is_done(s, need)))
+            if cfg.audit:
+                a = out / "audit" / tag
+                c = AuditConfig(real=train, synthetic=synth, out=a, cache=out / "cache", device=dev)
+                steps.append(command_step(f"audit {tag}", "audit", c, a, deps=[f"generate {tag}"],
+                                          done=lambda a=a: audit.is_done(a),
+                                          exclusive="audit"))  # the first audit trains the cached feature classifier
     tables: dict[str, list[tuple[str, Path]]] = {"table": [], "table-tuned": []}
     weights = Path(cfg.weights).absolute() if cfg.weights is not None else None  # one pretrained start for all
     for row in cfg.rows:
         for seed in cfg.seeds:
             name = f"{row} seed {seed}"
             bal, run = out / "balanced" / f"{row}-seed{seed}", out / "runs" / f"{row}-seed{seed}"
+            tag = generator_tag(row, cfg.gan_seeds[seed % len(cfg.gan_seeds)])  # this seed's generator
             c = RebalanceConfig(data=train, out=bal, method="gan" if is_gan_row(row) else METHODS[row],
-                                synthetic=(out / "synth" / row,) if is_gan_row(row) else (), seed=seed)
+                                synthetic=(out / "synth" / tag,) if is_gan_row(row) else (), seed=seed)
             steps.append(command_step(f"rebalance {name}", "rebalance", c, bal,
-                                      deps=[f"generate {row}"] if is_gan_row(row) else [],
+                                      deps=[f"generate {tag}"] if is_gan_row(row) else [],
                                       done=lambda b=bal: rebalance.is_done(b)))
             c = TrainClassifierConfig(data=bal, val=data / "val", out=run, epochs=cfg.clf_epochs,
                                       epoch_images=sum(counts.values()) if cfg.clf_equal_steps else None,
@@ -411,6 +437,8 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
         was, now = theirs[k], mine[k]
         if k == "weights":
             was, now = (w["path"] if w else "none" for w in (was, now))
+        if isinstance(now, list):
+            was, now = (" ".join(map(str, v)) for v in (was, now))
         option = "DATA" if k == "data" else "--" + k.replace("_", "-")
         said = f"{option} {was} (now {now})"
         if isinstance(now, bool):  # a switch: its two spellings
