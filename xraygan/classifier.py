@@ -703,10 +703,10 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
             "pretrained_layers_not_loaded": not_loaded, "processes": dist.world,
             "validation_batch": eval_batch, "images_per_epoch": per_epoch,
             "xraygan_version": __version__, "torch_version": torch.__version__})
-    steps = math.ceil(per_epoch / cfg.batch_size)
+    steps = steps_per_epoch(per_epoch, cfg.batch_size, dist.world)  # the loop's count and the budget's
     # what the run was given, kept in the checkpoint: rows are compared on equal terms only when it is equal
     budget = {"train_images": len(x_all), "images_per_epoch": per_epoch, "batch_size": cfg.batch_size,
-              "steps_per_epoch": steps_per_epoch(per_epoch, cfg.batch_size, dist.world), "epochs": cfg.epochs}
+              "steps_per_epoch": steps, "epochs": cfg.epochs}
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)
     t0 = time.perf_counter()
