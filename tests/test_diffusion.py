@@ -20,6 +20,7 @@ from xraygan.diffusion import (
     build_unet,
     cosine_alpha_bar,
     default_shape,
+    is_done,
     sample,
     train_diffusion,
     unet_levels,
@@ -101,6 +102,14 @@ def test_resume_is_bit_exact_and_checkpoints_are_typed(demo_data, tmp_path):
     assert not (tmp_path / "clf").exists()
     with pytest.raises(InputError, match="already trained 4 steps"):
         train_diffusion(TrainDiffusionConfig(out=tmp_path / "b", steps=4, resume=True, **common))
+    # --no-keep-state: the same model; the finished run's state is its record alone, not extended
+    train_diffusion(TrainDiffusionConfig(out=tmp_path / "c", steps=4, keep_state=False, **common))
+    tc, _ = load_checkpoint(tmp_path / "c" / "diffusion.safetensors", "diffusion-model")
+    assert all(torch.equal(ta[k], tc[k]) for k in ta)
+    tc, mc = load_checkpoint(tmp_path / "c" / "state.safetensors", "diffusion-state")
+    assert tc == {} and mc["tensors_dropped"] and mc["step"] == 4 and is_done(tmp_path / "c", 4)
+    with pytest.raises(InputError, match="finished after 4 steps with --no-keep-state"):
+        train_diffusion(TrainDiffusionConfig(out=tmp_path / "c", steps=6, resume=True, **common))
 
 
 def test_generation_is_deterministic_and_conditional(demo_data, tmp_path, monkeypatch):

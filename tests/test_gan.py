@@ -211,6 +211,44 @@ def test_r1_penalty_flattens_the_discriminator_and_resumes_exactly(folder16, tmp
         train_gan(tiny(folder16, tmp_path / "c", r1=-1.0))
 
 
+def test_no_keep_state_keeps_an_interrupted_runs_state_and_a_finished_runs_record(folder16, tmp_path, monkeypatch):
+    """--no-keep-state: Ctrl-C mid-run still leaves everything --resume needs (and the resumed run
+    matches a straight one); the finished run's state file is its record alone, which the study
+    reads to skip it, and a longer run is refused in one line instead of starting from nothing."""
+    kw = dict(epochs=3, batch_size=4, log_every=2)
+    train_gan(tiny(folder16, tmp_path / "a", **kw))
+    calls = {"n": 0}
+    real_step = GanTrainer.step
+
+    def interrupting(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *a)
+
+    monkeypatch.setattr(GanTrainer, "step", interrupting)
+    with pytest.raises(Interrupted, match="interrupted at step 4; saved"):
+        train_gan(tiny(folder16, tmp_path / "b", keep_state=False, **kw))
+    monkeypatch.setattr(GanTrainer, "step", real_step)
+    assert load_file(tmp_path / "b" / "state.safetensors").keys() == load_file(tmp_path / "a" / "state.safetensors").keys()
+    train_gan(tiny(folder16, tmp_path / "b", keep_state=False, resume=True, **kw))
+    for f in ("generator.safetensors", "discriminator.safetensors"):
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    assert load_file(tmp_path / "b" / "state.safetensors") == {}
+    _, meta = load_checkpoint(tmp_path / "b" / "state.safetensors", "gan-state")
+    steps = meta["step"]
+    assert meta["tensors_dropped"] and steps == load_checkpoint(tmp_path / "a" / "state.safetensors", "gan-state")[1]["step"]
+    assert (tmp_path / "b" / "state.safetensors").stat().st_size < 20_000 < (tmp_path / "a" / "state.safetensors").stat().st_size
+    assert gan.is_done(tmp_path / "b", steps) and not gan.is_done(tmp_path / "b", steps + 1)
+    with pytest.raises(InputError, match=f"already trained {steps} steps"):
+        train_gan(tiny(folder16, tmp_path / "b", resume=True, **kw))
+    with pytest.raises(InputError, match=f"finished after {steps} steps with --no-keep-state, so it kept no "
+                                         f"training state to continue to {2 * steps} steps"):
+        train_gan(tiny(folder16, tmp_path / "b", resume=True, **{**kw, "epochs": 6}))
+    train_gan(tiny(folder16, tmp_path / "a", resume=True, **{**kw, "epochs": 6}))  # the kept state extends
+
+
 @pytest.mark.parametrize("at", random.Random(7).sample(range(1, 9), 3))
 def test_resume_after_ctrl_c_at_a_random_step(folder16, tmp_path, monkeypatch, at):
     """A real SIGINT arriving *inside* a step (the old divergence: D updated, G not) is deferred

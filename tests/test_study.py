@@ -47,6 +47,7 @@ def test_plan_for_a_row_subset(demo_data, tmp_path):
     assert by["rebalance cdcgan_a0.3 seed 0"].deps == ["generate cdcgan_a0.3"]
     assert by["train-classifier cdcgan_a0.3 seed 0"].stage == 4
     assert "--no-keep-state" in by["train-classifier cdcgan_a0.3 seed 0"].argv  # never extended: 171 MB less a run
+    assert "--no-keep-state" in by["train-gan cdcgan_a0.3"].argv  # nor a generator: 393 MB less at 224 px
     assert set(by["compare table"].deps) == {f"{k} {r} seed {s}" for k in ("evaluate", "gradcam")
                                             for r in ("oversample", "cdcgan_a0.3") for s in (0, 4)}
     gan = by["train-gan cdcgan_a0.3"].argv
@@ -117,7 +118,8 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     assert all(json.loads((out / "runs" / f"{row}-seed{s}" / "report-tuned" / "metrics.json").read_text())
                ["threshold_tuning"] for row in ("baseline", "dcgan") for s in (0, 1))
     assert (out / "audit" / "dcgan" / "audit.json").is_file()
-    assert all(f.stat().st_size < 100_000 for f in out.glob("runs/*/state.safetensors"))  # the record alone
+    states = [*out.glob("runs/*/state.safetensors"), out / "gan" / "dcgan" / "state.safetensors"]
+    assert all(f.stat().st_size < 100_000 for f in states) and len(states) == 5  # the record alone
     times = (out / "times.csv").read_text().splitlines()
     assert len(times) == 1 + 3 + 2 * 2 * 4 + 2 and all(",done," in t for t in times[1:])
     assert r.stdout.count("| baseline | 2 |") == 2  # both tables printed

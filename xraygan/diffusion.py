@@ -217,6 +217,9 @@ class TrainDiffusionConfig(TrainingRun):
     log_every: int = opt(20, "Read the loss from the device every N steps: log rows, progress and the NaN guard.")
     resume: bool = opt(False, "Continue an interrupted run from its last checkpoint (same options; "
                               "--steps may grow).")
+    keep_state: bool = opt(True, "Keep a finished run's training state (U-Net, EMA, optimizer moments), so "
+                                 "--resume with more --steps can extend it; off: only its record is kept once "
+                                 "the run ends (an interrupted run keeps all it needs to resume either way).")
     force: bool = opt(False, "Replace an earlier train-diffusion run in --out.")
 
     def validate(self) -> None:
@@ -287,7 +290,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: Progress | None = None)
     created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data)
     loop = StepLoop(run, _family(cfg, model, x_all, y_all, meta, run),
                     Cadence(cfg.steps, len(x_all) // cfg.batch_size, cfg.log_every, cfg.save_every, cfg.save_seconds,
-                            cfg.sample_every), Dist(), device, created, cfg.resume, progress)
+                            cfg.sample_every), Dist(), device, created, cfg.resume, progress, cfg.keep_state)
     if cfg.resume:
         model.load(*loop.resume())
 
@@ -375,10 +378,14 @@ def _family(cfg: TrainDiffusionConfig, m: _Model, x_all, y_all: torch.Tensor, me
             ema_update(m.ema, m.unet, min(cfg.ema, (1 + pos.step) / (10 + pos.step)))
         return loss.detach(), k
 
-    def save(pos: Position, w) -> None:
+    def save(pos: Position, w, tensors: bool) -> None:
         common = dict(meta, epoch=pos.epoch, step=pos.step)
-        t, groups = m.state()
-        t["perm"] = StepLoop.saved_perm(pos)
+        if tensors:
+            t, groups = m.state()
+            t["perm"] = StepLoop.saved_perm(pos)
+        else:  # the record alone
+            t, groups = {}, None
+            common["tensors_dropped"] = True
         w.submit([
             snapshot(run / "diffusion.safetensors", (m.ema or m.unet).state_dict(), "diffusion-model",
                      net.to_dict(), w.copies, **common, ema=m.ema is not None),

@@ -115,6 +115,10 @@ class TrainGanConfig(TrainingRun):
                              "guard (a non-finite loss stops the run within N steps).")
     resume: bool = opt(False, "Continue an interrupted run from its last checkpoint (same options; "
                               "--epochs/--steps may grow).")
+    keep_state: bool = opt(True, "Keep a finished run's training state (generator, discriminator, EMA, "
+                                 "optimizer moments), so --resume with more --steps can extend it; off: only "
+                                 "its record is kept once the run ends (an interrupted run keeps all it needs "
+                                 "to resume either way).")
     force: bool = opt(False, "Replace an earlier train-gan run in --out.")
 
     def __post_init__(self):
@@ -506,7 +510,7 @@ def _train_gan(cfg: TrainGanConfig, run: Path, dist: Dist, device: torch.device,
     created = begin_run(run, cfg.resume, cfg.force, fingerprint, cfg.data, writes=dist.main)
     loop = StepLoop(run, _family(cfg, trainer, x_all, data.labels, len(classes), meta, run),
                     Cadence(total_steps, steps_per_epoch, cfg.log_every, cfg.save_every, cfg.save_seconds,
-                            cfg.sample_every), dist, device, created, cfg.resume, progress)
+                            cfg.sample_every), dist, device, created, cfg.resume, progress, cfg.keep_state)
     if cfg.resume:
         trainer.load_state(*loop.resume())
         if loop.pos.perm is not None:
@@ -563,13 +567,16 @@ def _family(cfg: TrainGanConfig, trainer: GanTrainer, x_all: ModelInput, labels:
             idx, y = dist.share(pos.perm[pos.batch * cfg.batch_size:(pos.batch + 1) * cfg.batch_size]), None
         return trainer.step(x_all[idx], y), cfg.batch_size
 
-    def save(pos: Position, w: BackgroundWriter) -> None:
+    def save(pos: Position, w: BackgroundWriter, tensors: bool) -> None:
         """Snapshot generator, discriminator and resume state now; the writer writes them in the
         background, the state file last, so a crash between the writes resumes from the previous
-        consistent state."""
+        consistent state. Without `tensors` the state file is the record alone."""
         common = dict(meta, epoch=pos.epoch, step=trainer.step_count)
-        t, smeta = trainer.state_tensors()
-        t["perm"] = StepLoop.saved_perm(pos)
+        if tensors:
+            t, smeta = trainer.state_tensors()
+            t["perm"] = StepLoop.saved_perm(pos)
+        else:
+            t, smeta = {}, {"tensors_dropped": True}
         w.submit([
             snapshot(run / "generator.safetensors", trainer.sampler().state_dict(), "generator",
                      trainer.net.to_dict(), w.copies, **common, ema=trainer.G_ema is not None),

@@ -11,7 +11,8 @@ logs); the loop owns what every run shares:
 - the NaN guard: a non-finite stat stops the run with the last good checkpoint named, and a state
   whose losses were not checked is never checkpointed;
 - checkpoints on the background writer (the state file last), and a run that fails before its
-  first checkpoint leaves no folder behind;
+  first checkpoint leaves no folder behind; a finished run of `keep_state=False` keeps its
+  state file's record alone (where it ended, no tensors), so it can be skipped but not extended;
 - Ctrl-C (and SIGTERM) deferred to the end of the step, then a save and how to resume; a second
   one inside a step keeps the last checkpoint;
 - under torchrun, the collective that averages the stats and agrees on stopping, with rank 0
@@ -68,18 +69,23 @@ class Family:
     shown: tuple[str, ...]  # the stats the progress bar shows
     order: Callable[[], torch.Tensor | None]  # a new epoch's order of the training set
     step: Callable[[Position], tuple[torch.Tensor, int]]  # one step: its stats (on the device), its images
-    save: Callable[[Position, BackgroundWriter], None]  # submit this position's checkpoint files to the writer
+    # submit this position's checkpoint files to the writer; the bool: whether the state file holds
+    # its tensors (False: its record alone, with tensors_dropped)
+    save: Callable[[Position, BackgroundWriter, bool], None]
     grid: Callable[[int], float | None]  # write the sample grid of this step; a figure for the log, or None
     grid_column: str | None = None  # the log column of `grid`'s figure (train-gan: diversity)
 
 
 class StepLoop:
     """The run of `family` in `run` (see the module docstring). `created`: whether this run made
-    the folder (a failure then removes it); `resumed`: whether it continues a saved state."""
+    the folder (a failure then removes it); `resumed`: whether it continues a saved state;
+    `keep_state`: whether the state file of the run's last step keeps the tensors a longer run
+    would resume from (an interrupted run keeps them either way)."""
 
     def __init__(self, run: Path, family: Family, cadence: Cadence, dist: Dist, device: torch.device,
-                 created: bool, resumed: bool, progress: Progress | None):
+                 created: bool, resumed: bool, progress: Progress | None, keep_state: bool = True):
         self.run, self.family, self.cadence, self.dist = Path(run), family, cadence, dist
+        self.keep_state = keep_state
         self.created, self.checkpointed, self.progress = created, resumed, progress
         self.pos = Position()
         self.writer = BackgroundWriter(background=device.type != "cpu")
@@ -94,14 +100,18 @@ class StepLoop:
     def resume(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The saved state's tensors and metadata, for the family to restore its own; the position
         is restored here, and the log cut back to the checkpoint."""
-        t, meta = load_checkpoint(self.run / "state.safetensors", self.family.state_kind)
-        self.pos = Position(int(meta["step"]), int(meta["epoch"]), int(meta["batch"]),
-                            t["perm"] if t["perm"].numel() else None)
+        path = self.run / "state.safetensors"
+        t, meta = load_checkpoint(path, self.family.state_kind)
+        step = int(meta["step"])
+        if step >= self.cadence.total:
+            raise InputError(f"{self.run}: already trained {step} steps; give a larger --steps"
+                             f"{' or --epochs' if self.family.command == 'train-gan' else ''} to continue")
+        if meta.get("tensors_dropped"):  # a finished run that kept its record alone
+            raise InputError(f"{path}: the run finished after {step} steps with --no-keep-state, so it kept "
+                             f"no training state to continue to {self.cadence.total} steps (train a new run)")
+        self.pos = Position(step, int(meta["epoch"]), int(meta["batch"]), t["perm"] if t["perm"].numel() else None)
         if self.dist.main:
             truncate_log(self.run, self.family.log_fields, self.pos.step)
-        if self.pos.step >= self.cadence.total:
-            raise InputError(f"{self.run}: already trained {self.pos.step} steps; give a larger --steps"
-                             f"{' or --epochs' if self.family.command == 'train-gan' else ''} to continue")
         return t, meta
 
     @staticmethod
@@ -147,7 +157,7 @@ class StepLoop:
     def save(self) -> None:
         if not self.dist.active:  # under torchrun saves come right after the collective flush
             self.flush()  # never checkpoint a state whose stats were not checked
-        self.family.save(self.pos, self.writer)
+        self.family.save(self.pos, self.writer, self.keep_state or self.pos.step < self.cadence.total)
         self.checkpointed, self._last_save = True, time.monotonic()
 
     def _due(self, end: bool) -> tuple[bool, bool, bool]:

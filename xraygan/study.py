@@ -335,7 +335,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                 run, trainer, model = out / "diffusion" / tag, "train-diffusion", "diffusion.safetensors"
                 c = diffusion.TrainDiffusionConfig(data=train, out=run, conditional=row == "cddpm", cls=minority,
                                                    steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch,
-                                                   seed=g, device=dev)
+                                                   seed=g, device=dev, keep_state=False)
                 steps.append(command_step(f"{trainer} {tag}", trainer, c, run, again=["--resume"],
                                           done=lambda run=run: diffusion.is_done(run, cfg.diffusion_steps)))
             else:
@@ -346,7 +346,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
                                        alpha=float(alpha["alpha"]) if alpha else None, steps=cfg.gan_steps,
                                        batch_size=cfg.gan_batch,
                                        diffaugment="" if cfg.diffaugment == "none" else cfg.diffaugment, seed=g,
-                                       device=dev)
+                                       device=dev, keep_state=False)
                 steps.append(command_step(f"{trainer} {tag}", trainer, c, run, again=["--resume"],
                                           done=lambda run=run: gan.is_done(run, cfg.gan_steps)))
             c = generate.GenerateConfig(checkpoint=run / model, out=synth, n=need, label=minority, seed=g,
