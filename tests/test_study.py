@@ -318,7 +318,8 @@ def test_equal_steps_gives_every_classifier_the_real_training_set_s_count_per_ep
 def test_gan_seeds_give_each_classifier_seed_a_generator_of_its_own(demo_data, tmp_path):
     """--gan-seeds 0 1: each generator row trains a generator per seed (seed 0 keeps the row's
     folders, so a one-generator study keeps its layout), and classifier seed s rebalances with
-    the generator seeded gan_seeds[s mod n]; a setting locked once a rebalanced set exists."""
+    the generator seeded gan_seeds[s mod n]; a setting locked once a generator row's rebalanced
+    set exists (the other rows' sets do not depend on it)."""
     from xraygan.fsutil import atomic_write_json, record_header
     from xraygan.study import check_study_folder
 
@@ -339,6 +340,10 @@ def test_gan_seeds_give_each_classifier_seed_a_generator_of_its_own(demo_data, t
     out.mkdir()
     atomic_write_json(out / "study.json", {**record_header("study"), "settings": grid.settings()})
     assert check_study_folder(replace(grid, gan_seeds=(0,))) is not None  # nothing rebalanced yet
+    for other in ("baseline-seed0", "oversample-seed1"):  # sets no generator seed changes
+        (out / "balanced" / other).mkdir(parents=True)
+        (out / "balanced" / other / "rebalance.json").write_text("{}")
+    assert check_study_folder(replace(grid, gan_seeds=(0,))) is not None
     (out / "balanced" / "dcgan-seed0").mkdir(parents=True)
     (out / "balanced" / "dcgan-seed0" / "rebalance.json").write_text("{}")
     with pytest.raises(InputError, match=r"run with --gan-seeds 0 1 \(now 0\)"):

@@ -61,8 +61,11 @@ _CLASSIFIERS = ("runs/*",)
 # a record without it is compared against this, not against today's default.
 RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1", "clf_equal_steps": False}
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
-                   # which generator's images each seed's set holds
-                   "gan_seeds": ("balanced/*", "runs/*"),
+                   # which generator's images a generator row's set of each seed holds (the other
+                   # rows' sets are the same for any), so a finished grid can be given more
+                   # generators by removing its generator rows' sets and runs alone
+                   "gan_seeds": tuple(f"{d}/{r}-seed*" for d in ("balanced", "runs")
+                                      for r in ("dcgan", "cdcgan_a*", *DIFFUSION_ROWS)),
                    "diffusion_steps": ("diffusion/*",), "diffusion_batch": ("diffusion/*",),
                    "sampling_steps": tuple(f"synth/{r}" for r in DIFFUSION_ROWS),
                    **{k: _CLASSIFIERS for k in ("clf_epochs", "patience", "small_stem", "clf_accumulate",
