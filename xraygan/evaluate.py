@@ -461,18 +461,24 @@ def report_markdown(rec: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def steps_given(t: dict) -> int:
+    """The optimizer steps of a checkpoint's training budget (the `training` of its metadata):
+    its epochs' steps, whether or not it stopped early."""
+    return t["epochs"] * t["steps_per_epoch"]
+
+
 def budget_phrase(t: dict) -> str:
-    """A checkpoint's training budget in words (the `training` of its metadata)."""
-    return (f"{t['steps']} optimizer steps to the kept epoch, of {t['epochs'] * t['steps_per_epoch']} "
+    """A checkpoint's training budget in words."""
+    return (f"{t['steps']} optimizer steps to the kept epoch, of {steps_given(t)} "
             f"at most ({t['epochs']} epochs of {t['steps_per_epoch']} steps: {t['images_per_epoch']} images "
             f"an epoch from a set of {t['train_images']}, batch {t['batch_size']})")
 
 
 def steps_budget(rec: dict) -> int | None:
-    """The optimizer steps a run was given (its epochs' steps, whether or not it stopped early);
-    None for a record from before checkpoints carried their budget."""
+    """The optimizer steps a metrics record's run was given; None for a record from before
+    checkpoints carried their budget."""
     t = rec.get("training")
-    return t["epochs"] * t["steps_per_epoch"] if t else None
+    return steps_given(t) if t else None
 
 
 def unequal_budget_note(groups: dict[str, list[dict]], references: tuple[str, ...]) -> str | None:
