@@ -127,10 +127,13 @@ def test_evaluate_errors(trained, tmp_path):
         evaluate(EvaluateConfig(checkpoint=ckpt, data=trained / "test", tune_on=tmp_path / "test-copy"))
 
 
-def _metrics_file(path, label, f1, recall, fp="abc", steps_per_epoch=None):
+def _metrics_file(path, label, f1, recall, fp="abc", steps_per_epoch=None, generators=None):
     m = {"precision": 0.8, "recall": recall, "specificity": 0.7, "f1": f1, "roc_auc": None}
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {"kind": "xraygan-metrics", "label": label, "metrics": m, "test_fingerprint": fp, "threshold": 0.5}
+    if generators is not None:
+        rec["generators"] = [{"checkpoint": f"gan/{g}/generator.safetensors", "checkpoint_sha256": g * 8}
+                             for g in generators]
     if steps_per_epoch:
         rec["training"] = {"train_images": 64 * steps_per_epoch, "images_per_epoch": 64 * steps_per_epoch,
                            "batch_size": 64, "steps_per_epoch": steps_per_epoch, "epochs": 10, "steps": 40}
@@ -185,6 +188,23 @@ def test_compare_says_when_rows_were_given_different_steps(tmp_path):
         for label in ("baseline", "oversample"):
             _metrics_file(tmp_path / f"u{spe}" / label / "metrics.json", label, 0.7, 0.8, steps_per_epoch=spe)
         assert compare([tmp_path / f"u{spe}"], references=())["warnings"] == []
+
+
+def test_compare_says_when_a_rows_seeds_share_one_generator(tmp_path):
+    """A generator row whose every seed trained on one generator's images is named (its spread is
+    the classifiers' alone); rows without synthetic images, rows whose seeds had generators of
+    their own, one-run rows and records that do not say are not."""
+    rows = {"baseline": [[], []], "dcgan": [["a1"], ["a1"], ["a1"]], "cdcgan": [["b0"], ["b1"]],
+            "mixed": [["c0", "c1"], ["c1", "c0"]], "single": [["d0"]], "old": [None, None]}
+    for label, gens in rows.items():
+        for seed, g in enumerate(gens):
+            _metrics_file(tmp_path / "r" / f"{label}-seed{seed}" / "metrics.json", label, 0.7, 0.8, generators=g)
+    res = compare([tmp_path / "r"], out=tmp_path / "t", references=())
+    note = ("every seed of these rows trained on the same generator's images: dcgan (3 runs, one generator), "
+            "mixed (2 runs, the same 2 generators); their spread over seeds, and the paired test, leave out how "
+            "much other generators would change them (xraygan study --gan-seeds")
+    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith(note)
+    assert f"**Warning:** {note}" in (tmp_path / "t" / "table.md").read_text()
 
 
 def test_vectorised_bootstrap_matches_the_scikit_learn_loop():

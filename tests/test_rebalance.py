@@ -63,6 +63,7 @@ def test_gan_mixes_several_synthetic_folders(train, tmp_path):
     assert rec["origins"]["pneumonia"] == {"real": 10, "synthetic": 20}
     assert sum("dcgan-" in n and "cdcgan" not in n for n in names) == 10
     assert sum("cdcgan" in n for n in names) == 10
+    assert rec["generators"] == []  # images made elsewhere (no generate record): no generator known
 
 
 def test_gan_errors(train, tmp_path):

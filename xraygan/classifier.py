@@ -46,6 +46,7 @@ from xraygan.images import ImageFolder, read_image_folder
 from xraygan.memory import check_batch, classifier_footprint, fitting_batch
 from xraygan.metrics import binary_metrics
 from xraygan.options import DEVICE_HELP, PRECISION_HELP, TORCHRUN_BATCH_HELP, opt
+from xraygan.provenance import generators_behind
 from xraygan.runs import begin_run, check_run_target, discard_new_run, fingerprint_arrays
 from xraygan.runtime import DEVICES, autocast, autocast_dtype, make_generator
 
@@ -568,13 +569,14 @@ def _validate(model: nn.Module, val: ImageFolder, pos: int, device: torch.device
 
 
 def _save_best(out: Path, state: dict, net: ClassifierNetConfig, train: ImageFolder,
-               cfg: TrainClassifierConfig, epoch: int, m: dict, budget: dict) -> None:
+               cfg: TrainClassifierConfig, epoch: int, m: dict, budget: dict, generators: list | None) -> None:
     save_checkpoint(out / "classifier.safetensors", state, "classifier", net.to_dict(),
                     classes=list(train.classes), image_size=train.size, positive=cfg.positive,
                     epoch=epoch, seed=cfg.seed, normalization={"mean": MEAN, "std": STD},
                     val_metrics={k: m[k] for k in ("f1", "roc_auc", "precision", "recall", "specificity")},
                     selected_by=cfg.select, train_source=str(cfg.data),
-                    training={**budget, "steps": epoch * budget["steps_per_epoch"]}, xraygan_version=__version__)
+                    training={**budget, "steps": epoch * budget["steps_per_epoch"]}, generators=generators,
+                    xraygan_version=__version__)
 
 
 @dataclass(frozen=True)
@@ -707,6 +709,8 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
     # what the run was given, kept in the checkpoint: rows are compared on equal terms only when it is equal
     budget = {"train_images": len(x_all), "images_per_epoch": per_epoch, "batch_size": cfg.batch_size,
               "steps_per_epoch": steps, "epochs": cfg.epochs}
+    # which generators made its synthetic images: compare tells rows whose seeds share one apart
+    generators = generators_behind(cfg.data)
     guard = Bf16Guard(model) if amp is not None and device.type == "cpu" else None
     loop = _Loop(cfg, dist, device, fwd, opt, loss_fn, x_all, y_all, amp, cl, guard, steps)
     t0 = time.perf_counter()
@@ -749,7 +753,7 @@ def _train(cfg: TrainClassifierConfig, out: Path, dist: Dist, device: torch.devi
         if improves(cfg.select, score, vloss, best, best_loss):
             best, best_epoch, best_loss, stale = score, epoch, vloss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _save_best(out, best_state, net, train, cfg, epoch, m, budget)
+            _save_best(out, best_state, net, train, cfg, epoch, m, budget, generators)
         else:
             stale += 1
         stop = bool(cfg.patience and stale >= cfg.patience)

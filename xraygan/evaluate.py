@@ -315,7 +315,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "method": "percentile"},
             "by_source": per_source, "warnings": source_warnings,
             "train_source": meta.get("train_source"), "seed": meta.get("seed"),
-            "epoch": meta.get("epoch"), "training": meta.get("training"), "xraygan_version": __version__,
+            "epoch": meta.get("epoch"), "training": meta.get("training"), "generators": meta.get("generators"),
+            "xraygan_version": __version__,
         }
 
     def write(folder: Path, rec: dict) -> None:
@@ -503,6 +504,26 @@ def unequal_budget_note(groups: dict[str, list[dict]], references: tuple[str, ..
             "every row the same steps, as study does unless told --no-clf-equal-steps)")
 
 
+def one_generator_note(groups: dict[str, list[dict]]) -> str | None:
+    """Rows of several runs whose synthetic images all came from the same generator(s): their
+    spread over seeds is the classifiers' alone. None when no row is such (or none recorded it)."""
+    def made_by(rec: dict) -> frozenset | None:
+        gens = rec.get("generators")
+        return frozenset(g.get("checkpoint_sha256") or g.get("checkpoint") for g in gens) if gens else None
+
+    rows = []
+    for label, runs in groups.items():
+        sets = [made_by(r) for r in runs]
+        if len(runs) > 1 and all(sets) and len(set(sets)) == 1:
+            n = len(sets[0])
+            rows.append(f"{label} ({len(runs)} runs, {'one generator' if n == 1 else f'the same {n} generators'})")
+    if not rows:
+        return None
+    return (f"every seed of these rows trained on the same generator's images: {', '.join(rows)}; their "
+            "spread over seeds, and the paired test, leave out how much other generators would change them "
+            "(xraygan study --gan-seeds gives each seed a generator of its own)")
+
+
 # --- compare ----------------------------------------------------------------------------------
 
 
@@ -623,6 +644,9 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False,
     budget = unequal_budget_note(groups, references if references is not None else DEFAULT_REFERENCES)
     if budget:
         warnings.append(budget)
+    shared = one_generator_note(groups)
+    if shared:
+        warnings.append(shared)
     paired = _paired(metrics, groups, references, resamples, seed, power)
     table = table_markdown(rows, keys)
     res = {"rows": rows, "columns": keys, "warnings": warnings, "runs": len(metrics), "paired": paired,

@@ -36,3 +36,21 @@ def single_source(folder: Path) -> str:
         if len(srcs) == 1:
             return {"split": "kermany", "folder": "folder"}.get(srcs[0].get("kind"), srcs[0].get("kind", "unknown"))
     return "unknown"
+
+
+def generators_behind(folder: Path) -> list[dict] | None:
+    """The generators whose images a training folder holds, as `rebalance` recorded them
+    (checkpoint path and sha256); [] for a folder rebalanced without synthetic images or with
+    images no generate record names, None for a folder rebalance did not write (or a record from
+    before it said)."""
+    path = Path(folder) / "rebalance.json"
+    if not path.is_file():
+        return None
+    gens = read_json(path).get("generators")
+    if gens is None:
+        return None
+    seen: dict[str, dict] = {}
+    for g in gens:
+        key = g.get("checkpoint_sha256") or g.get("checkpoint") or ""
+        seen.setdefault(key, {"checkpoint": g.get("checkpoint"), "checkpoint_sha256": g.get("checkpoint_sha256")})
+    return list(seen.values())

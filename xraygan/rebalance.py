@@ -62,10 +62,11 @@ def _link(src: Path, dst: Path) -> str:
 
 
 def synthetic_files(folders: tuple[Path, ...], label: str, size: int,
-                    real: Path | None = None) -> list[list[Path]]:
+                    real: Path | None = None, generators: list[dict] | None = None) -> list[list[Path]]:
     """Per folder, the synthetic images of `label` (DIR/<label>/*.png or DIR/*.png). Real training
     images given as synthetic ones (the training folder, a folder inside it, or copies of its
-    files) are refused: the record would call them synthetic."""
+    files) are refused: the record would call them synthetic. The generators that made them (as
+    their generate records name them) are appended to `generators` when given."""
     out = []
     for d in folders:
         d = Path(d)
@@ -77,7 +78,11 @@ def synthetic_files(folders: tuple[Path, ...], label: str, size: int,
                              "synthetic ones (give the output of xraygan generate)")
         from xraygan.generate import check_complete
 
-        check_complete(d if sub != d else d.parent)  # an interrupted generate is not a data set
+        rec = check_complete(d if sub != d else d.parent)  # an interrupted generate is not a data set
+        if rec is not None and generators is not None:
+            generators += [{"checkpoint": r.get("checkpoint"), "checkpoint_sha256": r.get("checkpoint_sha256"),
+                            "generator_step": r.get("generator_step"), "family": r.get("family", "gan"),
+                            "label": label} for r in rec["runs"] if r.get("label") == label]
         files = sorted(p for p in sub.glob("*.png") if not p.name.startswith("."))
         if not files:
             raise InputError(f"{sub}: no synthetic {label} images (expected {d}/{label}/*.png)")
@@ -188,6 +193,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
     origins: dict[str, Counter] = {c: Counter() for c in counts}
     link_modes: Counter = Counter()
     synth_sources: list[str] = []
+    generators: list[dict] = []  # what made the synthetic images (classifier checkpoints carry it on)
     known = file_sources(cfg.data) or {}
     default_source = single_source(cfg.data)
     sources: dict[str, str] = {}  # "<class>/<file>" -> where the image came from
@@ -212,7 +218,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                                                                                   default_source)
                 origins[c]["duplicated"] = need
             elif cfg.method == "gan":
-                pools = synthetic_files(cfg.synthetic, c, size, cfg.data)
+                pools = synthetic_files(cfg.synthetic, c, size, cfg.data, generators)
                 have = sum(len(p) for p in pools)
                 if have < need:
                     raise InputError(f"{', '.join(map(str, cfg.synthetic))}: {have} synthetic {c} "
@@ -246,7 +252,7 @@ def rebalance(cfg: RebalanceConfig, progress: Callable[..., None] | None = None)
                   "before": counts, "after": final,
                   "origins": {c: dict(o) for c, o in origins.items()},
                   "files": {"hardlinked": link_modes["hardlink"], "copied": link_modes["copy"]},
-                  "synthetic_sources": synth_sources,
+                  "synthetic_sources": synth_sources, "generators": generators,
                   "file_sources": sources,
                   "config": {k: [str(p) for p in v] if isinstance(v, tuple) else
                              (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
