@@ -10,7 +10,7 @@ set -euo pipefail
 SRC=$1 OUT=$2 SIZE=${3:-32}
 X=${XRAYGAN:-xraygan}
 ROWS=${ROWS:-baseline undersample oversample dcgan cdcgan_a0.5 cdcgan_a0.25 cdcgan_a0.75} SEEDS=${SEEDS:-0 1 2}
-SET=(--rows $ROWS --seeds $SEEDS --gan-steps "${GAN_STEPS:-1500}" --clf-epochs "${EPOCHS:-12}"
+SET=(--rows $ROWS --seeds $SEEDS --gan-steps "${GAN_STEPS:-1500}" --clf-epochs "${EPOCHS:-12}" --gan-seeds 0
      --device "${DEVICE:-auto}")
 [ -d "$OUT/data" ] || $X prepare "$SRC" --out "$OUT/data" --size "$SIZE" --imbalance 3 --seed 0
 $X study "$OUT/data" --out "$OUT/pass" "${SET[@]}" --no-clf-equal-steps

@@ -202,7 +202,7 @@ def test_compare_says_when_a_rows_seeds_share_one_generator(tmp_path):
     res = compare([tmp_path / "r"], out=tmp_path / "t", references=())
     note = ("every seed of these rows trained on the same generator's images: dcgan (3 runs, one generator), "
             "mixed (2 runs, the same 2 generators); their spread over seeds, and the paired test, leave out how "
-            "much other generators would change them (xraygan study --gan-seeds")
+            "much other generators would change them (xraygan study trains a generator per seed")
     assert len(res["warnings"]) == 1 and res["warnings"][0].startswith(note)
     assert f"**Warning:** {note}" in (tmp_path / "t" / "table.md").read_text()
 

@@ -40,11 +40,16 @@ def test_plan_for_a_row_subset(demo_data, tmp_path):
     ids = [s.id for s in steps]
     assert ids[:3] == ["train-gan cdcgan_a0.3", "generate cdcgan_a0.3", "audit cdcgan_a0.3"]  # GANs first
     assert ids.count("compare table") == 1 and ids[-2:] == ["compare table", "compare table-tuned"]
-    # 1 GAN × 3 + 2 rows × 2 seeds × 4 (rebalance, train, evaluate at both thresholds, gradcam) + 2 tables
-    assert len(steps) == 3 + 2 * 2 * 4 + 2
+    # a GAN per classifier seed × 3 + 2 rows × 2 seeds × 4 (rebalance, train, evaluate at both
+    # thresholds, gradcam) + 2 tables
+    assert len(steps) == 2 * 3 + 2 * 2 * 4 + 2
     by = {s.id: s for s in steps}
     assert by["rebalance oversample seed 4"].deps == [] and by["rebalance oversample seed 4"].stage == 1
     assert by["rebalance cdcgan_a0.3 seed 0"].deps == ["generate cdcgan_a0.3"]
+    assert by["rebalance cdcgan_a0.3 seed 4"].deps == ["generate cdcgan_a0.3-gan4"]
+    gan4 = by["train-gan cdcgan_a0.3-gan4"].argv
+    assert gan4[gan4.index("--seed") + 1] == "4"
+    assert len(build_plan(replace(cfg, gan_seeds=(0,)))[0]) == 3 + 2 * 2 * 4 + 2  # one generator for both
     assert by["train-classifier cdcgan_a0.3 seed 0"].stage == 4
     assert "--no-keep-state" in by["train-classifier cdcgan_a0.3 seed 0"].argv  # never extended: 171 MB less a run
     assert "--no-keep-state" in by["train-gan cdcgan_a0.3"].argv  # nor a generator: 393 MB less at 224 px
@@ -114,17 +119,19 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     table = (out / "table" / "table.md").read_text()
     assert "| baseline | 2 |" in table and "| dcgan | 2 |" in table and "Bal. acc." in table
     tuned = json.loads((out / "table-tuned" / "table.json").read_text())
-    # the one honest caveat of a default grid: the GAN row's seeds share one generator
-    assert len(tuned["warnings"]) == 1 and tuned["runs"] == 4
-    assert tuned["warnings"][0].startswith("every seed of these rows trained on the same generator's images: "
-                                           "dcgan (2 runs, one generator);")
-    assert all(json.loads((out / "runs" / f"{row}-seed{s}" / "report-tuned" / "metrics.json").read_text())
-               ["threshold_tuning"] for row in ("baseline", "dcgan") for s in (0, 1))
-    assert (out / "audit" / "dcgan" / "audit.json").is_file()
-    states = [*out.glob("runs/*/state.safetensors"), out / "gan" / "dcgan" / "state.safetensors"]
-    assert all(f.stat().st_size < 100_000 for f in states) and len(states) == 5  # the record alone
+    assert tuned["warnings"] == [] and tuned["runs"] == 4
+    metrics = {(row, s): json.loads((out / "runs" / f"{row}-seed{s}" / "report-tuned" / "metrics.json").read_text())
+               for row in ("baseline", "dcgan") for s in (0, 1)}
+    assert all(m["threshold_tuning"] for m in metrics.values())
+    # each seed's images came from a generator of its own, and the checkpoints say which
+    made_by = [[g["checkpoint"] for g in metrics["dcgan", s]["generators"]] for s in (0, 1)]
+    assert made_by == [[str(out / "gan" / t / "generator.safetensors")] for t in ("dcgan", "dcgan-gan1")]
+    assert metrics["baseline", 0]["generators"] == []
+    assert (out / "audit" / "dcgan" / "audit.json").is_file() and (out / "audit" / "dcgan-gan1" / "audit.json").is_file()
+    states = [*out.glob("runs/*/state.safetensors"), *out.glob("gan/*/state.safetensors")]
+    assert all(f.stat().st_size < 100_000 for f in states) and len(states) == 6  # the record alone
     times = (out / "times.csv").read_text().splitlines()
-    assert len(times) == 1 + 3 + 2 * 2 * 4 + 2 and all(",done," in t for t in times[1:])
+    assert len(times) == 1 + 2 * 3 + 2 * 2 * 4 + 2 and all(",done," in t for t in times[1:])
     assert r.stdout.count("| baseline | 2 |") == 2  # both tables printed
 
     # an interrupted GAN (fewer steps than asked) is resumed, not restarted
@@ -141,7 +148,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     last = r.stderr.strip().splitlines()[-1]
     assert "1 step failed (rebalance oversample seed 0)" in last and str(out / "logs") in last
     assert (bad / "keep-me.txt").read_text() == "not xraygan's"
-    assert "19 already done" in r.stderr
+    assert "22 already done" in r.stderr  # 2 GANs × 3 + 2 rows × 2 seeds × 4
     log = (out / "logs" / "rebalance-oversample-seed-0.log").read_text()
     assert "not an output of xraygan rebalance" in log and "Traceback" not in log
     table = (out / "table" / "table.md").read_text()
@@ -166,7 +173,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| oversample | 2 |" in (out / "table" / "table.md").read_text()
     r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--dry-run", cwd=tmp_path)
-    assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 3 + 3 * 2 * 4
+    assert [ln.split()[0] for ln in r.stdout.splitlines()].count("done") == 2 * 3 + 3 * 2 * 4
     assert "note: at the same --clf-epochs" not in r.stderr  # every row trains the baseline's steps
     r = xraygan(*args, "--rows", "baseline", "dcgan", "oversample", "--no-clf-equal-steps", "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "this study was run with --clf-equal-steps (now --no-clf-equal-steps)" in \
@@ -360,7 +367,7 @@ def test_steps_that_can_only_run_alone_get_every_core(demo_data, tmp_path):
     nothing beside them, so they are found from the plan (not from timing) and get all cores."""
     from xraygan.study import alone_steps
 
-    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("oversample", "ddpm"), seeds=(0, 1))
+    cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("oversample", "ddpm"), seeds=(0, 1), gan_seeds=(0,))
     steps, _ = build_plan(cfg)
     assert alone_steps(steps, {s.id for s in steps}) == set()  # the oversample row runs beside them
     row = {s.id for s in steps if "ddpm" in s.id or s.inputs is not None}

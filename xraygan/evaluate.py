@@ -521,7 +521,7 @@ def one_generator_note(groups: dict[str, list[dict]]) -> str | None:
         return None
     return (f"every seed of these rows trained on the same generator's images: {', '.join(rows)}; their "
             "spread over seeds, and the paired test, leave out how much other generators would change them "
-            "(xraygan study --gan-seeds gives each seed a generator of its own)")
+            "(xraygan study trains a generator per seed unless told --gan-seeds 0)")
 
 
 # --- compare ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 from xraygan import __version__
 from xraygan.errors import InputError, Interrupted, TrainingError, check_choice, check_int, require
@@ -59,7 +60,7 @@ SETTINGS = ("data", "gan_steps", "gan_batch", "diffaugment", "clf_epochs", "pati
 _CLASSIFIERS = ("runs/*",)
 # What a study ran with before its record held the setting (the default then, since changed):
 # a record without it is compared against this, not against today's default.
-RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1", "clf_equal_steps": False}
+RECORD_DEFAULTS = {"clf_select": "f1", "tune_for": "f1", "clf_equal_steps": False, "gan_seeds": [0]}
 SETTING_FOLDERS = {"gan_steps": ("gan/*",), "gan_batch": ("gan/*",), "diffaugment": ("gan/*",),
                    # which generator's images a generator row's set of each seed holds (the other
                    # rows' sets are the same for any), so a finished grid can be given more
@@ -108,8 +109,8 @@ def _seeds(values: list[str], option: str = "--seeds") -> tuple[int, ...]:
     return tuple(int(w) for w in words)
 
 
-def _gan_seeds(values: list[str]) -> tuple[int, ...]:
-    return _seeds(values, "--gan-seeds")
+def _gan_seeds(values: list[str] | None) -> tuple[int, ...] | None:
+    return None if values is None else _seeds(values, "--gan-seeds")
 
 
 # the words `--rows` takes after it (a row, or rows joined by commas): only row names, so the data
@@ -131,12 +132,13 @@ class StudyConfig:
     seeds: tuple[int, ...] = opt((0, 1, 2), "Classifier seeds per row (each also draws the rebalanced set), e.g. "
                                             "--seeds 0 1 2.", cli=list[str], parse=_seeds,
                                  text=lambda v: [str(x) for x in v], several=r"^\d+(,\d+)*$")
-    gan_seeds: tuple[int, ...] = opt((0,), "Seeds of each generator row's generators (GANs and diffusion models): "
-                                           "with several, classifier seed s takes the images of the generator "
-                                           "seeded gan_seeds[s mod n], so a row's spread over seeds includes its "
-                                           "generators' (e.g. --gan-seeds 0 1 2 with --seeds 0 1 2).",
-                                     cli=list[str], parse=_gan_seeds, text=lambda v: [str(x) for x in v],
-                                     several=r"^\d+(,\d+)*$")
+    gan_seeds: tuple[int, ...] | None = opt(
+        None, "Seeds of each generator row's generators (GANs and diffusion models); classifier seed s takes "
+              "the images of the generator seeded gan_seeds[s mod n]. Default: a generator per classifier "
+              "seed, seeded with it, so a row's spread over seeds includes its generators'; --gan-seeds 0 trains "
+              "one generator a row for all seeds (faster; its results are that one generator's).",
+        cli=Optional[list[str]], parse=_gan_seeds, text=lambda v: None if v is None else [str(x) for x in v], several=r"^\d+(,\d+)*$",
+        show_default=False)
     gan_steps: int = opt(3000, "Generator steps per GAN.")
     gan_batch: int = opt(64, "GAN batch size.")
     diffusion_steps: int = opt(4000, "Training steps per diffusion model (rows ddpm, cddpm).")
@@ -187,10 +189,11 @@ class StudyConfig:
         require(len(set(self.seeds)) == len(self.seeds), "--seeds: a seed is named twice")
         for s in self.seeds:
             check_int("--seeds", s, 0)
-        require(len(self.gan_seeds) > 0, "--gan-seeds: give at least one seed")
-        require(len(set(self.gan_seeds)) == len(self.gan_seeds), "--gan-seeds: a seed is named twice")
-        for s in self.gan_seeds:
-            check_int("--gan-seeds", s, 0)
+        if self.gan_seeds is not None:
+            require(len(self.gan_seeds) > 0, "--gan-seeds: give at least one seed")
+            require(len(set(self.gan_seeds)) == len(self.gan_seeds), "--gan-seeds: a seed is named twice")
+            for s in self.gan_seeds:
+                check_int("--gan-seeds", s, 0)
         check_int("--gan-steps", self.gan_steps)
         check_int("--gan-batch", self.gan_batch, 2)
         check_int("--clf-epochs", self.clf_epochs)
@@ -223,8 +226,17 @@ class StudyConfig:
 
         check_out_apart(self.out, data=self.data)
 
+    def generator_seeds(self) -> tuple[int, ...]:
+        """The seeds each generator row trains a generator from."""
+        return self.seeds if self.gan_seeds is None else self.gan_seeds
+
+    def generator_seed(self, seed: int) -> int:
+        """The seed of the generator whose images classifier seed `seed` is given."""
+        return seed if self.gan_seeds is None else self.gan_seeds[seed % len(self.gan_seeds)]
+
     def settings(self) -> dict:
-        return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps, "gan_seeds": list(self.gan_seeds),
+        return {"data": str(Path(self.data).resolve()), "gan_steps": self.gan_steps,
+                "gan_seeds": None if self.gan_seeds is None else list(self.gan_seeds),
                 "gan_batch": self.gan_batch, "diffaugment": self.diffaugment,
                 "clf_epochs": self.clf_epochs, "patience": self.patience, "small_stem": self.small_stem,
                 "diffusion_steps": self.diffusion_steps, "diffusion_batch": self.diffusion_batch,
@@ -331,7 +343,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
     for row in cfg.rows:
         if not is_gan_row(row):
             continue
-        for g in cfg.gan_seeds:
+        for g in cfg.generator_seeds():
             tag = generator_tag(row, g)  # its folders' and steps' name
             synth = out / "synth" / tag
             if row in DIFFUSION_ROWS:
@@ -369,7 +381,7 @@ def build_plan(cfg: StudyConfig) -> tuple[list[Step], dict]:
         for seed in cfg.seeds:
             name = f"{row} seed {seed}"
             bal, run = out / "balanced" / f"{row}-seed{seed}", out / "runs" / f"{row}-seed{seed}"
-            tag = generator_tag(row, cfg.gan_seeds[seed % len(cfg.gan_seeds)])  # this seed's generator
+            tag = generator_tag(row, cfg.generator_seed(seed))  # this seed's generator
             c = RebalanceConfig(data=train, out=bal, method="gan" if is_gan_row(row) else METHODS[row],
                                 synthetic=(out / "synth" / tag,) if is_gan_row(row) else (), seed=seed)
             steps.append(command_step(f"rebalance {name}", "rebalance", c, bal,
@@ -432,6 +444,9 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
     if "weights" not in recorded:
         theirs["weights"] = mine["weights"]
     same = {k: theirs[k] == mine[k] for k in SETTINGS}
+    # no --gan-seeds is a generator per classifier seed: the same as naming those seeds
+    was_g, now_g = (list(cfg.seeds) if v is None else list(v) for v in (theirs["gan_seeds"], mine["gan_seeds"]))
+    same["gan_seeds"] = was_g == now_g
     same["weights"] = (theirs["weights"] or {}).get("sha256") == (mine["weights"] or {}).get("sha256")
     changed = [k for k in SETTINGS if not same[k]
                and (k not in SETTING_FOLDERS or _started(Path(cfg.out), SETTING_FOLDERS[k]))]
@@ -440,8 +455,10 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
         was, now = theirs[k], mine[k]
         if k == "weights":
             was, now = (w["path"] if w else "none" for w in (was, now))
-        if isinstance(now, list):
-            was, now = (" ".join(map(str, v)) for v in (was, now))
+        if k == "gan_seeds":
+            was, now = ("unset, a generator per classifier seed," if v is None else v for v in (was, now))
+        if isinstance(now, list) or isinstance(was, list):
+            was, now = (" ".join(map(str, v)) if isinstance(v, list) else v for v in (was, now))
         option = "DATA" if k == "data" else "--" + k.replace("_", "-")
         said = f"{option} {was} (now {now})"
         if isinstance(now, bool):  # a switch: its two spellings
