@@ -358,6 +358,15 @@ def test_gan_seeds_give_each_classifier_seed_a_generator_of_its_own(demo_data, t
     (out / "balanced" / "dcgan-seed0" / "rebalance.json").write_text("{}")
     with pytest.raises(InputError, match=r"run with --gan-seeds 0 1 \(now 0\)"):
         check_study_folder(replace(grid, gan_seeds=(0,)))
+    # no --gan-seeds is a generator per classifier seed: the same as naming those seeds
+    assert check_study_folder(replace(grid, seeds=(0, 1), gan_seeds=None)) is not None
+    with pytest.raises(InputError, match=r"run with --gan-seeds 0 1 \(now unset: a generator per classifier seed\)"):
+        check_study_folder(replace(grid, gan_seeds=None))  # seeds 0 1 2: a third generator
+    (out / "study.json").write_text(json.dumps({**record_header("study"), "settings": {
+        k: v for k, v in grid.settings().items() if k != "gan_seeds"}}))  # a record from before the setting
+    with pytest.raises(InputError, match=r"run with --gan-seeds 0 \(now unset: a generator per classifier seed\)"):
+        check_study_folder(replace(grid, gan_seeds=None))
+    assert check_study_folder(replace(grid, gan_seeds=(0,))) is not None
     with pytest.raises(InputError, match="--gan-seeds: a seed is named twice"):
         replace(grid, gan_seeds=(1, 1)).validate()
 

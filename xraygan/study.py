@@ -456,7 +456,7 @@ def check_study_folder(cfg: StudyConfig) -> dict | None:
         if k == "weights":
             was, now = (w["path"] if w else "none" for w in (was, now))
         if k == "gan_seeds":
-            was, now = ("unset, a generator per classifier seed," if v is None else v for v in (was, now))
+            was, now = ("unset: a generator per classifier seed" if v is None else v for v in (was, now))
         if isinstance(now, list) or isinstance(was, list):
             was, now = (" ".join(map(str, v)) if isinstance(v, list) else v for v in (was, now))
         option = "DATA" if k == "data" else "--" + k.replace("_", "-")
