@@ -6,7 +6,7 @@
 Writes (small PNGs, to keep the repository small; --prefix before each name):
   samples.png   real pneumonia training images beside each generator's synthetic ones
   gradcam.png   Grad-CAMs of every row's seed-0 classifier on the same test images
-and prints Markdown tables: the audit figures per generator (the study's GAN and diffusion rows,
+and prints Markdown tables: the audit figures per generator (each generator of the study's GAN and diffusion rows,
 plus any --audit folder made outside the study), and wall time per stage.
 """
 
@@ -102,7 +102,12 @@ def _row_order(name: str) -> int:
 def audit_table(study: Path, extra: dict[str, Path]) -> str:
     lines = ["| generator | space | FD | of which mean | spread | KID ± std | precision | recall | density | "
              "coverage | real-vs-synthetic AUC | near-copies flagged |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    folders = {g: study / "audit" / g for g in GENERATORS} | extra
+    def seed(folder: Path) -> int:  # <row> is the seed-0 generator, <row>-gan<k> seed k's
+        return int(folder.name.rsplit("-gan", 1)[1]) if "-gan" in folder.name else 0
+
+    # every generator of each row (a study trains one per classifier seed unless told --gan-seeds 0)
+    folders = {f.name: f for g in GENERATORS
+               for f in sorted([study / "audit" / g, *(study / "audit").glob(f"{g}-gan*")], key=seed)} | extra
     for g, folder in folders.items():
         f = folder / "audit.json"
         if not f.is_file():
