@@ -47,7 +47,7 @@ for E2E in $E2E_STEPS; do
     echo "bench_gan exit ${PIPESTATUS[0]}"
 done
 
-# one generator a row (--gan-seeds 0), the grid the 5-minute target and the earlier 325 s were for
+# one generator a row (--gan-seeds 0): the grid of the 5-minute target and of the 325 s in docs/performance.md
 echo "== the 64 px grid, seeds $SEEDS, one generator a row, $GAN_STEPS GAN steps, $CLF_EPOCHS epochs, --jobs $JOBS"
 /usr/bin/time -f "study wall %e s" timeout -s INT "${STUDY_LIMIT:-380}" "$PY" -m xraygan study "$DATA" \
     --out "$WORK/study64" --seeds $SEEDS --gan-steps "$GAN_STEPS" --clf-epochs "$CLF_EPOCHS" --jobs "$JOBS" \
