@@ -104,8 +104,8 @@ def test_resume_is_bit_exact_and_checkpoints_are_typed(demo_data, tmp_path):
         train_diffusion(TrainDiffusionConfig(out=tmp_path / "b", steps=4, resume=True, **common))
     # --no-keep-state: the same model; the finished run's state is its record alone, not extended
     train_diffusion(TrainDiffusionConfig(out=tmp_path / "c", steps=4, keep_state=False, **common))
-    tc, _ = load_checkpoint(tmp_path / "c" / "diffusion.safetensors", "diffusion-model")
-    assert all(torch.equal(ta[k], tc[k]) for k in ta)
+    tc, mc = load_checkpoint(tmp_path / "c" / "diffusion.safetensors", "diffusion-model")
+    assert all(torch.equal(ta[k], tc[k]) for k in ta) and "tensors_dropped" not in mc
     tc, mc = load_checkpoint(tmp_path / "c" / "state.safetensors", "diffusion-state")
     assert tc == {} and mc["tensors_dropped"] and mc["step"] == 4 and is_done(tmp_path / "c", 4)
     with pytest.raises(InputError, match="finished after 4 steps with --no-keep-state"):

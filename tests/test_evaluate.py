@@ -165,6 +165,14 @@ def test_compare_groups_by_label_mean_and_std(tmp_path):
         compare([tmp_path / "empty"])
 
 
+def _warns_once(runs, table, note):
+    """compare over `runs` into `table` gives one warning, starting with `note`, in its result and
+    at the foot of table.md."""
+    res = compare([runs], out=table, references=())
+    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith(note)
+    assert f"**Warning:** {note}" in (table / "table.md").read_text()
+
+
 def test_compare_says_when_rows_were_given_different_steps(tmp_path):
     """Rows trained for the same epochs on sets of different sizes: the table says each row's
     steps against the baseline's, on stderr and in table.md; equal budgets (or records without
@@ -173,12 +181,10 @@ def test_compare_says_when_rows_were_given_different_steps(tmp_path):
         for seed in (0, 1):
             _metrics_file(tmp_path / "r" / f"{label}-seed{seed}" / "metrics.json", label, 0.7, 0.8,
                           steps_per_epoch=spe)
-    res = compare([tmp_path / "r"], out=tmp_path / "t", references=())
-    note = ("the rows' classifiers were given different numbers of optimizer steps: baseline 260; "
-            "dcgan, oversample 380 (1.5×); undersample 130 (0.5×); a difference between these rows is partly "
-            "one of training length")
-    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith(note)
-    assert f"**Warning:** {note}" in (tmp_path / "t" / "table.md").read_text()
+    _warns_once(tmp_path / "r", tmp_path / "t",
+                "the rows' classifiers were given different numbers of optimizer steps: baseline 260; "
+                "dcgan, oversample 380 (1.5×); undersample 130 (0.5×); a difference between these rows is partly "
+                "one of training length")
     # without a baseline the first row is the unit; a row whose seeds differ shows its range
     _metrics_file(tmp_path / "s" / "a-seed0" / "metrics.json", "a", 0.7, 0.8, steps_per_epoch=20)
     _metrics_file(tmp_path / "s" / "b-seed0" / "metrics.json", "b", 0.7, 0.8, steps_per_epoch=10)
@@ -199,12 +205,10 @@ def test_compare_says_when_a_rows_seeds_share_one_generator(tmp_path):
     for label, gens in rows.items():
         for seed, g in enumerate(gens):
             _metrics_file(tmp_path / "r" / f"{label}-seed{seed}" / "metrics.json", label, 0.7, 0.8, generators=g)
-    res = compare([tmp_path / "r"], out=tmp_path / "t", references=())
-    note = ("every seed of these rows trained on the same generator's images: dcgan (3 runs, one generator), "
-            "mixed (2 runs, the same 2 generators); their spread over seeds, and the paired test, leave out how "
-            "much other generators would change them (xraygan study trains a generator per seed")
-    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith(note)
-    assert f"**Warning:** {note}" in (tmp_path / "t" / "table.md").read_text()
+    _warns_once(tmp_path / "r", tmp_path / "t",
+                "every seed of these rows trained on the same generator's images: dcgan (3 runs, one generator), "
+                "mixed (2 runs, the same 2 generators); their spread over seeds, and the paired test, leave out how "
+                "much other generators would change them (xraygan study trains a generator per seed")
 
 
 def test_vectorised_bootstrap_matches_the_scikit_learn_loop():

@@ -383,14 +383,14 @@ def _family(cfg: TrainDiffusionConfig, m: _Model, x_all, y_all: torch.Tensor, me
         if tensors:
             t, groups = m.state()
             t["perm"] = StepLoop.saved_perm(pos)
-        else:  # the record alone
-            t, groups = {}, None
-            common["tensors_dropped"] = True
+            smeta = {"param_groups": groups}
+        else:  # the state file is its record alone; the model file keeps its weights either way
+            t, smeta = {}, {"tensors_dropped": True}
         w.submit([
             snapshot(run / "diffusion.safetensors", (m.ema or m.unet).state_dict(), "diffusion-model",
                      net.to_dict(), w.copies, **common, ema=m.ema is not None),
             snapshot(run / "state.safetensors", t, "diffusion-state", net.to_dict(), w.copies, **common,
-                     batch=pos.batch, param_groups=groups)])
+                     batch=pos.batch, **smeta)])
 
     def grid(step: int) -> None:
         x = sample(m.ema or m.unet, net, grid_noise, grid_labels, "ddim", cfg.sample_steps, amp=m.amp)

@@ -40,7 +40,7 @@ from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics, point_aucs, ranking_curves, resample_aucs, threshold_counts
 from xraygan.options import BESIDE, DEVICE_HELP, opt
 from xraygan.paired import PAIRED_CSV, paired_markdown, paired_rows, summary_line
-from xraygan.provenance import file_sources
+from xraygan.provenance import file_sources, generator_key
 from xraygan.runtime import DEVICES
 
 CI_KEYS = ("precision", "recall", "specificity", "f1", "accuracy", "balanced_accuracy",
@@ -509,7 +509,7 @@ def one_generator_note(groups: dict[str, list[dict]]) -> str | None:
     spread over seeds is the classifiers' alone. None when no row is such (or none recorded it)."""
     def made_by(rec: dict) -> frozenset | None:
         gens = rec.get("generators")
-        return frozenset(g.get("checkpoint_sha256") or g.get("checkpoint") for g in gens) if gens else None
+        return frozenset(map(generator_key, gens)) if gens else None
 
     rows = []
     for label, runs in groups.items():

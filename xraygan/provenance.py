@@ -51,6 +51,11 @@ def generators_behind(folder: Path) -> list[dict] | None:
         return None
     seen: dict[str, dict] = {}
     for g in gens:
-        key = g.get("checkpoint_sha256") or g.get("checkpoint") or ""
-        seen.setdefault(key, {"checkpoint": g.get("checkpoint"), "checkpoint_sha256": g.get("checkpoint_sha256")})
+        seen.setdefault(generator_key(g), {"checkpoint": g.get("checkpoint"),
+                                          "checkpoint_sha256": g.get("checkpoint_sha256")})
     return list(seen.values())
+
+
+def generator_key(g: dict) -> str:
+    """What tells one recorded generator from another: its checkpoint's sha256, else its path."""
+    return g.get("checkpoint_sha256") or g.get("checkpoint") or ""
