@@ -378,14 +378,13 @@ def _family(cfg: TrainDiffusionConfig, m: _Model, x_all, y_all: torch.Tensor, me
             ema_update(m.ema, m.unet, min(cfg.ema, (1 + pos.step) / (10 + pos.step)))
         return loss.detach(), k
 
-    def save(pos: Position, w, tensors: bool) -> None:
+    def state() -> tuple[dict[str, torch.Tensor], dict]:
+        t, groups = m.state()
+        return t, {"param_groups": groups}
+
+    def save(pos: Position, w, t: dict[str, torch.Tensor], smeta: dict) -> None:
+        """The model file (its weights, whatever the state file holds), then the state file."""
         common = dict(meta, epoch=pos.epoch, step=pos.step)
-        if tensors:
-            t, groups = m.state()
-            t["perm"] = StepLoop.saved_perm(pos)
-            smeta = {"param_groups": groups}
-        else:  # the state file is its record alone; the model file keeps its weights either way
-            t, smeta = {}, {"tensors_dropped": True}
         w.submit([
             snapshot(run / "diffusion.safetensors", (m.ema or m.unet).state_dict(), "diffusion-model",
                      net.to_dict(), w.copies, **common, ema=m.ema is not None),
@@ -397,4 +396,5 @@ def _family(cfg: TrainDiffusionConfig, m: _Model, x_all, y_all: torch.Tensor, me
         save_png(run / "samples" / f"step_{step:07d}.png", image_grid(x, nrow=4))
 
     return Family("train-diffusion", "diffusion.safetensors", "diffusion-state", LOG_FIELDS, ("loss",), ("loss",),
-                  order=lambda: torch.randperm(len(x_all), generator=m.rng_data), step=step, save=save, grid=grid)
+                  order=lambda: torch.randperm(len(x_all), generator=m.rng_data), step=step, state=state, save=save,
+                  grid=grid)

@@ -567,16 +567,11 @@ def _family(cfg: TrainGanConfig, trainer: GanTrainer, x_all: ModelInput, labels:
             idx, y = dist.share(pos.perm[pos.batch * cfg.batch_size:(pos.batch + 1) * cfg.batch_size]), None
         return trainer.step(x_all[idx], y), cfg.batch_size
 
-    def save(pos: Position, w: BackgroundWriter, tensors: bool) -> None:
-        """Snapshot generator, discriminator and resume state now; the writer writes them in the
-        background, the state file last, so a crash between the writes resumes from the previous
-        consistent state. Without `tensors` the state file is the record alone."""
+    def save(pos: Position, w: BackgroundWriter, t: dict[str, torch.Tensor], smeta: dict) -> None:
+        """Snapshot generator and discriminator now, and the state the loop passes; the writer
+        writes them in the background, the state file last, so a crash between the writes resumes
+        from the previous consistent state."""
         common = dict(meta, epoch=pos.epoch, step=trainer.step_count)
-        if tensors:
-            t, smeta = trainer.state_tensors()
-            t["perm"] = StepLoop.saved_perm(pos)
-        else:
-            t, smeta = {}, {"tensors_dropped": True}
         w.submit([
             snapshot(run / "generator.safetensors", trainer.sampler().state_dict(), "generator",
                      trainer.net.to_dict(), w.copies, **common, ema=trainer.G_ema is not None),
@@ -592,5 +587,6 @@ def _family(cfg: TrainGanConfig, trainer: GanTrainer, x_all: ModelInput, labels:
         return diversity(x, real_spread)
 
     return Family("train-gan", "generator.safetensors", "gan-state", LOG_FIELDS, STAT_NAMES, ("loss_d", "loss_g"),
-                  order=lambda: None if cfg.conditional else trainer.randperm(n), step=step, save=save, grid=grid,
+                  order=lambda: None if cfg.conditional else trainer.randperm(n), step=step,
+                  state=trainer.state_tensors, save=save, grid=grid,
                   grid_column="diversity")

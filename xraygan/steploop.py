@@ -69,9 +69,11 @@ class Family:
     shown: tuple[str, ...]  # the stats the progress bar shows
     order: Callable[[], torch.Tensor | None]  # a new epoch's order of the training set
     step: Callable[[Position], tuple[torch.Tensor, int]]  # one step: its stats (on the device), its images
-    # submit this position's checkpoint files to the writer; the bool: whether the state file holds
-    # its tensors (False: its record alone, with tensors_dropped)
-    save: Callable[[Position, BackgroundWriter, bool], None]
+    # the resume state now: its tensors and the metadata beside them (the loop adds the epoch's order)
+    state: Callable[[], tuple[dict[str, torch.Tensor], dict]]
+    # submit this position's checkpoint files to the writer, the state file last, holding the
+    # tensors and metadata the loop passes (the family's state, or the record alone)
+    save: Callable[[Position, BackgroundWriter, dict[str, torch.Tensor], dict], None]
     grid: Callable[[int], float | None]  # write the sample grid of this step; a figure for the log, or None
     grid_column: str | None = None  # the log column of `grid`'s figure (train-gan: diversity)
 
@@ -114,10 +116,14 @@ class StepLoop:
             truncate_log(self.run, self.family.log_fields, self.pos.step)
         return t, meta
 
-    @staticmethod
-    def saved_perm(pos: Position) -> torch.Tensor:
-        """The epoch's order as a checkpoint holds it (empty when none is drawn)."""
-        return pos.perm.cpu() if pos.perm is not None else torch.zeros(0, dtype=torch.int64)
+    def state_file(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What the state file of this position holds: the family's state and the epoch's order
+        (empty when none is drawn), or, at the end of a `keep_state=False` run, the record alone."""
+        if not self.keep_state and self.pos.step >= self.cadence.total:
+            return {}, {"tensors_dropped": True}
+        t, meta = self.family.state()
+        perm = self.pos.perm
+        return {**t, "perm": perm.cpu() if perm is not None else torch.zeros(0, dtype=torch.int64)}, meta
 
     def flush(self, want_stop: bool = False) -> bool:
         """Read the pending stats in one host sync; log them; stop on a non-finite value. Under
@@ -157,7 +163,7 @@ class StepLoop:
     def save(self) -> None:
         if not self.dist.active:  # under torchrun saves come right after the collective flush
             self.flush()  # never checkpoint a state whose stats were not checked
-        self.family.save(self.pos, self.writer, self.keep_state or self.pos.step < self.cadence.total)
+        self.family.save(self.pos, self.writer, *self.state_file())
         self.checkpointed, self._last_save = True, time.monotonic()
 
     def _due(self, end: bool) -> tuple[bool, bool, bool]:
