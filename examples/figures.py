@@ -29,6 +29,7 @@ from matplotlib import colormaps  # noqa: E402
 from xraygan.classifier import load_classifier, to_input  # noqa: E402
 from xraygan.gradcam import GradCam, resolve_layer, upsample  # noqa: E402
 from xraygan.images import read_image_folder  # noqa: E402
+from xraygan.study import generator_of  # noqa: E402
 
 GENERATORS = ("dcgan", "cdcgan_a0.25", "cdcgan_a0.5", "cdcgan_a0.75", "ddpm", "cddpm")
 
@@ -102,12 +103,10 @@ def _row_order(name: str) -> int:
 def audit_table(study: Path, extra: dict[str, Path]) -> str:
     lines = ["| generator | space | FD | of which mean | spread | KID ± std | precision | recall | density | "
              "coverage | real-vs-synthetic AUC | near-copies flagged |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    def seed(folder: Path) -> int:  # <row> is the seed-0 generator, <row>-gan<k> seed k's
-        return int(folder.name.rsplit("-gan", 1)[1]) if "-gan" in folder.name else 0
-
     # every generator of each row (a study trains one per classifier seed unless told --gan-seeds 0)
     folders = {f.name: f for g in GENERATORS
-               for f in sorted([study / "audit" / g, *(study / "audit").glob(f"{g}-gan*")], key=seed)} | extra
+               for f in sorted([study / "audit" / g, *(study / "audit").glob(f"{g}-gan*")],
+                               key=lambda f: generator_of(f.name)[1])} | extra
     for g, folder in folders.items():
         f = folder / "audit.json"
         if not f.is_file():

@@ -20,6 +20,8 @@ from xraygan.study import (
     build_plan,
     commands_script,
     default_jobs,
+    generator_of,
+    generator_tag,
     plan_text,
     unequal_steps_note,
 )
@@ -106,6 +108,13 @@ def test_default_jobs():
     assert default_jobs(1, cuda=False) == 1 and default_jobs(1, cuda=True) == 1
     assert default_jobs(2, cuda=False) == 2 and default_jobs(2, cuda=True) == 2
     assert default_jobs(16, cuda=False) == 8 and default_jobs(16, cuda=True) == 8
+
+
+def test_a_generator_tag_names_its_row_and_seed_back():
+    for row in ("dcgan", "cdcgan_a0.5", "cddpm"):
+        for g in (0, 1, 12):
+            assert generator_of(generator_tag(row, g)) == (row, g)
+    assert generator_of("cdcgan_a0.75-ganx") == ("cdcgan_a0.75-ganx", 0)  # not a seed: the name as it is
 
 
 def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_path):

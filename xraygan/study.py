@@ -80,6 +80,12 @@ def generator_tag(row: str, gan_seed: int) -> str:
     return row if gan_seed == 0 else f"{row}-gan{gan_seed}"
 
 
+def generator_of(tag: str) -> tuple[str, int]:
+    """The row and generator seed a `generator_tag` names (`cdcgan_a0.5-gan3` -> cdcgan_a0.5, 3)."""
+    row, sep, k = tag.rpartition("-gan")
+    return (row, int(k)) if sep and row and k.isdigit() else (tag, 0)
+
+
 def is_gan_row(row: str) -> bool:
     """Rows whose minority images come from a trained generator (a GAN or a diffusion model)."""
     return row == "dcgan" or CDCGAN.match(row) is not None or row in DIFFUSION_ROWS
