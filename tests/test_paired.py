@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xraygan.paired import POWER_Z, Run, delong, holm, paired_comparison, seeds_needed
+from xraygan.paired import POWER_Z, Run, delong, holm, paired_comparison, seeds_needed, summary_line
 
 
 def make_run(label: str, seed: int, y: np.ndarray, score: np.ndarray) -> Run:
@@ -219,3 +219,23 @@ def test_compare_refuses_what_cannot_be_paired(tmp_path, base):
     (runs / "better-seed1" / "report" / "predictions.csv").unlink()
     with pytest.raises(InputError, match="predictions.csv: missing"):
         compare([runs])
+
+
+def test_a_difference_detected_below_the_detectable_size_is_called_out(base):
+    """A verdict whose difference is smaller than the 80%-power size is named as found at low
+    power; one well above it is not."""
+    y, s = base
+    rng = np.random.default_rng(1)
+    ref = make_run("baseline", 0, y, s)
+    kinds = set()
+    for k in (8, 10, 12, 14, 16, 20, 30, 40):
+        res = paired_comparison([ref, make_run("fixed", 0, y, fixed(y, s, k, rng))], ("baseline",), resamples=1000)
+        e = res["comparisons"][0]["metrics"]
+        line = summary_line(res, "baseline")
+        detected = [n for n in ("f1", "balanced_accuracy") if e[n]["verdict"] == "better"]
+        weak = [n for n in detected if e[n]["difference"] < e[n]["detectable_80"]]
+        assert ("so likely overstated" in line) == bool(weak), (k, line)
+        for n in weak:
+            assert f"80% power at {e[n]['detectable_80']:.3f}" in line
+        kinds.add("weak" if weak else "strong" if detected else "none")
+    assert {"weak", "strong"} <= kinds  # both kinds of verdict were met
