@@ -252,33 +252,30 @@ def reference_title(ref: str) -> str:
     return ref
 
 
+ANSWER = ("f1", "balanced_accuracy")  # the metrics each reference's answer line speaks of
+
+
 def summary_line(res: dict, ref: str) -> str:
-    """The answer first: which rows differ from the reference on F1 or balanced accuracy."""
+    """The answer first: which rows differ from the reference on F1 or balanced accuracy, and
+    which of those differences are smaller than the size the runs detect with 80% power: found at
+    lower power than that, they are likely to overstate the true difference (the winner's curse),
+    and a few more seeds often take them out of detection."""
     block = [c for c in res["comparisons"] if c["reference"] == ref]
-    found = [f"{c['method']} {c['metrics'][k]['verdict']} on {NAMES[k]} ({c['metrics'][k]['difference']:+.3f}, "
-             f"Holm p {c['metrics'][k]['p_holm']:.3f})"
-             for c in block for k in ("f1", "balanced_accuracy") if c["metrics"][k]["verdict"] != "no difference detected"]
+    found = [(c["method"], k, c["metrics"][k]) for c in block for k in ANSWER
+             if c["metrics"][k]["verdict"] != "no difference detected"]
     if found:
-        line = f"Against {ref}: " + "; ".join(found) + "."
-        weak = low_power(block)
+        line = f"Against {ref}: " + "; ".join(f"{method} {m['verdict']} on {NAMES[k]} ({m['difference']:+.3f}, "
+                                              f"Holm p {m['p_holm']:.3f})" for method, k, m in found) + "."
+        weak = [f"{method} on {NAMES[k]} ({m['difference']:+.3f}; 80% power at {m['detectable_80']:.3f})"
+                for method, k, m in found if abs(m["difference"]) < m["detectable_80"]]
         if weak:
             line += (" Smaller than the size these runs detect with 80% power, so likely overstated "
                      "(more seeds before reporting it): " + "; ".join(weak) + ".")
         return line
-    det = [c["metrics"][k]["detectable_80"] for c in block for k in ("f1", "balanced_accuracy")]
+    det = [c["metrics"][k]["detectable_80"] for c in block for k in ANSWER]
     span = f"{min(det):.3f}–{max(det):.3f}" if det and min(det) != max(det) else (f"{det[0]:.3f}" if det else "n/a")
     return (f"Against {ref}: no row differs on F1 or balanced accuracy (Holm-corrected, α = 0.05); the smallest "
             f"differences this study could have detected with 80% power are {span}.")
-
-
-def low_power(block: list[dict]) -> list[str]:
-    """The detected F1 / balanced-accuracy differences smaller than the size these runs detect
-    with 80% power: found at lower power than that, they are likely to overstate the true
-    difference (the winner's curse), and a few more seeds often take them out of detection."""
-    return [f"{c['method']} on {NAMES[k]} ({m['difference']:+.3f}; 80% power at {m['detectable_80']:.3f})"
-            for c in block for k in ("f1", "balanced_accuracy")
-            for m in [c["metrics"][k]]
-            if m["verdict"] != "no difference detected" and abs(m["difference"]) < m["detectable_80"]]
 
 
 def paired_markdown(res: dict) -> str:
