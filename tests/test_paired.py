@@ -5,8 +5,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from xraygan.paired import POWER_Z, Run, delong, holm, paired_comparison, seeds_needed, summary_line
+from xraygan.paired import (
+    NAMES,
+    POWER_Z,
+    VERDICT_COLOURS,
+    Run,
+    delong,
+    forest_png,
+    holm,
+    paired_comparison,
+    seeds_needed,
+    summary_line,
+)
 
 
 def make_run(label: str, seed: int, y: np.ndarray, score: np.ndarray) -> Run:
@@ -199,6 +211,19 @@ def test_compare_command_writes_the_paired_tables(tmp_path, base):
     assert "Against baseline: better better on F1" in md
     paired = (tmp_path / "table" / "paired.csv").read_text().splitlines()
     assert paired[0].startswith("reference,method,metric,difference") and len(paired) == 1 + 4 * 5
+    # a p at the bootstrap's floor (no resample crossed zero) is printed as a bound, and only such a p
+    floor = 2 / (500 + 1)
+    for c in rec["paired"]["comparisons"]:
+        for k, m in c["metrics"].items():
+            lo, hi = m["ci95"]
+            cell = f"| {c['method']} | {NAMES[k]} | {m['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+            sect = md.split(f"## Paired differences against {c['reference']}")[1].split("## Paired")[0]
+            assert (cell + f"≤ {m['p_holm']:.3f} |" in sect) == (m["p"] <= floor + 1e-12), (c["method"], k)
+            assert (cell + f"{m['p_holm']:.3f} |" in sect) == (m["p"] > floor + 1e-12), (c["method"], k)
+    assert by[("baseline", "better")]["metrics"]["balanced_accuracy"]["p"] <= floor + 1e-12  # the case was met
+    # the forest plot: the detected rows drawn in the verdict's colour
+    png = Image.open(tmp_path / "table" / "paired.png").convert("RGB")
+    assert colour_pixels(png, VERDICT_COLOURS["better"]) > 20
     # the old spelling still works, with a note
     r = CliRunner().invoke(app, ["evaluate", "--compare", str(runs)])
     assert r.exit_code == 0 and "is now `xraygan compare`" in r.stderr
@@ -239,3 +264,28 @@ def test_a_difference_detected_below_the_detectable_size_is_called_out(base):
             assert f"80% power at {e[n]['detectable_80']:.3f}" in line
         kinds.add("weak" if weak else "strong" if detected else "none")
     assert {"weak", "strong"} <= kinds  # both kinds of verdict were met
+
+
+def colour_pixels(img: Image.Image, hex_colour: str) -> int:
+    """Pixels within a few levels of a colour (antialiasing blends the edges)."""
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(np.asarray(img, dtype=int) - rgb).max(axis=2) <= 6).sum())
+
+
+def test_forest_plot_colours_only_detected_differences(base):
+    """Identical rows draw no verdict colour; a row with errors put right draws 'better' and no 'worse';
+    with nothing compared there is no figure."""
+    import io
+
+    y, s = base
+    rng = np.random.default_rng(3)
+    ref = make_run("baseline", 0, y, s)
+    same = paired_comparison([ref, make_run("same", 0, y, s)], ("baseline",), resamples=300)
+    img = Image.open(io.BytesIO(forest_png(same))).convert("RGB")
+    assert colour_pixels(img, VERDICT_COLOURS["better"]) == colour_pixels(img, VERDICT_COLOURS["worse"]) == 0
+    better = paired_comparison([ref, make_run("fixed", 0, y, fixed(y, s, 40, rng))], ("baseline",), resamples=300)
+    assert better["comparisons"][0]["metrics"]["f1"]["verdict"] == "better"
+    img = Image.open(io.BytesIO(forest_png(better))).convert("RGB")
+    assert colour_pixels(img, VERDICT_COLOURS["better"]) > 20
+    assert colour_pixels(img, VERDICT_COLOURS["worse"]) == 0
+    assert forest_png({"references": [], "comparisons": [], "resamples": 300}) is None

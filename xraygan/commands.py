@@ -203,7 +203,7 @@ def _report_compare(res: dict, cfg) -> None:
     for w in res["warnings"]:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if cfg.out:
-        err.print(f"wrote {cfg.out}/table.md, table.csv, table.json{', paired.csv' if res['paired']['comparisons'] else ''} "
+        err.print(f"wrote {cfg.out}/table.md, table.csv, table.json{', paired.csv, paired.png' if res['paired']['comparisons'] else ''} "
                   f"({res['runs']} runs)", highlight=False)
 
 
@@ -274,7 +274,7 @@ def _report_demo(res: dict, cfg) -> None:
               f"audit:             {a['report']}\n"
               f"GAN samples:       {res['gan']['samples']}/, synthetic preview {res['gan']['preview']}\n"
               f"Grad-CAMs:         {cfg.out}/runs/<row>/cams/grid.png\n"
-              f"table:             {res['table']} (+ .csv); timings: {cfg.out}/demo.json", highlight=False)
+              f"table:             {res['table']} (+ .csv; paired.png the paired tests); timings: {cfg.out}/demo.json", highlight=False)
     if res.get("note"):
         err.print(f"[bold yellow]note:[/] {res['note']}", highlight=False)
     elif not cfg.phantom:

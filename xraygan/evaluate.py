@@ -39,7 +39,7 @@ from xraygan.fsutil import (
 from xraygan.images import ImageFolder, read_image_folder
 from xraygan.metrics import binary_metrics, point_aucs, ranking_curves, resample_aucs, threshold_counts
 from xraygan.options import BESIDE, DEVICE_HELP, opt
-from xraygan.paired import PAIRED_CSV, paired_markdown, paired_rows, summary_line
+from xraygan.paired import PAIRED_CSV, forest_png, paired_markdown, paired_rows, summary_line
 from xraygan.provenance import file_sources, generator_key
 from xraygan.runtime import DEVICES
 
@@ -566,7 +566,8 @@ DEFAULT_REFERENCES = ("baseline", "oversample")
 class CompareConfig:
     inputs: tuple[Path, ...] = opt(help="metrics.json files, or folders holding them (searched recursively, with "
                                         "gradcam.json).", argument=True, show_default=False)
-    out: Path | None = opt(None, "Write table.md, table.csv, paired.csv and table.json here.", flags=("--out", "-o"))
+    out: Path | None = opt(None, "Write table.md, table.csv, table.json, and the paired tests as paired.csv and a "
+                                       "forest plot, paired.png, here.", flags=("--out", "-o"))
     reference: str | None = opt(None, "Rows every other row is tested against, comma-separated, or none (default: "
                                       "baseline and oversample, the count-matched control, where present).")
     resamples: int = opt(1000, "Two-level bootstrap resamples (images and seeds).")
@@ -660,6 +661,7 @@ def compare(paths: list[Path], out: Path | None = None, force: bool = False,
             atomic_write_text(tmp / "table.csv", res["csv"])
             if paired["comparisons"]:
                 write_csv(tmp / "paired.csv", PAIRED_CSV, paired_rows(paired))
+                atomic_write_bytes(tmp / "paired.png", forest_png(paired))
             atomic_write_json(tmp / "table.json", {**record_header("table"), **{
                 k: res[k] for k in ("rows", "columns", "warnings", "runs", "paired")}})
         res["out"] = str(out)

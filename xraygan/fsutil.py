@@ -114,7 +114,7 @@ OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
                                          "last.safetensors", "summary.json")),
     "rebalance": ("rebalance.json", ("*",)),  # class folders, named by the data
     "evaluate": ("metrics.json", ("report.md", "predictions.csv", "*.png")),
-    "compare": ("table.json", ("table.md", "table.csv", "paired.csv")),
+    "compare": ("table.json", ("table.md", "table.csv", "paired.csv", "paired.png")),
     "gradcam": ("gradcam.json", ("cams.csv", "grid.png", "*")),
     "audit": ("audit.json", ("report.md", "review", "review_key.json", "flagged", "*.png", "*.csv",
                               "*.safetensors")),

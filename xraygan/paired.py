@@ -255,6 +255,18 @@ def reference_title(ref: str) -> str:
 ANSWER = ("f1", "balanced_accuracy")  # the metrics each reference's answer line speaks of
 
 
+def at_floor(m: dict, resamples: int) -> bool:
+    """No resample fell on the far side of zero: the p-value is the smallest these resamples can
+    show, 2/(B+1), and the true one may be smaller (more resamples resolve it)."""
+    return m["p"] <= 2 / (resamples + 1) + 1e-12
+
+
+def p_holm_text(m: dict, resamples: int) -> str:
+    """The Holm-corrected p as the tables print it: "≤ 0.018" where the raw p is at the floor
+    (every such row of a block then reads the same bound, not the same value)."""
+    return f"{'≤ ' if at_floor(m, resamples) else ''}{m['p_holm']:.3f}"
+
+
 def summary_line(res: dict, ref: str) -> str:
     """The answer first: which rows differ from the reference on F1 or balanced accuracy, and
     which of those differences are smaller than the size the runs detect with 80% power: found at
@@ -265,7 +277,8 @@ def summary_line(res: dict, ref: str) -> str:
              if c["metrics"][k]["verdict"] != "no difference detected"]
     if found:
         line = f"Against {ref}: " + "; ".join(f"{method} {m['verdict']} on {NAMES[k]} ({m['difference']:+.3f}, "
-                                              f"Holm p {m['p_holm']:.3f})" for method, k, m in found) + "."
+                                              f"Holm p {p_holm_text(m, res['resamples'])})"
+                                              for method, k, m in found) + "."
         weak = [f"{method} on {NAMES[k]} ({m['difference']:+.3f}; 80% power at {m['detectable_80']:.3f})"
                 for method, k, m in found if abs(m["difference"]) < m["detectable_80"]]
         if weak:
@@ -291,12 +304,12 @@ def paired_markdown(res: dict) -> str:
         for c in (c for c in res["comparisons"] if c["reference"] == ref):
             for k in HEADLINE:
                 m = c["metrics"][k]
-                det = f"{m['detectable_80']:.3f}" if m["verdict"] == "no difference detected" else "—"
                 seeds = m["seeds_for_target"]
                 seeds = str(seeds) if seeds is not None else ("n/a (1 seed)" if None in m["var_seeds"]
                                                               else "more test images needed")
                 lines.append(f"| {c['method']} | {NAMES[k]} | {m['difference']:+.3f} [{m['ci95'][0]:+.3f}, "
-                             f"{m['ci95'][1]:+.3f}] | {m['p_holm']:.3f} | {m['verdict']} | {det} | {seeds} |")
+                             f"{m['ci95'][1]:+.3f}] | {p_holm_text(m, res['resamples'])} | {m['verdict']} | "
+                             f"{m['detectable_80']:.3f} | {seeds} |")
         rows = [c for c in res["comparisons"] if c["reference"] == ref and c["delong"]]
         if rows:
             seeds = sorted({d["seed"] for c in rows for d in c["delong"]}, key=lambda x: (x is None, x))
@@ -310,7 +323,9 @@ def paired_markdown(res: dict) -> str:
                     + " |")
     lines += ["", f"Two-level bootstrap ({res['resamples']} resamples of the {res['images']} test images, the "
               "same draw for both rows, and of each row's seeds); p-values by interval inversion, Holm-corrected "
-              "per reference and metric over the rows; detectable = 2.80 × bootstrap SE.", ""]
+              "per reference and metric over the rows (≤: no resample crossed zero, so the p is at most that; more "
+              "--resamples resolve it); detectable = 2.80 × bootstrap SE, the difference these runs find 80% of the "
+              "time (a detected difference below it is likely overstated).", ""]
     return "\n".join(lines)
 
 
@@ -330,3 +345,54 @@ def paired_rows(res: dict) -> list[dict]:
                         "seeds_for_target": "" if m["seeds_for_target"] is None else m["seeds_for_target"],
                         "runs": c["runs"], "reference_runs": c["reference_runs"]})
     return out
+
+
+VERDICT_COLOURS = {"better": "#1b7837", "worse": "#b2182b"}
+
+
+def forest_png(res: dict, dpi: int = 100) -> bytes | None:
+    """The paired differences as a forest plot: a row of panels per reference, one panel per
+    headline metric, one line per method: the difference (dot) with its 95% interval, filled and
+    coloured where Holm's correction leaves it detected, hollow where not, over a grey band of
+    ± the difference the runs detect with 80% power. A dot inside its band but filled is a
+    verdict found at low power (the answer line's "likely overstated"). None without comparisons."""
+    if not res.get("comparisons"):
+        return None
+    from xraygan.plots import fig_png, pyplot
+
+    plt = pyplot()
+    refs = res["references"]
+    blocks = {ref: [c for c in res["comparisons"] if c["reference"] == ref] for ref in refs}
+    most = max(len(b) for b in blocks.values())
+    fig, axes = plt.subplots(len(refs), len(HEADLINE), squeeze=False, sharey="row",
+                             figsize=(2.3 * len(HEADLINE), len(refs) * (1.0 + 0.32 * max(most, 3))))
+    for i, ref in enumerate(refs):
+        block = blocks[ref]
+        ys = list(range(len(block)))[::-1]  # the table's order, top down
+        for j, k in enumerate(HEADLINE):
+            ax = axes[i][j]
+            ax.axvline(0, color="0.35", lw=0.8, zorder=1)
+            for y, c in zip(ys, block):
+                m = c["metrics"][k]
+                det = m["detectable_80"]
+                ax.add_patch(plt.Rectangle((-det, y - 0.32), 2 * det, 0.64, color="0.88", lw=0, zorder=0))
+                lo, hi = m["ci95"]
+                colour = VERDICT_COLOURS.get(m["verdict"], "0.45")
+                ax.plot([lo, hi], [y, y], color=colour, lw=1.4, zorder=2)
+                filled = m["verdict"] in VERDICT_COLOURS
+                ax.plot([m["difference"]], [y], "o", ms=5, zorder=3, color=colour,
+                        markerfacecolor=colour if filled else "white")
+            ax.set_ylim(-0.7, len(block) - 0.3)
+            ax.tick_params(labelsize=7)
+            ax.grid(axis="x", color="0.93", lw=0.6)
+            ax.set_axisbelow(True)
+            if i == 0:
+                ax.set_title(NAMES[k], fontsize=9)
+            if i == len(refs) - 1:
+                ax.set_xlabel("difference", fontsize=7)
+        axes[i][0].set_yticks(ys, [c["method"] for c in block], fontsize=8)
+        axes[i][0].set_ylabel(f"row − {ref}", fontsize=9)
+    fig.suptitle("Paired differences, row − reference: dot and 95% interval; filled = detected (Holm-corrected); "
+                 "grey band = ± the difference detected with 80% power", fontsize=8, y=1.0)
+    fig.tight_layout()
+    return fig_png(fig, dpi)
