@@ -124,6 +124,21 @@ class BackgroundWriter:
             raise e
 
 
+# A finished run trained with --no-keep-state leaves its state file as a record alone: where the
+# run ended, without tensors, so a study can skip it but nobody can extend it.
+RECORD_ALONE = {"tensors_dropped": True}
+
+
+def is_record_alone(meta: dict) -> bool:
+    return bool(meta.get("tensors_dropped"))
+
+
+def cannot_extend(path: Path, done: str, target: str) -> InputError:
+    """The refusal to continue a run whose state file is its record alone."""
+    return InputError(f"{path}: the run finished after {done} with --no-keep-state, so it kept no training "
+                      f"state to continue to {target} (train a new run)")
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata with JSON values decoded; a clear error for anything not ours."""
     return load_checkpoint(path, None, tensors=False)[1]

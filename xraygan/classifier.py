@@ -23,6 +23,9 @@ from torch import nn
 
 from xraygan import __version__
 from xraygan.checkpoint import (
+    RECORD_ALONE,
+    cannot_extend,
+    is_record_alone,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -377,7 +380,7 @@ def _save_state(out: Path, model: nn.Module, opt, sched, g: torch.Generator,
         if best_state is not None:
             t.update(state_dict_to_tensors("best.", best_state))
     else:
-        meta["tensors_dropped"] = True
+        meta.update(RECORD_ALONE)
     save_checkpoint(out / "state.safetensors", {k: v.contiguous() for k, v in t.items()},
                     "classifier-state", net.to_dict(), param_groups=groups,
                     scheduler=sched.state_dict(), **meta)
@@ -542,11 +545,9 @@ def _resume(out: Path, cfg: TrainClassifierConfig, model: nn.Module, opt, sched,
     (best weights, best score, best epoch, stale epochs, first epoch to run, log rows so far)."""
     t, meta = load_checkpoint(out / "state.safetensors", "classifier-state")
     log_rows = _read_log(out / "log.csv")[:meta["epoch"]]
-    if meta.get("tensors_dropped"):  # a finished run that kept its record alone
+    if is_record_alone(meta):
         if meta["epoch"] < cfg.epochs and not (cfg.patience and meta["stale"] >= cfg.patience):
-            raise InputError(f"{out / 'state.safetensors'}: the run finished after {meta['epoch']} epochs "
-                             f"with --no-keep-state, so it kept no training state to continue to "
-                             f"--epochs {cfg.epochs} (train a new run)")
+            raise cannot_extend(out / "state.safetensors", f"{meta['epoch']} epochs", f"--epochs {cfg.epochs}")
         return None, meta["best"], meta["best_epoch"], meta["stale"], cfg.epochs + 1, log_rows
     model.load_state_dict(tensors_to_state_dict("model.", t))
     optimizer_from_tensors("opt.", opt, t, meta["param_groups"])

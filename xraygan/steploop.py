@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xraygan.checkpoint import BackgroundWriter, load_checkpoint
+from xraygan.checkpoint import RECORD_ALONE, BackgroundWriter, cannot_extend, is_record_alone, load_checkpoint
 from xraygan.distributed import Dist, mean_and_flag
 from xraygan.errors import InputError, Interrupted
 from xraygan.runs import abandon_failed_run, append_log, interrupted_in_step, not_finite, truncate_log
@@ -108,9 +108,8 @@ class StepLoop:
         if step >= self.cadence.total:
             raise InputError(f"{self.run}: already trained {step} steps; give a larger --steps"
                              f"{' or --epochs' if self.family.command == 'train-gan' else ''} to continue")
-        if meta.get("tensors_dropped"):  # a finished run that kept its record alone
-            raise InputError(f"{path}: the run finished after {step} steps with --no-keep-state, so it kept "
-                             f"no training state to continue to {self.cadence.total} steps (train a new run)")
+        if is_record_alone(meta):
+            raise cannot_extend(path, f"{step} steps", f"{self.cadence.total} steps")
         self.pos = Position(step, int(meta["epoch"]), int(meta["batch"]), t["perm"] if t["perm"].numel() else None)
         if self.dist.main:
             truncate_log(self.run, self.family.log_fields, self.pos.step)
@@ -120,7 +119,7 @@ class StepLoop:
         """What the state file of this position holds: the family's state and the epoch's order
         (empty when none is drawn), or, at the end of a `keep_state=False` run, the record alone."""
         if not self.keep_state and self.pos.step >= self.cadence.total:
-            return {}, {"tensors_dropped": True}
+            return {}, dict(RECORD_ALONE)
         t, meta = self.family.state()
         perm = self.pos.perm
         return {**t, "perm": perm.cpu() if perm is not None else torch.zeros(0, dtype=torch.int64)}, meta
