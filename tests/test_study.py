@@ -127,6 +127,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     table = (out / "table" / "table.md").read_text()
     assert "| baseline | 2 |" in table and "| dcgan | 2 |" in table and "Bal. acc." in table
+    assert f"(the paired tests drawn: {out / 'table' / 'paired.png'})" in " ".join(r.stderr.split())
     tuned = json.loads((out / "table-tuned" / "table.json").read_text())
     assert tuned["warnings"] == [] and tuned["runs"] == 4
     metrics = {(row, s): json.loads((out / "runs" / f"{row}-seed{s}" / "report-tuned" / "metrics.json").read_text())

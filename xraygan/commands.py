@@ -143,8 +143,9 @@ def _report_study(res: dict, cfg) -> None:
     if "script" in res:  # --dry-run / --print-commands: the plan is the output
         return
     for t, path in res["tables"].items():
-        err.print(f"{'Threshold 0.5' if t == 'table' else 'Threshold tuned on the validation split'}: {path}",
-                  highlight=False)
+        plot = Path(path).parent / "paired.png"
+        err.print(f"{'Threshold 0.5' if t == 'table' else 'Threshold tuned on the validation split'}: {path}"
+                  f"{f' (the paired tests drawn: {plot})' if plot.is_file() else ''}", highlight=False)
     err.print(f"study: {res['ran']} steps run, {res['skipped']} already done, in {res['seconds']:.0f} s "
               f"({res['jobs']} at a time); per-step times in {cfg.out}/times.csv", highlight=False, soft_wrap=True)
 
