@@ -15,9 +15,11 @@ The difference row − reference over the replicates gives the 95% percentile in
 two-sided p-value for "no difference" (the bootstrap test by interval inversion:
 p = 2·min(share of differences ≤ 0, share ≥ 0), with the +1 correction of Davison & Hinkley
 eq. 4.11, so identical rows give p = 1). Holm's step-down correction (Holm 1979) is applied
-per reference and metric over the rows compared. Where no difference is detected, the
-smallest difference the study could have detected at 80% power and α = 0.05 is
-(z₀.₉₇₅ + z₀.₈₀) · SE, with SE the bootstrap standard deviation of the difference.
+per reference and metric over the rows compared. For every row, the smallest difference the
+study detects at 80% power and α = 0.05 is (z₀.₉₇₅ + z₀.₈₀) · SE, with SE the bootstrap
+standard deviation of the difference; a difference detected below it was found at low power and
+is likely overstated. With B resamples the smallest two-sided p is 2/(B+1): a p there is printed
+as a bound ("≤").
 
 DeLong's test (DeLong, DeLong & Clarke-Pearson 1988, in the O(n log n) form of Sun & Xu 2014)
 compares the ROC-AUCs of two runs on the same images, per seed, as a cross-check.
