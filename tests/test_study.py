@@ -35,6 +35,18 @@ def xraygan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "xraygan", *args], cwd=cwd, capture_output=True, text=True)
 
 
+def failed_steps(r: subprocess.CompletedProcess) -> str:
+    """A failed study's FAILED lines and the end of each failed step's log, for an assertion message."""
+    out = []
+    for line in r.stderr.splitlines():
+        if line.startswith("FAILED"):
+            out.append(line)
+            log = Path(line.rsplit("log: ", 1)[-1].strip())
+            if log.is_file():
+                out.append("  " + "\n  ".join(log.read_text(errors="replace").splitlines()[-8:]))
+    return "\n".join(out + ["", r.stderr[-1500:]])
+
+
 def test_plan_for_a_row_subset(demo_data, tmp_path):
     cfg = StudyConfig(data=demo_data, out=tmp_path / "s", rows=("oversample", "cdcgan_a0.3"), seeds=(0, 4),
                       gan_steps=5, clf_epochs=2)
@@ -124,7 +136,7 @@ def test_tiny_study_in_parallel_then_resumed_with_a_failing_step(demo_data, tmp_
     out = tmp_path / "study"
     args = ["study", str(demo_data), "--out", str(out), "--seeds", "0", "1", *TINY, "--jobs", "2"]
     r = xraygan(*args, "--rows", "baseline", "dcgan", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, failed_steps(r)
     table = (out / "table" / "table.md").read_text()
     assert "| baseline | 2 |" in table and "| dcgan | 2 |" in table and "Bal. acc." in table
     assert f"(the paired tests drawn: {out / 'table' / 'paired.png'})" in " ".join(r.stderr.split())

@@ -853,6 +853,9 @@ class _Executor:
         secs = time.perf_counter() - t0
         self.finished += 1
         ok = rc == 0 and (s.inputs is not None or s.done())
+        if rc == 0 and not ok:  # it said it finished, but its record does not: say so where it is read
+            with open(log, "a") as fh:
+                fh.write("error: the step exited 0 but its output does not record it as finished\n")
         self.state[s.id] = "done" if ok else "failed"
         self.record_time(s.id, self.state[s.id], secs, log, argv)
         if ok:
