@@ -841,21 +841,21 @@ class _Executor:
     def _ended(self, f: Future) -> str:
         s, t0, log, argv = self.running.pop(f)
         self.pids.pop(s.id, None)
+        why = None  # what the step's own output cannot say, written where it is read (its log)
         try:
             rc = f.result()
         except Exception as e:  # noqa: BLE001 - the step's process could not be started
-            rc = 1
-            with open(log, "a") as fh:
-                fh.write(f"error: the step's process did not run ({type(e).__name__}: {e})\n")
-        if isinstance(rc, int) and rc < 0:  # killed (the out-of-memory killer, kill -9): say so where it is read
-            with open(log, "a") as fh:
-                fh.write(f"error: the step's process was ended by {_signal_name(-rc)}\n")
+            rc, why = 1, f"the step's process did not run ({type(e).__name__}: {e})"
         secs = time.perf_counter() - t0
         self.finished += 1
         ok = rc == 0 and (s.inputs is not None or s.done())
-        if rc == 0 and not ok:  # it said it finished, but its record does not: say so where it is read
+        if isinstance(rc, int) and rc < 0:  # killed (the out-of-memory killer, kill -9)
+            why = f"the step's process was ended by {_signal_name(-rc)}"
+        elif rc == 0 and not ok:  # it said it finished, but its record does not
+            why = "the step exited 0 but its output does not record it as finished"
+        if why:
             with open(log, "a") as fh:
-                fh.write("error: the step exited 0 but its output does not record it as finished\n")
+                fh.write(f"error: {why}\n")
         self.state[s.id] = "done" if ok else "failed"
         self.record_time(s.id, self.state[s.id], secs, log, argv)
         if ok:
