@@ -257,6 +257,11 @@ def reference_title(ref: str) -> str:
 ANSWER = ("f1", "balanced_accuracy")  # the metrics each reference's answer line speaks of
 
 
+def block_of(res: dict, ref: str) -> list[dict]:
+    """The comparisons against one reference, in the table's order of rows."""
+    return [c for c in res["comparisons"] if c["reference"] == ref]
+
+
 def at_floor(m: dict, resamples: int) -> bool:
     """No resample fell on the far side of zero: the p-value is the smallest these resamples can
     show, 2/(B+1), and the true one may be smaller (more resamples resolve it)."""
@@ -274,7 +279,7 @@ def summary_line(res: dict, ref: str) -> str:
     which of those differences are smaller than the size the runs detect with 80% power: found at
     lower power than that, they are likely to overstate the true difference (the winner's curse),
     and a few more seeds often take them out of detection."""
-    block = [c for c in res["comparisons"] if c["reference"] == ref]
+    block = block_of(res, ref)
     found = [(c["method"], k, c["metrics"][k]) for c in block for k in ANSWER
              if c["metrics"][k]["verdict"] != "no difference detected"]
     if found:
@@ -303,7 +308,8 @@ def paired_markdown(res: dict) -> str:
                   summary_line(res, ref), "",
                   f"| Method | Metric | Difference [95% CI] | p (Holm) | Verdict | Detectable (80% power) | "
                   f"Seeds for ±{target:g} |", "|---|---|---|---|---|---|---|"]
-        for c in (c for c in res["comparisons"] if c["reference"] == ref):
+        block = block_of(res, ref)
+        for c in block:
             for k in HEADLINE:
                 m = c["metrics"][k]
                 seeds = m["seeds_for_target"]
@@ -312,7 +318,7 @@ def paired_markdown(res: dict) -> str:
                 lines.append(f"| {c['method']} | {NAMES[k]} | {m['difference']:+.3f} [{m['ci95'][0]:+.3f}, "
                              f"{m['ci95'][1]:+.3f}] | {p_holm_text(m, res['resamples'])} | {m['verdict']} | "
                              f"{m['detectable_80']:.3f} | {seeds} |")
-        rows = [c for c in res["comparisons"] if c["reference"] == ref and c["delong"]]
+        rows = [c for c in block if c["delong"]]
         if rows:
             seeds = sorted({d["seed"] for c in rows for d in c["delong"]}, key=lambda x: (x is None, x))
             lines += ["", f"DeLong's test of each seed's ROC-AUC against {ref}'s of the same seed (same images; "
@@ -364,7 +370,7 @@ def forest_png(res: dict, dpi: int = 100) -> bytes | None:
 
     plt = pyplot()
     refs = res["references"]
-    blocks = {ref: [c for c in res["comparisons"] if c["reference"] == ref] for ref in refs}
+    blocks = {ref: block_of(res, ref) for ref in refs}
     most = max(len(b) for b in blocks.values())
     fig, axes = plt.subplots(len(refs), len(HEADLINE), squeeze=False, sharey="row",
                              figsize=(2.3 * len(HEADLINE), len(refs) * (1.0 + 0.32 * max(most, 3))))
